@@ -1,0 +1,154 @@
+"""The worker registry in Redis: who is serving, where, in which role, and how loaded.
+
+Keyspace (``ns`` is the cluster's namespace, default ``splitserve``):
+
+- ``{ns}:workers``                  set of every worker id ever registered (pruned lazily)
+- ``{ns}:worker:{id}``              hash: the worker's static info and its latest load figures
+- ``{ns}:worker:{id}:alive``        liveness key with a TTL, refreshed by the worker's heartbeat
+
+A worker counts only while its liveness key exists: when a worker dies its key expires within
+``ttl_s`` and every reader stops seeing it, with no clean-up needed first. Readers get all live
+workers in one round trip (a server-side Lua script), which also prunes ids whose info is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any, Sequence
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+DEFAULT_NAMESPACE = "splitserve"
+
+
+class WorkerRole(str, Enum):
+    """What a worker's engine does in the request path."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+
+class WorkerLoad(BaseModel):
+    """Load figures a worker publishes with each heartbeat."""
+
+    in_flight: int = Field(0, description="requests its API has accepted and not yet answered")
+    num_running_reqs: int = Field(0, description="engine scheduler: running requests")
+    num_waiting_reqs: int = Field(0, description="engine scheduler: waiting requests")
+    kv_cache_usage: float = Field(0.0, description="engine: fraction of KV blocks in use (0..1)")
+    updated_at: float = Field(0.0, description="unix time of this snapshot")
+
+
+class WorkerInfo(BaseModel):
+    """A worker as the registry knows it."""
+
+    worker_id: str = Field(description="unique id, also the engine's NIXL engine id")
+    role: WorkerRole = Field(description="prefill, decode or both")
+    address: str = Field(description="host:port of its gRPC worker API")
+    model: str = Field(description="served model name")
+    metrics_url: str = Field("", description="its Prometheus endpoint (vLLM's and ours)")
+    block_size: int = Field(16, description="engine KV block size in tokens")
+    hash_algo: str = Field("sha256", description="engine prefix-cache hash algorithm")
+    pid: int = Field(0, description="process id of the worker (the Ray actor)")
+    node: str = Field("", description="host name / Ray node the worker runs on")
+    started_at: float = Field(0.0, description="unix time the worker registered")
+    load: WorkerLoad = Field(default_factory=WorkerLoad, description="latest published load")
+
+    def to_redis(self) -> dict[str, str]:
+        """Flatten to a Redis hash."""
+        flat = self.model_dump(mode="json", exclude={"load"})
+        flat.update({f"load.{k}": v for k, v in self.load.model_dump(mode="json").items()})
+        return {k: str(v) for k, v in flat.items()}
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> "WorkerInfo":
+        """Rebuild from a Redis hash written by :meth:`to_redis`."""
+        load = {k.removeprefix("load."): v for k, v in raw.items() if k.startswith("load.")}
+        rest = {k: v for k, v in raw.items() if not k.startswith("load.")}
+        return cls.model_validate({**rest, "load": load})
+
+
+# Returns [id, flat-hash-array, id, flat-hash-array, ...] for every worker whose alive key
+# exists; ids whose info hash is gone are removed from the set.
+_LIVE_WORKERS_LUA = """
+local ns = ARGV[1]
+local out = {}
+local ids = redis.call('SMEMBERS', ns .. ':workers')
+for _, id in ipairs(ids) do
+  local key = ns .. ':worker:' .. id
+  if redis.call('EXISTS', key .. ':alive') == 1 then
+    local h = redis.call('HGETALL', key)
+    if #h > 0 then
+      table.insert(out, id)
+      table.insert(out, h)
+    end
+  elseif redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', ns .. ':workers', id)
+  end
+end
+return out
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+class WorkerRegistry:
+    """Registers workers, refreshes their liveness and load, and lists the live ones."""
+
+    def __init__(self, redis: Redis, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = 5.0):
+        self.redis = redis
+        self.ns = namespace
+        self.ttl_ms = int(ttl_s * 1000)
+        self._live_script = redis.register_script(_LIVE_WORKERS_LUA)
+
+    def _key(self, worker_id: str) -> str:
+        return f"{self.ns}:worker:{worker_id}"
+
+    async def register(self, info: WorkerInfo) -> None:
+        """Publish a worker's info and mark it alive."""
+        key = self._key(info.worker_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=info.to_redis())
+            pipe.sadd(f"{self.ns}:workers", info.worker_id)
+            pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
+        """Refresh a worker's liveness and publish its load."""
+        key = self._key(worker_id)
+        mapping = {f"load.{k}": str(v) for k, v in load.model_dump(mode="json").items()}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
+            await pipe.execute()
+
+    async def deregister(self, worker_id: str) -> None:
+        """Remove a worker at once (clean shutdown or drain)."""
+        key = self._key(worker_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{key}:alive", key)
+            pipe.srem(f"{self.ns}:workers", worker_id)
+            await pipe.execute()
+
+    async def live_workers(self, roles: Sequence[WorkerRole] | None = None) -> list[WorkerInfo]:
+        """Every live worker (optionally of the given roles), in one round trip."""
+        flat = await self._live_script(args=[self.ns])
+        workers: list[WorkerInfo] = []
+        for i in range(0, len(flat), 2):
+            pairs = flat[i + 1]
+            raw = {_text(pairs[j]): _text(pairs[j + 1]) for j in range(0, len(pairs), 2)}
+            info = WorkerInfo.from_redis(raw)
+            if roles is None or info.role in roles:
+                workers.append(info)
+        workers.sort(key=lambda w: w.worker_id)
+        return workers
+
+
+def now() -> float:
+    """Unix time, for load snapshots."""
+    return time.time()

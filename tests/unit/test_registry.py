@@ -1,0 +1,75 @@
+"""The worker registry against a real Redis: register, heartbeat, liveness expiry, roles."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from router.registry import WorkerInfo, WorkerLoad, WorkerRegistry, WorkerRole
+from tests.support.redis import RedisServer, redis_server
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RedisServer]:
+    with redis_server() as s:
+        yield s
+
+
+@pytest.fixture
+async def r(srv: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(srv.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+def info(wid: str, role: WorkerRole = WorkerRole.DECODE) -> WorkerInfo:
+    return WorkerInfo(worker_id=wid, role=role, address=f"127.0.0.1:{1000 + len(wid)}",
+                      model="m", metrics_url="http://127.0.0.1:1/metrics", pid=42)
+
+
+async def test_register_heartbeat_roundtrip(r: Redis) -> None:
+    reg = WorkerRegistry(r, "t", ttl_s=5)
+    await reg.register(info("d0"))
+    await reg.register(info("p0", WorkerRole.PREFILL))
+    await reg.heartbeat("d0", WorkerLoad(in_flight=3, num_running_reqs=2, num_waiting_reqs=1,
+                                         kv_cache_usage=0.25, updated_at=1.5))
+    live = await reg.live_workers()
+    assert [w.worker_id for w in live] == ["d0", "p0"]
+    d0 = live[0]
+    assert d0.role == WorkerRole.DECODE and d0.pid == 42
+    assert d0.load == WorkerLoad(in_flight=3, num_running_reqs=2, num_waiting_reqs=1,
+                                 kv_cache_usage=0.25, updated_at=1.5)
+    only_prefill = await reg.live_workers(roles=[WorkerRole.PREFILL])
+    assert [w.worker_id for w in only_prefill] == ["p0"]
+
+
+async def test_dead_worker_disappears_when_liveness_expires(r: Redis) -> None:
+    reg = WorkerRegistry(r, "t", ttl_s=0.3)
+    await reg.register(info("d0"))
+    await reg.register(info("d1"))
+    assert len(await reg.live_workers()) == 2
+    for _ in range(4):  # d1 keeps beating, d0 is dead
+        await asyncio.sleep(0.15)
+        await reg.heartbeat("d1", WorkerLoad())
+    assert [w.worker_id for w in await reg.live_workers()] == ["d1"]
+
+
+async def test_deregister_and_pruning(r: Redis) -> None:
+    reg = WorkerRegistry(r, "t", ttl_s=5)
+    await reg.register(info("d0"))
+    await reg.deregister("d0")
+    assert await reg.live_workers() == []
+    assert await r.smembers("t:workers") == set()
+    # an id whose info vanished is pruned from the set by the next read
+    await r.sadd("t:workers", "ghost")
+    assert await reg.live_workers() == []
+    assert await r.smembers("t:workers") == set()
+
+
+async def test_namespaces_are_separate(r: Redis) -> None:
+    await WorkerRegistry(r, "a").register(info("x"))
+    assert await WorkerRegistry(r, "b").live_workers() == []
