@@ -1,0 +1,197 @@
+"""Keeps one worker's entries in the Redis prefix index in step with its engine's KV events.
+
+Runs a :class:`~router.kv_events.KVEventSubscriber` on the engine's ZMQ endpoint and applies each
+batch to a :class:`~router.prefix_index.PrefixIndex` under the worker's id. On start, and whenever
+the subscriber reports lost events (:class:`~router.kv_events.Resync`), the worker's entries are
+cleared first: the index may then under-report that worker's cache until new events arrive, but it
+never claims blocks the engine no longer holds.
+
+Optionally it cross-checks the router's hashing against the engine: for ``BlockStored`` events
+that start a prompt (no parent, no LoRA/extra keys) it recomputes the hashes from the published
+token ids with a :class:`~router.block_hash.BlockHasher` and logs an error on a mismatch (wrong
+PYTHONHASHSEED, algorithm or block size would make every lookup miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import zmq.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.block_hash import BlockHasher
+from router.kv_events import (
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KVEventSubscriber,
+    Resync,
+    SubscriberConfig,
+)
+from router.prefix_index import PrefixIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IndexUpdater", "IndexUpdaterConfig", "UpdaterStats"]
+
+
+@dataclass
+class IndexUpdaterConfig:
+    """Which worker's events to follow and how."""
+
+    worker_id: str
+    """Registry id of the worker whose engine publishes on ``subscriber.endpoint``."""
+    subscriber: SubscriberConfig
+    """Endpoint, replay endpoint and topic of the engine's KV event publisher."""
+    mediums: tuple[str, ...] | None = None
+    """Accept only events of these storage mediums (e.g. ``("GPU",)``); None accepts all."""
+    clear_on_start: bool = True
+    """Drop the worker's existing entries before following the stream (stale after a restart)."""
+    verify_first: int = 16
+    """Hash-check this many eligible BlockStored events first (needs a hasher) ..."""
+    verify_every: int = 256
+    """... and then one in this many."""
+    retry_backoff_s: float = 0.5
+    """First wait before retrying Redis after a connection error (doubles each time) ..."""
+    retry_backoff_max_s: float = 5.0
+    """... up to this."""
+
+
+@dataclass
+class UpdaterStats:
+    """Counters of what the updater did."""
+
+    batches: int = 0
+    events: int = 0
+    skipped_events: int = 0
+    resyncs: int = 0
+    hash_checks: int = 0
+    hash_mismatches: int = 0
+    redis_errors: int = 0
+
+
+class IndexUpdater:
+    """Task applying one engine's KV events to the prefix index under one worker id."""
+
+    def __init__(
+        self,
+        index: PrefixIndex,
+        config: IndexUpdaterConfig,
+        hasher: BlockHasher | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        """Follow ``config``'s endpoint into ``index``; ``hasher`` enables hash cross-checks."""
+        self.index = index
+        self.config = config
+        self.hasher = hasher
+        self.subscriber = KVEventSubscriber(config.subscriber, context=context)
+        self.stats = UpdaterStats()
+        # Set once the socket is connected and the worker's stale entries are cleared.
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._eligible = 0
+
+    def start(self) -> asyncio.Task[None]:
+        """Run :meth:`run` as a background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.run(), name=f"kv-index-updater:{self.config.worker_id}")
+        return self._task
+
+    async def stop(self) -> None:
+        """Cancel the background task and close the socket."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.subscriber.close()
+
+    async def run(self) -> None:
+        """Follow the stream until cancelled, surviving Redis outages.
+
+        If applying a batch fails because Redis is unreachable, that batch is lost to the index:
+        the updater waits (with backoff) until it can clear the worker's entries, then goes on.
+        Meanwhile ZMQ keeps buffering events (up to the receive high-water mark).
+        """
+        self.subscriber.connect()
+        try:
+            if self.config.clear_on_start:
+                await self._clear_with_retry()
+            self.ready.set()
+            while True:
+                item = await self.subscriber.next()
+                try:
+                    await self.handle(item)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    self.stats.redis_errors += 1
+                    logger.warning("worker %s: Redis unavailable (%s); resyncing its index entries",
+                                   self.config.worker_id, exc)
+                    await self._clear_with_retry()
+        finally:
+            self.ready.clear()
+            self.subscriber.close()
+
+    async def _clear_with_retry(self) -> None:
+        delay = self.config.retry_backoff_s
+        while True:
+            try:
+                await self.index.clear_worker(self.config.worker_id)
+                return
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self.stats.redis_errors += 1
+                logger.warning("worker %s: cannot clear index entries (%s); retrying in %.1fs",
+                               self.config.worker_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_backoff_max_s)
+
+    async def handle(self, item: EventBatch | Resync) -> None:
+        """Apply one subscriber item to the index."""
+        if isinstance(item, Resync):
+            self.stats.resyncs += 1
+            await self.index.clear_worker(self.config.worker_id)
+            return
+        events = item.events
+        if self.config.mediums is not None:
+            kept = [e for e in events if not isinstance(e, (BlockStored, BlockRemoved)) or e.medium in self.config.mediums]
+            self.stats.skipped_events += len(events) - len(kept)
+            events = kept
+        if self.hasher is not None:
+            for event in events:
+                if isinstance(event, BlockStored):
+                    self._maybe_verify(event)
+        await self.index.apply(self.config.worker_id, events)
+        self.stats.batches += 1
+        self.stats.events += len(events)
+
+    def _maybe_verify(self, event: BlockStored) -> None:
+        if event.parent_block_hash is not None or event.lora_name:
+            return
+        if event.extra_keys and any(k is not None for k in event.extra_keys):
+            return  # vLLM publishes one entry per block, None where a block has no extra keys
+        self._eligible += 1
+        n = self._eligible
+        if n > self.config.verify_first and n % self.config.verify_every:
+            return
+        self.verify(event)
+
+    def verify(self, event: BlockStored) -> bool:
+        """Recompute a prompt-initial BlockStored's hashes with the hasher; log and count a mismatch."""
+        assert self.hasher is not None
+        self.stats.hash_checks += 1
+        ok = event.block_size == self.hasher.block_size and self.hasher.block_hashes(event.token_ids) == list(
+            event.block_hashes
+        )
+        if not ok:
+            self.stats.hash_mismatches += 1
+            logger.error(
+                "worker %s: the router's block hashes do not match the engine's (engine block_size=%d, "
+                "router %r). Check that engine and router share prefix_caching_hash_algo, block size and "
+                "PYTHONHASHSEED; until then KV-aware routing finds no cache hits.",
+                self.config.worker_id, event.block_size, self.hasher,
+            )
+        return ok
+

@@ -1,0 +1,179 @@
+"""router.block_hash must reproduce vLLM's own prefix-cache block hashes exactly.
+
+vLLM is imported here (and only here) as the reference: its ``get_request_block_hasher`` runs on
+real ``Request`` objects and its ``maybe_convert_block_hash`` gives the published form.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from router.block_hash import (
+    DEFAULT_NONE_HASH_SEED,
+    BlockHasher,
+    HashSeedError,
+    cbor_dumps,
+    external_block_hash,
+)
+
+vllm_kv = pytest.importorskip("vllm.v1.core.kv_cache_utils")
+from vllm.lora.request import LoRARequest  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+
+HAVE_XXHASH = importlib.util.find_spec("xxhash") is not None
+ALGORITHMS = ["sha256", "sha256_cbor"] + (["xxhash", "xxhash_cbor"] if HAVE_XXHASH else [])
+
+
+def _random_tokens(rng: random.Random, n: int) -> list[int]:
+    """Token ids spanning every pickle/CBOR int width (1, 2, 4 byte and larger)."""
+    pools = [(0, 23), (24, 255), (256, 65_535), (65_536, 262_143), (2**31, 2**31 + 10)]
+    out = []
+    for _ in range(n):
+        lo, hi = pools[rng.choices(range(len(pools)), weights=[5, 20, 60, 14, 1])[0]]
+        out.append(rng.randint(lo, hi))
+    return out
+
+
+def _vllm_hashes(
+    algorithm: str, block_size: int, tokens: list[int], lora: tuple[str, str] | None = None, salt: str | None = None
+) -> list[int]:
+    """The hashes vLLM computes for ``tokens`` and publishes in BlockStored events."""
+    hash_fn = get_hash_fn_by_name(algorithm)
+    vllm_kv.init_none_hash(hash_fn)
+    hasher = vllm_kv.get_request_block_hasher(block_size, hash_fn)
+    lora_req = LoRARequest(lora_name=lora[0], lora_int_id=1, lora_path=lora[1]) if lora else None
+    req = Request(
+        request_id="r",
+        prompt_token_ids=tokens,
+        sampling_params=SamplingParams(max_tokens=1),
+        pooling_params=None,
+        lora_request=lora_req,
+        cache_salt=salt,
+        block_hasher=hasher,
+    )
+    return [vllm_kv.maybe_convert_block_hash(h) for h in req.block_hashes]
+
+
+@pytest.fixture
+def seed_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Set/unset PYTHONHASHSEED for both vLLM's init_none_hash and BlockHasher."""
+
+    def set_seed(seed: str | None) -> None:
+        if seed is None:
+            monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+        else:
+            monkeypatch.setenv("PYTHONHASHSEED", seed)
+
+    yield set_seed
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("seed", ["0", "12345"])
+def test_matches_vllm_random_sequences(algorithm: str, seed: str, seed_env: Any) -> None:
+    seed_env(seed)
+    rng = random.Random(f"{algorithm}-{seed}")
+    compared = 0
+    for block_size in (1, 2, 3, 16, 32, 128):
+        hasher = BlockHasher(block_size, algorithm)
+        for _ in range(12):
+            tokens = _random_tokens(rng, rng.randint(0, 600))
+            expected = _vllm_hashes(algorithm, block_size, tokens)
+            got = hasher.block_hashes(tokens)
+            assert got == expected, (algorithm, block_size, len(tokens))
+            assert len(got) == len(tokens) // block_size  # only full blocks
+            compared += len(got)
+    assert compared > 1000
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor"])
+def test_unset_seed_uses_vllm_default(algorithm: str, seed_env: Any) -> None:
+    seed_env(None)
+    hasher = BlockHasher(16, algorithm)
+    assert hasher.hash_seed == DEFAULT_NONE_HASH_SEED
+    tokens = _random_tokens(random.Random(1), 100)
+    assert hasher.block_hashes(tokens) == _vllm_hashes(algorithm, 16, tokens)
+
+
+def test_explicit_seed_overrides_environment(seed_env: Any) -> None:
+    seed_env("7")
+    tokens = list(range(64))
+    expected = _vllm_hashes("sha256", 16, tokens)
+    seed_env("999")
+    assert BlockHasher(16, "sha256", hash_seed="7").block_hashes(tokens) == expected
+    assert BlockHasher(16, "sha256").block_hashes(tokens) != expected
+
+
+@pytest.mark.parametrize("algorithm", ["xxhash", "xxhash_cbor"])
+def test_xxhash_without_seed_is_refused(algorithm: str, seed_env: Any) -> None:
+    seed_env(None)
+    if not HAVE_XXHASH:
+        with pytest.raises((HashSeedError, ModuleNotFoundError)):
+            BlockHasher(16, algorithm)
+        return
+    with pytest.raises(HashSeedError, match="PYTHONHASHSEED"):
+        BlockHasher(16, algorithm)
+    BlockHasher(16, algorithm, hash_seed="0")  # an explicit seed is fine
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_lora_and_cache_salt_extra_keys(algorithm: str, seed_env: Any) -> None:
+    seed_env("0")
+    rng = random.Random(3)
+    hasher = BlockHasher(16, algorithm)
+    for lora, salt in [(("adapter-a", "/loras/a"), None), (None, "tenant-42"), (("b", "/loras/b"), "s")]:
+        tokens = _random_tokens(rng, 200)
+        expected = _vllm_hashes(algorithm, 16, tokens, lora=lora, salt=salt)
+        assert hasher.block_hashes(tokens, lora=lora, cache_salt=salt) == expected
+        assert expected != hasher.block_hashes(tokens)  # the keys do change the hashes
+
+
+def test_prefix_property_and_chaining(seed_env: Any) -> None:
+    seed_env("0")
+    hasher = BlockHasher(16)
+    tokens = list(range(100, 260))
+    full = hasher.block_hashes(tokens)
+    assert hasher.block_hashes(tokens[:50]) == full[:3]
+    changed = list(tokens)
+    changed[20] += 1  # block 1 changes, so every later hash changes too (chaining)
+    other = hasher.block_hashes(changed)
+    assert other[0] == full[0] and all(a != b for a, b in zip(other[1:], full[1:]))
+    digests = hasher.block_digests(tokens)
+    assert [external_block_hash(d) for d in digests] == full
+    assert hasher.block_digests(tokens[48:], parent=digests[2]) == digests[3:]
+
+
+def test_token_container_types(seed_env: Any) -> None:
+    seed_env("0")
+    np = pytest.importorskip("numpy")
+    hasher = BlockHasher(16)
+    tokens = list(range(300, 364))
+    expected = hasher.block_hashes(tokens)
+    assert hasher.block_hashes(tuple(tokens)) == expected
+    assert hasher.block_hashes(np.array(tokens, dtype=np.int64)) == expected
+    assert hasher.block_hashes([np.int64(t) for t in tokens]) == expected
+    assert hasher.block_hashes(range(300, 364)) == expected
+
+
+def test_cbor_matches_cbor2() -> None:
+    cbor2 = pytest.importorskip("cbor2")
+    rng = random.Random(5)
+    samples: list[Any] = [None, True, False, 0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1,
+                          -1, -24, -25, -256, -257, -(2**63), b"", b"x" * 23, b"y" * 300, "", "é", "z" * 70_000,
+                          (), [], ((b"a", (1, 2, 3), None),), ("lora", "name", "/path")]
+    samples += [(rng.randbytes(32), tuple(_random_tokens(rng, 16)), None) for _ in range(50)]
+    for obj in samples:
+        assert cbor_dumps(obj) == cbor2.dumps(obj, canonical=True), obj
+
+
+def test_rejects_bad_configuration() -> None:
+    with pytest.raises(ValueError):
+        BlockHasher(0)
+    with pytest.raises(ValueError, match="unsupported"):
+        BlockHasher(16, "md5")

@@ -1,0 +1,180 @@
+"""router.prefix_index against a real, private redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from router.prefix_index import PrefixIndex
+from tests.support.redis import RedisServer, redis_server
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+
+NS = "splitserve"
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    with redis_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def r(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_srv.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def register(r: aioredis.Redis, *workers: str, alive: bool = True, ttl_ms: int | None = None) -> None:
+    """Mimic router.registry: member of {ns}:workers, plus an alive key (optionally with a TTL)."""
+    for w in workers:
+        await r.sadd(f"{NS}:workers", w)
+        await r.hset(f"{NS}:worker:{w}", mapping={"worker_id": w, "role": "both"})
+        if alive:
+            await r.set(f"{NS}:worker:{w}:alive", "1", px=ttl_ms)
+
+
+async def test_stored_removed_cleared(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await register(r, "w1")
+    await idx.apply("w1", [BlockStored(block_hashes=[1, 2, 3], token_ids=[], block_size=16)])
+    assert await idx.worker_block_count("w1") == 3
+    assert await idx.workers_holding(2) == {"w1"}
+    await idx.apply("w1", [BlockRemoved(block_hashes=[2])])
+    assert await idx.workers_holding(2) == set()
+    assert await r.exists(idx.block_key(2)) == 0  # empty reverse sets disappear
+    assert await idx.worker_block_count("w1") == 2
+    await idx.apply("w1", [AllBlocksCleared()])
+    assert await idx.worker_block_count("w1") == 0
+    assert [k async for k in r.scan_iter(f"{NS}:kv:*")] == []
+
+
+async def test_events_apply_in_order(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await register(r, "w1")
+    await idx.apply("w1", [BlockStored(block_hashes=[5]), BlockRemoved(block_hashes=[5]), BlockStored(block_hashes=[6])])
+    assert await idx.workers_holding(5) == set() and await idx.workers_holding(6) == {"w1"}
+    await idx.apply("w1", [BlockRemoved(block_hashes=[6]), BlockStored(block_hashes=[6])])
+    assert await idx.workers_holding(6) == {"w1"}
+    # Blocks stored before a clear in the same batch are gone; those after it stay.
+    await idx.apply("w1", [BlockStored(block_hashes=[7]), AllBlocksCleared(), BlockStored(block_hashes=[8])])
+    assert await idx.workers_holding(6) == set() and await idx.workers_holding(7) == set()
+    assert await idx.workers_holding(8) == {"w1"}
+    # Re-announcing a block (reuse) is idempotent; removing an unknown block is harmless.
+    await idx.apply("w1", [BlockStored(block_hashes=[8]), BlockRemoved(block_hashes=[99])])
+    assert await idx.worker_block_count("w1") == 1
+
+
+async def test_full_64_bit_hashes_roundtrip(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await register(r, "w1")
+    hashes = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0xDEADBEEFCAFEBABE]
+    await idx.apply("w1", [BlockStored(block_hashes=list(hashes))])
+    assert await idx.longest_prefixes(hashes) == {"w1": len(hashes)}
+    assert await idx.longest_prefixes([2**64 - 2]) == {"w1": 0}
+
+
+async def test_longest_prefix_semantics(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await register(r, "a", "b", "c", "d")
+    prompt = [11, 12, 13, 14, 15, 16]
+    await idx.apply("a", [BlockStored(block_hashes=prompt[:4])])
+    await idx.apply("b", [BlockStored(block_hashes=[11, 12, 14, 15, 16])])  # hole at block 2
+    await idx.apply("c", [BlockStored(block_hashes=[12, 13, 14])])  # no first block
+    await idx.apply("d", [BlockStored(block_hashes=prompt)])
+    assert await idx.longest_prefixes(prompt) == {"a": 4, "b": 2, "c": 0, "d": 6}
+    assert await idx.longest_prefixes(prompt[:3]) == {"a": 3, "b": 2, "c": 0, "d": 3}
+    assert await idx.longest_prefixes([99, *prompt]) == {"a": 0, "b": 0, "c": 0, "d": 0}
+    assert await idx.longest_prefixes([]) == {"a": 0, "b": 0, "c": 0, "d": 0}
+    # Restricting the candidates; unknown/dead ids are left out, duplicates collapse.
+    assert await idx.longest_prefixes(prompt, ["b", "a", "zz", "a"]) == {"b": 2, "a": 4}
+    assert await idx.longest_prefixes(prompt, []) == {}
+
+
+async def test_dead_workers_excluded_and_purged(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await register(r, "live")
+    await register(r, "short", ttl_ms=300)
+    await register(r, "gone")
+    await register(r, "never", alive=False)
+    for w in ("live", "short", "gone", "never"):
+        await idx.apply(w, [BlockStored(block_hashes=[1, 2, 3])])
+    assert await idx.longest_prefixes([1, 2, 3]) == {"live": 3, "short": 3, "gone": 3}
+    await r.delete(f"{NS}:worker:gone:alive")
+    assert await idx.longest_prefixes([1, 2, 3]) == {"live": 3, "short": 3}
+    await asyncio.sleep(0.45)  # the TTL of "short" runs out
+    assert await idx.longest_prefixes([1, 2, 3]) == {"live": 3}
+    assert await idx.longest_prefixes([1, 2, 3], ["short", "never"]) == {}
+    assert sorted(await idx.purge_dead()) == ["gone", "never", "short"]
+    assert await idx.workers_holding(1) == {"live"}
+    assert await idx.purge_dead() == []
+    # A worker that comes back counts again once it re-publishes.
+    await register(r, "gone")
+    assert await idx.longest_prefixes([1, 2, 3]) == {"live": 3, "gone": 0}
+
+
+async def test_lookup_is_one_round_trip(r: aioredis.Redis, redis_srv: RedisServer) -> None:
+    idx = PrefixIndex(r)
+    await register(r, *[f"w{i}" for i in range(8)])
+    for i in range(8):
+        await idx.apply(f"w{i}", [BlockStored(block_hashes=list(range(100, 100 + 8 * i)))])
+    prompt = list(range(100, 164))
+    await r.script_flush()  # the first call after a flush must still work (NOSCRIPT -> load -> retry)
+    warm = await idx.longest_prefixes(prompt)
+    assert warm == {f"w{i}": 8 * i for i in range(8)}
+
+    monitor_client = aioredis.Redis.from_url(redis_srv.url)
+    seen: list[dict[str, str]] = []
+    async with monitor_client.monitor() as mon:
+
+        async def reader() -> None:
+            while True:
+                seen.append(await mon.next_command())
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.1)
+        assert await idx.longest_prefixes(prompt) == warm
+        await asyncio.sleep(0.2)
+        task.cancel()
+    await monitor_client.aclose()
+    from_client = [c["command"].split()[0].upper() for c in seen if c["client_type"] != "lua"]
+    assert from_client == ["EVALSHA"], seen[:5]
+    assert any(c["client_type"] == "lua" for c in seen)  # the work happened server-side
+
+
+async def test_clear_worker_in_chunks_keeps_others(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r, max_ops_per_call=700, clear_chunk=500)
+    await register(r, "big", "other")
+    hashes = list(range(1, 5001))
+    await idx.apply("big", [BlockStored(block_hashes=hashes)])
+    await idx.apply("other", [BlockStored(block_hashes=hashes[:10])])
+    assert await idx.worker_block_count("big") == 5000
+    assert await idx.longest_prefixes(hashes[:64]) == {"big": 64, "other": 10}
+    await idx.clear_worker("big")
+    assert await idx.worker_block_count("big") == 0
+    assert await idx.longest_prefixes(hashes[:64]) == {"big": 0, "other": 10}
+    assert await r.sismember(idx.indexed_key, "big") == 0
+    keys = [k async for k in r.scan_iter(f"{NS}:kv:block:*", count=1000)]
+    assert len(keys) == 10
+
+
+async def test_namespaces_are_isolated_and_decode_responses(redis_srv: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_srv.url, decode_responses=True)
+    await client.flushdb()
+    try:
+        one, two = PrefixIndex(client, "one"), PrefixIndex(client, "two")
+        for ns in ("one", "two"):
+            await client.sadd(f"{ns}:workers", "w")
+            await client.set(f"{ns}:worker:w:alive", "1")
+        await one.apply("w", [BlockStored(block_hashes=[1, 2])])
+        assert await one.longest_prefixes([1, 2]) == {"w": 2}
+        assert await two.longest_prefixes([1, 2]) == {"w": 0}
+    finally:
+        await client.aclose()
