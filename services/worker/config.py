@@ -1,0 +1,61 @@
+"""Typed settings of a worker and of the vLLM engine it owns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from router.registry import DEFAULT_NAMESPACE, WorkerRole
+
+Device = Literal["cpu", "cuda"]
+
+
+class EngineConfig(BaseModel):
+    """vLLM engine settings, shared by every worker of a pool."""
+
+    model: str = Field(description="HF-format model directory or hub id")
+    served_model_name: str | None = Field(None, description="name clients use; default: model")
+    tokenizer: str | None = Field(None, description="tokenizer directory; default: the model's")
+    device: Device = Field("cpu", description="cpu: vLLM's CPU build; cuda: vLLM's CUDA build")
+    dtype: str = Field("float32", description="weights/activations dtype (float32 on CPU)")
+    block_size: int = Field(32, description="KV cache block size in tokens (CPU: multiple of 32)")
+    max_model_len: int | None = Field(2048, description="context length; None: model's own")
+    max_num_seqs: int = Field(64, description="max concurrent sequences per engine")
+    max_num_batched_tokens: int | None = Field(None, description="tokens per step; None: vLLM")
+    enforce_eager: bool = Field(True, description="skip torch.compile/graph capture (fast start)")
+    enable_prefix_caching: bool = Field(True, description="reuse KV of shared prompt prefixes")
+    prefix_caching_hash_algo: str = Field("sha256", description="block hash algorithm")
+    hash_seed: str = Field("0", description="PYTHONHASHSEED for engines and router (NONE_HASH)")
+    cpu_kv_cache_space_gib: int = Field(1, description="CPU build: KV cache size in GiB")
+    gpu_memory_utilization: float = Field(0.9, description="CUDA build: GPU memory fraction")
+    tensor_parallel_size: int = Field(1, description="GPUs per engine, tensor parallel")
+    pipeline_parallel_size: int = Field(1, description="pipeline stages per engine")
+    kv_lease_duration_s: int = Field(30, description="prefill holds KV blocks this long unread")
+    nixl_num_threads: int = Field(1, description="NIXL/UCX worker threads per engine")
+    nixl_backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends")
+    seed: int = Field(0, description="engine default sampling seed")
+
+    @property
+    def name(self) -> str:
+        """The model name clients see."""
+        return self.served_model_name or self.model
+
+
+class WorkerConfig(BaseModel):
+    """One worker: its role, engine, and where it publishes itself."""
+
+    worker_id: str = Field(description="unique id; also the engine's NIXL engine id")
+    role: WorkerRole = Field(description="prefill (KV producer), decode (KV consumer) or both")
+    engine: EngineConfig
+    host: str = Field("127.0.0.1", description="address the worker binds and advertises")
+    grpc_port: int = Field(0, description="worker API port; 0 picks a free one")
+    metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one")
+    redis_url: str = Field(description="registry and index Redis")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")
+    run_dir: Path = Field(description="where sockets, caches and temp files of this run live")
+    cache_dir: Path = Field(description="persistent cache (compiled kernels, models)")
+    cpu_threads_bind: str = Field("nobind", description="CPU build: OMP cores, e.g. '0' or '0-1'")
+    registry_ttl_s: float = Field(5.0, description="liveness key TTL in the registry")
+    heartbeat_interval_s: float = Field(1.0, description="how often load/liveness is published")

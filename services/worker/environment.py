@@ -1,0 +1,56 @@
+"""The process environment a worker's vLLM engine needs, derived from its config.
+
+Set before vLLM is imported in the worker process (and inherited by the engine-core process
+vLLM spawns). Everything that would otherwise land in $HOME or /tmp is pointed at the run or
+cache directory, and nothing reaches out to a model hub.
+"""
+
+from __future__ import annotations
+
+from services.worker.config import WorkerConfig
+
+
+def engine_environment(cfg: WorkerConfig, nixl_side_channel_port: int) -> dict[str, str]:
+    """Environment variables for the worker's engine."""
+    eng = cfg.engine
+    cache = cfg.cache_dir
+    env = {
+        # Block hashes (NONE_HASH) must be identical on every engine and in the router.
+        "PYTHONHASHSEED": eng.hash_seed,
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": cfg.host,
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_side_channel_port),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TMPDIR": str(cfg.run_dir / "tmp"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_RPC_TIMEOUT": "100000",
+        "VLLM_CONFIGURE_LOGGING": "1",
+    }
+    if _is_local_path(eng.model):
+        env["HF_HUB_OFFLINE"] = "1"
+        env["TRANSFORMERS_OFFLINE"] = "1"
+    if eng.device == "cpu":
+        env.update(
+            {
+                "VLLM_TARGET_DEVICE": "cpu",
+                # The default asks for 92% of a NUMA node; an empty value crashes start-up.
+                "VLLM_CPU_KVCACHE_SPACE": str(eng.cpu_kv_cache_space_gib),
+                "VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_threads_bind,
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                # OpenMP threads sleep when idle instead of spinning on the core they are bound
+                # to (see docs/operations.md, "Idle CPU").
+                "OMP_WAIT_POLICY": "PASSIVE",
+                "KMP_BLOCKTIME": "0",
+                # NIXL over UCX in host memory, one host: shared memory / cross-memory attach.
+                "UCX_TLS": "self,sm,tcp",
+            }
+        )
+    return env
+
+
+def _is_local_path(model: str) -> bool:
+    from pathlib import Path
+
+    return Path(model).exists()

@@ -1,0 +1,109 @@
+"""The worker's gRPC API (proto/splitserve/v1/worker.proto) over its EngineHost."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from services.proto.v1 import worker_pb2 as pb
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.engine import EngineHost, Sampling, dumps_params, loads_params
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_pb(msg: pb.SamplingParams) -> Sampling:
+    """Wire sampling parameters to the engine host's."""
+    return Sampling(
+        max_tokens=msg.max_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.top_p > 0 else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    """Serves one worker's engine."""
+
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.PrefillResponse:
+        try:
+            params, cached = await self.host.prefill(
+                request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.PrefillResponse(kv_transfer_params_json=dumps_params(params),
+                                  num_cached_tokens=cached)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            stream = self.host.generate(
+                request.request_id,
+                list(request.prompt_token_ids),
+                sampling_from_pb(request.sampling),
+                loads_params(request.kv_transfer_params_json),
+            )
+            async for chunk in stream:
+                yield pb.GenerateChunk(
+                    token_ids=chunk.token_ids,
+                    text=chunk.text,
+                    finish_reason=chunk.finish_reason or "",
+                    num_prompt_tokens=chunk.num_prompt_tokens,
+                    num_cached_tokens=chunk.num_cached_tokens,
+                )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.host.abort(request.request_id))
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.ReleaseResponse:
+        params = loads_params(request.kv_transfer_params_json)
+        if not params:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_transfer_params_json empty")
+        try:
+            await self.host.release(request.request_id, params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ReleaseResponse()
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+                     ) -> pb.HealthResponse:
+        cfg = self.host.cfg
+        try:
+            await self.host.check_health()
+            healthy, message = True, "ok"
+        except Exception as exc:  # the engine reports its own failure modes
+            healthy, message = False, f"{type(exc).__name__}: {exc}"
+        return pb.HealthResponse(healthy=healthy, worker_id=cfg.worker_id, role=cfg.role.value,
+                                 model=cfg.engine.name, message=message)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+                    ) -> pb.StatsResponse:
+        import time
+
+        c = self.host.counters
+        return pb.StatsResponse(
+            worker_id=self.host.cfg.worker_id,
+            role=self.host.cfg.role.value,
+            in_flight=len(self.host.in_flight),
+            num_running_reqs=c.num_running_reqs,
+            num_waiting_reqs=c.num_waiting_reqs,
+            kv_cache_usage=c.kv_cache_usage,
+            prefix_cache_queries=c.prefix_cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits,
+            requests_total=c.requests_total,
+            requests_aborted=c.requests_aborted,
+            stats_age_s=time.time() - c.last_step_at if c.last_step_at else -1.0,
+        )

@@ -1,0 +1,140 @@
+"""Everything one worker runs in its process: engine, gRPC API, metrics, registry heartbeat.
+
+Independent of Ray: the Ray actor (services/worker/actor.py) is a thin shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import grpc
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from router.registry import WorkerInfo, WorkerRegistry
+from services.ports import free_port
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.config import WorkerConfig
+from services.worker.environment import engine_environment
+from services.worker.shm import segments_mapped_by_children, unlink_segments
+
+log = logging.getLogger(__name__)
+
+
+class WorkerEndpoints(BaseModel):
+    """Where a started worker can be reached."""
+
+    worker_id: str
+    address: str
+    metrics_url: str
+    kv_events_endpoint: str
+    nixl_side_channel_port: int
+    pid: int
+
+
+class WorkerProcess:
+    """Starts and stops one worker inside the current process."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.host = None  # EngineHost, created in start() after the environment is set
+        self._server: grpc.aio.Server | None = None
+        self._metrics_httpd = None
+        self._redis: Redis | None = None
+        self._registry: WorkerRegistry | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._shm_segments: set = set()
+        self.endpoints: WorkerEndpoints | None = None
+
+    async def start(self) -> WorkerEndpoints:
+        cfg = self.cfg
+        (cfg.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        side_port = free_port(cfg.host)
+        os.environ.update(engine_environment(cfg, side_port))
+        kv_events = f"ipc://{cfg.run_dir / f'kv-{cfg.worker_id}.sock'}"
+
+        from services.worker.engine import EngineHost
+        from services.worker.grpc_service import WorkerService
+
+        self.host = EngineHost(cfg, kv_events)
+        await self.host.start()
+        self._shm_segments = segments_mapped_by_children()
+
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.host), self._server)
+        port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        await self._server.start()
+
+        from prometheus_client import start_http_server
+
+        self._metrics_httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+        metrics_port = self._metrics_httpd.server_port
+
+        self.endpoints = WorkerEndpoints(
+            worker_id=cfg.worker_id,
+            address=f"{cfg.host}:{port}",
+            metrics_url=f"http://{cfg.host}:{metrics_port}/metrics",
+            kv_events_endpoint=kv_events,
+            nixl_side_channel_port=side_port,
+            pid=os.getpid(),
+        )
+        self._redis = Redis.from_url(cfg.redis_url)
+        self._registry = WorkerRegistry(self._redis, cfg.namespace, ttl_s=cfg.registry_ttl_s)
+        await self._registry.register(WorkerInfo(
+            worker_id=cfg.worker_id,
+            role=cfg.role,
+            address=self.endpoints.address,
+            model=cfg.engine.name,
+            metrics_url=self.endpoints.metrics_url,
+            block_size=cfg.engine.block_size,
+            hash_algo=cfg.engine.prefix_caching_hash_algo,
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            started_at=time.time(),
+        ))
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        log.info("worker %s (%s) serving on %s", cfg.worker_id, cfg.role.value,
+                 self.endpoints.address)
+        return self.endpoints
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._registry is not None and self.host is not None
+        while True:
+            try:
+                if getattr(self.host.engine, "errored", False):
+                    log.error("engine of %s is dead; letting its registry entry expire",
+                              self.cfg.worker_id)
+                    return
+                await self._registry.heartbeat(self.cfg.worker_id, self.host.load())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis briefly away: keep serving, try again next beat
+                log.warning("registry heartbeat failed", exc_info=True)
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def stop(self) -> None:
+        """Leave the registry, stop serving, shut the engine down."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._registry is not None:
+            try:
+                await self._registry.deregister(self.cfg.worker_id)
+            except Exception:
+                log.warning("could not deregister %s", self.cfg.worker_id, exc_info=True)
+        if self._server is not None:
+            await self._server.stop(grace=2.0)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+        if self.host is not None:
+            self.host.shutdown()
+        if removed := unlink_segments(self._shm_segments):
+            log.info("removed %d shared-memory segments the engine left behind", len(removed))
+        if self._redis is not None:
+            await self._redis.aclose()
