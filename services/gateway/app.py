@@ -1,0 +1,342 @@
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions,
+/health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+
+from router.policies import make_policy
+from router.registry import WorkerRole
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import APIError, install_error_handlers, invalid
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pd_flow import GenerationResult, PDFlow, WorkerUnavailable
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    now,
+)
+from services.gateway.tokenization import PromptBuilder
+from services.proto.v1 import worker_pb2 as pb
+from services.gateway.worker_directory import WorkerDirectory
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["completion", "chat"]
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, tokenized, ready for the PD flow."""
+
+    kind: Kind
+    request_id: str
+    token_ids: list[int]
+    sampling: pb.SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class Gateway:
+    """State of one gateway process and its request handling."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.metrics = GatewayMetrics()
+        self.builder = PromptBuilder(cfg.model)
+        self.redis: Redis | None = None
+        self.directory: WorkerDirectory | None = None
+        self.flow: PDFlow | None = None
+
+    async def start(self) -> None:
+        self.redis = Redis.from_url(self.cfg.redis_url)
+        self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
+                                         self.cfg.worker_refresh_s)
+        try:
+            await self.directory.refresh()
+        except Exception:
+            log.warning("registry not reachable at start; will keep trying", exc_info=True)
+        await self.directory.start()
+        self.flow = PDFlow(self.directory, make_policy(self.cfg.policy),
+                           self.cfg.request_timeout_s)
+
+    async def stop(self) -> None:
+        if self.directory:
+            await self.directory.stop()
+        if self.redis:
+            await self.redis.aclose()
+
+    # --- validation ------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.cfg.name:
+            raise APIError(404, f"The model `{model}` does not exist. Served: `{self.cfg.name}`.",
+                           param="model", code="model_not_found")
+
+    def _check_ids(self, ids: list[int]) -> None:
+        vocab = self.builder.vocab_size
+        bad = next((t for t in ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is out of range [0, {vocab})", param="prompt")
+
+    async def prepare(self, req: CompletionRequest | ChatCompletionRequest, kind: Kind
+                      ) -> PreparedRequest:
+        self._check_model(req.model)
+        if (feature := req.unsupported()) is not None:
+            raise invalid(f"`{feature}` is not supported by this server", param=feature,
+                          code="unsupported_parameter")
+        if isinstance(req, ChatCompletionRequest):
+            try:
+                ids = await self.builder.chat(req.messages)
+            except ValueError as exc:
+                raise invalid(str(exc), param="messages") from None
+            limit = req.token_limit
+        else:
+            ids = await self._completion_ids(req.prompt)
+            limit = req.max_tokens
+        ctx = self.cfg.max_model_len
+        if len(ids) >= ctx:
+            raise invalid(f"This model's maximum context length is {ctx} tokens. However, your "
+                          f"prompt is {len(ids)} tokens.", param="messages" if kind == "chat"
+                          else "prompt", code="context_length_exceeded")
+        if limit is None:
+            limit = ctx - len(ids)
+        elif len(ids) + limit > ctx:
+            raise invalid(f"This model's maximum context length is {ctx} tokens. However, you "
+                          f"requested {len(ids) + limit} tokens ({len(ids)} in the prompt, "
+                          f"{limit} for the completion). Reduce the prompt or max_tokens.",
+                          param="max_tokens", code="context_length_exceeded")
+        sampling = pb.SamplingParams(max_tokens=limit, temperature=req.temperature,
+                                     top_p=req.top_p, stop=req.stop, ignore_eos=req.ignore_eos)
+        if req.seed is not None:
+            sampling.seed = req.seed
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return PreparedRequest(kind=kind, request_id=new_id(prefix), token_ids=ids,
+                               sampling=sampling, stream=req.stream,
+                               include_usage=bool(req.stream_options
+                                                  and req.stream_options.include_usage))
+
+    async def _completion_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise invalid("batched prompts are not supported: send one prompt per request",
+                              param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return await self.builder.text(prompt)
+        if not prompt:
+            raise invalid("prompt must not be an empty list of tokens", param="prompt")
+        ids = list(prompt)
+        self._check_ids(ids)
+        return ids
+
+    # --- responses -------------------------------------------------------------------------
+    def _usage(self, r: GenerationResult) -> dict[str, Any]:
+        return {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.num_prompt_tokens + r.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": r.num_cached_tokens}}
+
+    def _record(self, route: str, result: GenerationResult) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(result.num_prompt_tokens)
+        m.cached_tokens.inc(result.num_cached_tokens)
+        m.completion_tokens.inc(result.completion_tokens)
+        if result.route is not None:
+            outcome = "remote_prefill" if result.route.prefill is not None else "local_prefill"
+            m.routes.labels(self.cfg.policy, outcome).inc()
+
+    async def complete(self, p: PreparedRequest, request: Request) -> JSONResponse:
+        """Non-streaming: collect the whole output."""
+        assert self.flow is not None
+        route = f"/v1/{'chat/' if p.kind == 'chat' else ''}completions"
+        result = GenerationResult()
+        start = time.perf_counter()
+        texts: list[str] = []
+
+        async def collect() -> None:
+            first = True
+            async for chunk in self.flow.stream(p.request_id, p.token_ids, p.sampling, result):
+                if first and chunk.token_ids:
+                    self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
+                    first = False
+                texts.append(chunk.text)
+
+        task = asyncio.create_task(collect())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        try:
+            task.result()
+        except asyncio.CancelledError:
+            raise APIError(499, "client closed the request") from None
+        except WorkerUnavailable as exc:
+            raise APIError(503, str(exc), type="service_unavailable") from None
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        self.metrics.e2e.labels(route).observe(time.perf_counter() - start)
+        self._record(route, result)
+        text = "".join(texts)
+        finish = result.finish_reason or "stop"
+        if p.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return JSONResponse({"id": p.request_id, "object": obj, "created": now(),
+                             "model": self.cfg.name, "choices": [choice],
+                             "usage": self._usage(result)})
+
+    async def stream(self, p: PreparedRequest) -> StreamingResponse:
+        """Streaming: server-sent events, OpenAI's chunk format, `data: [DONE]` at the end."""
+        assert self.flow is not None
+        route = f"/v1/{'chat/' if p.kind == 'chat' else ''}completions"
+        result = GenerationResult()
+        start = time.perf_counter()
+        chunks = self.flow.stream(p.request_id, p.token_ids, p.sampling, result)
+        # Wait for the first chunk before answering, so routing and worker failures still get
+        # a proper HTTP status instead of an error inside a 200 stream.
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except WorkerUnavailable as exc:
+            raise APIError(503, str(exc), type="service_unavailable") from None
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
+        created = now()
+        is_chat = p.kind == "chat"
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            body: dict[str, Any] = {"id": p.request_id, "object": obj, "created": created,
+                                    "model": self.cfg.name, "choices": choices}
+            if p.include_usage:
+                body["usage"] = usage
+            return f"data: {_dumps(body)}\n\n"
+
+        def choice(text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if is_chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": text} if role else (
+                    {"content": text} if text else {})
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        async def body() -> AsyncIterator[str]:
+            last = time.perf_counter()
+            try:
+                if is_chat:
+                    yield event([choice("", None, role=True)])
+                pending = [first] if first is not None else []
+                while True:
+                    for chunk in pending:
+                        if chunk.text or chunk.finish_reason:
+                            yield event([choice(chunk.text, chunk.finish_reason or None)])
+                    try:
+                        pending = [await chunks.__anext__()]
+                    except StopAsyncIteration:
+                        break
+                    t = time.perf_counter()
+                    self.metrics.itl.labels(route).observe(t - last)
+                    last = t
+                if p.include_usage:
+                    yield event([], self._usage(result))
+                yield "data: [DONE]\n\n"
+                self.metrics.e2e.labels(route).observe(time.perf_counter() - start)
+                self._record(route, result)
+            except (WorkerUnavailable, ValueError) as exc:
+                err = APIError(503 if isinstance(exc, WorkerUnavailable) else 400, str(exc),
+                               type="service_unavailable" if isinstance(exc, WorkerUnavailable)
+                               else "invalid_request_error")
+                yield f"data: {_dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await chunks.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    """The gateway's FastAPI application."""
+    gw = Gateway(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        yield
+        await gw.stop()
+
+    app = FastAPI(title="splitserve gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gw
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        gw.metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            gw.metrics.in_flight.dec()
+            gw.metrics.requests.labels(request.url.path, str(status)).inc()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": cfg.name, "object": "model", "created": now(), "owned_by": "splitserve",
+            "max_model_len": cfg.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        d = gw.directory
+        counts = {r.value: len(d.by_role(r)) for r in WorkerRole} if d else {}
+        for role, n in counts.items():
+            gw.metrics.live_workers.labels(role).set(n)
+        ok = bool(d and d.routable)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "workers": counts},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        p = await gw.prepare(req, "completion")
+        return await (gw.stream(p) if p.stream else gw.complete(p, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        p = await gw.prepare(req, "chat")
+        return await (gw.stream(p) if p.stream else gw.complete(p, request))
+
+    return app
+
+
+def serve(cfg: GatewayConfig) -> None:
+    """Run the gateway (blocks until SIGINT/SIGTERM)."""
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
+                timeout_keep_alive=30)

@@ -1,0 +1,27 @@
+"""Typed settings of a gateway process."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from router.registry import DEFAULT_NAMESPACE
+
+
+class GatewayConfig(BaseModel):
+    """One gateway: stateless, many may share a cluster's Redis."""
+
+    model: str = Field(description="model directory (tokenizer and chat template come from it)")
+    served_model_name: str | None = Field(None, description="name clients use; default: model")
+    max_model_len: int = Field(2048, description="context length the workers were started with")
+    redis_url: str = Field(description="the cluster's Redis (registry, index)")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, description="HTTP port")
+    grpc_port: int = Field(0, description="public gRPC port; 0 disables it")
+    policy: str = Field("round_robin", description="routing policy")
+    request_timeout_s: float = Field(600.0, description="upper bound on one request's duration")
+    worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,41 @@
+"""The gateway's own Prometheus metrics (served on its /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class GatewayMetrics:
+    """Metric families, in a registry of their own (one per gateway app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("splitserve_gateway_requests", "Requests by route and HTTP status",
+                                ["route", "status"], registry=r)
+        self.in_flight = Gauge("splitserve_gateway_requests_in_flight",
+                               "Requests being served", registry=r)
+        self.ttft = Histogram("splitserve_gateway_time_to_first_token_seconds",
+                              "Request arrival to first generated token", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("splitserve_gateway_inter_token_latency_seconds",
+                             "Time between consecutive streamed chunks", ["route"],
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("splitserve_gateway_request_duration_seconds",
+                             "Request arrival to last token", ["route"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.routes = Counter("splitserve_gateway_routing_decisions",
+                              "Routing decisions by policy and outcome", ["policy", "outcome"],
+                              registry=r)
+        self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens served",
+                                     registry=r)
+        self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",
+                                     "Prompt tokens the decode worker did not compute itself "
+                                     "(prefix cache or KV transfer)", registry=r)
+        self.completion_tokens = Counter("splitserve_gateway_completion_tokens",
+                                         "Tokens generated", registry=r)
+        self.live_workers = Gauge("splitserve_gateway_live_workers",
+                                  "Live workers in the registry, by role", ["role"], registry=r)

@@ -1,0 +1,95 @@
+"""The gateway's view of the live workers: a registry snapshot refreshed in the background,
+gRPC channels to each worker, and the gateway's own in-flight count per worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+import grpc
+from redis.asyncio import Redis
+
+from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class WorkerDirectory:
+    """Live workers by role, with stubs to reach them."""
+
+    def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5) -> None:
+        self.registry = WorkerRegistry(redis, namespace)
+        self.model = model
+        self.refresh_s = refresh_s
+        self.workers: list[WorkerInfo] = []
+        self.in_flight: Counter[str] = Counter()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task | None = None
+        self._refreshed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def refresh(self) -> None:
+        """Re-read the registry now."""
+        workers = await self.registry.live_workers()
+        self.workers = [w for w in workers if w.model == self.model]
+        live = {w.address for w in self.workers}
+        for addr in [a for a in self._channels if a not in live]:
+            await self._channels.pop(addr).close()
+        self._refreshed.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: keep routing on the last snapshot
+                log.warning("registry refresh failed; using last snapshot", exc_info=True)
+            await asyncio.sleep(self.refresh_s)
+
+    def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:
+        return [w for w in self.workers if w.role in roles]
+
+    @property
+    def routable(self) -> bool:
+        """Whether a request could be served now."""
+        if self.by_role(WorkerRole.BOTH):
+            return True
+        return bool(self.by_role(WorkerRole.PREFILL)) and bool(self.by_role(WorkerRole.DECODE))
+
+    def stub(self, worker: WorkerInfo) -> pb_grpc.WorkerStub:
+        ch = self._channels.get(worker.address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(worker.address, options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 10_000),
+            ])
+            self._channels[worker.address] = ch
+        return pb_grpc.WorkerStub(ch)
+
+    @contextmanager
+    def track(self, *workers: WorkerInfo | None) -> Iterator[None]:
+        """Count a request as in flight on these workers while the block runs."""
+        ids = [w.worker_id for w in workers if w is not None]
+        for i in ids:
+            self.in_flight[i] += 1
+        try:
+            yield
+        finally:
+            for i in ids:
+                self.in_flight[i] -= 1
+                if self.in_flight[i] <= 0:
+                    del self.in_flight[i]
