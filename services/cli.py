@@ -1,0 +1,197 @@
+"""The `splitserve` command: up, status, make-model, gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from router.registry import DEFAULT_NAMESPACE
+
+
+def _up(ns: argparse.Namespace) -> int:
+    from services.controller.builtin_model import ensure_builtin_model
+    from services.controller.cluster import run_up
+    from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
+    from services.worker.config import EngineConfig
+
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
+    model, served = ns.model, ns.served_model_name
+    if model is None:
+        model = str(ensure_builtin_model(cache_dir, "tiny"))
+        served = served or "splitserve-tiny"
+    device = ns.device or _detect_device()
+    engine = EngineConfig(model=model, served_model_name=served, device=device,
+                          max_model_len=ns.max_model_len, block_size=ns.block_size,
+                          dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
+                          cpu_kv_cache_space_gib=ns.kv_cache_gib,
+                          tensor_parallel_size=ns.tensor_parallel_size)
+    gpus = float(ns.tensor_parallel_size) if device == "cuda" else 0.0
+    cpus = 1.0 if device == "cpu" else 0.0
+    cfg = ClusterConfig(
+        mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
+        prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus),
+        decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus),
+        workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus),
+        redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
+        run_dir=Path(ns.run_dir) if ns.run_dir else None, cache_dir=cache_dir,
+        policy=ns.policy)
+    return run_up(cfg)
+
+
+def _detect_device() -> str:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True, timeout=10)
+            return "cuda"
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return "cpu"
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from router.registry import WorkerRegistry
+
+    async def read() -> list:
+        redis = Redis.from_url(ns.redis_url)
+        try:
+            return await WorkerRegistry(redis, ns.namespace).live_workers()
+        finally:
+            await redis.aclose()
+
+    try:
+        workers = asyncio.run(read())
+    except Exception as exc:
+        print(f"splitserve status: cannot read the registry at {ns.redis_url}: {exc}",
+              file=sys.stderr)
+        return 2
+    if ns.json:
+        print(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
+        return 0
+    if not workers:
+        print("no live workers")
+        return 0
+    if not sys.stdout.isatty():
+        for w in workers:
+            print(f"{w.worker_id}\t{w.role.value}\t{w.address}\t{w.model}\t"
+                  f"in_flight={w.load.in_flight}\trunning={w.load.num_running_reqs}\t"
+                  f"waiting={w.load.num_waiting_reqs}\tkv_usage={w.load.kv_cache_usage:.2f}\t"
+                  f"{w.metrics_url}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("worker", "role", "address", "model", "in flight", "running", "waiting",
+                  "kv usage", "metrics")
+    for w in workers:
+        table.add_row(w.worker_id, w.role.value, w.address, w.model, str(w.load.in_flight),
+                      str(w.load.num_running_reqs), str(w.load.num_waiting_reqs),
+                      f"{w.load.kv_cache_usage:.0%}", w.metrics_url)
+    Console().print(table)
+    return 0
+
+
+def _make_model(ns: argparse.Namespace) -> int:
+    from services.controller.builtin_model import make_model
+
+    try:
+        path = make_model(Path(ns.dir), ns.size, overwrite=ns.overwrite)
+    except (FileExistsError, ValueError) as exc:
+        print(f"splitserve make-model: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _gateway(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from services.gateway.app import serve
+    from services.gateway.config import GatewayConfig
+
+    try:
+        if ns.config_json:
+            cfg = GatewayConfig.model_validate_json(ns.config_json)
+        else:
+            cfg = GatewayConfig(model=ns.model, served_model_name=ns.served_model_name,
+                                redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
+                                port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len)
+    except ValidationError as exc:
+        print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    serve(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a cluster (Redis, Ray, workers, gateway) and serve")
+    up.add_argument("--mode", choices=["disaggregated", "aggregated"], default="disaggregated")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
+    up.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
+    up.add_argument("--workers", type=int, default=1, help="workers (aggregated)")
+    up.add_argument("--model", help="HF model directory or hub id (default: built-in tiny)")
+    up.add_argument("--served-model-name", help="model name clients use")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (0: free port)")
+    up.add_argument("--grpc-port", type=int, default=0,
+                    help="gateway gRPC port (0: disabled until the public gRPC API lands)")
+    up.add_argument("--policy", default="round_robin",
+                    choices=["round_robin", "random", "least_loaded"], help="routing policy")
+    up.add_argument("--redis-url", help="use this Redis instead of starting a private one")
+    up.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    up.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Redis key namespace")
+    up.add_argument("--run-dir", help="logs, sockets, temp files (default: a new tmp dir)")
+    up.add_argument("--cache-dir", help="built-in models, compiled kernels")
+    up.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if a GPU is seen")
+    up.add_argument("--dtype", help="default: float32 on CPU, the model's on GPU")
+    up.add_argument("--max-model-len", type=int, default=2048)
+    up.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: x32)")
+    up.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: KV cache GiB per engine")
+    up.add_argument("--tensor-parallel-size", type=int, default=1)
+    up.set_defaults(func=_up)
+
+    st = sub.add_parser("status", help="list the live workers from the registry")
+    st.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    st.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+
+    mm = sub.add_parser("make-model", help="create the built-in model (offline, deterministic)")
+    mm.add_argument("dir", help="output directory")
+    mm.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    mm.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    mm.set_defaults(func=_make_model)
+
+    gw = sub.add_parser("gateway", help="run a gateway process against a running cluster")
+    gw.add_argument("--config-json", help="full GatewayConfig as JSON (overrides flags)")
+    gw.add_argument("--model", help="model directory (tokenizer, chat template)")
+    gw.add_argument("--served-model-name")
+    gw.add_argument("--redis-url")
+    gw.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--policy", default="round_robin")
+    gw.add_argument("--max-model-len", type=int, default=2048)
+    gw.set_defaults(func=_gateway)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""`splitserve up`: Redis, Ray, worker pools and a gateway, started and stopped together.
+
+Start order: run directory -> Redis (private unless --redis-url) -> Ray (local unless
+--ray-address) -> worker actors (engines load in parallel) -> gateway. Stop order is the
+reverse. Everything this process started is stopped by PID; a final sweep kills any
+descendant process still alive, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+
+from services.controller.config import ClusterConfig
+from services.controller.gateway_process import GatewayProcess
+from services.controller.pools import WorkerPools
+from services.controller.redis_server import RedisServer
+from services.gateway.config import GatewayConfig
+from services.ports import free_port
+
+log = logging.getLogger(__name__)
+
+
+class Cluster:
+    """One running cluster and everything it owns."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir or Path(tempfile.mkdtemp(prefix="splitserve-"))
+        self.redis: RedisServer | None = None
+        self.redis_url = cfg.redis_url
+        self.pools: WorkerPools | None = None
+        self.gateway: GatewayProcess | None = None
+        self._ray_started = False
+        self._descendants: set[int] = set()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis_url is None:
+            self.redis = RedisServer(self.run_dir)
+            self.redis_url = self.redis.start()
+        self._start_ray()
+        self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
+        self.pools.start(timeout_s=cfg.startup_timeout_s)
+        port = cfg.port or free_port(cfg.host)
+        gcfg = GatewayConfig(
+            model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
+            max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
+            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=cfg.grpc_port,
+            policy=cfg.policy)
+        self.gateway = GatewayProcess(gcfg, self.run_dir)
+        self.gateway.start()
+        self.gateway.wait_ready(timeout_s=120)
+        self._remember_descendants()
+
+    def _start_ray(self) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.cfg.ray_address:
+            ray.init(address=self.cfg.ray_address, namespace=self.cfg.namespace,
+                     log_to_driver=False)
+            return
+        workers = len(WorkerPools(self.cfg, "", self.run_dir).plan())
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, workers),
+            include_dashboard=False,
+            _temp_dir=str(self.run_dir / "ray"),
+            namespace=self.cfg.namespace,
+            log_to_driver=False,
+        )
+        self._ray_started = True
+
+    def _remember_descendants(self) -> None:
+        try:
+            me = psutil.Process()
+            self._descendants |= {p.pid for p in me.children(recursive=True)}
+        except psutil.Error:
+            pass
+
+    def stop(self) -> None:
+        """Stop everything, newest first; then make sure no descendant survives."""
+        self._remember_descendants()
+        if self.gateway:
+            self.gateway.stop()
+        if self.pools:
+            self.pools.stop()
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            log.warning("ray.shutdown failed", exc_info=True)
+        if self.redis:
+            self.redis.stop()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Kill any process this cluster started that is still alive (by PID)."""
+        survivors = []
+        for pid in self._descendants:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    survivors.append(p)
+            except psutil.Error:
+                continue
+        for p in survivors:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(survivors, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if survivors:
+            log.info("stopped %d leftover processes", len(survivors))
+
+
+def run_up(cfg: ClusterConfig) -> int:
+    """Start a cluster, print where it serves, and run until SIGINT/SIGTERM."""
+    cluster = Cluster(cfg)
+    stop = threading.Event()
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # While starting, a signal interrupts the start-up (then everything started is stopped);
+    # once serving, it ends the wait below.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        cluster.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        assert cluster.gateway is not None and cluster.pools is not None
+        roles = {}
+        for w in cluster.pools.workers:
+            roles[w.cfg.role.value] = roles.get(w.cfg.role.value, 0) + 1
+        pools = ",".join(f"{k}={v}" for k, v in roles.items())
+        grpc = (f" grpc={cfg.host}:{cluster.gateway.cfg.grpc_port}"
+                if cluster.gateway.cfg.grpc_port else "")
+        print(f"splitserve ready: http={cluster.gateway.url}{grpc} mode={cfg.mode} "
+              f"workers={pools} model={cfg.engine.name} redis={cluster.redis_url} "
+              f"run_dir={cluster.run_dir}", flush=True)
+        stop.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        print("splitserve: stopping", flush=True)
+        cluster.stop()
+        print("splitserve: stopped", flush=True)

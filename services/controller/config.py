@@ -1,0 +1,62 @@
+"""Typed settings of a whole cluster, as `splitserve up` takes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from router.registry import DEFAULT_NAMESPACE
+from services.worker.config import EngineConfig
+
+Mode = Literal["disaggregated", "aggregated"]
+
+
+def default_cache_dir() -> Path:
+    """Where built-in models and compiled kernels are kept between runs."""
+    import os
+
+    if explicit := os.environ.get("SPLITSERVE_CACHE_DIR"):
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "splitserve"
+
+
+class PoolConfig(BaseModel):
+    """A pool of workers of one role and their Ray resources."""
+
+    replicas: int = Field(1, ge=0, description="number of workers")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per worker")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per worker (= TP x PP on GPUs)")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources, e.g. {'prefill': 1}")
+
+
+class ClusterConfig(BaseModel):
+    """Everything `splitserve up` needs to start (or join) a cluster."""
+
+    mode: Mode = Field("disaggregated", description="prefill+decode pools, or 'both' workers")
+    prefill: PoolConfig = Field(default_factory=PoolConfig, description="prefill pool")
+    decode: PoolConfig = Field(default_factory=PoolConfig, description="decode pool")
+    workers: PoolConfig = Field(default_factory=PoolConfig, description="aggregated pool")
+    engine: EngineConfig = Field(description="engine settings shared by all pools")
+    host: str = Field("127.0.0.1", description="address the gateway binds")
+    port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port; 0 picks a free one")
+    grpc_port: int = Field(0, ge=0, le=65535, description="gateway public gRPC port; 0: off")
+    worker_host: str = Field("127.0.0.1", description="address workers bind and advertise")
+    redis_url: str | None = Field(None, description="external Redis; None starts a private one")
+    ray_address: str | None = Field(None, description="existing Ray cluster; None starts one")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of this cluster")
+    run_dir: Path | None = Field(None, description="logs, sockets, temp files; None: new tmp dir")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="persistent cache")
+    policy: str = Field("round_robin", description="routing policy of the gateway")
+    startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> "ClusterConfig":
+        if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):
+            raise ValueError("disaggregated mode needs at least 1 prefill and 1 decode worker")
+        if self.mode == "aggregated" and self.workers.replicas < 1:
+            raise ValueError("aggregated mode needs at least 1 worker")
+        return self

@@ -1,0 +1,58 @@
+"""Runs a gateway as a child process of `splitserve up` and waits until it can route."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.gateway.config import GatewayConfig
+
+
+class GatewayProcess:
+    """`splitserve gateway` in a subprocess, logging to the run directory."""
+
+    def __init__(self, cfg: GatewayConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.port}"
+
+    def start(self) -> None:
+        log = open(self.run_dir / "gateway.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "gateway", "--config-json",
+             self.cfg.model_dump_json()],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until /health says the gateway can route (it sees live workers)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited; see {self.run_dir}/gateway.log")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"gateway not ready after {timeout_s:.0f}s; see gateway.log")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

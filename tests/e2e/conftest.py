@@ -1,0 +1,47 @@
+"""End-to-end fixtures: whole clusters started with `splitserve up`, shared per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from services.controller.builtin_model import ensure_builtin_model
+from tests.support.cluster import RunningCluster, start_cluster, test_cache_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_builtin_model(test_cache_dir(), "tiny")
+
+
+def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]
+             ) -> Iterator[RunningCluster]:
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    cluster = start_cluster(args, run_dir)
+    try:
+        yield cluster
+    finally:
+        code = cluster.stop()
+        leftovers = cluster.alive_descendants()
+        if leftovers:
+            cluster.kill()
+        leaked = cluster.leaked_segments()
+        assert code == 0, f"splitserve up exited {code}"
+        assert not leftovers, f"processes survived the cluster: {leftovers}"
+        assert cluster.shm_segments, "expected the engines to map shared memory"
+        assert not leaked, f"shared-memory segments left behind: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[RunningCluster]:
+    """Disaggregated: one prefill and one decode worker."""
+    yield from _cluster(tmp_path_factory, "disagg", ["--mode", "disaggregated"])
+
+
+@pytest.fixture(scope="session")
+def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
+               ) -> Iterator[RunningCluster]:
+    """Aggregated: one worker of role both."""
+    yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "1"])

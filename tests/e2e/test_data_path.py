@@ -1,0 +1,294 @@
+"""The whole data path on real components: `splitserve up`, vLLM engines in Ray actors, NIXL
+KV transfer, Redis registry, gateway over HTTP, the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from services.proto.v1 import worker_pb2 as pb
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from tests.support.cluster import RunningCluster
+
+pytestmark = pytest.mark.e2e
+MODEL = "splitserve-tiny"
+MAX_TOKENS = 24
+
+COMPLETION_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the module docstring explains",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Operators decide with numbers: latency percentiles, throughput and the error rate of "
+    "every request that reached the gateway during the last hour of traffic",
+]
+CHATS = [
+    [{"role": "user", "content": "Hello! What does this module do?"}],
+    [{"role": "system", "content": "You are a terse assistant for Python questions."},
+     {"role": "user", "content": "How do I read a file line by line in Python?"}],
+]
+
+
+def client(cluster: RunningCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
+
+
+def complete(cluster: RunningCluster, prompt: str) -> str:
+    r = client(cluster).completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+    return r.choices[0].text
+
+
+def chat(cluster: RunningCluster, messages: list[dict]) -> str:
+    r = client(cluster).chat.completions.create(model=MODEL, messages=messages,
+                                                max_tokens=MAX_TOKENS, temperature=0)
+    return r.choices[0].message.content or ""
+
+
+def workers(cluster: RunningCluster) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json",
+                          "--redis-url", cluster.redis_url], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """A counter's value from a worker's Prometheus endpoint."""
+    text = httpx.get(url, timeout=10).text
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(w in line for w in want):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name}{labels} not found at {url}")
+
+
+async def worker_stats(address: str) -> pb.StatsResponse:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> dict[str, str]:
+    """transformers' greedy `generate` on the same model: the ground truth."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out: dict[str, str] = {}
+
+    def gen(ids: list[int]) -> str:
+        with torch.no_grad():
+            seq = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        return tok.decode(seq[0, len(ids):], skip_special_tokens=True)
+
+    for p in COMPLETION_PROMPTS:
+        out[p] = gen(tok(p)["input_ids"])
+    for i, msgs in enumerate(CHATS):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        out[f"chat{i}"] = gen(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def test_disaggregated_equals_aggregated_equals_transformers(
+        disagg: RunningCluster, aggregated: RunningCluster, reference: dict[str, str]) -> None:
+    for p in COMPLETION_PROMPTS:
+        d, a = complete(disagg, p), complete(aggregated, p)
+        assert d == a == reference[p], (p, d, a, reference[p])
+    for i, msgs in enumerate(CHATS):
+        d, a = chat(disagg, msgs), chat(aggregated, msgs)
+        assert d == a == reference[f"chat{i}"], (msgs, d, a)
+    assert any(reference.values()), "the model generated nothing at all"
+
+
+def test_decode_prompt_tokens_arrive_by_kv_transfer(disagg: RunningCluster) -> None:
+    ws = workers(disagg)
+    decode = next(w for w in ws if w["role"] == "decode")
+    prefill = next(w for w in ws if w["role"] == "prefill")
+    name = "vllm:prompt_tokens_by_source_total"
+
+    def figures() -> tuple[float, float, float]:
+        return (metric(decode["metrics_url"], name, source="external_kv_transfer"),
+                metric(decode["metrics_url"], name, source="local_compute"),
+                metric(prefill["metrics_url"], name, source="local_compute"))
+
+    before = figures()
+    prompt = "A prompt long enough to fill a few KV blocks. " * 12
+    r = client(disagg).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    n = r.usage.prompt_tokens
+    assert n > 64
+    # The counters are updated at the engines' next stats tick.
+    deadline = time.monotonic() + 10
+    while (after := figures()) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    external, local, prefill_local = (a - b for a, b in zip(after, before))
+    assert external == n, f"decode got {external} of {n} prompt tokens by KV transfer"
+    assert local == 0, f"decode computed {local} prompt tokens itself"
+    assert prefill_local == n, "the prefill worker computed the prompt"
+    assert metric(decode["metrics_url"], "vllm:nixl_xfer_time_seconds_count") > 0
+
+
+def test_streaming_and_non_streaming_agree(disagg: RunningCluster) -> None:
+    c = client(disagg)
+    prompt = COMPLETION_PROMPTS[0]
+    full = c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    parts, usage = [], None
+    for ev in c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                   temperature=0, stream=True,
+                                   stream_options={"include_usage": True}):
+        if ev.choices:
+            parts.append(ev.choices[0].text)
+        if ev.usage:
+            usage = ev.usage
+    assert "".join(parts) == full.choices[0].text
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+    msgs = CHATS[1]
+    full_chat = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+    deltas, finish = [], None
+    for ev in c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX_TOKENS,
+                                        temperature=0, stream=True):
+        deltas.append(ev.choices[0].delta.content or "")
+        finish = ev.choices[0].finish_reason or finish
+    assert "".join(deltas) == full_chat.choices[0].message.content
+    assert finish == full_chat.choices[0].finish_reason
+
+
+def test_sampling_parameters(disagg: RunningCluster) -> None:
+    c = client(disagg)
+    prompt = COMPLETION_PROMPTS[2]
+    seeded = [c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=1.0,
+                                   top_p=0.9, seed=7).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1], "same seed, different output"
+    greedy = complete(disagg, prompt)
+    stop_word = greedy.split()[2] if len(greedy.split()) > 2 else greedy[3:6]
+    stopped = c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                   temperature=0, stop=[stop_word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == greedy[:greedy.index(stop_word)]
+    one = c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+
+
+def test_client_disconnect_aborts_on_both_workers(disagg: RunningCluster) -> None:
+    ws = workers(disagg)
+    addrs = {w["role"]: w["address"] for w in ws}
+    before = {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+    body = {"model": MODEL, "prompt": "Stream for a long while. " * 20, "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{disagg.http}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            seen = 0
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                if seen >= 5:
+                    break  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+        d, p = after["decode"], after["prefill"]
+        if (d.requests_aborted > before["decode"].requests_aborted and d.in_flight == 0
+                and d.num_running_reqs == 0 and p.in_flight == 0 and p.num_running_reqs == 0
+                and p.kv_cache_usage == 0.0):
+            break
+        time.sleep(0.2)
+    d, p = after["decode"], after["prefill"]
+    assert d.requests_aborted == before["decode"].requests_aborted + 1, "decode not aborted"
+    assert d.in_flight == 0 and d.num_running_reqs == 0 and d.num_waiting_reqs == 0
+    assert p.in_flight == 0 and p.num_running_reqs == 0, "prefill still busy"
+    assert p.kv_cache_usage == 0.0, "prefill worker still holds KV blocks"
+    # far fewer tokens than asked were generated: the engine stopped
+    assert complete(disagg, COMPLETION_PROMPTS[0])  # and the cluster keeps serving
+
+
+BAD_INPUTS = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": 42}).encode(), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(),
+     400, "max_tokens"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(),
+     400, "temperature"),
+    ("/v1/completions", json.dumps({"model": "gpt-17", "prompt": "x"}).encode(), 404, "model"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(),
+     400, "max_tokens"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -5}).encode(),
+     400, "max_tokens"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "word " * 3000}).encode(), 400,
+     "prompt"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 5000}).encode(),
+     400, "max_tokens"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 999999]}).encode(), 400,
+     "prompt"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400,
+     "messages"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "wizard",
+                                                                       "content": "hi"}]}).encode(),
+     400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hello"}).encode(), 400,
+     "messages"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "n": 3, "messages": [
+        {"role": "user", "content": "hi"}]}).encode(), 400, "n"),
+    ("/v1/chat/completions", json.dumps([1, 2, 3]).encode(), 400, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD_INPUTS,
+                         ids=[f"{i}-{b[:40]!r}" for i, (_, b, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_gets_openai_error(disagg: RunningCluster, path: str, body: bytes, status: int,
+                                     param: str | None) -> None:
+    r = httpx.post(disagg.http + path, content=body,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
+    if param is not None:
+        assert err["param"] is not None and err["param"].startswith(param), err
+
+
+def test_bad_input_through_openai_client(disagg: RunningCluster) -> None:
+    c = client(disagg)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 20000}])
+    assert exc.value.body["code"] == "context_length_exceeded"
+    # nothing crashed: the workers are alive and the cluster serves
+    assert {w["role"] for w in workers(disagg)} == {"prefill", "decode"}
+    assert chat(disagg, CHATS[0])
+
+
+def test_models_health_metrics_status(disagg: RunningCluster) -> None:
+    models = client(disagg).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    h = httpx.get(f"{disagg.http}/health", timeout=10)
+    assert h.status_code == 200 and h.json()["workers"]["prefill"] == 1
+    text = httpx.get(f"{disagg.http}/metrics", timeout=10).text
+    assert re.search(r'splitserve_gateway_routing_decisions_total\{outcome="remote_prefill",'
+                     r'policy="round_robin"\} [1-9]', text), text[:2000]
+    ws = workers(disagg)
+    assert sorted(w["role"] for w in ws) == ["decode", "prefill"]
+    for w in ws:
+        assert w["model"] == MODEL and w["address"].startswith("127.0.0.1:")
+        assert httpx.get(w["metrics_url"], timeout=10).status_code == 200
+    table = subprocess.run([sys.executable, "-m", "services.cli", "status", "--redis-url",
+                            disagg.redis_url], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "prefill" in table.stdout
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "status", "--redis-url",
+                          "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "cannot read the registry" in bad.stderr
