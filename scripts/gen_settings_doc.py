@@ -1,0 +1,65 @@
+"""Writes docs/settings.md from the typed config models (`python scripts/gen_settings_doc.py`).
+
+tests/unit/test_settings_doc_fresh.py fails when the committed file differs from what the
+models generate, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pydantic import BaseModel  # noqa: E402
+
+from services.controller.config import ClusterConfig, PoolConfig  # noqa: E402
+from services.gateway.config import GatewayConfig  # noqa: E402
+from services.worker.config import EngineConfig, WorkerConfig  # noqa: E402
+
+MODELS: list[tuple[type[BaseModel], str]] = [
+    (ClusterConfig, "A whole cluster, as `splitserve up` builds it from its flags."),
+    (PoolConfig, "One pool of workers (`prefill`, `decode`, or aggregated `workers`)."),
+    (EngineConfig, "The vLLM engine of every worker."),
+    (WorkerConfig, "One worker (set by the controller; listed for reference)."),
+    (GatewayConfig, "One gateway process (`splitserve gateway`)."),
+]
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        name = getattr(field.default_factory, "__name__", "")
+        return f"`{name}()`" if name and name != "<lambda>" else f"`{field.default_factory()!r}`"
+    return f"`{field.default!r}`"
+
+
+def _type(field) -> str:
+    ann = field.annotation
+    text = getattr(ann, "__name__", None) or str(ann)
+    return text.replace("typing.", "").replace("pathlib.", "").replace("|", "\\|")
+
+
+def render() -> str:
+    out = ["# Settings reference", "",
+           "Generated from the typed config models by `scripts/gen_settings_doc.py`; do not edit.",
+           ""]
+    for model, blurb in MODELS:
+        out += [f"## {model.__name__}", "", blurb, "", "| setting | type | default | meaning |",
+                "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            out.append(f"| `{name}` | {_type(field)} | {_default(field)} | "
+                       f"{field.description or ''} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> int:
+    (REPO / "docs" / "settings.md").write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
