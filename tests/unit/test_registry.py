@@ -48,12 +48,12 @@ async def test_register_heartbeat_roundtrip(r: Redis) -> None:
 
 
 async def test_dead_worker_disappears_when_liveness_expires(r: Redis) -> None:
-    reg = WorkerRegistry(r, "t", ttl_s=0.3)
+    reg = WorkerRegistry(r, "t", ttl_s=1.0)
     await reg.register(info("d0"))
     await reg.register(info("d1"))
     assert len(await reg.live_workers()) == 2
-    for _ in range(4):  # d1 keeps beating, d0 is dead
-        await asyncio.sleep(0.15)
+    for _ in range(8):  # d1 keeps beating, d0 is dead
+        await asyncio.sleep(0.2)
         await reg.heartbeat("d1", WorkerLoad())
     assert [w.worker_id for w in await reg.live_workers()] == ["d1"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -13,7 +12,6 @@ from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from router.prefix_index import PrefixIndex
 from tests.support.redis import RedisServer, redis_server
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 
 NS = "splitserve"
 
