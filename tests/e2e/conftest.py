@@ -8,18 +8,18 @@ from typing import Iterator
 import pytest
 
 from services.controller.builtin_model import ensure_builtin_model
-from tests.support.cluster import RunningCluster, start_cluster, test_cache_dir
+from tests.support.cluster import RunningCluster, start_test_cluster, cache_dir_for_tests
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    return ensure_builtin_model(test_cache_dir(), "tiny")
+    return ensure_builtin_model(cache_dir_for_tests(), "tiny")
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]
              ) -> Iterator[RunningCluster]:
     run_dir = tmp_path_factory.mktemp(name) / "run"
-    cluster = start_cluster(args, run_dir)
+    cluster = start_test_cluster(args, run_dir)
     try:
         yield cluster
     finally:
@@ -43,5 +43,5 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 @pytest.fixture(scope="session")
 def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
                ) -> Iterator[RunningCluster]:
-    """Aggregated: one worker of role both."""
-    yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "1"])
+    """Aggregated: two workers of role both (the KV-aware router has a choice to make)."""
+    yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2"])
