@@ -51,6 +51,7 @@ class WorkerInfo(BaseModel):
     metrics_url: str = Field("", description="its Prometheus endpoint (vLLM's and ours)")
     block_size: int = Field(16, description="engine KV block size in tokens")
     hash_algo: str = Field("sha256", description="engine prefix-cache hash algorithm")
+    hash_seed: str = Field("0", description="engine PYTHONHASHSEED (seeds NONE_HASH)")
     pid: int = Field(0, description="process id of the worker (the Ray actor)")
     node: str = Field("", description="host name / Ray node the worker runs on")
     started_at: float = Field(0.0, description="unix time the worker registered")

@@ -1,4 +1,4 @@
-"""The `splitserve` command: up, status, make-model, gateway."""
+"""The `splitserve` command: up, status, make-model, gateway, bench."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def _up(ns: argparse.Namespace) -> int:
     from services.controller.builtin_model import ensure_builtin_model
     from services.controller.cluster import run_up
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
+    from router.policies import KVPolicyConfig
     from services.worker.config import EngineConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
@@ -38,7 +39,9 @@ def _up(ns: argparse.Namespace) -> int:
         workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus),
         redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
         run_dir=Path(ns.run_dir) if ns.run_dir else None, cache_dir=cache_dir,
-        policy=ns.policy)
+        policy=ns.policy, kv_policy=KVPolicyConfig(
+            load_weight=ns.kv_load_weight, local_prefill_tokens=ns.kv_local_prefill_tokens,
+            temperature=ns.kv_temperature))
     return run_up(cfg)
 
 
@@ -131,6 +134,12 @@ def _gateway(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(ns: argparse.Namespace) -> int:
+    from bench.cli import run
+
+    return run(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (0: free port)")
     up.add_argument("--grpc-port", type=int, default=0,
                     help="gateway gRPC port (0: disabled until the public gRPC API lands)")
-    up.add_argument("--policy", default="round_robin",
-                    choices=["round_robin", "random", "least_loaded"], help="routing policy")
+    up.add_argument("--policy", default="kv",
+                    choices=["kv", "round_robin", "random", "least_loaded"], help="routing policy")
+    up.add_argument("--kv-load-weight", type=float, default=0.25,
+                    help="kv policy: cost of one queued request (fraction of a prompt's prefill)")
+    up.add_argument("--kv-local-prefill-tokens", type=int, default=64,
+                    help="kv policy: decode prefills locally up to this uncached remainder")
+    up.add_argument("--kv-temperature", type=float, default=0.0,
+                    help="kv policy: 0 picks the cheapest worker, >0 samples softmax(-cost/T)")
     up.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     up.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     up.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Redis key namespace")
@@ -181,9 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--policy", default="round_robin")
+    gw.add_argument("--policy", default="kv",
+                    choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)
     gw.set_defaults(func=_gateway)
+
+    from bench.cli import add_arguments as add_bench_arguments
+
+    bn = sub.add_parser("bench", help="load generator: TTFT, ITL, throughput, prefix hit rate; "
+                        "against --url or clusters it starts (--compare KEY=V1,V2)")
+    add_bench_arguments(bn)
+    bn.set_defaults(func=_bench)
     return parser
 
 

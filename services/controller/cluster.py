@@ -55,7 +55,7 @@ class Cluster:
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
             namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=cfg.grpc_port,
-            policy=cfg.policy)
+            policy=cfg.policy, kv_policy=cfg.kv_policy)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
 from services.worker.config import EngineConfig
 
@@ -50,7 +51,9 @@ class ClusterConfig(BaseModel):
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of this cluster")
     run_dir: Path | None = Field(None, description="logs, sockets, temp files; None: new tmp dir")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="persistent cache")
-    policy: str = Field("round_robin", description="routing policy of the gateway")
+    policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
+    kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
+                                      description="weights of the kv policy (docs/routing.md)")
     startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
 
     @model_validator(mode="after")

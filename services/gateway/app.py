@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from router.policies import make_policy
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerRole
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, install_error_handlers, invalid
@@ -53,6 +54,16 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+def route_headers(result: GenerationResult) -> dict[str, str]:
+    """Where the request went, for operators and clients that debug routing."""
+    r = result.route
+    if r is None:
+        return {}
+    return {"x-splitserve-decode-worker": r.decode.worker_id,
+            "x-splitserve-prefill-worker": r.prefill.worker_id if r.prefill else "local",
+            "x-splitserve-route-reason": r.reason}
+
+
 class Gateway:
     """State of one gateway process and its request handling."""
 
@@ -73,7 +84,9 @@ class Gateway:
         except Exception:
             log.warning("registry not reachable at start; will keep trying", exc_info=True)
         await self.directory.start()
-        self.flow = PDFlow(self.directory, make_policy(self.cfg.policy),
+        policy = make_policy(self.cfg.policy, self.cfg.kv_policy)
+        index = PrefixIndex(self.redis, self.cfg.namespace) if policy.uses_prefix_index else None
+        self.flow = PDFlow(self.directory, policy, index, self.metrics,
                            self.cfg.request_timeout_s)
 
     async def stop(self) -> None:
@@ -156,9 +169,6 @@ class Gateway:
         m.prompt_tokens.inc(result.num_prompt_tokens)
         m.cached_tokens.inc(result.num_cached_tokens)
         m.completion_tokens.inc(result.completion_tokens)
-        if result.route is not None:
-            outcome = "remote_prefill" if result.route.prefill is not None else "local_prefill"
-            m.routes.labels(self.cfg.policy, outcome).inc()
 
     async def complete(self, p: PreparedRequest, request: Request) -> JSONResponse:
         """Non-streaming: collect the whole output."""
@@ -202,7 +212,7 @@ class Gateway:
             obj = "text_completion"
         return JSONResponse({"id": p.request_id, "object": obj, "created": now(),
                              "model": self.cfg.name, "choices": [choice],
-                             "usage": self._usage(result)})
+                             "usage": self._usage(result)}, headers=route_headers(result))
 
     async def stream(self, p: PreparedRequest) -> StreamingResponse:
         """Streaming: server-sent events, OpenAI's chunk format, `data: [DONE]` at the end."""
@@ -272,7 +282,8 @@ class Gateway:
                 await chunks.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **route_headers(result)})
 
 
 def create_app(cfg: GatewayConfig) -> FastAPI:

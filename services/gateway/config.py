@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
 
 
@@ -18,7 +19,9 @@ class GatewayConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="HTTP port")
     grpc_port: int = Field(0, description="public gRPC port; 0 disables it")
-    policy: str = Field("round_robin", description="routing policy")
+    policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
+    kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
+                                      description="weights of the kv policy (docs/routing.md)")
     request_timeout_s: float = Field(600.0, description="upper bound on one request's duration")
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
 

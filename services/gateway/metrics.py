@@ -30,6 +30,16 @@ class GatewayMetrics:
         self.routes = Counter("splitserve_gateway_routing_decisions",
                               "Routing decisions by policy and outcome", ["policy", "outcome"],
                               registry=r)
+        self.predicted_cached_blocks = Histogram(
+            "splitserve_gateway_predicted_cached_blocks",
+            "Cached prefix (KV blocks) the index predicted on the worker chosen to compute the "
+            "prompt", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.index_lookup = Histogram("splitserve_gateway_index_lookup_seconds",
+                                      "Prompt hashing plus the prefix-index lookup in Redis",
+                                      buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                               0.01, 0.025, 0.05, 0.1), registry=r)
+        self.index_errors = Counter("splitserve_gateway_index_lookup_errors",
+                                    "Index lookups that failed (routed on load only)", registry=r)
         self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens served",
                                      registry=r)
         self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import grpc
 
-from router.policies import NoWorkersError, RouteDecision, RoutingPolicy
+from router.block_hash import BlockHasher
+from router.policies import NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRole
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.worker_directory import WorkerDirectory
 from services.proto.v1 import worker_pb2 as pb
 
@@ -46,25 +50,66 @@ class PDFlow:
     """Runs requests through the prefill -> KV transfer -> decode path."""
 
     def __init__(self, directory: WorkerDirectory, policy: RoutingPolicy,
+                 index: PrefixIndex | None, metrics: GatewayMetrics,
                  timeout_s: float = 600.0) -> None:
         self.directory = directory
         self.policy = policy
+        self.index = index
+        self.metrics = metrics
         self.timeout_s = timeout_s
+        self._hashers: dict[tuple[int, str, str], BlockHasher] = {}
         self._cleanup_tasks: set[asyncio.Task] = set()
 
-    def route(self, token_ids: Sequence[int]) -> RouteDecision:
-        d = self.directory
-        decode = d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH)
+    def _hasher(self, w: WorkerInfo) -> BlockHasher:
+        key = (w.block_size, w.hash_algo, w.hash_seed)
+        if key not in self._hashers:
+            self._hashers[key] = BlockHasher(*key)
+        return self._hashers[key]
+
+    async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo]
+                             ) -> dict[str, int]:
+        """Every worker's longest cached prefix of the prompt: one hash pass per hashing
+        scheme in use (normally one), one Redis round trip per scheme."""
+        if self.index is None or not workers:
+            return {}
+        start = time.perf_counter()
+        by_scheme: dict[tuple[int, str, str], list[str]] = {}
+        for w in workers:
+            by_scheme.setdefault((w.block_size, w.hash_algo, w.hash_seed), []).append(w.worker_id)
+        cached: dict[str, int] = {}
         try:
-            return self.policy.choose(d.by_role(WorkerRole.PREFILL), decode, token_ids,
-                                      dict(d.in_flight))
+            for (bs, algo, seed), ids in by_scheme.items():
+                hashes = self._hasher(next(w for w in workers if w.worker_id == ids[0])
+                                      ).block_hashes(token_ids)
+                if hashes:
+                    cached.update(await self.index.longest_prefixes(hashes, ids))
+        except Exception:  # Redis away: route on load alone (last registry snapshot)
+            log.warning("prefix index lookup failed; routing on load only", exc_info=True)
+            self.metrics.index_errors.inc()
+            return {}
+        self.metrics.index_lookup.observe(time.perf_counter() - start)
+        return cached
+
+    async def route(self, token_ids: Sequence[int]) -> RouteDecision:
+        d = self.directory
+        prefill = d.by_role(WorkerRole.PREFILL)
+        decode = d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH)
+        cached = (await self._cached_blocks(token_ids, prefill + decode)
+                  if self.policy.uses_prefix_index else {})
+        req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached,
+                           in_flight=dict(d.in_flight))
+        try:
+            decision = self.policy.choose(prefill, decode, req)
         except NoWorkersError as exc:
             raise WorkerUnavailable(str(exc)) from None
+        self.metrics.routes.labels(self.policy.name, decision.outcome).inc()
+        self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
+        return decision
 
     async def stream(self, request_id: str, token_ids: list[int], sampling: pb.SamplingParams,
                      result: GenerationResult) -> AsyncIterator[pb.GenerateChunk]:
         """Yield the decode worker's chunks; fills `result` as it goes."""
-        route = self.route(token_ids)
+        route = await self.route(token_ids)
         result.route = route
         result.num_prompt_tokens = len(token_ids)
         touched: list[WorkerInfo] = []

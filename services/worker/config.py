@@ -58,4 +58,4 @@ class WorkerConfig(BaseModel):
     cache_dir: Path = Field(description="persistent cache (compiled kernels, models)")
     cpu_threads_bind: str = Field("nobind", description="CPU build: OMP cores, e.g. '0' or '0-1'")
     registry_ttl_s: float = Field(5.0, description="liveness key TTL in the registry")
-    heartbeat_interval_s: float = Field(1.0, description="how often load/liveness is published")
+    heartbeat_interval_s: float = Field(0.5, description="how often load/liveness is published")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+KV_EVENTS_TOPIC = "kv"
+
 
 @dataclass
 class Sampling:
@@ -66,9 +68,11 @@ class EngineCounters:
 class EngineHost:
     """Owns one AsyncLLM and exposes what the worker API needs."""
 
-    def __init__(self, cfg: WorkerConfig, kv_events_endpoint: str) -> None:
+    def __init__(self, cfg: WorkerConfig, kv_events_endpoint: str,
+                 kv_events_replay_endpoint: str | None = None) -> None:
         self.cfg = cfg
         self.kv_events_endpoint = kv_events_endpoint
+        self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.counters = EngineCounters()
         self.in_flight: set[str] = set()
         self._engine: AsyncLLM | None = None
@@ -100,7 +104,8 @@ class EngineHost:
             enable_kv_cache_events=True,
             publisher="zmq",
             endpoint=self.kv_events_endpoint,
-            topic="kv",
+            replay_endpoint=self.kv_events_replay_endpoint,
+            topic=KV_EVENTS_TOPIC,
         )
         kwargs: dict[str, Any] = dict(
             model=eng.model,

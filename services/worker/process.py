@@ -15,6 +15,10 @@ import grpc
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from router.block_hash import BlockHasher
+from router.index_updater import IndexUpdater, IndexUpdaterConfig
+from router.kv_events import SubscriberConfig
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRegistry
 from services.ports import free_port
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
@@ -48,6 +52,7 @@ class WorkerProcess:
         self._registry: WorkerRegistry | None = None
         self._heartbeat: asyncio.Task | None = None
         self._shm_segments: set = set()
+        self._index_updater: IndexUpdater | None = None
         self.endpoints: WorkerEndpoints | None = None
 
     async def start(self) -> WorkerEndpoints:
@@ -56,11 +61,12 @@ class WorkerProcess:
         side_port = free_port(cfg.host)
         os.environ.update(engine_environment(cfg, side_port))
         kv_events = f"ipc://{cfg.run_dir / f'kv-{cfg.worker_id}.sock'}"
+        kv_replay = f"ipc://{cfg.run_dir / f'kv-replay-{cfg.worker_id}.sock'}"
 
-        from services.worker.engine import EngineHost
+        from services.worker.engine import KV_EVENTS_TOPIC, EngineHost
         from services.worker.grpc_service import WorkerService
 
-        self.host = EngineHost(cfg, kv_events)
+        self.host = EngineHost(cfg, kv_events, kv_replay)
         await self.host.start()
         self._shm_segments = segments_mapped_by_children()
 
@@ -87,6 +93,17 @@ class WorkerProcess:
         )
         self._redis = Redis.from_url(cfg.redis_url)
         self._registry = WorkerRegistry(self._redis, cfg.namespace, ttl_s=cfg.registry_ttl_s)
+        # Follow this engine's own KV events into the shared prefix index (cleared first:
+        # entries of an earlier incarnation of this worker id would be stale).
+        self._index_updater = IndexUpdater(
+            PrefixIndex(self._redis, cfg.namespace),
+            IndexUpdaterConfig(worker_id=cfg.worker_id, subscriber=SubscriberConfig(
+                endpoint=kv_events, replay_endpoint=kv_replay, topic=KV_EVENTS_TOPIC)),
+            hasher=BlockHasher(cfg.engine.block_size, cfg.engine.prefix_caching_hash_algo,
+                               cfg.engine.hash_seed),
+        )
+        self._index_updater.start()
+        await asyncio.wait_for(self._index_updater.ready.wait(), timeout=30)
         await self._registry.register(WorkerInfo(
             worker_id=cfg.worker_id,
             role=cfg.role,
@@ -95,6 +112,7 @@ class WorkerProcess:
             metrics_url=self.endpoints.metrics_url,
             block_size=cfg.engine.block_size,
             hash_algo=cfg.engine.prefix_caching_hash_algo,
+            hash_seed=cfg.engine.hash_seed,
             pid=os.getpid(),
             node=socket.gethostname(),
             started_at=time.time(),
@@ -128,6 +146,13 @@ class WorkerProcess:
                 await self._registry.deregister(self.cfg.worker_id)
             except Exception:
                 log.warning("could not deregister %s", self.cfg.worker_id, exc_info=True)
+        if self._index_updater is not None:
+            await self._index_updater.stop()
+            try:
+                await self._index_updater.index.clear_worker(self.cfg.worker_id)
+            except Exception:
+                log.warning("could not clear index entries of %s", self.cfg.worker_id,
+                            exc_info=True)
         if self._server is not None:
             await self._server.stop(grace=2.0)
         if self._metrics_httpd is not None:

@@ -280,7 +280,7 @@ def test_models_health_metrics_status(disagg: RunningCluster) -> None:
     assert h.status_code == 200 and h.json()["workers"]["prefill"] == 1
     text = httpx.get(f"{disagg.http}/metrics", timeout=10).text
     assert re.search(r'splitserve_gateway_routing_decisions_total\{outcome="remote_prefill",'
-                     r'policy="round_robin"\} [1-9]', text), text[:2000]
+                     r'policy="kv"\} [1-9]', text), text[:2000]
     ws = workers(disagg)
     assert sorted(w["role"] for w in ws) == ["decode", "prefill"]
     for w in ws:
