@@ -1,0 +1,182 @@
+"""The engines' own counters, read from each live worker's Prometheus endpoint, and the
+cluster's prefix-cache hit rate computed from them.
+
+The live workers (and their `metrics_url` and role) come from the Redis worker registry. Every
+worker serves vLLM's metrics for its engine; bench reads, summed over each worker's label sets:
+
+- `vllm:prompt_tokens_total`: prompt tokens of the requests the engine served,
+- `vllm:prompt_tokens_by_source_total{source=local_compute|local_cache_hit|external_kv_transfer}`:
+  how the engine got each of those tokens (computed, found in its own prefix cache, or
+  received from another engine over NIXL),
+- `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`: the engine's own prefix
+  cache lookups (tokens queried, tokens hit), reported per role for reference.
+
+**prefix_hit_rate**: the fraction of the prompt tokens the cluster served that no engine had to
+compute, because the engine that prefilled them found them in its prefix cache:
+
+    served   = Σ over decode and both workers of Δ vllm:prompt_tokens_total
+    computed = Σ over all workers of Δ vllm:prompt_tokens_by_source_total{source="local_compute"}
+    prefix_hit_rate = 1 - computed / served
+
+Why this and not Σhits/Σqueries over every engine: in disaggregated mode a prompt passes
+through two engines. The prefill worker computes it (its hits are real savings); the decode
+worker then looks it up in its own cache too and receives the rest over NIXL, so its queries
+count every prompt a second time and its local hits on such requests save transfer, not
+compute. Counting each prompt once, at the engine that generated the output (decode or both),
+and counting compute wherever it happened gives exactly: hits of prefill/both workers, plus
+decode workers' local hits on the requests they prefilled themselves (conditional
+disaggregation), over prompt tokens served. In aggregated mode it equals vLLM's own
+hits/queries. A decode worker that received the whole prompt over NIXL still computes at most
+the last prompt token; that token counts as computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
+
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+BY_SOURCE = "vllm:prompt_tokens_by_source_total"
+SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+HITS = "vllm:prefix_cache_hits_total"
+QUERIES = "vllm:prefix_cache_queries_total"
+COUNTERS = (PROMPT_TOKENS, HITS, QUERIES)
+SERVING_ROLES = ("decode", "both")
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """The counters bench uses from a Prometheus text page, summed over label sets (engine,
+    model); by-source counters keyed as `name{source}`."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in COUNTERS:
+                key = s.name
+            elif s.name == BY_SOURCE and s.labels.get("source") in SOURCES:
+                key = f"{BY_SOURCE}{{{s.labels['source']}}}"
+            else:
+                continue
+            out[key] = out.get(key, 0.0) + float(s.value)
+    return out
+
+
+@dataclass
+class WorkerCounters:
+    """One worker's counters at one moment."""
+
+    worker_id: str
+    role: str
+    values: dict[str, float]
+
+    def get(self, key: str) -> float:
+        return self.values.get(key, 0.0)
+
+
+@dataclass
+class EngineSnapshot:
+    """Every live worker's counters at one moment."""
+
+    workers: dict[str, WorkerCounters] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+async def scrape(redis_url: str, namespace: str, timeout_s: float = 10.0) -> EngineSnapshot:
+    """Read the live workers from the registry and fetch each one's counters."""
+    from redis.asyncio import Redis
+
+    from router.registry import WorkerRegistry
+
+    redis = Redis.from_url(redis_url)
+    try:
+        workers = await WorkerRegistry(redis, namespace).live_workers()
+    finally:
+        await redis.aclose()
+    snap = EngineSnapshot()
+    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as http:
+        async def one(w) -> None:
+            if not w.metrics_url:
+                snap.errors.append(f"{w.worker_id}: no metrics URL in the registry")
+                return
+            try:
+                r = await http.get(w.metrics_url)
+                r.raise_for_status()
+                snap.workers[w.worker_id] = WorkerCounters(w.worker_id, w.role.value,
+                                                           parse_counters(r.text))
+            except httpx.HTTPError as exc:
+                snap.errors.append(f"{w.worker_id}: {type(exc).__name__}: {exc}")
+
+        await asyncio.gather(*(one(w) for w in workers))
+    return snap
+
+
+async def scrape_settled(redis_url: str, namespace: str, settle_s: float = 0.3,
+                         max_wait_s: float = 5.0) -> EngineSnapshot:
+    """Scrape until two consecutive snapshots agree (engines publish their last step's
+    figures a moment after the stream ends), at most `max_wait_s`."""
+    snap = await scrape(redis_url, namespace)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait_s
+    while loop.time() < deadline:
+        await asyncio.sleep(settle_s)
+        nxt = await scrape(redis_url, namespace)
+        same = {k: v.values for k, v in nxt.workers.items()} == {
+            k: v.values for k, v in snap.workers.items()}
+        snap = nxt
+        if same:
+            break
+    return snap
+
+
+class RoleCounters(BaseModel):
+    """Counter increases over a run, summed over the workers of one role."""
+
+    workers: int = Field(0, description="workers of this role seen")
+    prompt_tokens: float = Field(0, description="Δ vllm:prompt_tokens_total")
+    local_compute: float = Field(0, description="Δ prompt tokens computed")
+    local_cache_hit: float = Field(0, description="Δ prompt tokens from the local prefix cache")
+    external_kv_transfer: float = Field(0, description="Δ prompt tokens received over NIXL")
+    prefix_cache_queries: float = Field(0, description="Δ vllm:prefix_cache_queries_total")
+    prefix_cache_hits: float = Field(0, description="Δ vllm:prefix_cache_hits_total")
+
+
+class PrefixCacheReport(BaseModel):
+    """The prefix hit rate of a run and the counters it came from."""
+
+    hit_rate: float | None = Field(description="1 - computed / served (None: nothing served)")
+    served_prompt_tokens: float = Field(description="Δ prompt tokens of decode/both workers")
+    computed_prompt_tokens: float = Field(description="Δ local_compute of all workers")
+    by_role: dict[str, RoleCounters] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list, description="workers that could not be read")
+
+
+def _delta(after: float, before: float) -> float:
+    # A counter that went down means the engine restarted: count from zero.
+    return after - before if after >= before else after
+
+
+def prefix_cache_report(before: EngineSnapshot, after: EngineSnapshot) -> PrefixCacheReport:
+    """Counter increases between two snapshots, per role, and the prefix hit rate."""
+    by_role: dict[str, RoleCounters] = {}
+    for wid, w in after.workers.items():
+        prev = before.workers.get(wid)
+
+        def d(key: str) -> float:
+            return _delta(w.get(key), prev.get(key) if prev else 0.0)
+
+        rc = by_role.setdefault(w.role, RoleCounters())
+        rc.workers += 1
+        rc.prompt_tokens += d(PROMPT_TOKENS)
+        rc.prefix_cache_queries += d(QUERIES)
+        rc.prefix_cache_hits += d(HITS)
+        for src in SOURCES:
+            setattr(rc, src, getattr(rc, src) + d(f"{BY_SOURCE}{{{src}}}"))
+    served = sum(rc.prompt_tokens for role, rc in by_role.items() if role in SERVING_ROLES)
+    computed = sum(rc.local_compute for rc in by_role.values())
+    rate = None if served <= 0 else min(1.0, max(0.0, 1.0 - computed / served))
+    return PrefixCacheReport(hit_rate=rate, served_prompt_tokens=served,
+                             computed_prompt_tokens=computed, by_role=by_role,
+                             errors=[*before.errors, *after.errors])

@@ -1,0 +1,200 @@
+"""One benchmark invocation: build the workload once, run it against each target, report.
+
+Targets:
+
+- ``url``: any OpenAI-compatible server that is already running (with its Redis URL, the
+  engines' prefix-cache counters are read too; without, the prefix hit rate is None);
+- ``compare``: for each value of one `splitserve up` flag (e.g. ``policy=kv,round_robin``),
+  start a cluster with ``--<flag> <value>`` plus ``up_args``, run, stop it, then the next
+  (one at a time: a small machine cannot hold two);
+- neither: one cluster started with ``up_args``.
+
+Every run sends the identical, seeded workload (same fingerprint in each run's config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.markup import escape
+
+from bench.client import ClientConfig, run_workload, warm_up
+from bench.engine_metrics import PrefixCacheReport, prefix_cache_report, scrape_settled
+from bench.report import BenchReport, RunReport, make_report, progress
+from bench.stats import summarize
+from bench.workload import Workload, scenario_config
+from router.registry import DEFAULT_NAMESPACE
+
+
+class BenchConfig(BaseModel):
+    """Everything one `splitserve bench` invocation does."""
+
+    scenario: str = Field("prefix-reuse", description="workload scenario name")
+    scenario_params: dict[str, Any] = Field(default_factory=dict,
+                                            description="scenario fields (seed included)")
+    url: str | None = Field(None, description="benchmark this running server; no cluster")
+    redis_url: str | None = Field(None, description="the --url server's Redis (prefix hits)")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="registry namespace in that Redis")
+    compare_key: str | None = Field(None, description="`splitserve up` flag to vary")
+    compare_values: list[str] = Field(default_factory=list, description="its values, in order")
+    up_args: list[str] = Field(default_factory=list, description="more `splitserve up` flags")
+    label: str | None = Field(None, description="run label without --compare")
+    baseline: str | None = Field(None, description="label of the ratios' baseline run")
+    model: str | None = Field(None, description="model name (default: the server's first)")
+    api_key: str | None = Field(None, description="bearer token for --url servers")
+    concurrency: int = Field(8, ge=1, description="most requests in flight")
+    request_rate: float | None = Field(None, gt=0, description="mean requests/s (Poisson)")
+    max_seconds: float = Field(600.0, gt=0, description="limit on each run's duration")
+    request_timeout_s: float = Field(300.0, gt=0, description="limit per request")
+    warmup: int = Field(1, ge=0, description="unmeasured warm-up requests before each run")
+    run_dir: Path | None = Field(None, description="where started clusters keep their runs")
+    cache_dir: Path | None = Field(None, description="built-in models, compiled kernels")
+    cluster_timeout_s: float = Field(600.0, gt=0, description="limit on a cluster's start")
+
+    def client(self, base_url: str) -> ClientConfig:
+        return ClientConfig(base_url=base_url, model=self.model, api_key=self.api_key,
+                            concurrency=self.concurrency, request_rate=self.request_rate,
+                            max_seconds=self.max_seconds,
+                            request_timeout_s=self.request_timeout_s,
+                            seed=int(self.scenario_params.get("seed", 0)))
+
+
+def parse_compare(spec: str) -> tuple[str, list[str]]:
+    """`policy=kv,round_robin` -> ("policy", ["kv", "round_robin"])."""
+    key, sep, values = spec.partition("=")
+    key = key.strip().removeprefix("--")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key or not vals:
+        raise ValueError(f"--compare wants KEY=V1,V2,... (got {spec!r})")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"--compare values repeat: {spec!r}")
+    return key, vals
+
+
+def _namespace(up_args: list[str], default: str) -> str:
+    for i, a in enumerate(up_args):
+        if a == "--namespace" and i + 1 < len(up_args):
+            return up_args[i + 1]
+        if a.startswith("--namespace="):
+            return a.split("=", 1)[1]
+    return default
+
+
+async def measure(label: str, base_url: str, redis_url: str | None, namespace: str,
+                  workload: Workload, cfg: BenchConfig, config: dict[str, Any],
+                  console: Console) -> RunReport:
+    """Warm up, snapshot the engines' counters, run the workload, snapshot again."""
+    client = cfg.client(base_url)
+    await warm_up(client, cfg.warmup)
+    before = None
+    if redis_url:
+        before = await scrape_settled(redis_url, namespace)
+    with progress(console, label, len(workload.requests)) as on_result:
+        run = await run_workload(workload, client, on_result)
+    prefix: PrefixCacheReport | None = None
+    if redis_url and before is not None:
+        prefix = prefix_cache_report(before, await scrape_settled(redis_url, namespace))
+    stats = summarize(run)
+    config = {**config, "model": run.model}
+    return RunReport.build(label, config, stats, prefix)
+
+
+def _workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
+    return {"scenario": workload.scenario, "scenario_config": workload.config,
+            "workload_requests": len(workload.requests),
+            "workload_sha256": workload.fingerprint(), "concurrency": cfg.concurrency,
+            "request_rate": cfg.request_rate, "max_seconds": cfg.max_seconds}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
+    """Interrupted while a cluster was starting: stop our `splitserve up` child for `run_dir`
+    (by PID, as an operator's Ctrl-C; killed if it does not stop)."""
+    import signal
+
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if str(run_dir) not in " ".join(child.cmdline()):
+                continue
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout_s)
+            except psutil.TimeoutExpired:
+                for p in [*child.children(recursive=True), child]:
+                    p.kill()
+        except psutil.Error:
+            pass
+
+
+def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
+    """Run every target; returns the report and, if a run could not be done, why (the
+    report then holds the runs done before it)."""
+    workload = scenario_config(cfg.scenario, cfg.scenario_params).build()
+    base = _workload_config(workload, cfg)
+    err.print(f"workload: {workload.scenario}, {len(workload.requests)} requests in "
+              f"{workload.conversations} conversation(s), sha256 {workload.fingerprint()[:16]}")
+    runs: list[RunReport] = []
+    if cfg.url:
+        label = cfg.label or "url"
+        try:
+            runs.append(asyncio.run(measure(label, cfg.url, cfg.redis_url, cfg.namespace,
+                                            workload, cfg, {**base, "target": cfg.url}, err)))
+        except Exception as exc:
+            return make_report(runs), f"{label}: the run failed: {type(exc).__name__}: {exc}"
+        return make_report(runs), None
+
+    from services.controller.config import default_cache_dir
+    from services.controller.launcher import start_cluster
+
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    root = cfg.run_dir or Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.compare_key:
+        flag = "--" + cfg.compare_key.replace("_", "-")
+        plan = [(v, [flag, v, *cfg.up_args], {cfg.compare_key: v})
+                for v in cfg.compare_values]
+    else:
+        plan = [(cfg.label or "default", list(cfg.up_args), {})]
+    namespace = _namespace(cfg.up_args, DEFAULT_NAMESPACE)
+    failure: str | None = None
+    for i, (label, args, extra) in enumerate(plan):
+        run_dir = root / f"{i}-{_slug(label)}"
+        err.print(f"[bold]{escape(label)}[/bold]: starting `splitserve up "
+                  f"{escape(' '.join(args))}` (logs: {run_dir.parent / (run_dir.name + '.out')})")
+        try:
+            cluster = start_cluster(args, run_dir, cache_dir, cfg.cluster_timeout_s)
+        except KeyboardInterrupt:
+            _stop_starting_cluster(run_dir)
+            raise
+        except (RuntimeError, TimeoutError) as exc:
+            failure = f"{label}: the cluster did not start: {str(exc)[-2000:]}"
+            break
+        try:
+            err.print(f"[bold]{escape(label)}[/bold]: cluster ready at {cluster.http}")
+            runs.append(asyncio.run(measure(
+                label, cluster.http, cluster.redis_url, namespace, workload, cfg,
+                {**base, **extra, "target": "cluster", "up_args": args}, err)))
+        except Exception as exc:
+            failure = f"{label}: the run failed: {type(exc).__name__}: {exc}"
+        finally:
+            code = cluster.stop()
+            if code != 0:
+                err.print(f"[yellow]{escape(label)}: splitserve up exited {code}[/yellow]")
+        if failure:
+            break
+    baseline = cfg.baseline if cfg.baseline in {r.label for r in runs} else None
+    return make_report(runs, baseline), failure
+
+
+__all__ = ["BenchConfig", "measure", "parse_compare", "run_bench"]

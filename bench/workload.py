@@ -1,0 +1,260 @@
+"""Seeded workloads: the list of requests one benchmark run sends, in arrival order.
+
+A workload is plain data, built before any request is sent from a scenario config and a seed.
+The same config and seed give byte-identical requests on every run and every machine: all text
+comes from :class:`random.Random` instances seeded with strings (string seeds go through
+SHA-512, so they do not depend on ``PYTHONHASHSEED``), and nothing depends on what a server
+answers. That is what lets ``--compare`` send the identical workload to each cluster.
+
+Scenarios are pydantic configs registered in :data:`SCENARIOS` under their name; adding one is
+a subclass with its fields and a ``build`` method, decorated with :func:`scenario`.
+
+Lengths are in words of a fixed English vocabulary. With the built-in model's tokenizer one
+word is about one token (a little more with punctuation); with other tokenizers it is about
+1.2-1.4 tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Api = Literal["chat", "completions"]
+
+# A fixed vocabulary of common English and programming words (about one token each with the
+# built-in tokenizer, which was trained on Python docstrings).
+WORDS: tuple[str, ...] = tuple("""
+the a an of to in for on with by from as at is are be was this that these those it its
+return returns value values object objects function functions method methods class classes
+module modules file files name names list lists string strings number numbers integer
+default argument arguments parameter parameters result results error errors exception type
+types data buffer stream streams line lines path paths directory key keys item items element
+elements index start end size length time date format encoding text byte bytes character
+instance instances attribute attributes call calls called create created new old first last
+next previous current given optional required true false none empty single multiple each
+every all any other same different specified used using use set get add remove update read
+write open close check test run raise raised print load save copy move find search match
+pattern sequence order sort sorted count total input output source target local global
+system process thread threads lock queue task tasks event events signal handler handlers
+server client request response message messages header headers body content address port
+socket connection timeout mode flag flags option options config configuration setting
+settings state status code codes level log logging debug warning info table row column
+field fields record records tree node nodes parent child children root base block blocks
+cache memory size limit limits range step steps loop condition expression statement
+variable variables constant scope context manager resource resources handle handles
+""".split())
+
+T = TypeVar("T", bound="ScenarioConfig")
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of a workload."""
+
+    index: int
+    """position in arrival order (requests are dispatched in this order)"""
+    max_tokens: int
+    """output length; sent with `ignore_eos`, so every request generates exactly this many"""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """chat requests: (role, content) pairs, sent to /v1/chat/completions"""
+    prompt: str | None = None
+    """completion requests: the prompt text, sent to /v1/completions"""
+    conversation: int = 0
+    """conversation (session) this request belongs to"""
+    turn: int = 0
+    """turn number within its conversation (0 first)"""
+    after: int | None = None
+    """index of the request that must have finished before this one is sent (previous turn)"""
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a request has either messages or a prompt")
+
+    @property
+    def api(self) -> Api:
+        """Which endpoint serves it."""
+        return "chat" if self.messages is not None else "completions"
+
+    def payload(self) -> dict[str, Any]:
+        """The request body's workload part (model and sampling options are the client's)."""
+        body: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.messages is not None:
+            body["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+        else:
+            body["prompt"] = self.prompt
+        return body
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A scenario's requests and the config that built them."""
+
+    scenario: str
+    config: dict[str, Any]
+    requests: tuple[BenchRequest, ...]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the requests: equal fingerprints mean byte-identical workloads."""
+        blob = json.dumps([asdict(r) for r in self.requests], sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def conversations(self) -> int:
+        return len({r.conversation for r in self.requests})
+
+
+def words(rng: random.Random, n: int) -> str:
+    """`n` words of deterministic text, with a sentence break every 8 to 15 words."""
+    out: list[str] = []
+    until_stop = rng.randint(8, 15)
+    for i in range(n):
+        w = rng.choice(WORDS)
+        out.append(w.capitalize() if i == 0 or out[-1].endswith(".") else w)
+        until_stop -= 1
+        if until_stop == 0 or i == n - 1:
+            out[-1] += "."
+            until_stop = rng.randint(8, 15)
+    return " ".join(out)
+
+
+def rng_for(seed: int, *parts: object) -> random.Random:
+    """An independent generator per (seed, purpose, ids): adding requests never shifts others."""
+    return random.Random(":".join(map(str, (seed, *parts))))
+
+
+class ScenarioConfig(BaseModel):
+    """Base of every scenario's config."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: ClassVar[str]
+
+    seed: int = Field(0, description="seed of every random choice; same seed, same requests")
+
+    def build(self) -> Workload:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _workload(self, requests: list[BenchRequest]) -> Workload:
+        return Workload(self.name, self.model_dump(mode="json"), tuple(requests))
+
+
+SCENARIOS: dict[str, type[ScenarioConfig]] = {}
+"""Scenario name -> its config class."""
+
+
+def scenario(cls: type[T]) -> type[T]:
+    """Register a scenario config class under its `name`."""
+    SCENARIOS[cls.name] = cls
+    return cls
+
+
+@scenario
+class SyntheticConfig(ScenarioConfig):
+    """Independent single-turn requests: random prompts of ISL ± spread words, OSL tokens."""
+
+    name: ClassVar[str] = "synthetic"
+
+    requests: int = Field(32, ge=1, description="number of requests")
+    isl: int = Field(256, ge=1, description="mean prompt length in words (≈ tokens)")
+    isl_spread: int = Field(64, ge=0, description="prompt lengths are uniform in isl ± spread")
+    osl: int = Field(32, ge=1, description="output tokens per request")
+    api: Api = Field("completions", description="endpoint: completions (prompt) or chat")
+
+    @model_validator(mode="after")
+    def _spread(self) -> "SyntheticConfig":
+        if self.isl_spread >= self.isl:
+            raise ValueError("isl_spread must be smaller than isl")
+        return self
+
+    def build(self) -> Workload:
+        reqs = []
+        for i in range(self.requests):
+            rng = rng_for(self.seed, "synthetic", i)
+            text = words(rng, rng.randint(self.isl - self.isl_spread, self.isl + self.isl_spread))
+            if self.api == "chat":
+                reqs.append(BenchRequest(i, self.osl, messages=(("user", text),), conversation=i))
+            else:
+                reqs.append(BenchRequest(i, self.osl, prompt=text, conversation=i))
+        return self._workload(reqs)
+
+
+@scenario
+class PrefixReuseConfig(ScenarioConfig):
+    """Multi-turn chats sharing long system prompts, growing turn by turn, arriving interleaved.
+
+    Conversation `c` uses system prompt `c % system_prompts`. Its turn `t` sends the system
+    prompt, every earlier user message and assistant reply, and a new user message; it is sent
+    only after turn `t-1` finished (a user answers after reading the reply). Requests are listed
+    turn-major (turn 0 of every conversation, then turn 1, ...), so with a concurrency limit
+    below the number of conversations, conversations take turns round-robin.
+
+    The assistant replies in the history are synthetic (deterministic text), not the text the
+    server returned: every run, on every cluster, sends byte-identical prompts, whatever the
+    model generates. The price: a server's cache of its own generated tokens is not reused by
+    the next turn, only everything up to the previous turn's generation prompt.
+    """
+
+    name: ClassVar[str] = "prefix-reuse"
+
+    conversations: int = Field(8, ge=1, description="number of conversations")
+    turns: int = Field(3, ge=1, description="turns (requests) per conversation")
+    system_prompts: int = Field(2, ge=1, description="distinct shared system prompts")
+    system_min_words: int = Field(300, ge=1, description="shortest system prompt, in words")
+    system_max_words: int = Field(500, ge=1, description="longest system prompt, in words")
+    user_words: int = Field(40, ge=1, description="words per user message")
+    reply_words: int = Field(24, ge=1, description="words per synthetic assistant reply")
+    osl: int = Field(16, ge=1, description="output tokens per request")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PrefixReuseConfig":
+        if self.system_min_words > self.system_max_words:
+            raise ValueError("system_min_words must not exceed system_max_words")
+        return self
+
+    def system_prompt(self, k: int) -> str:
+        """Shared system prompt number `k`."""
+        rng = rng_for(self.seed, "system", k)
+        n = rng.randint(self.system_min_words, self.system_max_words)
+        return f"You are assistant number {k}. " + words(rng, n)
+
+    def build(self) -> Workload:
+        systems = [self.system_prompt(k) for k in range(self.system_prompts)]
+        history: list[list[tuple[str, str]]] = [
+            [("system", systems[c % self.system_prompts])] for c in range(self.conversations)]
+        reqs: list[BenchRequest] = []
+        last: dict[int, int] = {}
+        for t in range(self.turns):
+            for c in range(self.conversations):
+                user = words(rng_for(self.seed, "user", c, t), self.user_words)
+                msgs = (*history[c], ("user", user))
+                reqs.append(BenchRequest(len(reqs), self.osl, messages=msgs, conversation=c,
+                                         turn=t, after=last.get(c)))
+                last[c] = len(reqs) - 1
+                reply = words(rng_for(self.seed, "reply", c, t), self.reply_words)
+                history[c] = [*msgs, ("assistant", reply)]
+        return self._workload(reqs)
+
+
+def scenario_config(name: str, params: dict[str, Any]) -> ScenarioConfig:
+    """Validate `params` for scenario `name` (unknown names and fields raise ValueError)."""
+    try:
+        cls = SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")
+    unknown = set(params) - set(cls.model_fields)
+    if unknown:
+        raise ValueError(f"scenario {name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                         f"it takes: {', '.join(cls.model_fields)}")
+    return cls.model_validate(params)
+
+
+def build_workload(name: str, **params: Any) -> Workload:
+    """The workload of scenario `name` with `params` (e.g. seed=1, conversations=4)."""
+    return scenario_config(name, params).build()
+
+
