@@ -34,6 +34,9 @@ class EngineConfig(BaseModel):
     pipeline_parallel_size: int = Field(1, description="pipeline stages per engine")
     kv_lease_duration_s: int = Field(30, description="prefill holds KV blocks this long unread")
     nixl_num_threads: int = Field(1, description="NIXL/UCX worker threads per engine")
+    nixl_progress_thread: bool = Field(False, description=(
+        "run NIXL's UCX progress thread (spins a core per engine; only worth it for transfers "
+        "over plain TCP between hosts)"))
     nixl_backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends")
     seed: int = Field(0, description="engine default sampling seed")
 

@@ -86,8 +86,11 @@ class EngineHost:
         eng = self.cfg.engine
         kv_transfer = None
         if self.cfg.role != WorkerRole.BOTH:
+            connector = ({"kv_connector": "NixlConnector"} if eng.nixl_progress_thread else
+                         {"kv_connector": "SplitserveNixlConnector",
+                          "kv_connector_module_path": "services.worker.nixl_connector"})
             kv_transfer = KVTransferConfig(
-                kv_connector="NixlConnector",
+                **connector,
                 kv_role="kv_producer" if self.cfg.role == WorkerRole.PREFILL else "kv_consumer",
                 kv_buffer_device="cpu" if eng.device == "cpu" else "cuda",
                 engine_id=self.cfg.worker_id,

@@ -39,8 +39,14 @@ def engine_environment(cfg: WorkerConfig, nixl_side_channel_port: int) -> dict[s
                 "VLLM_CPU_KVCACHE_SPACE": str(eng.cpu_kv_cache_space_gib),
                 "VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_threads_bind,
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                # OpenMP threads sleep when idle instead of spinning on the core they are bound
-                # to (see docs/operations.md, "Idle CPU").
+                # Torch's libgomp (vLLM LD_PRELOADs it) parks its worker threads right after
+                # each parallel region instead of spinning through the gap between engine
+                # steps. Only a team of more than one thread has workers (a multi-core bind;
+                # "nobind" serves on one thread). Idle CPU is the same either way; what it
+                # saves is spinning on shared cores while serving. KMP_BLOCKTIME is the
+                # Intel runtime's equivalent, for when libiomp5 is preloaded instead.
+                # (The engine that spins a core while idle is NIXL's UCX progress thread:
+                # no environment variable turns it off.)
                 "OMP_WAIT_POLICY": "PASSIVE",
                 "KMP_BLOCKTIME": "0",
                 # NIXL over UCX in host memory, one host: shared memory / cross-memory attach.
