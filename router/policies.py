@@ -67,10 +67,13 @@ def _require(workers: Sequence[WorkerInfo], what: str) -> None:
 
 
 def queue_depth(w: WorkerInfo, in_flight: Mapping[str, int]) -> int:
-    """Requests ahead on a worker: what the engine reports (or what its API has accepted, if
-    more: those are not yet in the engine), plus what this gateway sent since."""
+    """Requests ahead on a worker: the largest of what its engine reports (running + waiting),
+    what its API has accepted (all gateways, as of its last heartbeat) and what this gateway
+    has in flight on it now (exact, but only this gateway's). Not their sum: the published
+    figures already include this gateway's requests, and counting them twice would push
+    requests away from the worker holding their cache."""
     engine = w.load.num_running_reqs + w.load.num_waiting_reqs
-    return max(engine, w.load.in_flight) + in_flight.get(w.worker_id, 0)
+    return max(engine, w.load.in_flight, in_flight.get(w.worker_id, 0))
 
 
 class RoundRobinPolicy:
@@ -153,8 +156,8 @@ class KVPolicy:
         prefill_cost(w) = uncached(w) + load_weight * queue(w) + kv_usage_weight * kv_usage(w)
         decode_cost(w)  =               load_weight * queue(w) + kv_usage_weight * kv_usage(w)
 
-    queue(w) is the requests ahead on w (engine running + waiting, or accepted by its API, plus
-    this gateway's in-flight). Aggregated workers (`both`) are chosen by prefill_cost. In
+    queue(w) is the requests ahead on w (see queue_depth). Aggregated workers (`both`) are
+    chosen by prefill_cost. In
     disaggregated mode the decode worker is chosen by decode_cost (ties: more cached prefix
     first); if the prompt part it does not hold is at most `local_prefill_tokens`, it prefills
     locally and no KV moves, else the prefill worker is chosen by prefill_cost.

@@ -54,6 +54,16 @@ def test_least_loaded_counts_engine_and_gateway_in_flight() -> None:
     assert LeastLoadedPolicy().choose(P, busy, req).decode.worker_id == "d0"
 
 
+def test_own_in_flight_is_not_counted_twice() -> None:
+    # The worker's heartbeat already includes this gateway's 3 requests: it has 3, not 6.
+    from router.policies import queue_depth
+
+    owner = WorkerInfo(worker_id="b0", role=WorkerRole.BOTH, address="-", model="m",
+                       load=WorkerLoad(in_flight=3, num_running_reqs=3))
+    assert queue_depth(owner, {"b0": 3}) == 3
+    assert queue_depth(owner, {"b0": 5}) == 5  # sent two more since the heartbeat
+
+
 def test_missing_pools_raise() -> None:
     with pytest.raises(NoWorkersError, match="decode"):
         RoundRobinPolicy().choose(P, [], REQ)
