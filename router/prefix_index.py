@@ -112,11 +112,14 @@ for _, w in ipairs(workers) do
   end
 end
 local bpre = ns .. ':kv:block:'
+-- The prompt's block hashes arrive as ONE argument: 16 hex digits each, concatenated (one
+-- argument instead of one per block keeps the client's command encoding cheap).
+local hexes = ARGV[first] or ''
+local nblocks = math.floor(#hexes / 16)
 local n = 0
-local i = first
-while nactive > 0 and i <= #ARGV do
+while nactive > 0 and n < nblocks do
   n = n + 1
-  local holders = redis.call('SMEMBERS', bpre .. ARGV[i])
+  local holders = redis.call('SMEMBERS', bpre .. string.sub(hexes, n * 16 - 15, n * 16))
   local still = {}
   local cnt = 0
   for _, w in ipairs(holders) do
@@ -128,7 +131,6 @@ while nactive > 0 and i <= #ARGV do
   end
   active = still
   nactive = cnt
-  i = i + 1
 end
 local out = {}
 for _, w in ipairs(order) do
@@ -262,7 +264,8 @@ class PrefixIndex:
             head: list[str | int] = [self.namespace, -1]
         else:
             head = [self.namespace, len(worker_ids), *worker_ids]
-        flat = await self._lookup_script(args=[*head, *[f"{h:016x}" for h in block_hashes]])
+        hexes = "".join([f"{h:016x}" for h in block_hashes])
+        flat = await self._lookup_script(args=[*head, hexes])
         return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def worker_block_count(self, worker_id: str) -> int:
