@@ -141,6 +141,7 @@ class WorkerProcess:
         """Leave the registry, stop serving, shut the engine down."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         if self._registry is not None:
             try:
                 await self._registry.deregister(self.cfg.worker_id)

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import redis
 
 from services.controller.builtin_model import ensure_builtin_model
+from tests.support.redis import redis_server
 from tests.support.cluster import RunningCluster, start_test_cluster, cache_dir_for_tests
 
 
@@ -43,5 +45,14 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 @pytest.fixture(scope="session")
 def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
                ) -> Iterator[RunningCluster]:
-    """Aggregated: two workers of role both (the KV-aware router has a choice to make)."""
-    yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2"])
+    """Aggregated: two workers of role both (the KV-aware router has a choice to make), on an
+    external Redis given with --redis-url, which `up` must use and must leave running."""
+    with redis_server() as external:
+        yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2",
+                                                      "--redis-url", external.url])
+        client = redis.Redis.from_url(external.url)
+        assert client.ping(), "up stopped a Redis it did not start"
+        assert client.keys("splitserve:worker:*") == [], "workers left registry entries behind"
+        assert client.keys("splitserve:kv:worker:*") == [], "workers left index entries behind"
+        assert client.keys("splitserve:kv:block:*") == [], "workers left index entries behind"
+        client.close()
