@@ -74,6 +74,7 @@ class Gateway:
         self.redis: Redis | None = None
         self.directory: WorkerDirectory | None = None
         self.flow: PDFlow | None = None
+        self._purge_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.redis = Redis.from_url(self.cfg.redis_url)
@@ -88,8 +89,23 @@ class Gateway:
         index = PrefixIndex(self.redis, self.cfg.namespace) if policy.uses_prefix_index else None
         self.flow = PDFlow(self.directory, policy, index, self.metrics,
                            self.cfg.request_timeout_s)
+        if index is not None:
+            self._purge_task = asyncio.create_task(self._purge_dead_workers(index))
+
+    async def _purge_dead_workers(self, index: PrefixIndex) -> None:
+        """Delete the index entries of workers whose liveness expired. Lookups ignore them
+        already; this only reclaims Redis memory (idempotent: any gateway may do it)."""
+        while True:
+            await asyncio.sleep(self.cfg.index_purge_interval_s)
+            try:
+                if purged := await index.purge_dead():
+                    log.info("purged index entries of dead workers %s", purged)
+            except Exception:
+                log.warning("index purge failed; will retry", exc_info=True)
 
     async def stop(self) -> None:
+        if self._purge_task is not None:
+            self._purge_task.cancel()
         if self.directory:
             await self.directory.stop()
         if self.redis:

@@ -23,6 +23,8 @@ class GatewayConfig(BaseModel):
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
     request_timeout_s: float = Field(600.0, description="upper bound on one request's duration")
+    index_purge_interval_s: float = Field(30.0, description=(
+        "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
 
     @property
