@@ -20,9 +20,8 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from router.block_hash import BlockHasher
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEventSubscriber, SubscriberConfig
 from router.prefix_index import PrefixIndex
-from tests.support.redis import RedisServer, redis_server
 
 import vllm  # noqa: F401  (installed by scripts/install.sh; a missing vLLM must fail)
 
@@ -101,20 +99,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.controller.builtin_model import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("models"), "tiny")
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with redis_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def r(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_srv.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @contextlib.asynccontextmanager

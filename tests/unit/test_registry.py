@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterator
 
-import pytest
 from redis.asyncio import Redis
 
 from router.registry import WorkerInfo, WorkerLoad, WorkerRegistry, WorkerRole
-from tests.support.redis import RedisServer, redis_server
-
-
-@pytest.fixture(scope="module")
-def srv() -> Iterator[RedisServer]:
-    with redis_server() as s:
-        yield s
-
-
-@pytest.fixture
-async def r(srv: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(srv.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def info(wid: str, role: WorkerRole = WorkerRole.DECODE) -> WorkerInfo:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 import redis.asyncio as aioredis
 
 from router.block_hash import BlockHasher
@@ -32,7 +30,7 @@ from router.kv_events import (
     encode_batch,
 )
 from router.prefix_index import PrefixIndex
-from tests.support.redis import RedisServer, redis_server
+from tests.support.redis import redis_server
 
 import vllm.distributed.kv_events as vkv  # noqa: E402
 
@@ -268,20 +266,6 @@ async def test_publisher_restart_resyncs(tmp_path: Path) -> None:
 
 
 # -- updater: publisher -> subscriber -> Redis ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with redis_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def r(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_srv.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 async def _wait_for(cond: Any, timeout: float = 10.0) -> None:

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from router.prefix_index import PrefixIndex
-from tests.support.redis import RedisServer, redis_server
+from tests.support.redis import RedisServer
 
 
 NS = "splitserve"
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with redis_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def r(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_srv.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 async def register(r: aioredis.Redis, *workers: str, alive: bool = True, ttl_ms: int | None = None) -> None:
