@@ -23,6 +23,7 @@ from services.controller.pools import WorkerPools
 from services.controller.redis_server import RedisServer
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
+from services.worker.shm import segments_mapped_by_children, unlink_segments
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Cluster:
         self.gateway: GatewayProcess | None = None
         self._ray_started = False
         self._descendants: set[int] = set()
+        self._shm_segments: set[Path] = set()
 
     def start(self) -> None:
         cfg = self.cfg
@@ -51,11 +53,12 @@ class Cluster:
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
         port = cfg.port or free_port(cfg.host)
+        grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
         gcfg = GatewayConfig(
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
-            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=cfg.grpc_port,
-            policy=cfg.policy, kv_policy=cfg.kv_policy)
+            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=grpc_port,
+            policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)
@@ -86,6 +89,7 @@ class Cluster:
             self._descendants |= {p.pid for p in me.children(recursive=True)}
         except psutil.Error:
             pass
+        self._shm_segments |= segments_mapped_by_children()
 
     def stop(self) -> None:
         """Stop everything, newest first; then make sure no descendant survives."""
@@ -128,6 +132,10 @@ class Cluster:
                 pass
         if survivors:
             log.info("stopped %d leftover processes", len(survivors))
+        # Workers unlink their engines' shared memory when they stop cleanly; one that was
+        # killed (or timed out) cannot: remove what any engine of this cluster mapped.
+        if removed := unlink_segments(self._shm_segments):
+            log.info("removed %d shared-memory segments left by stopped engines", len(removed))
 
 
 def run_up(cfg: ClusterConfig) -> int:

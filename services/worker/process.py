@@ -138,29 +138,32 @@ class WorkerProcess:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     async def stop(self) -> None:
-        """Leave the registry, stop serving, shut the engine down."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
-        if self._registry is not None:
-            try:
-                await self._registry.deregister(self.cfg.worker_id)
-            except Exception:
-                log.warning("could not deregister %s", self.cfg.worker_id, exc_info=True)
-        if self._index_updater is not None:
-            await self._index_updater.stop()
-            try:
-                await self._index_updater.index.clear_worker(self.cfg.worker_id)
-            except Exception:
-                log.warning("could not clear index entries of %s", self.cfg.worker_id,
-                            exc_info=True)
-        if self._server is not None:
-            await self._server.stop(grace=2.0)
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-        if self.host is not None:
-            self.host.shutdown()
-        if removed := unlink_segments(self._shm_segments):
-            log.info("removed %d shared-memory segments the engine left behind", len(removed))
-        if self._redis is not None:
-            await self._redis.aclose()
+        """Leave the registry, stop serving, shut the engine down, free its shared memory."""
+        try:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+                await asyncio.gather(self._heartbeat, return_exceptions=True)
+            if self._registry is not None:
+                try:
+                    await self._registry.deregister(self.cfg.worker_id)
+                except Exception:
+                    log.warning("could not deregister %s", self.cfg.worker_id, exc_info=True)
+            if self._index_updater is not None:
+                await self._index_updater.stop()
+                try:
+                    await self._index_updater.index.clear_worker(self.cfg.worker_id)
+                except Exception:
+                    log.warning("could not clear index entries of %s", self.cfg.worker_id,
+                                exc_info=True)
+            if self._server is not None:
+                await self._server.stop(grace=2.0)
+            if self._metrics_httpd is not None:
+                self._metrics_httpd.shutdown()
+            if self.host is not None:
+                self.host.shutdown()
+        finally:
+            if removed := unlink_segments(self._shm_segments):
+                log.info("removed %d shared-memory segments the engine left behind",
+                         len(removed))
+            if self._redis is not None:
+                await self._redis.aclose()
