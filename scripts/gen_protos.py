@@ -3,7 +3,10 @@
 Each .proto is self-contained (no imports between them) and compiled with a virtual include path
 so the generated modules land in, and import from, the Python package that owns them:
 
-    proto/splitserve/v1/worker.proto     -> services/proto/v1/worker_pb2{,_grpc}.py(i)
+    proto/splitserve/worker/v1/worker.proto  -> services/proto/v1/worker_pb2{,_grpc}.py(i)
+    proto/splitserve/v1/inference.proto      -> sdk/splitserve_sdk/proto/v1/inference_pb2...
+                                                (the public API lives in the SDK, which installs
+                                                on its own; the gateway imports it from there)
 
 The generated files are committed; tests/unit/test_protos_fresh.py regenerates them into a
 temporary directory and fails when the committed copies are stale. Pass `--out DIR` to write
@@ -18,9 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# (proto file relative to proto/, Python package directory the code is generated into)
-TARGETS: tuple[tuple[str, str], ...] = (
-    ("splitserve/v1/worker.proto", "services/proto/v1"),
+# (proto file relative to proto/, source root of the distribution that owns the code, Python
+# package directory under that root the code is generated into)
+TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("splitserve/worker/v1/worker.proto", ".", "services/proto/v1"),
+    ("splitserve/v1/inference.proto", "sdk", "splitserve_sdk/proto/v1"),
 )
 
 
@@ -30,25 +35,27 @@ def generate(out_root: Path) -> list[Path]:
 
     include = Path(protoc.__file__).parent / "_proto"
     written: list[Path] = []
-    for proto_rel, package_dir in TARGETS:
+    for proto_rel, root_rel, package_dir in TARGETS:
         proto_path = REPO / "proto" / proto_rel
-        out_dir = out_root / package_dir
+        src_root = out_root / root_rel
+        out_dir = src_root / package_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         virtual = f"{package_dir}/{proto_path.name}"
         args = [
             "protoc",
             f"-I{package_dir}={proto_path.parent}",
             f"-I{include}",
-            f"--python_out={out_root}",
-            f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}",
+            f"--python_out={src_root}",
+            f"--pyi_out={src_root}",
+            f"--grpc_python_out={src_root}",
             virtual,
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed for {proto_rel}")
         stem = proto_path.stem
         written += sorted(out_dir.glob(f"{stem}_pb2*"))
-        for pkg in (out_dir, out_dir.parent):
+        for pkg in [out_dir, *[p for p in out_dir.parents if p != src_root and
+                               src_root in p.parents]]:
             init = pkg / "__init__.py"
             if not init.exists():
                 init.write_text('"""Generated gRPC code: see scripts/gen_protos.py."""\n')

@@ -35,32 +35,32 @@ class WorkerStub:
             channel: A grpc.Channel.
         """
         self.Prefill = channel.unary_unary(
-                '/splitserve.v1.Worker/Prefill',
+                '/splitserve.worker.v1.Worker/Prefill',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
-                '/splitserve.v1.Worker/Generate',
+                '/splitserve.worker.v1.Worker/Generate',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
-                '/splitserve.v1.Worker/Abort',
+                '/splitserve.worker.v1.Worker/Abort',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
-                '/splitserve.v1.Worker/Release',
+                '/splitserve.worker.v1.Worker/Release',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
-                '/splitserve.v1.Worker/Health',
+                '/splitserve.worker.v1.Worker/Health',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
-                '/splitserve.v1.Worker/Stats',
+                '/splitserve.worker.v1.Worker/Stats',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
@@ -145,9 +145,9 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'splitserve.v1.Worker', rpc_method_handlers)
+            'splitserve.worker.v1.Worker', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('splitserve.v1.Worker', rpc_method_handlers)
+    server.add_registered_method_handlers('splitserve.worker.v1.Worker', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -168,7 +168,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.Worker/Prefill',
+            '/splitserve.worker.v1.Worker/Prefill',
             services_dot_proto_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
             options,
@@ -195,7 +195,7 @@ class Worker:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/splitserve.v1.Worker/Generate',
+            '/splitserve.worker.v1.Worker/Generate',
             services_dot_proto_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
             options,
@@ -222,7 +222,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.Worker/Abort',
+            '/splitserve.worker.v1.Worker/Abort',
             services_dot_proto_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
@@ -249,7 +249,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.Worker/Release',
+            '/splitserve.worker.v1.Worker/Release',
             services_dot_proto_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
             options,
@@ -276,7 +276,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.Worker/Health',
+            '/splitserve.worker.v1.Worker/Health',
             services_dot_proto_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.HealthResponse.FromString,
             options,
@@ -303,7 +303,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.Worker/Stats',
+            '/splitserve.worker.v1.Worker/Stats',
             services_dot_proto_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             services_dot_proto_dot_v1_dot_worker__pb2.StatsResponse.FromString,
             options,
