@@ -1,0 +1,21 @@
+"""splitserve's Python SDK: sync and asyncio clients of the public gRPC API
+(`splitserve.v1.Inference`). Depends only on grpcio and protobuf."""
+
+from splitserve_sdk.aio import AsyncClient
+from splitserve_sdk.client import Client
+from splitserve_sdk.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SplitserveError,
+    Unavailable,
+)
+from splitserve_sdk.types import Chunk, Completion, Health, ModelInfo, Usage
+
+__version__ = "0.1.0"
+
+__all__ = ["AsyncClient", "Client", "Chunk", "Completion", "Health", "ModelInfo", "Usage",
+           "SplitserveError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
+           "DeadlineExceeded", "Cancelled"]
