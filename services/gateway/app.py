@@ -64,12 +64,61 @@ def route_headers(result: GenerationResult) -> dict[str, str]:
             "x-splitserve-route-reason": r.reason}
 
 
+class Admission:
+    """The gateway's admission limit: generation requests served at once, HTTP and gRPC
+    together. Past it, requests are refused at once (429 / RESOURCE_EXHAUSTED), not queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def try_acquire(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def error(self) -> APIError:
+        return APIError(429, f"the gateway is at its limit of {self.limit} requests in flight; "
+                        "retry later", type="rate_limit_error", code="too_many_requests")
+
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class AdmissionMiddleware:
+    """ASGI middleware: counts a generation request until its response (streamed or not) is
+    completely sent."""
+
+    def __init__(self, app: Any, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if not self.admission.try_acquire():
+            response = self.admission.error().response()
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.release()
+
+
 class Gateway:
     """State of one gateway process and its request handling."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
+        self.admission = Admission(cfg.max_in_flight)
         self.builder = PromptBuilder(cfg.model)
         self.redis: Redis | None = None
         self.directory: WorkerDirectory | None = None
@@ -309,12 +358,22 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await gw.start()
-        yield
-        await gw.stop()
+        grpc_server = None
+        if cfg.grpc_port:
+            from services.gateway.grpc_api import start_grpc_server
+
+            grpc_server = await start_grpc_server(gw, cfg.host, cfg.grpc_port)
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            await gw.stop()
 
     app = FastAPI(title="splitserve gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gw
     install_error_handlers(app)
+    app.add_middleware(AdmissionMiddleware, admission=gw.admission)
 
     @app.middleware("http")
     async def count(request: Request, call_next):

@@ -18,7 +18,10 @@ class GatewayConfig(BaseModel):
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="HTTP port")
-    grpc_port: int = Field(0, description="public gRPC port; 0 disables it")
+    grpc_port: int = Field(0, description="public gRPC port (splitserve.v1.Inference); 0: off")
+    max_in_flight: int = Field(1024, ge=1, description=(
+        "admission limit: generation requests (HTTP and gRPC together) served at once; more "
+        "get HTTP 429 / gRPC RESOURCE_EXHAUSTED"))
     policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
