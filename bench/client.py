@@ -24,8 +24,9 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
+import grpc
 import httpx
 from pydantic import BaseModel, Field
 
@@ -49,6 +50,10 @@ class ClientConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
     ignore_eos: bool = Field(True, description="generate exactly max_tokens (no early EOS)")
     seed: int = Field(0, description="seed of the arrival process when request_rate is set")
+    api: Literal["http", "grpc"] = Field("http", description=(
+        "http: OpenAI endpoint with SSE; grpc: splitserve.v1.Inference streaming (same "
+        "workload, same sampling; needs grpc_target)"))
+    grpc_target: str | None = Field(None, description="host:port of the gateway's gRPC API")
 
     @property
     def root(self) -> str:
@@ -185,6 +190,56 @@ async def send(http: httpx.AsyncClient, req: BenchRequest, cfg: ClientConfig, mo
     result.ok = result.error is None
 
 
+async def send_grpc(stub: Any, req: BenchRequest, cfg: ClientConfig, model: str,
+                    result: RequestResult) -> None:
+    """As `send`, over the public gRPC API: TTFT is the first chunk with text, ITLs the gaps
+    between text chunks, output tokens the final chunk's usage."""
+    from splitserve_sdk.proto.v1 import inference_pb2 as ipb
+
+    sampling = ipb.SamplingParams(max_tokens=req.max_tokens, temperature=cfg.temperature,
+                                  ignore_eos=cfg.ignore_eos)
+    if req.messages is not None:
+        call = stub.Chat(ipb.ChatRequest(
+            model=model, sampling=sampling,
+            messages=[ipb.ChatMessage(role=r, content=c) for r, c in req.messages]),
+            timeout=cfg.request_timeout_s)
+    else:
+        call = stub.Complete(ipb.CompleteRequest(model=model, text=req.prompt or "",
+                                                 sampling=sampling),
+                             timeout=cfg.request_timeout_s)
+    start = time.perf_counter()
+    last: float | None = None
+    usage_tokens: int | None = None
+    finished = False
+    try:
+        async for chunk in call:
+            if chunk.text:
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                result.content_chunks += 1
+            if chunk.HasField("usage"):
+                usage_tokens = chunk.usage.completion_tokens
+                result.prompt_tokens = chunk.usage.prompt_tokens
+                result.cached_tokens = chunk.usage.cached_tokens
+            if chunk.finish_reason:
+                finished = True
+        result.status = 0
+        result.e2e_s = time.perf_counter() - start
+        if not finished:
+            result.error = "the stream ended without a finish reason"
+    except grpc.aio.AioRpcError as exc:
+        result.status = exc.code().value[0]
+        result.error = f"gRPC {exc.code().name}: {exc.details()}"
+    finally:
+        call.cancel()
+    result.output_tokens = usage_tokens if usage_tokens is not None else result.content_chunks
+    result.ok = result.error is None
+
+
 async def run_workload(workload: Workload, cfg: ClientConfig,
                        on_result: Callable[[RequestResult], None] | None = None) -> RunResult:
     """Send every request of `workload` under `cfg`'s limits; results in workload order."""
@@ -195,6 +250,14 @@ async def run_workload(workload: Workload, cfg: ClientConfig,
     async with httpx.AsyncClient(base_url=cfg.root, limits=limits, timeout=timeout,
                                  headers=headers, trust_env=False) as http:
         model = cfg.model or await discover_model(http)
+        channel = None
+        if cfg.api == "grpc":
+            from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
+
+            if not cfg.grpc_target:
+                raise ValueError("api=grpc needs grpc_target")
+            channel = grpc.aio.insecure_channel(cfg.grpc_target)
+            stub = ipb_grpc.InferenceStub(channel)
         reqs = workload.requests
         finished = {r.index: asyncio.Event() for r in reqs}
         results: dict[int, RequestResult] = {}
@@ -213,7 +276,10 @@ async def run_workload(workload: Workload, cfg: ClientConfig,
                     res = RequestResult(req.index, req.conversation, req.turn,
                                         sent_at=time.perf_counter() - t0)
                     results[req.index] = res
-                    await send(http, req, cfg, model, res)
+                    if channel is not None:
+                        await send_grpc(stub, req, cfg, model, res)
+                    else:
+                        await send(http, req, cfg, model, res)
                     ends.append(time.perf_counter())
             except asyncio.CancelledError:
                 if res is not None:
@@ -234,6 +300,8 @@ async def run_workload(workload: Workload, cfg: ClientConfig,
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if channel is not None:
+            await channel.close()
         wall = (max(ends) - t0) if ends else 0.0
         ordered = [results[r.index] for r in reqs if r.index in results]
         return RunResult(ordered, wall, len(reqs) - len(ordered), model)
