@@ -47,6 +47,16 @@ class Options:
         base = min(self.max_backoff, self.backoff * (2 ** attempt))
         return base * (0.5 + random.random() / 2)
 
+    def retry_delay(self, exc: grpc.RpcError, attempt: int, deadline: "Deadline",
+                    streamed: bool = False) -> float | None:
+        """How long to wait before retrying a failed call, or None to give up: only UNAVAILABLE
+        is retried, only while nothing has streamed, retries are left and the deadline allows
+        the wait."""
+        delay = self.delay(attempt)
+        if streamed or not (retryable(exc) and attempt < self.retries and deadline.allows(delay)):
+            return None
+        return delay
+
 
 class Deadline:
     """One call's deadline, across its retries."""

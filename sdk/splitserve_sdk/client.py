@@ -65,9 +65,8 @@ class Client:
                 return fn(request, timeout=deadline.remaining(),
                           metadata=self.options.metadata())
             except grpc.RpcError as exc:
-                delay = self.options.delay(attempt)
-                if not (c.retryable(exc) and attempt < self.options.retries
-                        and deadline.allows(delay)):
+                delay = self.options.retry_delay(exc, attempt, deadline)
+                if delay is None:
                     raise from_rpc_error(exc) from None
             time.sleep(delay)
             attempt += 1
@@ -85,9 +84,8 @@ class Client:
                     yield Chunk.from_proto(msg)
                 return
             except grpc.RpcError as exc:
-                delay = self.options.delay(attempt)
-                if streamed or not (c.retryable(exc) and attempt < self.options.retries
-                                    and deadline.allows(delay)):
+                delay = self.options.retry_delay(exc, attempt, deadline, streamed)
+                if delay is None:
                     raise from_rpc_error(exc) from None
             finally:
                 call.cancel()  # no-op when finished; aborts the request when abandoned
