@@ -19,7 +19,7 @@ import psutil
 
 from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
-from services.controller.pools import WorkerPools
+from services.controller.pools import WorkerPools, plan_workers
 from services.controller.redis_server import RedisServer
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
@@ -73,7 +73,7 @@ class Cluster:
             ray.init(address=self.cfg.ray_address, namespace=self.cfg.namespace,
                      log_to_driver=False)
             return
-        workers = len(WorkerPools(self.cfg, "", self.run_dir).plan())
+        workers = len(plan_workers(self.cfg))
         ray.init(
             num_cpus=max(os.cpu_count() or 1, workers),
             include_dashboard=False,

@@ -32,6 +32,15 @@ def _cpu_binding(index: int) -> str:
     return str(index % cores)
 
 
+def plan_workers(cfg: ClusterConfig) -> list[tuple[WorkerRole, PoolConfig, int]]:
+    """(role, pool, index within pool) for every worker a cluster config asks for."""
+    if cfg.mode == "aggregated":
+        pools = [(WorkerRole.BOTH, cfg.workers)]
+    else:
+        pools = [(WorkerRole.PREFILL, cfg.prefill), (WorkerRole.DECODE, cfg.decode)]
+    return [(role, pool, i) for role, pool in pools for i in range(pool.replicas)]
+
+
 class WorkerPools:
     """Creates and owns the worker actors of a cluster."""
 
@@ -40,14 +49,6 @@ class WorkerPools:
         self.redis_url = redis_url
         self.run_dir = run_dir
         self.workers: list[WorkerHandle] = []
-
-    def plan(self) -> list[tuple[WorkerRole, PoolConfig, int]]:
-        """(role, pool, index within pool) for every worker to start."""
-        if self.cfg.mode == "aggregated":
-            pools = [(WorkerRole.BOTH, self.cfg.workers)]
-        else:
-            pools = [(WorkerRole.PREFILL, self.cfg.prefill), (WorkerRole.DECODE, self.cfg.decode)]
-        return [(role, pool, i) for role, pool in pools for i in range(pool.replicas)]
 
     def worker_config(self, role: WorkerRole, index: int, global_index: int) -> WorkerConfig:
         """The config of one worker."""
@@ -67,7 +68,7 @@ class WorkerPools:
     def start(self, timeout_s: float) -> list[WorkerHandle]:
         """Create every worker actor and wait until all engines serve."""
         remote_cls = ray.remote(WorkerActor)
-        for g, (role, pool, i) in enumerate(self.plan()):
+        for g, (role, pool, i) in enumerate(plan_workers(self.cfg)):
             wcfg = self.worker_config(role, i, g)
             actor = remote_cls.options(
                 name=f"splitserve-{wcfg.worker_id}",

@@ -60,11 +60,11 @@ class PDFlow:
         self._hashers: dict[tuple[int, str, str], BlockHasher] = {}
         self._cleanup_tasks: set[asyncio.Task] = set()
 
-    def _hasher(self, w: WorkerInfo) -> BlockHasher:
-        key = (w.block_size, w.hash_algo, w.hash_seed)
-        if key not in self._hashers:
-            self._hashers[key] = BlockHasher(*key)
-        return self._hashers[key]
+    def _hasher(self, scheme: tuple[int, str, str]) -> BlockHasher:
+        """The hasher of a (block size, algorithm, seed) scheme, made once."""
+        if scheme not in self._hashers:
+            self._hashers[scheme] = BlockHasher(*scheme)
+        return self._hashers[scheme]
 
     async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo]
                              ) -> dict[str, int]:
@@ -78,9 +78,8 @@ class PDFlow:
             by_scheme.setdefault((w.block_size, w.hash_algo, w.hash_seed), []).append(w.worker_id)
         cached: dict[str, int] = {}
         try:
-            for (bs, algo, seed), ids in by_scheme.items():
-                hashes = self._hasher(next(w for w in workers if w.worker_id == ids[0])
-                                      ).block_hashes(token_ids)
+            for scheme, ids in by_scheme.items():
+                hashes = self._hasher(scheme).block_hashes(token_ids)
                 if hashes:
                     cached.update(await self.index.longest_prefixes(hashes, ids))
         except Exception:  # Redis away: route on load alone (last registry snapshot)

@@ -7,6 +7,8 @@ cache directory, and nothing reaches out to a model hub.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.worker.config import WorkerConfig
 
 
@@ -57,6 +59,4 @@ def engine_environment(cfg: WorkerConfig, nixl_side_channel_port: int) -> dict[s
 
 
 def _is_local_path(model: str) -> bool:
-    from pathlib import Path
-
     return Path(model).exists()
