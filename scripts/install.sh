@@ -40,7 +40,7 @@ else
   device=cpu
 fi
 
-stamp_inputs="$(cat "$repo/scripts/install.sh" "$repo/pyproject.toml" "$repo/sdk/pyproject.toml" 2>/dev/null; echo "$device")"
+stamp_inputs="$(cat "$repo/scripts/install.sh" "$repo"/scripts/install_*.sh "$repo/pyproject.toml" "$repo/sdk/pyproject.toml" 2>/dev/null; echo "$device")"
 stamp_hash="$(printf '%s' "$stamp_inputs" | sha256sum | cut -d' ' -f1)"
 stamp="$venv/.splitserve-installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_hash" ]; then
@@ -78,6 +78,11 @@ torch_version="$("$venv/bin/python" -c 'import torch,sys; sys.stdout.write(torch
 pip install -q -e "$repo/sdk"
 pip install -q -e "$repo[test]" "torch==$torch_version"
 pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+
+# Tools the chart tests use (helm binary, security scanner), each in its own install script.
+for tools in "$repo"/scripts/install_*.sh; do
+  if [ -x "$tools" ]; then "$tools"; fi
+done
 
 printf '%s' "$stamp_hash" > "$stamp"
 log "done ($venv, $device)"
