@@ -17,7 +17,7 @@ from router.registry import DEFAULT_NAMESPACE
 # CLI flag -> scenario field; only flags given on the command line are passed, and a flag the
 # chosen scenario has no field for is an error.
 SCENARIO_FLAGS = ("requests", "conversations", "turns", "system_prompts", "isl", "isl_spread",
-                  "osl", "seed")
+                  "osl", "osl_spread", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,13 +35,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      'bench starts, one string (e.g. "--mode aggregated --workers 2")')
     tgt.add_argument("--run-dir", help="where started clusters keep logs (default: new tmp dir)")
     tgt.add_argument("--cache-dir", help="built-in models, compiled kernels")
+    tgt.add_argument("--target", choices=["splitserve", "vllm"], default="splitserve",
+                     help="vllm: first run vLLM's own OpenAI server with the engine settings "
+                     "and core of the cluster's first worker, as the ratios' baseline (the "
+                     "gateway's overhead: use with --up-args \"--mode aggregated --workers 1\")")
     tgt.add_argument("--label", help="run label without --compare")
     tgt.add_argument("--baseline", help="label of the ratios' baseline (default: first run)")
 
     wl = p.add_argument_group("workload")
     wl.add_argument("--scenario", default="prefix-reuse", choices=sorted(SCENARIOS),
-                    help="prefix-reuse (multi-turn chats sharing long system prompts) or "
-                    "synthetic (independent prompts)")
+                    help="prefix-reuse (multi-turn chats sharing long system prompts), "
+                    "synthetic (independent prompts, ISL/OSL ± spread) or mixed (a steady "
+                    "stream of chat turns while long prompts arrive); for NIXL transfer "
+                    "bandwidth see `python -m bench.kv_transfer`")
     wl.add_argument("--seed", type=int, help="workload seed (default 0)")
     wl.add_argument("--requests", type=int, help="synthetic: number of requests")
     wl.add_argument("--conversations", type=int, help="prefix-reuse: conversations")
@@ -50,11 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--isl", type=int, help="synthetic: mean prompt length (words)")
     wl.add_argument("--isl-spread", type=int, help="synthetic: prompt length spread (words)")
     wl.add_argument("--osl", type=int, help="output tokens per request")
+    wl.add_argument("--osl-spread", type=int, help="synthetic: output length spread (tokens)")
     wl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any other scenario field (repeatable), e.g. --set user_words=60")
 
     cl = p.add_argument_group("client")
-    cl.add_argument("--concurrency", type=int, default=8, help="most requests in flight")
+    cl.add_argument("--concurrency", default="8", metavar="N[,N2,...]",
+                    help="most requests in flight; a list (e.g. 1,2,4,8,16,32) is a sweep: "
+                    "one run per value on each target")
     cl.add_argument("--request-rate", type=float, help="mean requests/s, Poisson arrivals "
                     "(default: as fast as --concurrency allows)")
     cl.add_argument("--max-seconds", type=float, default=600.0, help="limit on each run")
@@ -62,7 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cl.add_argument("--warmup", type=int, default=1, help="unmeasured requests before a run")
     cl.add_argument("--model", help="model name (default: the server's first listed)")
     cl.add_argument("--api-key", help="bearer token for --url servers")
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the report here")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", dest="json_path", metavar="FILE", help="write the report here")
+    out.add_argument("--markdown", dest="markdown_path", metavar="FILE",
+                     help="write the metric table as markdown here")
+    out.add_argument("--plots", dest="plots_prefix", metavar="PREFIX",
+                     help="write PNG plots as PREFIX_<plot>.png (latency and throughput vs "
+                     "concurrency for sweeps, TTFT/ITL distributions)")
 
 
 def scenario_params(ns: argparse.Namespace) -> dict[str, Any]:
@@ -79,16 +94,20 @@ def scenario_params(ns: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(ns: argparse.Namespace):
     """A BenchConfig from parsed arguments (ValueError on inconsistent ones)."""
-    from bench.runner import BenchConfig, parse_compare
+    from bench.runner import BenchConfig, parse_compare, parse_concurrency
 
     if ns.url and ns.compare:
         raise ValueError("--url and --compare exclude each other")
+    if ns.url and ns.target == "vllm":
+        raise ValueError("--target vllm starts vLLM's server itself; it excludes --url")
     key, values = parse_compare(ns.compare) if ns.compare else (None, [])
+    sweep = parse_concurrency(str(ns.concurrency))
     return BenchConfig(
         scenario=ns.scenario, scenario_params=scenario_params(ns), url=ns.url,
         redis_url=ns.redis_url, namespace=ns.namespace, compare_key=key, compare_values=values,
         up_args=shlex.split(ns.up_args), label=ns.label, baseline=ns.baseline, model=ns.model,
-        api_key=ns.api_key, concurrency=ns.concurrency, request_rate=ns.request_rate,
+        api_key=ns.api_key, concurrency=sweep[0], concurrencies=sweep if len(sweep) > 1 else [],
+        target=ns.target, request_rate=ns.request_rate,
         max_seconds=ns.max_seconds, request_timeout_s=ns.request_timeout, warmup=ns.warmup,
         run_dir=Path(ns.run_dir) if ns.run_dir else None,
         cache_dir=Path(ns.cache_dir) if ns.cache_dir else None)
@@ -104,8 +123,8 @@ def run(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from rich.console import Console
 
-    from bench.report import render, write_json
-    from bench.runner import run_bench
+    from bench.report import render, write_json, write_markdown
+    from bench.runner import cluster_plan, run_bench
     from bench.workload import scenario_config
 
     for name in ("httpx", "httpcore"):
@@ -114,7 +133,10 @@ def run(ns: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(ns)
         scenario_config(cfg.scenario, cfg.scenario_params)
-        if cfg.baseline and cfg.compare_values and cfg.baseline not in cfg.compare_values:
+        if not cfg.url:
+            cluster_plan(cfg)
+        known = [*cfg.compare_values, *(["vllm"] if cfg.target == "vllm" else [])]
+        if cfg.baseline and cfg.compare_values and cfg.baseline not in known:
             raise ValueError(f"--baseline {cfg.baseline!r} is not a --compare value")
     except (ValueError, ValidationError) as exc:
         print(f"splitserve bench: {exc}", file=sys.stderr)
@@ -130,6 +152,13 @@ def run(ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if ns.json_path:
         write_json(report, Path(ns.json_path))
+    if ns.markdown_path:
+        write_markdown(report, Path(ns.markdown_path))
+    if ns.plots_prefix and report.runs:
+        from bench.plots import write_plots
+
+        for path in write_plots(report, ns.plots_prefix):
+            print(f"splitserve bench: wrote {path}", file=sys.stderr)
     if report.runs:
         render(report, Console())
     if failure:

@@ -13,7 +13,8 @@ generates exactly its `max_tokens`. Per request it records:
 
 Concurrency is bounded by a semaphore (requests acquire it in arrival order); an optional
 request rate spaces sends with seeded exponential gaps (a Poisson process). A request with
-`after` (a conversation's next turn) waits until that request finished. The whole run is
+`after` (a conversation's next turn) waits until that request finished; one with `arrival_s`
+(open-loop scenarios) is not sent before that many seconds into the run. The whole run is
 bounded by `max_seconds`: then unsent requests are dropped and in-flight ones cancelled.
 """
 
@@ -68,6 +69,7 @@ class RequestResult:
     index: int
     conversation: int = 0
     turn: int = 0
+    tag: str = ""
     ok: bool = False
     status: int | None = None
     error: str | None = None
@@ -271,9 +273,11 @@ async def run_workload(workload: Workload, cfg: ClientConfig,
             try:
                 if req.after is not None:
                     await finished[req.after].wait()
+                if req.arrival_s is not None:
+                    await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
                 async with sem:
                     await pacer.wait()
-                    res = RequestResult(req.index, req.conversation, req.turn,
+                    res = RequestResult(req.index, req.conversation, req.turn, req.tag,
                                         sent_at=time.perf_counter() - t0)
                     results[req.index] = res
                     if channel is not None:

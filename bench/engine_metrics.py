@@ -44,7 +44,10 @@ BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"
-COUNTERS = (PROMPT_TOKENS, HITS, QUERIES)
+XFER_TIME = "vllm:nixl_xfer_time_seconds"
+XFER_BYTES = "vllm:nixl_bytes_transferred"
+NIXL = tuple(f"{h}_{part}" for h in (XFER_TIME, XFER_BYTES) for part in ("sum", "count"))
+COUNTERS = (PROMPT_TOKENS, HITS, QUERIES, *NIXL)
 SERVING_ROLES = ("decode", "both")
 
 
@@ -151,6 +154,40 @@ class PrefixCacheReport(BaseModel):
     computed_prompt_tokens: float = Field(description="Δ local_compute of all workers")
     by_role: dict[str, RoleCounters] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list, description="workers that could not be read")
+
+
+class KvTransferReport(BaseModel):
+    """The NIXL transfers decode engines made during a run, from vLLM's connector metrics
+    (`vllm:nixl_xfer_time_seconds`, `vllm:nixl_bytes_transferred`: one observation per
+    transfer, i.e. per request whose KV was pulled)."""
+
+    transfers: float = Field(description="Δ transfers")
+    bytes: float = Field(description="Δ bytes moved")
+    seconds: float = Field(description="Δ time spent in transfers (post to completion)")
+    mean_mib: float | None = Field(None, description="MiB per transfer")
+    mean_ms: float | None = Field(None, description="milliseconds per transfer")
+    gb_s: float | None = Field(None, description="bytes / transfer time, in GB/s (1e9)")
+
+
+def kv_transfer_report(before: EngineSnapshot, after: EngineSnapshot) -> KvTransferReport | None:
+    """Δ of the decode engines' NIXL histograms (None when no decode worker was seen)."""
+    total = {k: 0.0 for k in NIXL}
+    seen = False
+    for wid, w in after.workers.items():
+        if w.role != "decode":
+            continue
+        seen = True
+        prev = before.workers.get(wid)
+        for k in NIXL:
+            total[k] += _delta(w.get(k), prev.get(k) if prev else 0.0)
+    if not seen:
+        return None
+    n, nbytes = total[f"{XFER_TIME}_count"], total[f"{XFER_BYTES}_sum"]
+    secs = total[f"{XFER_TIME}_sum"]
+    return KvTransferReport(
+        transfers=n, bytes=nbytes, seconds=secs,
+        mean_mib=nbytes / n / 2**20 if n else None, mean_ms=secs / n * 1000 if n else None,
+        gb_s=nbytes / secs / 1e9 if secs > 0 else None)
 
 
 def _delta(after: float, before: float) -> float:

@@ -7,7 +7,17 @@ Targets:
 - ``compare``: for each value of one `splitserve up` flag (e.g. ``policy=kv,round_robin``),
   start a cluster with ``--<flag> <value>`` plus ``up_args``, run, stop it, then the next
   (one at a time: a small machine cannot hold two);
-- neither: one cluster started with ``up_args``.
+- neither: one cluster started with ``up_args``;
+- ``target="vllm"``: first vLLM's own OpenAI server, with the engine settings, environment and
+  core binding of the cluster's first worker (:mod:`bench.vllm_server`), as the baseline; then
+  the cluster(s) as above.
+
+``concurrencies`` with more than one value is a sweep: each target runs the workload once per
+value (labels ``<target>@c<N>``), and ratios compare runs at the same concurrency.
+
+``--compare mode=...`` compares at the same total cores: aggregated clusters get as many
+workers as the disaggregated ones have prefill + decode workers (each engine is bound to one
+core, in the same order), unless ``--workers`` is given, and unequal engine counts are refused.
 
 Every run sends the identical, seeded workload (same fingerprint in each run's config).
 """
@@ -25,7 +35,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.client import ClientConfig, run_workload, warm_up
-from bench.engine_metrics import PrefixCacheReport, prefix_cache_report, scrape_settled
+from bench.engine_metrics import (KvTransferReport, PrefixCacheReport, kv_transfer_report,
+                                  prefix_cache_report, scrape_settled)
 from bench.report import BenchReport, RunReport, make_report, progress
 from bench.stats import summarize
 from bench.workload import Workload, scenario_config
@@ -49,6 +60,10 @@ class BenchConfig(BaseModel):
     model: str | None = Field(None, description="model name (default: the server's first)")
     api_key: str | None = Field(None, description="bearer token for --url servers")
     concurrency: int = Field(8, ge=1, description="most requests in flight")
+    concurrencies: list[int] = Field(default_factory=list, description=(
+        "a sweep: run the workload once per value (default: [concurrency])"))
+    target: str = Field("splitserve", description=(
+        "splitserve: the cluster(s); vllm: vLLM's own server first, as the baseline"))
     request_rate: float | None = Field(None, gt=0, description="mean requests/s (Poisson)")
     max_seconds: float = Field(600.0, gt=0, description="limit on each run's duration")
     request_timeout_s: float = Field(300.0, gt=0, description="limit per request")
@@ -57,9 +72,14 @@ class BenchConfig(BaseModel):
     cache_dir: Path | None = Field(None, description="built-in models, compiled kernels")
     cluster_timeout_s: float = Field(600.0, gt=0, description="limit on a cluster's start")
 
-    def client(self, base_url: str) -> ClientConfig:
+    @property
+    def sweep(self) -> list[int]:
+        return self.concurrencies or [self.concurrency]
+
+    def client(self, base_url: str, concurrency: int | None = None) -> ClientConfig:
         return ClientConfig(base_url=base_url, model=self.model, api_key=self.api_key,
-                            concurrency=self.concurrency, request_rate=self.request_rate,
+                            concurrency=concurrency or self.concurrency,
+                            request_rate=self.request_rate,
                             max_seconds=self.max_seconds,
                             request_timeout_s=self.request_timeout_s,
                             seed=int(self.scenario_params.get("seed", 0)))
@@ -77,6 +97,46 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
     return key, vals
 
 
+def parse_concurrency(spec: str) -> list[int]:
+    """`8` -> [8]; `1,2,4,8` -> a sweep (positive, distinct, in the order given)."""
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency wants N or N1,N2,... (got {spec!r})") from None
+    if not vals or any(v < 1 for v in vals) or len(set(vals)) != len(vals):
+        raise ValueError(f"--concurrency wants distinct positive integers (got {spec!r})")
+    return vals
+
+
+def engines_of(up_args: list[str]) -> int:
+    """How many engines (one core each on CPU) `splitserve up UP_ARGS` starts."""
+    from services.cli import build_parser
+
+    ns = build_parser().parse_args(["up", *up_args])
+    return ns.workers if ns.mode == "aggregated" else ns.prefill + ns.decode
+
+
+def cluster_plan(cfg: BenchConfig) -> list[tuple[str, list[str], dict[str, Any]]]:
+    """(label, `splitserve up` args, config extras) per cluster to start, in order."""
+    if not cfg.compare_key:
+        return [(cfg.label or "splitserve", list(cfg.up_args), {})]
+    flag = "--" + cfg.compare_key.replace("_", "-")
+    plan = [(v, [flag, v, *cfg.up_args], {cfg.compare_key: v}) for v in cfg.compare_values]
+    if cfg.compare_key == "mode":
+        # Same total cores: as many aggregated workers as disaggregated engines.
+        has_workers = any(a == "--workers" or a.startswith("--workers=") for a in cfg.up_args)
+        disagg = [args for v, args, _ in plan if v == "disaggregated"]
+        if not has_workers and disagg:
+            n = engines_of(disagg[0])
+            plan = [(v, [*args, "--workers", str(n)] if v == "aggregated" else args, extra)
+                    for v, args, extra in plan]
+        counts = {v: engines_of(args) for v, args, _ in plan}
+        if len(set(counts.values())) > 1:
+            raise ValueError("--compare mode=... must compare the same total cores; engines: "
+                             + ", ".join(f"{k}={n}" for k, n in counts.items()))
+    return plan
+
+
 def _namespace(up_args: list[str], default: str) -> str:
     for i, a in enumerate(up_args):
         if a == "--namespace" and i + 1 < len(up_args):
@@ -88,9 +148,10 @@ def _namespace(up_args: list[str], default: str) -> str:
 
 async def measure(label: str, base_url: str, redis_url: str | None, namespace: str,
                   workload: Workload, cfg: BenchConfig, config: dict[str, Any],
-                  console: Console) -> RunReport:
+                  console: Console, concurrency: int | None = None,
+                  target: str = "") -> RunReport:
     """Warm up, snapshot the engines' counters, run the workload, snapshot again."""
-    client = cfg.client(base_url)
+    client = cfg.client(base_url, concurrency)
     await warm_up(client, cfg.warmup)
     before = None
     if redis_url:
@@ -98,17 +159,21 @@ async def measure(label: str, base_url: str, redis_url: str | None, namespace: s
     with progress(console, label, len(workload.requests)) as on_result:
         run = await run_workload(workload, client, on_result)
     prefix: PrefixCacheReport | None = None
+    kv: KvTransferReport | None = None
     if redis_url and before is not None:
-        prefix = prefix_cache_report(before, await scrape_settled(redis_url, namespace))
+        after = await scrape_settled(redis_url, namespace)
+        prefix = prefix_cache_report(before, after)
+        kv = kv_transfer_report(before, after)
     stats = summarize(run)
-    config = {**config, "model": run.model}
-    return RunReport.build(label, config, stats, prefix)
+    config = {**config, "model": run.model, "concurrency": client.concurrency}
+    return RunReport.build(label, config, stats, prefix, kv, target=target or label,
+                           concurrency=client.concurrency)
 
 
 def _workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
     return {"scenario": workload.scenario, "scenario_config": workload.config,
             "workload_requests": len(workload.requests),
-            "workload_sha256": workload.fingerprint(), "concurrency": cfg.concurrency,
+            "workload_sha256": workload.fingerprint(),
             "request_rate": cfg.request_rate, "max_seconds": cfg.max_seconds}
 
 
@@ -137,6 +202,16 @@ def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
             pass
 
 
+def _measure_all(target: str, url: str, redis_url: str | None, namespace: str,
+                 workload: Workload, cfg: BenchConfig, config: dict[str, Any],
+                 err: Console) -> list[RunReport]:
+    """One run per concurrency of the sweep against one target."""
+    sweep = cfg.sweep
+    return [asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
+                                redis_url, namespace, workload, cfg, config, err, c, target))
+            for c in sweep]
+
+
 def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     """Run every target; returns the report and, if a run could not be done, why (the
     report then holds the runs done before it)."""
@@ -148,8 +223,8 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     if cfg.url:
         label = cfg.label or "url"
         try:
-            runs.append(asyncio.run(measure(label, cfg.url, cfg.redis_url, cfg.namespace,
-                                            workload, cfg, {**base, "target": cfg.url}, err)))
+            runs += _measure_all(label, cfg.url, cfg.redis_url, cfg.namespace, workload, cfg,
+                                 {**base, "target": cfg.url}, err)
         except Exception as exc:
             return make_report(runs), f"{label}: the run failed: {type(exc).__name__}: {exc}"
         return make_report(runs), None
@@ -160,15 +235,14 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     cache_dir = cfg.cache_dir or default_cache_dir()
     root = cfg.run_dir or Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    if cfg.compare_key:
-        flag = "--" + cfg.compare_key.replace("_", "-")
-        plan = [(v, [flag, v, *cfg.up_args], {cfg.compare_key: v})
-                for v in cfg.compare_values]
-    else:
-        plan = [(cfg.label or "default", list(cfg.up_args), {})]
+    plan = cluster_plan(cfg)
     namespace = _namespace(cfg.up_args, DEFAULT_NAMESPACE)
     failure: str | None = None
+    if cfg.target == "vllm":
+        failure = _run_vllm(cfg, root, cache_dir, workload, base, runs, err)
     for i, (label, args, extra) in enumerate(plan):
+        if failure:
+            break
         run_dir = root / f"{i}-{_slug(label)}"
         err.print(f"[bold]{escape(label)}[/bold]: starting `splitserve up "
                   f"{escape(' '.join(args))}` (logs: {run_dir.parent / (run_dir.name + '.out')})")
@@ -182,19 +256,42 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
             break
         try:
             err.print(f"[bold]{escape(label)}[/bold]: cluster ready at {cluster.http}")
-            runs.append(asyncio.run(measure(
-                label, cluster.http, cluster.redis_url, namespace, workload, cfg,
-                {**base, **extra, "target": "cluster", "up_args": args}, err)))
+            runs += _measure_all(label, cluster.http, cluster.redis_url, namespace, workload,
+                                 cfg, {**base, **extra, "target": "cluster", "up_args": args},
+                                 err)
         except Exception as exc:
             failure = f"{label}: the run failed: {type(exc).__name__}: {exc}"
         finally:
             code = cluster.stop()
             if code != 0:
                 err.print(f"[yellow]{escape(label)}: splitserve up exited {code}[/yellow]")
-        if failure:
-            break
-    baseline = cfg.baseline if cfg.baseline in {r.label for r in runs} else None
+    targets = {r.target for r in runs}
+    baseline = cfg.baseline if cfg.baseline in targets else None
     return make_report(runs, baseline), failure
 
 
-__all__ = ["BenchConfig", "measure", "parse_compare", "run_bench"]
+def _run_vllm(cfg: BenchConfig, root: Path, cache_dir: Path, workload: Workload,
+              base: dict[str, Any], runs: list[RunReport], err: Console) -> str | None:
+    """The vLLM baseline: start its server, run the sweep, stop it; why it failed, or None."""
+    from bench.vllm_server import engine_config, server_args, start_vllm_server
+
+    eng = engine_config(cfg.up_args, cache_dir)
+    run_dir = root / "vllm"
+    err.print(f"[bold]vllm[/bold]: starting vLLM's OpenAI server (logs: {run_dir})")
+    try:
+        server = start_vllm_server(eng, run_dir, cache_dir, cfg.cluster_timeout_s)
+    except (RuntimeError, TimeoutError) as exc:
+        return f"vllm: the server did not start: {str(exc)[-2000:]}"
+    try:
+        runs += _measure_all("vllm", server.url, None, DEFAULT_NAMESPACE, workload, cfg,
+                             {**base, "target": "vllm",
+                              "vllm_args": server_args(eng, 0, "ipc://...")}, err)
+    except Exception as exc:
+        return f"vllm: the run failed: {type(exc).__name__}: {exc}"
+    finally:
+        server.stop()
+    return None
+
+
+__all__ = ["BenchConfig", "cluster_plan", "measure", "parse_compare", "parse_concurrency",
+           "run_bench"]

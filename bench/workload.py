@@ -70,6 +70,11 @@ class BenchRequest:
     """turn number within its conversation (0 first)"""
     after: int | None = None
     """index of the request that must have finished before this one is sent (previous turn)"""
+    arrival_s: float | None = None
+    """open-loop arrival: sent this many seconds after the run starts (None: as soon as the
+    concurrency limit and request rate allow)"""
+    tag: str = ""
+    """request class the report breaks figures down by (e.g. mixed: chat / long)"""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -90,6 +95,9 @@ class BenchRequest:
         return body
 
 
+_OPTIONAL: dict[str, Any] = {"arrival_s": None, "tag": ""}
+
+
 @dataclass(frozen=True)
 class Workload:
     """A scenario's requests and the config that built them."""
@@ -100,13 +108,21 @@ class Workload:
 
     def fingerprint(self) -> str:
         """SHA-256 over the requests: equal fingerprints mean byte-identical workloads."""
-        blob = json.dumps([asdict(r) for r in self.requests], sort_keys=True,
+        # Fields at their defaults are left out, so adding a field keeps older fingerprints.
+        rows = [{k: v for k, v in asdict(r).items() if k not in _OPTIONAL or v != _OPTIONAL[k]}
+                for r in self.requests]
+        blob = json.dumps(rows, sort_keys=True,
                           separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
     def conversations(self) -> int:
         return len({r.conversation for r in self.requests})
+
+    @property
+    def tags(self) -> list[str]:
+        """The request classes present, in order of first appearance ([] when untagged)."""
+        return list(dict.fromkeys(r.tag for r in self.requests if r.tag))
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -162,13 +178,16 @@ class SyntheticConfig(ScenarioConfig):
     requests: int = Field(32, ge=1, description="number of requests")
     isl: int = Field(256, ge=1, description="mean prompt length in words (≈ tokens)")
     isl_spread: int = Field(64, ge=0, description="prompt lengths are uniform in isl ± spread")
-    osl: int = Field(32, ge=1, description="output tokens per request")
+    osl: int = Field(32, ge=1, description="mean output tokens per request")
+    osl_spread: int = Field(0, ge=0, description="output lengths are uniform in osl ± spread")
     api: Api = Field("completions", description="endpoint: completions (prompt) or chat")
 
     @model_validator(mode="after")
     def _spread(self) -> "SyntheticConfig":
         if self.isl_spread >= self.isl:
             raise ValueError("isl_spread must be smaller than isl")
+        if self.osl_spread >= self.osl:
+            raise ValueError("osl_spread must be smaller than osl")
         return self
 
     def build(self) -> Workload:
@@ -176,10 +195,14 @@ class SyntheticConfig(ScenarioConfig):
         for i in range(self.requests):
             rng = rng_for(self.seed, "synthetic", i)
             text = words(rng, rng.randint(self.isl - self.isl_spread, self.isl + self.isl_spread))
+            osl = self.osl
+            if self.osl_spread:  # drawn only with a spread: older workloads keep their bytes
+                osl = rng_for(self.seed, "synthetic-osl", i).randint(self.osl - self.osl_spread,
+                                                                     self.osl + self.osl_spread)
             if self.api == "chat":
-                reqs.append(BenchRequest(i, self.osl, messages=(("user", text),), conversation=i))
+                reqs.append(BenchRequest(i, osl, messages=(("user", text),), conversation=i))
             else:
-                reqs.append(BenchRequest(i, self.osl, prompt=text, conversation=i))
+                reqs.append(BenchRequest(i, osl, prompt=text, conversation=i))
         return self._workload(reqs)
 
 
@@ -238,6 +261,53 @@ class PrefixReuseConfig(ScenarioConfig):
                 reply = words(rng_for(self.seed, "reply", c, t), self.reply_words)
                 history[c] = [*msgs, ("assistant", reply)]
         return self._workload(reqs)
+
+
+@scenario
+class MixedConfig(ScenarioConfig):
+    """A steady stream of short chat turns while long-prompt requests arrive: the interference
+    that disaggregation removes.
+
+    Chat turns (tag `chat`) arrive open-loop as a Poisson process of `chat_rate` requests/s;
+    long-prompt requests (tag `long`) arrive evenly spaced over the same span, the first half a
+    gap in. In aggregated mode a long prompt's prefill runs in the same engine steps as the
+    chats' decodes and stalls their token streams; in disaggregated mode it runs on the
+    prefill worker. Read the `chat` ITL tail (and the run's output throughput).
+    """
+
+    name: ClassVar[str] = "mixed"
+
+    chat_requests: int = Field(48, ge=1, description="number of chat turns")
+    chat_rate: float = Field(4.0, gt=0, description="chat turns per second (Poisson)")
+    chat_isl: int = Field(48, ge=1, description="mean chat prompt length in words (± 25%)")
+    chat_osl: int = Field(64, ge=1, description="output tokens per chat turn")
+    long_requests: int = Field(6, ge=0, description="number of long-prompt requests")
+    long_isl: int = Field(1400, ge=1, description="long prompt length in words (± 5%)")
+    long_osl: int = Field(8, ge=1, description="output tokens per long-prompt request")
+
+    def build(self) -> Workload:
+        arrivals = rng_for(self.seed, "mixed", "arrivals")
+        reqs: list[tuple[float, str, str, int]] = []
+        t = 0.0
+        for i in range(self.chat_requests):
+            rng = rng_for(self.seed, "mixed", "chat", i)
+            spread = self.chat_isl // 4
+            reqs.append((t, "chat", words(rng, rng.randint(self.chat_isl - spread,
+                                                            self.chat_isl + spread)),
+                         self.chat_osl))
+            t += arrivals.expovariate(self.chat_rate)
+        span = self.chat_requests / self.chat_rate
+        for j in range(self.long_requests):
+            rng = rng_for(self.seed, "mixed", "long", j)
+            spread = self.long_isl // 20
+            n = rng.randint(self.long_isl - spread, self.long_isl + spread)
+            reqs.append(((j + 0.5) * span / self.long_requests, "long", words(rng, n),
+                         self.long_osl))
+        reqs.sort(key=lambda r: (r[0], r[1]))
+        return self._workload([
+            BenchRequest(i, osl, messages=(("user", text),), conversation=i,
+                         arrival_s=round(at, 6), tag=tag)
+            for i, (at, tag, text, osl) in enumerate(reqs)])
 
 
 def scenario_config(name: str, params: dict[str, Any]) -> ScenarioConfig:

@@ -1,0 +1,124 @@
+"""PNG plots of a benchmark report (matplotlib, Agg backend: no display needed).
+
+- ``PREFIX_latency.png``: TTFT and ITL p50/p99 vs concurrency, one line per target (sweeps),
+- ``PREFIX_throughput.png``: output tokens/s vs concurrency, one line per target (sweeps),
+- ``PREFIX_distributions.png``: TTFT and ITL empirical CDFs, one line per run (for a sweep,
+  the runs at its highest concurrency; for a workload with request classes, per class too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from bench.report import BenchReport, RunReport  # noqa: E402
+
+
+def _targets(report: BenchReport) -> dict[str, list[RunReport]]:
+    """Runs grouped by target, each group ordered by concurrency."""
+    out: dict[str, list[RunReport]] = {}
+    for r in report.runs:
+        out.setdefault(r.target, []).append(r)
+    return {t: sorted(rs, key=lambda r: r.concurrency or 0) for t, rs in out.items()}
+
+
+def is_sweep(report: BenchReport) -> bool:
+    """Whether some target ran at more than one concurrency."""
+    return any(len({r.concurrency for r in rs}) > 1 for rs in _targets(report).values())
+
+
+def _concurrency_axis(ax, runs: list[RunReport]) -> None:
+    xs = sorted({r.concurrency for r in runs if r.concurrency})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_latency(report: BenchReport, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in ((axes[0], "ttft_ms", "time to first token"),
+                              (axes[1], "itl_ms", "inter-token latency")):
+        for i, (target, runs) in enumerate(_targets(report).items()):
+            xs = [r.concurrency for r in runs]
+            color = f"C{i}"
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ys = [r.metric(f"{metric}.{q}") for r in runs]
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o",
+                        color=color, label=f"{target} {q}")
+        _concurrency_axis(ax, report.runs)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(report: BenchReport, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (target, runs) in enumerate(_targets(report).items()):
+        ax.plot([r.concurrency for r in runs], [r.output_tok_s for r in runs], "-o",
+                color=f"C{i}", label=target)
+    _concurrency_axis(ax, report.runs)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("throughput")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cdf(ax, values: list[float], label: str, color: str, style: str = "-") -> None:
+    if not values:
+        return
+    xs = sorted(values)
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    ax.step(xs, ys, style, where="post", color=color, label=f"{label} (n={len(xs)})")
+
+
+def plot_distributions(report: BenchReport, path: Path) -> Path:
+    groups = _targets(report)
+    shown = [rs[-1] for rs in groups.values()] if is_sweep(report) else report.runs
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, run in enumerate(shown):
+        tags = list(run.by_tag) or [""]
+        for j, tag in enumerate(tags):
+            samples = [s for s in run.samples if s.tag == tag or not tag]
+            name = run.label + (f" {tag}" if tag else "")
+            style = ("-", "--", ":", "-.")[j % 4]
+            _cdf(axes[0], [s.ttft_ms for s in samples if s.ttft_ms is not None], name,
+                 f"C{i}", style)
+            _cdf(axes[1], [x for s in samples for x in s.itl_ms], name, f"C{i}", style)
+    for ax, title in ((axes[0], "TTFT distribution"), (axes[1], "ITL distribution")):
+        ax.set_xscale("log")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction of samples ≤ x")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: BenchReport, prefix: str | Path) -> list[Path]:
+    """Write the plots that fit the report (vs-concurrency plots only for sweeps)."""
+    base = Path(prefix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    if is_sweep(report):
+        out.append(plot_latency(report, base.with_name(base.name + "_latency.png")))
+        out.append(plot_throughput(report, base.with_name(base.name + "_throughput.png")))
+    out.append(plot_distributions(report, base.with_name(base.name + "_distributions.png")))
+    return out

@@ -1,0 +1,172 @@
+"""vLLM's own OpenAI server as a benchmark baseline (`splitserve bench --target vllm`).
+
+The baseline is one engine that matches one splitserve worker of an aggregated cluster started
+with the same `--up-args`:
+
+- the same engine settings: :func:`engine_config` builds the worker's :class:`EngineConfig`
+  from the `splitserve up` flags exactly as `splitserve up` does, and :func:`server_args`
+  turns it into vLLM CLI flags (model, served name, dtype, block size, context length, max
+  sequences, eager mode, prefix caching and its hash, seed, parallelism, and a KV-event
+  publisher like the worker's, with nobody subscribed);
+- the same process environment and core binding: :func:`server_env` is the worker's engine
+  environment (`services.worker.environment`) for worker 0 of the cluster, whose engine is
+  bound to the same core (`VLLM_CPU_OMP_THREADS_BIND`) as splitserve's first worker;
+- the same logging: no per-request or access logs, engine stats on (as the worker).
+
+What differs is what is measured: vLLM's API server talks to its engine in-process, a
+splitserve request goes gateway (tokenize, route) -> gRPC -> worker actor -> engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from services.worker.config import EngineConfig
+
+READY_PATH = "/v1/models"
+
+
+def engine_config(up_args: list[str], cache_dir: Path) -> EngineConfig:
+    """The engine settings `splitserve up UP_ARGS` gives its workers."""
+    from services.cli import _detect_device, build_parser
+
+    ns = build_parser().parse_args(["up", *up_args])
+    model, served = ns.model, ns.served_model_name
+    if model is None:
+        from services.controller.builtin_model import ensure_builtin_model
+
+        model = str(ensure_builtin_model(cache_dir, "tiny"))
+        served = served or "splitserve-tiny"
+    device = ns.device or _detect_device()
+    return EngineConfig(model=model, served_model_name=served, device=device,
+                        max_model_len=ns.max_model_len, block_size=ns.block_size,
+                        dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
+                        cpu_kv_cache_space_gib=ns.kv_cache_gib,
+                        tensor_parallel_size=ns.tensor_parallel_size)
+
+
+def server_args(eng: EngineConfig, port: int, kv_events_endpoint: str,
+                host: str = "127.0.0.1") -> list[str]:
+    """`vllm.entrypoints.openai.api_server` flags for the same engine as a worker's."""
+    args = ["--model", eng.model, "--served-model-name", eng.name, "--dtype", eng.dtype,
+            "--block-size", str(eng.block_size), "--max-num-seqs", str(eng.max_num_seqs),
+            "--seed", str(eng.seed), "--tensor-parallel-size", str(eng.tensor_parallel_size),
+            "--pipeline-parallel-size", str(eng.pipeline_parallel_size),
+            "--prefix-caching-hash-algo", eng.prefix_caching_hash_algo,
+            "--enable-prefix-caching" if eng.enable_prefix_caching
+            else "--no-enable-prefix-caching",
+            "--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq",
+                "endpoint": kv_events_endpoint, "topic": "kv"}),
+            "--host", host, "--port", str(port),
+            "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log"]
+    if eng.tokenizer:
+        args += ["--tokenizer", eng.tokenizer]
+    if eng.max_model_len is not None:
+        args += ["--max-model-len", str(eng.max_model_len)]
+    # Explicit, because vLLM's default depends on the caller: the API server's CPU default and
+    # the worker's (an AsyncLLM, engine context: SchedulerConfig's) could differ.
+    args += ["--max-num-batched-tokens", str(max_num_batched_tokens(eng))]
+    if eng.enforce_eager:
+        args.append("--enforce-eager")
+    if eng.device == "cuda":
+        args += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
+    return args
+
+
+def max_num_batched_tokens(eng: EngineConfig) -> int:
+    """Tokens per engine step a worker's engine runs with (its setting, or vLLM's default for
+    an engine created outside the API server)."""
+    if eng.max_num_batched_tokens is not None:
+        return eng.max_num_batched_tokens
+    from vllm.config.scheduler import SchedulerConfig
+
+    return SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+
+def server_env(eng: EngineConfig, run_dir: Path, cache_dir: Path) -> dict[str, str]:
+    """The environment of splitserve's first worker's engine (same core binding)."""
+    from router.registry import WorkerRole
+    from services.controller.pools import _cpu_binding
+    from services.worker.config import WorkerConfig
+    from services.worker.environment import engine_environment
+
+    wcfg = WorkerConfig(worker_id="vllm-baseline", role=WorkerRole.BOTH, engine=eng,
+                        redis_url="redis://unused", run_dir=run_dir, cache_dir=cache_dir,
+                        cpu_threads_bind=_cpu_binding(0) if eng.device == "cpu" else "nobind")
+    env = engine_environment(wcfg, nixl_side_channel_port=0)
+    for k in ("VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NIXL_SIDE_CHANNEL_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@dataclass
+class VllmServer:
+    """A running vLLM OpenAI server this process started."""
+
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGINT (vLLM shuts its engine down), then kill what is left, by PID."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        _, alive = psutil.wait_procs(kids, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return self.proc.returncode
+
+
+def start_vllm_server(eng: EngineConfig, run_dir: Path, cache_dir: Path,
+                      timeout_s: float = 600) -> VllmServer:
+    """Start vLLM's OpenAI server on a free loopback port and wait until it lists models."""
+    from services.ports import free_port
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "tmp").mkdir(exist_ok=True)
+    port = free_port()
+    env = {**os.environ, **server_env(eng, run_dir, cache_dir)}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           *server_args(eng, port, f"ipc://{run_dir}/kv-events.sock")]
+    log_path = run_dir / "vllm-server.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+    server = VllmServer(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited {proc.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(server.url + READY_PATH, timeout=2, trust_env=False).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    server.stop()
+    raise TimeoutError(f"vLLM's server not ready in {timeout_s}s:\n"
+                       f"{log_path.read_text(errors='replace')[-3000:]}")
