@@ -1,0 +1,256 @@
+"""An industry benchmark client (guidellm) against the gateway, next to `splitserve bench`.
+
+    scripts/run_industry_bench.sh [--url URL --model-dir DIR] [--json out.json] ...
+
+Shows two things in one run against one server: that an outside tool drives the gateway's
+OpenAI API without errors (compatibility), and that `splitserve bench`'s figures agree with
+the outside tool's on the same load (the same request count, concurrency, prompt and output
+lengths, streaming chat completions with `ignore_eos`).
+
+Like for like: guidellm's ITL is per request, (last token time - first token time) / (output
+tokens - 1), summarised over requests; `splitserve bench` reports the same per-request figure
+as TPOT (its ITL is the distribution of gaps between stream chunks, which this cannot compare).
+TTFT is send -> first token in both. guidellm measures prompt lengths in tokens of the model's
+tokenizer (a local directory: nothing is downloaded); `splitserve bench` in words of its
+vocabulary, about one token each with the built-in tokenizer, so the prompts are of similar,
+not identical, length (both are reported). After one unmeasured pass (engine warm-up), the two
+clients take turns for `--rounds` rounds, alternating which goes first, and each client's
+figures are the mean over its rounds; the per-round figures are kept, so drift in the
+machine's load shows up as spread between rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bench.client import ClientConfig, run_workload, warm_up
+from bench.stats import summarize
+from bench.workload import SyntheticConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL_VENV = REPO / ".cache" / "tools" / "guidellm"
+
+
+class Figures(BaseModel):
+    """What both clients report, in milliseconds and tokens/s."""
+
+    requests: int
+    errors: int
+    ttft_p50_ms: float | None
+    ttft_mean_ms: float | None
+    itl_p50_ms: float | None = Field(description="per-request ITL (TPOT), median over requests")
+    itl_mean_ms: float | None = Field(description="per-request ITL (TPOT), mean over requests")
+    output_tok_s: float | None
+    prompt_tokens_mean: float | None = Field(None, description="prompt length, in tokens")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_splitserve(url: str, model: str | None, wl: SyntheticConfig, concurrency: int
+                   ) -> Figures:
+    from bench.stats import tpot_s
+
+    cfg = ClientConfig(base_url=url, model=model, concurrency=concurrency)
+
+    async def go():
+        await warm_up(cfg, 1)
+        return await run_workload(wl.build(), cfg)
+
+    run = asyncio.run(go())
+    s = summarize(run)
+    ok = [r for r in run.results if r.ok]
+    ttfts = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
+    tpots = [t * 1000 for r in ok if (t := tpot_s(r)) is not None]
+    return Figures(requests=s.requests, errors=s.errors, ttft_p50_ms=s.ttft_ms.p50,
+                   ttft_mean_ms=_mean(ttfts), itl_p50_ms=s.tpot_ms.p50, itl_mean_ms=_mean(tpots),
+                   output_tok_s=s.output_tok_s,
+                   prompt_tokens_mean=_mean([float(r.prompt_tokens) for r in ok
+                                             if r.prompt_tokens is not None]))
+
+
+def guidellm_command(url: str, model: str, tokenizer_dir: Path, prompt_tokens: int,
+                     output_tokens: int, requests: int, concurrency: int, out: Path,
+                     seed: int = 0) -> list[str]:
+    """guidellm's command line for the same load (guidellm 0.8 `run` syntax)."""
+    return [str(TOOL_VENV / "bin" / "guidellm"), "run",
+            "--backend", f"kind=openai_http,target={url},model={model}",
+            "--profile", f"kind=concurrent,streams={concurrency}",
+            "--constraint", f"kind=max_requests,count={requests}",
+            "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},"
+                      f"output_tokens={output_tokens}",
+            "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
+            "--seed", f"kind=static,value={seed}",
+            "--output", f"kind=json,path={out}",
+            "--disable-console-interactive"]
+
+
+def _stat(metric: dict[str, Any], key: str) -> float | None:
+    """A statistic of a guidellm metric's successful-request distribution."""
+    dist = metric.get("successful") or {}
+    if key == "p50":
+        pct = dist.get("percentiles") or {}
+        v = pct.get("p50", dist.get("median"))
+    else:
+        v = dist.get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def parse_guidellm(doc: dict[str, Any]) -> Figures:
+    """The figures of guidellm's (only) benchmark in its JSON report."""
+    (bm,) = doc["benchmarks"]
+    m = bm["metrics"]
+    totals = m.get("request_totals") or {}
+    return Figures(
+        requests=int(totals.get("total", 0)),
+        errors=int(totals.get("errored", 0)) + int(totals.get("incomplete", 0)),
+        ttft_p50_ms=_stat(m["time_to_first_token_ms"], "p50"),
+        ttft_mean_ms=_stat(m["time_to_first_token_ms"], "mean"),
+        itl_p50_ms=_stat(m["inter_token_latency_ms"], "p50"),
+        itl_mean_ms=_stat(m["inter_token_latency_ms"], "mean"),
+        output_tok_s=_stat(m["output_tokens_per_second"], "mean"),
+        prompt_tokens_mean=_stat(m["prompt_token_count"], "mean"),
+    )
+
+
+def agreement(ours: Figures, theirs: Figures) -> dict[str, float | None]:
+    """ours / theirs for each latency figure (1.0 = identical)."""
+    out: dict[str, float | None] = {}
+    for k in ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms"):
+        a, b = getattr(ours, k), getattr(theirs, k)
+        out[k] = a / b if a is not None and b else None
+    return out
+
+
+FIGURES = ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms", "output_tok_s",
+           "prompt_tokens_mean")
+
+
+def mean_of(rounds: list[Figures]) -> Figures:
+    """Each figure's mean over rounds; request and error counts summed."""
+    def avg(k: str) -> float | None:
+        vals = [getattr(f, k) for f in rounds]
+        return None if any(v is None for v in vals) else sum(vals) / len(vals)
+
+    return Figures(requests=sum(f.requests for f in rounds),
+                   errors=sum(f.errors for f in rounds), **{k: avg(k) for k in FIGURES})
+
+
+def markdown(res: dict[str, Any]) -> str:
+    rows = ["| client | rounds | requests | errors | prompt tokens | TTFT p50 ms | TTFT mean ms "
+            "| ITL p50 ms | ITL mean ms | output tok/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ("splitserve", "guidellm"):
+        f = Figures(**res[name])
+        rows.append(f"| {name} | {len(res['rounds'][name])} | {f.requests} | {f.errors} | "
+                    + " | ".join("-" if v is None else f"{v:.1f}" for v in (
+                        f.prompt_tokens_mean, f.ttft_p50_ms, f.ttft_mean_ms, f.itl_p50_ms,
+                        f.itl_mean_ms, f.output_tok_s)) + " |")
+    a = res["agreement"]
+    rows.append("| splitserve / guidellm | | | | | " + " | ".join(
+        "-" if a[k] is None else f"{a[k]:.3f}" for k in
+        ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms")) + " | |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="server to load (default: start a cluster with --up-args)")
+    p.add_argument("--model-dir", type=Path, help="with --url: the model directory (tokenizer)")
+    p.add_argument("--model", help="served model name (default: the server's first)")
+    p.add_argument("--up-args", default="", help="`splitserve up` flags of the cluster")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds per client")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    ns = p.parse_args(argv)
+    if not (TOOL_VENV / "bin" / "guidellm").exists():
+        print(f"guidellm is not installed in {TOOL_VENV}: run scripts/run_industry_bench.sh",
+              file=sys.stderr)
+        return 2
+    if ns.url and not ns.model_dir:
+        p.error("--url needs --model-dir (guidellm's tokenizer)")
+    cluster = None
+    work = Path(tempfile.mkdtemp(prefix="splitserve-industry-"))
+    try:
+        if ns.url:
+            url, model_dir = ns.url, ns.model_dir
+        else:
+            from bench.vllm_server import engine_config
+            from services.controller.config import default_cache_dir
+            from services.controller.launcher import start_cluster
+
+            up_args = ns.up_args.split()
+            model_dir = Path(engine_config(up_args, default_cache_dir()).model)
+            cluster = start_cluster(up_args, work / "run", default_cache_dir())
+            url = cluster.http
+        import httpx
+
+        model = ns.model or httpx.get(url.rstrip("/") + "/v1/models",
+                                      trust_env=False).json()["data"][0]["id"]
+        wl = SyntheticConfig(requests=ns.requests, isl=ns.prompt_tokens,
+                             isl_spread=ns.prompt_tokens // 8, osl=ns.output_tokens, api="chat",
+                             seed=ns.seed)
+        cmd: list[str] = []
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HOME": str(work / "hf")}
+        print("warm-up pass (not measured) ...", file=sys.stderr, flush=True)
+        run_splitserve(url, model, wl, ns.concurrency)
+        rounds: dict[str, list[Figures]] = {"splitserve": [], "guidellm": []}
+        for r in range(ns.rounds):
+            for client in (("splitserve", "guidellm") if r % 2 == 0
+                           else ("guidellm", "splitserve")):
+                print(f"round {r + 1}/{ns.rounds}: {client} ...", file=sys.stderr, flush=True)
+                if client == "splitserve":
+                    rounds[client].append(run_splitserve(url, model, wl, ns.concurrency))
+                    continue
+                out = work / f"guidellm-{r}.json"
+                cmd = guidellm_command(url, model, model_dir, ns.prompt_tokens,
+                                       ns.output_tokens, ns.requests, ns.concurrency, out,
+                                       ns.seed)
+                proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True,
+                                      timeout=1800)
+                (work / f"guidellm-{r}.log").write_text(proc.stdout + proc.stderr)
+                if proc.returncode != 0 or not out.exists():
+                    print(f"guidellm failed ({proc.returncode}):\n"
+                          f"{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
+                    return 1
+                rounds[client].append(parse_guidellm(json.loads(out.read_text())))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    ours, theirs = mean_of(rounds["splitserve"]), mean_of(rounds["guidellm"])
+    res: dict[str, Any] = {
+        "load": {"requests": ns.requests, "concurrency": ns.concurrency,
+                 "prompt_tokens": ns.prompt_tokens, "output_tokens": ns.output_tokens,
+                 "api": "/v1/chat/completions (stream, ignore_eos)"},
+        "guidellm_command": cmd[1:], "splitserve": ours.model_dump(),
+        "guidellm": theirs.model_dump(), "agreement": agreement(ours, theirs),
+        "rounds": {k: [f.model_dump() for f in v] for k, v in rounds.items()}}
+    if ns.json:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(res, indent=2) + "\n")
+    table = markdown(res)
+    if ns.markdown:
+        ns.markdown.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

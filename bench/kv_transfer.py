@@ -1,0 +1,283 @@
+"""KV-transfer bandwidth: NIXL between two processes against memcpy, in one run.
+
+    python -m bench.kv_transfer --json out.json --markdown out.md --plot out.png
+
+Two NIXL agents as a prefill and a decode worker have them (nixl 1.5.1, UCX backend, no
+progress thread, `UCX_TLS` and thread count as the workers' engines use): the *prefill* agent
+runs in a child process and registers a host buffer; the *decode* agent (this process)
+registers its own and moves `size` bytes with NIXL READ (what vLLM's decode side does) and
+WRITE, for sizes 64 KiB .. 64 MiB, as one contiguous descriptor and, for sizes that allow it,
+as `page_kib` pages (vLLM moves KV as one descriptor per block and layer; see
+`--page-kib`). Every READ is checked against the pattern the child wrote.
+
+The baseline, in the same process and run, at each size right after NIXL's: a plain memory copy
+of the same number of bytes between two buffers of this process, with numpy (`np.copyto`, one
+thread) and torch (`Tensor.copy_`, torch's threads). `ratio` = NIXL bandwidth / the faster of
+the two. Bandwidths are medians over repetitions (at least `--min-reps`, at least
+`--min-seconds` per point), in GB/s (1e9 bytes/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+PATTERN_MOD = 251  # byte i of the prefill buffer is i % 251 (a prime: no alignment aliasing)
+
+
+class KvTransferConfig(BaseModel):
+    """What the transfer benchmark measures."""
+
+    min_kib: int = Field(64, ge=4, description="smallest transfer, KiB")
+    max_mib: int = Field(64, ge=1, description="largest transfer, MiB")
+    page_kib: int = Field(16, ge=0, description=(
+        "also move each size as pages of this many KiB, one descriptor each (0: off); the "
+        "built-in tiny model's KV block is 16 KiB per layer (32 tokens x 2 KV heads x 32 x "
+        "float32 x K and V)"))
+    min_reps: int = Field(5, ge=1, description="repetitions per point, at least")
+    min_seconds: float = Field(0.2, gt=0, description="time per point, at least")
+    num_threads: int = Field(1, ge=0, description="UCX worker threads (the workers' default)")
+
+
+class Point(BaseModel):
+    """One size and pattern: NIXL READ/WRITE and memcpy bandwidths."""
+
+    bytes: int = Field(description="bytes per transfer")
+    pattern: str = Field(description="contiguous (one descriptor) or paged (page_kib each)")
+    descriptors: int = Field(description="descriptors per transfer")
+    read_gb_s: float = Field(description="NIXL READ, median GB/s")
+    write_gb_s: float = Field(description="NIXL WRITE, median GB/s")
+    read_us: float = Field(description="NIXL READ, median microseconds per transfer")
+    numpy_gb_s: float = Field(description="np.copyto of the same bytes, median GB/s")
+    torch_gb_s: float = Field(description="torch copy_ of the same bytes, median GB/s")
+    read_ratio: float = Field(description="READ / max(numpy, torch)")
+    write_ratio: float = Field(description="WRITE / max(numpy, torch)")
+    read_ratio_1thread: float = Field(description="READ / numpy (both copy on one thread)")
+
+
+class KvTransferResult(BaseModel):
+    config: KvTransferConfig
+    ucx_tls: str = Field(description="UCX transports allowed (as the workers' engines)")
+    torch_threads: int = Field(description="torch intra-op threads during the memcpy baseline")
+    cpu_count: int
+    points: list[Point]
+
+
+def ucx_env() -> dict[str, str]:
+    """The UCX settings of a worker engine's environment (services.worker.environment)."""
+    from router.registry import WorkerRole
+    from services.worker.config import EngineConfig, WorkerConfig
+    from services.worker.environment import engine_environment
+
+    cfg = WorkerConfig(worker_id="kv-bench", role=WorkerRole.DECODE,
+                       engine=EngineConfig(model="unused"), redis_url="redis://unused",
+                       run_dir=Path("/nonexistent"), cache_dir=Path("/nonexistent"))
+    return {k: v for k, v in engine_environment(cfg, 0).items() if k.startswith("UCX_")}
+
+
+def _agent(name: str, num_threads: int) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False,
+                                              num_threads=num_threads, backends=["UCX"]))
+
+
+def _prefill_side(conn: Any, nbytes: int, num_threads: int) -> None:
+    """Child process: the prefill agent, holding the source buffer; serves until told to stop,
+    polling notifications (there is no progress thread)."""
+    agent = _agent("prefill", num_threads)
+    buf = (np.arange(nbytes, dtype=np.int64) % PATTERN_MOD).astype(np.uint8)
+    agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
+    conn.send((agent.get_agent_metadata(), buf.ctypes.data))
+    while not conn.poll(0.001):
+        agent.get_new_notifs()
+    conn.recv()
+    conn.close()
+
+
+def _median_rate(nbytes: int, fn: Callable[[], None], cfg: KvTransferConfig
+                 ) -> tuple[float, float]:
+    """(median GB/s, median seconds) of `fn` over at least min_reps / min_seconds."""
+    fn()  # first touch, connection set-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < cfg.min_reps or time.perf_counter() - start < cfg.min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return nbytes / med / 1e9, med
+
+
+def sizes(cfg: KvTransferConfig) -> list[int]:
+    out, s = [], cfg.min_kib * 1024
+    while s <= cfg.max_mib * 2**20:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> KvTransferResult:
+    import torch
+
+    os.environ.update(ucx_env())
+    total = cfg.max_mib * 2**20
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_prefill_side, args=(child, total, cfg.num_threads), daemon=True)
+    proc.start()
+    points: list[Point] = []
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the prefill agent did not start")
+        meta, remote_addr = parent.recv()
+        agent = _agent("decode", cfg.num_threads)
+        local = np.zeros(total, dtype=np.uint8)
+        agent.register_memory([(local.ctypes.data, total, 0, "")], "DRAM")
+        remote = agent.add_remote_agent(meta)
+        expected = (np.arange(total, dtype=np.int64) % PATTERN_MOD).astype(np.uint8)
+        src = np.random.default_rng(0).integers(0, 255, total, dtype=np.uint8)
+        dst = np.empty_like(src)
+        tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+
+        def xfer(op: str, descs: list[tuple[int, int]]) -> Callable[[], None]:
+            ldescs = agent.get_xfer_descs([(local.ctypes.data + o, n, 0) for o, n in descs],
+                                          "DRAM")
+            rdescs = agent.get_xfer_descs([(remote_addr + o, n, 0) for o, n in descs], "DRAM")
+            handle = agent.initialize_xfer(op, ldescs, rdescs, remote)
+
+            def go() -> None:
+                state = agent.transfer(handle)
+                while state == "PROC":
+                    state = agent.check_xfer_state(handle)
+                if state != "DONE":
+                    raise RuntimeError(f"NIXL {op} failed ({state})")
+            return go
+
+        patterns = [("contiguous", 0)] + ([("paged", cfg.page_kib * 1024)] if cfg.page_kib
+                                           else [])
+        for n in sizes(cfg):
+            for pattern, page in patterns:
+                if page and n < 2 * page:
+                    continue
+                descs = [(0, n)] if not page else [(o, page) for o in range(0, n, page)]
+                local[:n] = 0
+                read = xfer("READ", descs)
+                read()
+                if not np.array_equal(local[:n], expected[:n]):
+                    raise RuntimeError(f"NIXL READ of {n} bytes moved the wrong bytes")
+                read_gb, read_s = _median_rate(n, read, cfg)
+                write_gb, _ = _median_rate(n, xfer("WRITE", descs), cfg)
+                np_gb, _ = _median_rate(n, lambda: np.copyto(dst[:n], src[:n]), cfg)
+                th_gb, _ = _median_rate(n, lambda: tdst[:n].copy_(tsrc[:n]), cfg)
+                best = max(np_gb, th_gb)
+                p = Point(bytes=n, pattern=pattern, descriptors=len(descs), read_gb_s=read_gb,
+                          write_gb_s=write_gb, read_us=read_s * 1e6, numpy_gb_s=np_gb,
+                          torch_gb_s=th_gb, read_ratio=read_gb / best,
+                          write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb)
+                points.append(p)
+                log(f"{_size(n):>8} {pattern:10} READ {read_gb:6.2f} WRITE {write_gb:6.2f} "
+                    f"numpy {np_gb:6.2f} torch {th_gb:6.2f} GB/s  READ/memcpy "
+                    f"{p.read_ratio:.2f}")
+        agent.remove_remote_agent(remote)
+    finally:
+        parent.send("stop")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    return KvTransferResult(config=cfg, ucx_tls=os.environ.get("UCX_TLS", ""),
+                            torch_threads=torch.get_num_threads(),
+                            cpu_count=os.cpu_count() or 0, points=points)
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 1024} KiB"
+
+
+def markdown(res: KvTransferResult) -> str:
+    rows = ["| size | pattern | descriptors | NIXL READ GB/s | NIXL WRITE GB/s | READ µs | "
+            "numpy memcpy GB/s | torch memcpy GB/s | READ / best memcpy | WRITE / best memcpy | "
+            "READ / numpy |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in res.points:
+        rows.append(f"| {_size(p.bytes)} | {p.pattern} | {p.descriptors} | {p.read_gb_s:.2f} | "
+                    f"{p.write_gb_s:.2f} | {p.read_us:.0f} | {p.numpy_gb_s:.2f} | "
+                    f"{p.torch_gb_s:.2f} | {p.read_ratio:.2f} | {p.write_ratio:.2f} | "
+                    f"{p.read_ratio_1thread:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(res: KvTransferResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for pattern, style in (("contiguous", "-"), ("paged", "--")):
+        pts = [p for p in res.points if p.pattern == pattern]
+        if not pts:
+            continue
+        xs = [p.bytes for p in pts]
+        ax.plot(xs, [p.read_gb_s for p in pts], style, marker="o", color="C0",
+                label=f"NIXL READ ({pattern})")
+        ax.plot(xs, [p.write_gb_s for p in pts], style, marker="s", color="C1",
+                label=f"NIXL WRITE ({pattern})")
+        if pattern == "contiguous":
+            ax.plot(xs, [p.numpy_gb_s for p in pts], ":", marker=".", color="C2",
+                    label="numpy memcpy")
+            ax.plot(xs, [p.torch_gb_s for p in pts], ":", marker=".", color="C3",
+                    label="torch memcpy")
+    ax.set_xscale("log", base=2)
+    xs = sorted({p.bytes for p in res.points})
+    ax.set_xticks(xs, [_size(x) for x in xs], rotation=45, fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"KV transfer between two processes (UCX_TLS={res.ucx_tls})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, field in KvTransferConfig.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(field.default),
+                       default=field.default, help=field.description)
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--plot", type=Path, help="write a PNG here")
+    ns = p.parse_args(argv)
+    try:
+        cfg = KvTransferConfig(**{k: getattr(ns, k) for k in KvTransferConfig.model_fields})
+    except ValueError as exc:
+        print(f"bench.kv_transfer: {exc}", file=sys.stderr)
+        return 2
+    res = run(cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    if ns.json:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(res.model_dump(mode="json"), indent=2) + "\n")
+    if ns.markdown:
+        ns.markdown.write_text(markdown(res))
+    if ns.plot:
+        plot(res, ns.plot)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
