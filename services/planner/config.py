@@ -60,18 +60,22 @@ class KubeConfig(BaseModel):
 
 
 class PrometheusQueries(BaseModel):
-    """PromQL for the Prometheus source; `$pool`, `$window` (seconds) and `$q` are substituted."""
+    """PromQL for the Prometheus source; `$pool`, `$window` (seconds) and `$q` are substituted.
+
+    Names are matched as `vllm[:_]...`: Prometheus 2.x scrapes OpenMetrics without asking for
+    UTF-8 names, and prometheus_client then exposes vLLM's `vllm:x` as `vllm_x`.
+    """
 
     ttft: str = Field(
-        'histogram_quantile($q, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket'
-        '{splitserve_pool="$pool"}[${window}s])))',
+        'histogram_quantile($q, sum by (le) (rate({__name__=~"vllm[:_]time_to_first_token_'
+        'seconds_bucket",splitserve_pool="$pool"}[${window}s])))',
         description="TTFT quantile of a pool's engines, seconds")
     itl: str = Field(
-        'histogram_quantile($q, sum by (le) (rate(vllm:inter_token_latency_seconds_bucket'
-        '{splitserve_pool="$pool"}[${window}s])))',
+        'histogram_quantile($q, sum by (le) (rate({__name__=~"vllm[:_]inter_token_latency_'
+        'seconds_bucket",splitserve_pool="$pool"}[${window}s])))',
         description="inter-token latency quantile of a pool's engines, seconds")
     prompt_tokens_per_s: str = Field(
-        'sum(rate(vllm:prompt_tokens_by_source_total{splitserve_pool="$pool",'
+        'sum(rate({__name__=~"vllm[:_]prompt_tokens_by_source_total",splitserve_pool="$pool",'
         'source="local_compute"}[${window}s]))',
         description="prompt tokens a pool computed per second")
 
