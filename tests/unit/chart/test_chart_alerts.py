@@ -1,0 +1,94 @@
+"""The PrometheusRule's alerts are valid PromQL (promtool check rules) and fire when they should
+(promtool test rules on synthetic series). promtool comes with scripts/install_prometheus.sh."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.support.chart import NAMESPACE, RELEASE, render_named
+
+GATEWAY = f'namespace="{NAMESPACE}", service="{RELEASE}-splitserve-gateway"'
+WORKERS = f'namespace="{NAMESPACE}", service="{RELEASE}-splitserve-workers"'
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: run scripts/install_prometheus.sh"
+    return path
+
+
+def rules() -> dict:
+    rule = render_named("gpu-production").get("PrometheusRule", f"{RELEASE}-splitserve")
+    return {"groups": rule["spec"]["groups"]}
+
+
+def annotations(alert: str, value: str = "", **labels: str) -> dict[str, str]:
+    """The alert's annotations with {{ $labels.x }} and the formatted {{ $value }} filled in as
+    Prometheus would."""
+    r = next(r for g in rules()["groups"] for r in g["rules"] if r.get("alert") == alert)
+    out = {}
+    for k, v in r["annotations"].items():
+        for name, label in labels.items():
+            v = v.replace("{{ $labels.%s }}" % name, label)
+        out[k] = v.replace("{{ $value | humanizePercentage }}", value)
+    return out
+
+
+def test_rules_are_valid_promql(tmp_path: Path) -> None:
+    f = tmp_path / "rules.yaml"
+    f.write_text(yaml.safe_dump(rules()))
+    proc = subprocess.run([promtool(), "check", "rules", str(f)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: 6 rules found" in proc.stdout + proc.stderr
+
+
+def test_alerts_fire_on_dead_workers_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                # decode workers vanish at minute 2; prefill stays
+                {"series": f'splitserve_gateway_live_workers{{{GATEWAY}, pod="gw-0", role="decode"}}',
+                 "values": "1 1 0 0 0 0 0 0"},
+                {"series": f'splitserve_gateway_live_workers{{{GATEWAY}, pod="gw-0", role="prefill"}}',
+                 "values": "1x7"},
+                # 60 ok and 30 failed completions a minute: a third fail
+                {"series": f'splitserve_gateway_requests_total{{{GATEWAY}, pod="gw-0", '
+                           f'route="/v1/completions", status="200"}}', "values": "0+60x12"},
+                {"series": f'splitserve_gateway_requests_total{{{GATEWAY}, pod="gw-0", '
+                           f'route="/v1/completions", status="500"}}', "values": "0+30x12"},
+                # scrapes of /metrics never count as errors or traffic
+                {"series": f'splitserve_gateway_requests_total{{{GATEWAY}, pod="gw-0", '
+                           f'route="/metrics", status="200"}}', "values": "0+1000x12"},
+                {"series": f'up{{{GATEWAY}, pod="gw-0"}}', "values": "1x12"},
+                {"series": f'up{{{WORKERS}, pod="decode-0"}}', "values": "1 1 0 0 0 0 0"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "SplitserveNoLiveWorkers", "exp_alerts": []},
+                {"eval_time": "5m", "alertname": "SplitserveNoLiveWorkers", "exp_alerts": [{
+                    "exp_labels": {"severity": "critical", "role": "decode"},
+                    "exp_annotations": annotations("SplitserveNoLiveWorkers", role="decode")}]},
+                {"eval_time": "5m", "alertname": "SplitserveWorkerDown", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "namespace": NAMESPACE,
+                                   "service": f"{RELEASE}-splitserve-workers", "pod": "decode-0"},
+                    "exp_annotations": annotations("SplitserveWorkerDown", pod="decode-0")}]},
+                {"eval_time": "5m", "alertname": "SplitserveGatewayDown", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "SplitserveErrorRateHigh", "exp_alerts": []},
+                {"eval_time": "12m", "alertname": "SplitserveErrorRateHigh", "exp_alerts": [{
+                    "exp_labels": {"severity": "critical"},
+                    "exp_annotations": annotations("SplitserveErrorRateHigh", value="33.33%")}]},
+            ],
+        }],
+    }
+    f = tmp_path / "tests.yaml"
+    f.write_text(yaml.safe_dump(tests))
+    proc = subprocess.run([promtool(), "test", "rules", str(f)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
