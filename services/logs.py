@@ -100,6 +100,8 @@ def configure_logging(cfg: LogConfig, **static: Any) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(cfg.level)
+    # Python warnings become records too (in JSON mode a line on stderr must be JSON).
+    logging.captureWarnings(cfg.format == "json")
 
 
 def vllm_logging_config(cfg: LogConfig, **static: Any) -> dict[str, Any]:

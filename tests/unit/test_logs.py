@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import logging.config
+import warnings
 from typing import Iterator
 
 import pytest
@@ -33,6 +34,7 @@ def root_logging() -> Iterator[None]:
     for h in handlers:
         root.addHandler(h)
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
@@ -120,10 +122,13 @@ def test_configure_logging_json_from_environment(monkeypatch: pytest.MonkeyPatch
     logging.getLogger("t").info("dropped")
     with request_id.bound("r1"):
         logging.getLogger("t").warning("kept")
+        warnings.warn("an old API", UserWarning)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2
     assert json.loads(lines[0])["request_id"] == "r1"
     assert json.loads(lines[0])["component"] == "gateway"
+    warned = json.loads(lines[1])
+    assert warned["logger"] == "py.warnings" and "an old API" in warned["msg"]
 
 
 def test_bad_environment_is_a_validation_error(monkeypatch: pytest.MonkeyPatch) -> None:
