@@ -1,0 +1,123 @@
+"""ASGI middleware in front of the HTTP API: API keys, admission limits, request body size and
+encoding. Each refusal is OpenAI error JSON, decided before any parsing or tokenizing:
+
+    /v1/* without an accepted key (when keys are on)   401, `WWW-Authenticate: Bearer`
+    generation request past an admission limit         429, `Retry-After`
+    body over max_body_bytes (by Content-Length, or    413, the connection is closed
+      counted while reading a chunked body)
+    /v1/* body that is not valid UTF-8                 400 invalid_json
+
+A generation request is counted from admission until its response (streamed or not) is
+completely sent. /health, /metrics and the OpenAPI document stay open.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from services.gateway.admission import RETRY_AFTER_S, Admission
+from services.gateway.auth import ApiKeys
+from services.gateway.errors import APIError, invalid
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def needs_key(path: str) -> bool:
+    """Whether a path is part of the authenticated API (everything under /v1)."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def _refuse(err: APIError, scope: Any, receive: Any, send: Any,
+                  headers: dict[str, str] | None = None) -> None:
+    response = err.response()
+    response.headers.update(headers or {})
+    await response(scope, receive, send)
+
+
+class GuardMiddleware:
+    """Authentication, admission and body limits for one gateway's HTTP app."""
+
+    def __init__(self, app: Any, admission: Admission, api_keys: ApiKeys | None,
+                 max_body_bytes: int) -> None:
+        self.app = app
+        self.admission = admission
+        self.api_keys = api_keys
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        headers = Headers(scope=scope)
+        client = (scope.get("client") or ("",))[0] or ""
+        if self.api_keys is not None and needs_key(path):
+            try:
+                client = self.api_keys.client_of(headers.get("authorization"))
+            except APIError as err:
+                await _refuse(err, scope, receive, send, {"WWW-Authenticate": "Bearer"})
+                return
+        if path not in GENERATION_PATHS:
+            await self._limited_body(scope, receive, send, headers, path)
+            return
+        if (refusal := self.admission.admit(client)) is not None:
+            await _refuse(refusal, scope, receive, send, {"Retry-After": str(RETRY_AFTER_S)})
+            return
+        try:
+            await self._limited_body(scope, receive, send, headers, path)
+        finally:
+            self.admission.release(client)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body exceeds the limit of {self.max_body_bytes} "
+                        "bytes", code="request_too_large")
+
+    async def _limited_body(self, scope: Any, receive: Any, send: Any, headers: Headers,
+                            path: str) -> None:
+        """Read the whole body (at most max_body_bytes), check it, then run the app on it."""
+        limit = self.max_body_bytes
+        close = {"Connection": "close"}
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _refuse(invalid("invalid Content-Length header"), scope, receive, send,
+                              close)
+                return
+            if int(declared) > limit:
+                await _refuse(self._too_large(), scope, receive, send, close)
+                return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its request: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _refuse(self._too_large(), scope, receive, send, close)
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        if body and needs_key(path):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                await _refuse(invalid(f"the request body is not valid UTF-8 (byte "
+                                      f"0x{body[exc.start]:02x} at offset {exc.start})",
+                                      code="invalid_json"), scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
