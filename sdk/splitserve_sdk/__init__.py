@@ -10,6 +10,7 @@ from splitserve_sdk.errors import (
     NotFound,
     ResourceExhausted,
     SplitserveError,
+    Unauthenticated,
     Unavailable,
 )
 from splitserve_sdk.types import Chunk, Completion, Health, ModelInfo, Usage
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["AsyncClient", "Client", "Chunk", "Completion", "Health", "ModelInfo", "Usage",
            "SplitserveError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
-           "DeadlineExceeded", "Cancelled"]
+           "DeadlineExceeded", "Cancelled", "Unauthenticated"]

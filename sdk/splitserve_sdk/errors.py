@@ -24,8 +24,13 @@ class NotFound(SplitserveError):
     """NOT_FOUND: unknown model."""
 
 
+class Unauthenticated(SplitserveError):
+    """UNAUTHENTICATED: the gateway wants an API key (`token=`) and got none or a wrong one."""
+
+
 class ResourceExhausted(SplitserveError):
-    """RESOURCE_EXHAUSTED: the gateway is at its admission limit; retry later."""
+    """RESOURCE_EXHAUSTED: the gateway is at an admission limit (overall or this client's), or
+    the request is larger than it accepts; retry later in the first two cases."""
 
 
 class Unavailable(SplitserveError):
@@ -43,6 +48,7 @@ class Cancelled(SplitserveError):
 _BY_CODE: dict[grpc.StatusCode, type[SplitserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
