@@ -316,7 +316,8 @@ async def warm_up(cfg: ClientConfig, n: int, model: str | None = None) -> None:
     connections, compilation), so they do not count and do not seed the prefix cache."""
     if n <= 0:
         return
-    async with httpx.AsyncClient(base_url=cfg.root, trust_env=False,
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    async with httpx.AsyncClient(base_url=cfg.root, trust_env=False, headers=headers,
                                  timeout=cfg.request_timeout_s) as http:
         model = model or cfg.model or await discover_model(http)
         for i in range(n):
