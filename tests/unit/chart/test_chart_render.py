@@ -413,6 +413,17 @@ def _gateway_metric_names() -> set[str]:
     gm.live_workers.labels("decode").set(1)
     gm.routes.labels("kv", "ok").inc()
     text = generate_latest(gm.registry).decode()
+    # The worker's own families and the gateway's pool gauges (docs/metrics.md).
+    from prometheus_client import CollectorRegistry
+
+    from services.controller.pool_sizes import PoolObservation
+    from services.gateway.cluster_metrics import ClusterGauges
+    from services.worker.metrics import WorkerMetrics
+
+    ClusterGauges(gm).pools.update({"decode": 1}, {"decode": PoolObservation()}, 1.0)
+    worker = CollectorRegistry()
+    WorkerMetrics("w", "decode", "m", registry=worker)
+    text = generate_latest(gm.registry).decode() + generate_latest(worker).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}
 
