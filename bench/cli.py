@@ -20,6 +20,11 @@ SCENARIO_FLAGS = ("requests", "conversations", "turns", "system_prompts", "isl",
                   "osl", "osl_spread", "seed")
 
 
+OPEN_LOOP = ("mixed",)
+"""Scenarios whose requests carry arrival times: a concurrency limit would distort them."""
+OPEN_LOOP_CONCURRENCY = 4096
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench subcommand's flags."""
     tgt = p.add_argument_group("target (default: start one cluster with --up-args)")
@@ -61,9 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="any other scenario field (repeatable), e.g. --set user_words=60")
 
     cl = p.add_argument_group("client")
-    cl.add_argument("--concurrency", default="8", metavar="N[,N2,...]",
-                    help="most requests in flight; a list (e.g. 1,2,4,8,16,32) is a sweep: "
-                    "one run per value on each target")
+    cl.add_argument("--concurrency", metavar="N[,N2,...]",
+                    help="most requests in flight (default 8; open-loop scenarios such as "
+                    "mixed: no limit but their arrival times); a list (e.g. 1,2,4,8,16,32) is "
+                    "a sweep: one run per value on each target")
     cl.add_argument("--request-rate", type=float, help="mean requests/s, Poisson arrivals "
                     "(default: as fast as --concurrency allows)")
     cl.add_argument("--max-seconds", type=float, default=600.0, help="limit on each run")
@@ -101,7 +107,8 @@ def config_from_args(ns: argparse.Namespace):
     if ns.url and ns.target == "vllm":
         raise ValueError("--target vllm starts vLLM's server itself; it excludes --url")
     key, values = parse_compare(ns.compare) if ns.compare else (None, [])
-    sweep = parse_concurrency(str(ns.concurrency))
+    sweep = parse_concurrency(ns.concurrency or (
+        str(OPEN_LOOP_CONCURRENCY) if ns.scenario in OPEN_LOOP else "8"))
     return BenchConfig(
         scenario=ns.scenario, scenario_params=scenario_params(ns), url=ns.url,
         redis_url=ns.redis_url, namespace=ns.namespace, compare_key=key, compare_values=values,

@@ -75,6 +75,9 @@ class RunReport(BaseModel):
     by_tag: dict[str, TagStats] = Field(default_factory=dict, description="per request class")
     samples: list[RequestSample] = Field(default_factory=list,
                                          description="per-request timings, for plots")
+    cores_used: dict[str, float] = Field(default_factory=dict, description=(
+        "CPU cores the target's processes used during the run, per role (targets this "
+        "benchmark started)"))
 
     @model_validator(mode="after")
     def _default_target(self) -> "RunReport":
@@ -201,6 +204,8 @@ def table_rows(report: BenchReport) -> list[tuple[str, str, str]]:
              for title, path, fmt in TAG_ROWS]
     if any(r.kv_transfer and r.kv_transfer.transfers for r in report.runs):
         rows += KV_ROWS
+    groups = list(dict.fromkeys(g for r in report.runs for g in r.cores_used))
+    rows += [(f"CPU cores: {g}", f"cores_used.{g}", "{:.2f}") for g in groups]
     return rows
 
 

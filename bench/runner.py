@@ -25,7 +25,7 @@ Every run sends the identical, seeded workload (same fingerprint in each run's c
 from __future__ import annotations
 
 import asyncio
-import re
+import time
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.client import ClientConfig, run_workload, warm_up
+from bench.cpu_usage import cpu_seconds, usage
 from bench.engine_metrics import (KvTransferReport, PrefixCacheReport, kv_transfer_report,
                                   prefix_cache_report, scrape_settled)
 from bench.report import BenchReport, RunReport, make_report, progress
@@ -149,15 +150,20 @@ def _namespace(up_args: list[str], default: str) -> str:
 async def measure(label: str, base_url: str, redis_url: str | None, namespace: str,
                   workload: Workload, cfg: BenchConfig, config: dict[str, Any],
                   console: Console, concurrency: int | None = None,
-                  target: str = "") -> RunReport:
-    """Warm up, snapshot the engines' counters, run the workload, snapshot again."""
+                  target: str = "", root_pid: int | None = None) -> RunReport:
+    """Warm up, snapshot the engines' counters (and the CPU time of the target's processes,
+    when this benchmark started it), run the workload, snapshot again."""
     client = cfg.client(base_url, concurrency)
     await warm_up(client, cfg.warmup)
     before = None
     if redis_url:
         before = await scrape_settled(redis_url, namespace)
+    cpu_before = cpu_seconds(root_pid) if root_pid else None
+    t0 = time.perf_counter()
     with progress(console, label, len(workload.requests)) as on_result:
         run = await run_workload(workload, client, on_result)
+    cores = (usage(cpu_before, cpu_seconds(root_pid), time.perf_counter() - t0)
+             if root_pid and cpu_before is not None else {})
     prefix: PrefixCacheReport | None = None
     kv: KvTransferReport | None = None
     if redis_url and before is not None:
@@ -166,8 +172,10 @@ async def measure(label: str, base_url: str, redis_url: str | None, namespace: s
         kv = kv_transfer_report(before, after)
     stats = summarize(run)
     config = {**config, "model": run.model, "concurrency": client.concurrency}
-    return RunReport.build(label, config, stats, prefix, kv, target=target or label,
-                           concurrency=client.concurrency)
+    report = RunReport.build(label, config, stats, prefix, kv, target=target or label,
+                             concurrency=client.concurrency)
+    report.cores_used = cores
+    return report
 
 
 def _workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
@@ -175,10 +183,6 @@ def _workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
             "workload_requests": len(workload.requests),
             "workload_sha256": workload.fingerprint(),
             "request_rate": cfg.request_rate, "max_seconds": cfg.max_seconds}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
@@ -204,12 +208,25 @@ def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
 
 def _measure_all(target: str, url: str, redis_url: str | None, namespace: str,
                  workload: Workload, cfg: BenchConfig, config: dict[str, Any],
-                 err: Console) -> list[RunReport]:
-    """One run per concurrency of the sweep against one target."""
+                 err: Console, root_pid: int | None = None) -> list[RunReport]:
+    """One run per concurrency of the sweep against one target. Each step of a sweep sends
+    its own workload (seed + step), so no step finds the previous one's prompts in the prefix
+    cache; every target gets the same workload at the same step."""
     sweep = cfg.sweep
-    return [asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
-                                redis_url, namespace, workload, cfg, config, err, c, target))
-            for c in sweep]
+    runs = []
+    for i, c in enumerate(sweep):
+        wl = workload if i == 0 else _workload_for_step(cfg, i)
+        cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
+        runs.append(asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
+                                        redis_url, namespace, wl, cfg, cfg_i, err, c, target,
+                                        root_pid)))
+    return runs
+
+
+def _workload_for_step(cfg: BenchConfig, step: int) -> Workload:
+    params = {**cfg.scenario_params}
+    params["seed"] = int(params.get("seed", 0)) + step
+    return scenario_config(cfg.scenario, params).build()
 
 
 def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
@@ -243,7 +260,8 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     for i, (label, args, extra) in enumerate(plan):
         if failure:
             break
-        run_dir = root / f"{i}-{_slug(label)}"
+        # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+        run_dir = root / f"c{i}"
         err.print(f"[bold]{escape(label)}[/bold]: starting `splitserve up "
                   f"{escape(' '.join(args))}` (logs: {run_dir.parent / (run_dir.name + '.out')})")
         try:
@@ -258,7 +276,7 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
             err.print(f"[bold]{escape(label)}[/bold]: cluster ready at {cluster.http}")
             runs += _measure_all(label, cluster.http, cluster.redis_url, namespace, workload,
                                  cfg, {**base, **extra, "target": "cluster", "up_args": args},
-                                 err)
+                                 err, cluster.proc.pid)
         except Exception as exc:
             failure = f"{label}: the run failed: {type(exc).__name__}: {exc}"
         finally:
@@ -276,7 +294,7 @@ def _run_vllm(cfg: BenchConfig, root: Path, cache_dir: Path, workload: Workload,
     from bench.vllm_server import engine_config, server_args, start_vllm_server
 
     eng = engine_config(cfg.up_args, cache_dir)
-    run_dir = root / "vllm"
+    run_dir = root / "v"
     err.print(f"[bold]vllm[/bold]: starting vLLM's OpenAI server (logs: {run_dir})")
     try:
         server = start_vllm_server(eng, run_dir, cache_dir, cfg.cluster_timeout_s)
@@ -285,7 +303,8 @@ def _run_vllm(cfg: BenchConfig, root: Path, cache_dir: Path, workload: Workload,
     try:
         runs += _measure_all("vllm", server.url, None, DEFAULT_NAMESPACE, workload, cfg,
                              {**base, "target": "vllm",
-                              "vllm_args": server_args(eng, 0, "ipc://...")}, err)
+                              "vllm_args": server_args(eng, 0, "ipc://...")}, err,
+                             server.proc.pid)
     except Exception as exc:
         return f"vllm: the run failed: {type(exc).__name__}: {exc}"
     finally:

@@ -35,7 +35,7 @@ def test_mixed_shape() -> None:
     assert 0.5 / 8.0 < mean_gap < 2.0 / 8.0
     words = lambda r: len(r.messages[0][1].split())  # noqa: E731
     assert all(36 <= words(r) <= 60 for r in chats)
-    assert all(1330 <= words(r) <= 1470 for r in longs)
+    assert all(665 <= words(r) <= 735 for r in longs)
     assert {r.max_tokens for r in chats} == {64} and {r.max_tokens for r in longs} == {8}
     assert all(r.api == "chat" and r.after is None for r in w.requests)
     assert MixedConfig(seed=2, chat_requests=40, chat_rate=8.0, long_requests=5).build() == w

@@ -149,3 +149,11 @@ def test_plots(tmp_path: Path) -> None:
     single = make_report([_run("a", 4, 1.0, tag=True), _run("b", 4, 2.0, tag=True)])
     assert not is_sweep(single)
     assert [p.name for p in write_plots(single, tmp_path / "one")] == ["one_distributions.png"]
+
+
+def test_open_loop_scenarios_are_not_throttled_by_default() -> None:
+    from bench.cli import OPEN_LOOP_CONCURRENCY
+
+    assert cfg("--scenario", "mixed").sweep == [OPEN_LOOP_CONCURRENCY]
+    assert cfg("--scenario", "mixed", "--concurrency", "4").sweep == [4]
+    assert cfg("--scenario", "synthetic").sweep == [8]
