@@ -57,3 +57,28 @@ def test_failed_requests_are_counted(disagg: RunningCluster, tmp_path: Path) -> 
     assert run["requests"] == 3 and run["errors"] == 3
     assert "404" in run["error_samples"][0]
     assert run["ttft_ms"]["p50"] is None and run["req_s"] == 0
+
+
+def test_mixed_scenario_report_tables_and_plots(disagg: RunningCluster, tmp_path: Path) -> None:
+    """A short mixed run: chat turns and long prompts arrive open-loop; the report breaks the
+    figures down per class, counts the NIXL transfers, and writes markdown and plots."""
+    md, plots = tmp_path / "mixed.md", tmp_path / "plots" / "mixed"
+    doc = bench(disagg, tmp_path / "mixed.json", "--scenario", "mixed", "--set",
+                "chat_requests=6", "--set", "chat_rate=6", "--set", "chat_osl=16", "--set",
+                "long_requests=2", "--set", "long_isl=400", "--concurrency", "16",
+                "--max-seconds", "120", "--markdown", str(md), "--plots", str(plots))
+    (run,) = doc["runs"]
+    assert run["errors"] == 0, run["error_samples"]
+    assert set(run["by_tag"]) == {"chat", "long"}
+    chat, long = run["by_tag"]["chat"], run["by_tag"]["long"]
+    assert (chat["requests"], long["requests"]) == (6, 2)
+    assert chat["output_tokens"] == 6 * 16 and long["output_tokens"] == 2 * 8
+    assert long["ttft_ms"]["p50"] > 0 and chat["itl_ms"]["p99"] >= chat["itl_ms"]["p50"] > 0
+    assert run["tokens_per_chunk"] >= 1.0
+    assert len(run["samples"]) == 8 and all(s["chunks"] >= 1 for s in run["samples"])
+    kv = run["kv_transfer"]  # every request's prompt KV moved prefill -> decode over NIXL
+    assert kv is not None and kv["transfers"] >= 2 and kv["bytes"] > 0 and kv["mean_ms"] > 0
+    text = md.read_text()
+    assert "| chat: ITL p99 ms |" in text and "| KV transfers |" in text
+    png = plots.with_name("mixed_distributions.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
