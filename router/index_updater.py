@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.block_hash import BlockHasher
 from router.kv_events import (
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventBatch,
@@ -59,6 +60,9 @@ class IndexUpdaterConfig:
     """First wait before retrying Redis after a connection error (doubles each time) ..."""
     retry_backoff_max_s: float = 5.0
     """... up to this."""
+    audit_interval_s: float = 2.0
+    """How often the worker's entry count in Redis is compared with the local mirror; on a
+    difference (Redis restarted empty, entries deleted) the entries are written again."""
 
 
 @dataclass
@@ -72,6 +76,7 @@ class UpdaterStats:
     hash_checks: int = 0
     hash_mismatches: int = 0
     redis_errors: int = 0
+    rebuilds: int = 0
 
 
 class IndexUpdater:
@@ -93,16 +98,28 @@ class IndexUpdater:
         # Set once the socket is connected and the worker's stale entries are cleared.
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._audit_task: asyncio.Task[None] | None = None
         self._eligible = 0
+        # The blocks the engine holds, as its events say: what the index is rebuilt from.
+        self.blocks: set[int] = set()
+        self._lock = asyncio.Lock()
 
     def start(self) -> asyncio.Task[None]:
         """Run :meth:`run` as a background task (idempotent)."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self.run(), name=f"kv-index-updater:{self.config.worker_id}")
+        if self.config.audit_interval_s > 0 and (self._audit_task is None or self._audit_task.done()):
+            self._audit_task = asyncio.create_task(self._audit_loop(),
+                                                   name=f"kv-index-audit:{self.config.worker_id}")
         return self._task
 
     async def stop(self) -> None:
         """Cancel the background task and close the socket."""
+        if self._audit_task is not None:
+            self._audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._audit_task
+            self._audit_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,22 +141,52 @@ class IndexUpdater:
             self.ready.set()
             while True:
                 item = await self.subscriber.next()
-                try:
-                    await self.handle(item)
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    self.stats.redis_errors += 1
-                    logger.warning("worker %s: Redis unavailable (%s); resyncing its index entries",
-                                   self.config.worker_id, exc)
-                    await self._clear_with_retry()
+                async with self._lock:
+                    try:
+                        await self.handle(item)
+                    except (RedisConnectionError, RedisTimeoutError) as exc:
+                        self.stats.redis_errors += 1
+                        logger.warning("worker %s: Redis unavailable (%s); rebuilding its index "
+                                       "entries when it is back", self.config.worker_id, exc)
+                        await self._rebuild_with_retry()
         finally:
             self.ready.clear()
             self.subscriber.close()
 
-    async def _clear_with_retry(self) -> None:
+    async def rebuild(self) -> None:
+        """Replace the worker's index entries with the mirror of what its engine holds."""
+        await self.index.clear_worker(self.config.worker_id)
+        if self.blocks:
+            await self.index.add_blocks(self.config.worker_id, list(self.blocks))
+        self.stats.rebuilds += 1
+
+    async def _audit_loop(self) -> None:
+        """Rebuild the worker's entries when Redis no longer holds as many as the mirror."""
+        await self.ready.wait()
+        key = self.index.worker_blocks_key(self.config.worker_id)
+        while True:
+            await asyncio.sleep(self.config.audit_interval_s)
+            async with self._lock:
+                try:
+                    held = int(await self.index.redis.scard(key))
+                    if held != len(self.blocks):
+                        logger.warning("worker %s: index holds %d of its %d blocks; rebuilding",
+                                       self.config.worker_id, held, len(self.blocks))
+                        await self.rebuild()
+                except (RedisConnectionError, RedisTimeoutError):
+                    self.stats.redis_errors += 1  # still away: the next audit tries again
+
+    async def _rebuild_with_retry(self) -> None:
+        await self._clear_with_retry(rebuild=True)
+
+    async def _clear_with_retry(self, rebuild: bool = False) -> None:
         delay = self.config.retry_backoff_s
         while True:
             try:
-                await self.index.clear_worker(self.config.worker_id)
+                if rebuild:
+                    await self.rebuild()
+                else:
+                    await self.index.clear_worker(self.config.worker_id)
                 return
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 self.stats.redis_errors += 1
@@ -152,6 +199,7 @@ class IndexUpdater:
         """Apply one subscriber item to the index."""
         if isinstance(item, Resync):
             self.stats.resyncs += 1
+            self.blocks.clear()  # events were lost: what the engine holds is unknown
             await self.index.clear_worker(self.config.worker_id)
             return
         events = item.events
@@ -159,10 +207,15 @@ class IndexUpdater:
             kept = [e for e in events if not isinstance(e, (BlockStored, BlockRemoved)) or e.medium in self.config.mediums]
             self.stats.skipped_events += len(events) - len(kept)
             events = kept
-        if self.hasher is not None:
-            for event in events:
-                if isinstance(event, BlockStored):
+        for event in events:
+            if isinstance(event, BlockStored):
+                self.blocks.update(event.block_hashes)  # type: ignore[arg-type]
+                if self.hasher is not None:
                     self._maybe_verify(event)
+            elif isinstance(event, BlockRemoved):
+                self.blocks.difference_update(event.block_hashes)  # type: ignore[arg-type]
+            elif isinstance(event, AllBlocksCleared):
+                self.blocks.clear()
         await self.index.apply(self.config.worker_id, events)
         self.stats.batches += 1
         self.stats.events += len(events)

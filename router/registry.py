@@ -41,6 +41,13 @@ class WorkerLoad(BaseModel):
     updated_at: float = Field(0.0, description="unix time of this snapshot")
 
 
+class WorkerState(str, Enum):
+    """Whether a worker takes new requests."""
+
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
 class WorkerInfo(BaseModel):
     """A worker as the registry knows it."""
 
@@ -55,6 +62,8 @@ class WorkerInfo(BaseModel):
     pid: int = Field(0, description="process id of the worker (the Ray actor)")
     node: str = Field("", description="host name / Ray node the worker runs on")
     started_at: float = Field(0.0, description="unix time the worker registered")
+    state: WorkerState = Field(WorkerState.SERVING, description=(
+        "serving, or draining: finishing its requests, takes no new ones"))
     load: WorkerLoad = Field(default_factory=WorkerLoad, description="latest published load")
 
     def to_redis(self) -> dict[str, str]:
@@ -119,14 +128,27 @@ class WorkerRegistry:
             pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
-        """Refresh a worker's liveness and publish its load."""
-        key = self._key(worker_id)
-        mapping = {f"load.{k}": str(v) for k, v in load.model_dump(mode="json").items()}
+    async def heartbeat(self, info: WorkerInfo) -> bool:
+        """Refresh a worker's liveness and publish its load (``info.load``) and state.
+
+        If Redis lost the worker's entry (a restart without persistence, a flush), the whole
+        entry is written again. Returns False in that case, True otherwise.
+        """
+        key = self._key(info.worker_id)
+        mapping = {f"load.{k}": str(v) for k, v in info.load.model_dump(mode="json").items()}
+        mapping["state"] = info.state.value
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hexists(key, "worker_id")
             pipe.hset(key, mapping=mapping)
             pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
-            await pipe.execute()
+            known, *_ = await pipe.execute()
+        if not known:
+            await self.register(info)
+        return bool(known)
+
+    async def set_state(self, worker_id: str, state: WorkerState) -> None:
+        """Publish a state change at once (readers see it on their next refresh)."""
+        await self.redis.hset(self._key(worker_id), "state", state.value)
 
     async def deregister(self, worker_id: str) -> None:
         """Remove a worker at once (clean shutdown or drain)."""

@@ -16,6 +16,10 @@ from pydantic import BaseModel  # noqa: E402
 
 from services.controller.config import ClusterConfig, PoolConfig  # noqa: E402
 from services.gateway.config import GatewayConfig  # noqa: E402
+from services.logs import LogConfig  # noqa: E402
+from services.planner.config import (CapacityConfig, KubeConfig, PlannerConfig,  # noqa: E402
+                                     PoolLimits, PrometheusQueries)
+from services.tracing import TracingConfig  # noqa: E402
 from services.worker.config import EngineConfig, WorkerConfig  # noqa: E402
 
 MODELS: list[tuple[type[BaseModel], str]] = [
@@ -24,6 +28,19 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (EngineConfig, "The vLLM engine of every worker."),
     (WorkerConfig, "One worker (set by the controller; listed for reference)."),
     (GatewayConfig, "One gateway process (`splitserve gateway`)."),
+    (PlannerConfig, "The SLA planner (`splitserve planner`, docs/planner.md)."),
+    (PoolLimits, "Bounds of one pool (planner `prefill`, `decode`)."),
+    (CapacityConfig, "The planner's capacity model figures (planner `capacity`)."),
+    (PrometheusQueries, "PromQL of the planner's Prometheus source (planner "
+     "`prometheus_queries`)."),
+    (KubeConfig, "The planner on Kubernetes: RayCluster and Lease (planner `kube`)."),
+    (LogConfig, "Logging of every process, from the environment: `SPLITSERVE_LOG_FORMAT`, "
+     "`SPLITSERVE_LOG_LEVEL` (`--log-format` sets the first for everything `splitserve` "
+     "starts)."),
+    (TracingConfig, "OpenTelemetry tracing of every process, from the environment: "
+     "`SPLITSERVE_TRACING_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, "
+     "`OTEL_EXPORTER_OTLP_ENDPOINT`), `SPLITSERVE_TRACING_SAMPLE_RATIO`, "
+     "`SPLITSERVE_TRACING_INSECURE`."),
 ]
 
 

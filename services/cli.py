@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def _up(ns: argparse.Namespace) -> int:
     from services.controller.builtin_model import ensure_builtin_model
     from services.controller.cluster import run_up
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
+    from services.gateway.pd_flow import MigrationConfig
     from router.policies import KVPolicyConfig
     from services.worker.config import EngineConfig
 
@@ -29,21 +31,43 @@ def _up(ns: argparse.Namespace) -> int:
                           max_model_len=ns.max_model_len, block_size=ns.block_size,
                           dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
                           cpu_kv_cache_space_gib=ns.kv_cache_gib,
-                          tensor_parallel_size=ns.tensor_parallel_size)
+                          tensor_parallel_size=ns.tensor_parallel_size,
+                          kv_lease_duration_s=ns.kv_lease_s)
     gpus = float(ns.tensor_parallel_size) if device == "cuda" else 0.0
     cpus = 1.0 if device == "cpu" else 0.0
     cfg = ClusterConfig(
         mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
-        max_in_flight=ns.max_in_flight,
-        prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus),
-        decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus),
-        workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus),
+        max_in_flight=ns.max_in_flight, max_in_flight_per_client=ns.max_in_flight_per_client,
+        max_body_bytes=ns.max_body_bytes,
+        api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
+        prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
+                           resources=ns.prefill_resources),
+        decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus,
+                          resources=ns.decode_resources),
+        workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus,
+                           resources=ns.workers_resources),
+        worker_host=ns.worker_host, worker_metrics_port=ns.worker_metrics_port,
+        gateway=not ns.no_gateway,
         redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
         run_dir=Path(ns.run_dir) if ns.run_dir else None, cache_dir=cache_dir,
         policy=ns.policy, kv_policy=KVPolicyConfig(
             load_weight=ns.kv_load_weight, local_prefill_tokens=ns.kv_local_prefill_tokens,
-            temperature=ns.kv_temperature))
+            temperature=ns.kv_temperature),
+        migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s))
     return run_up(cfg)
+
+
+def _resources(text: str) -> dict[str, float]:
+    """argparse type: a JSON object of Ray resource name -> amount."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v >= 0 for k, v in value.items()):
+        raise argparse.ArgumentTypeError('expected an object of name -> amount, e.g. {"prefill": 1}')
+    return {k: float(v) for k, v in value.items()}
 
 
 def _detect_device() -> str:
@@ -103,6 +127,68 @@ def _status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(ns: argparse.Namespace) -> int:
+    """Set desired pool sizes in Redis; with --wait, until the controller reaches them."""
+    import time
+
+    from redis.asyncio import Redis
+
+    from services.controller.pool_sizes import PoolSizes
+
+    wanted = {pool: n for pool, n in (("prefill", ns.prefill), ("decode", ns.decode),
+                                      ("both", ns.workers)) if n is not None}
+    if not wanted:
+        print("splitserve scale: give at least one of --prefill, --decode, --workers",
+              file=sys.stderr)
+        return 2
+    for pool, n in wanted.items():
+        try:
+            PoolSizes.check(pool, n)
+        except ValueError as exc:
+            print(f"splitserve scale: {exc}", file=sys.stderr)
+            return 2
+
+    async def run() -> int:
+        redis = Redis.from_url(ns.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            sizes = PoolSizes(redis, ns.namespace)
+            observed, updated_at = await sizes.observed()
+            if not updated_at or time.time() - updated_at > 30:
+                print(f"splitserve scale: no controller is running for namespace "
+                      f"{ns.namespace!r} at {ns.redis_url}", file=sys.stderr)
+                return 2
+            unknown = [p for p in wanted if p not in observed]
+            if unknown:
+                print(f"splitserve scale: this cluster has no {', '.join(unknown)} pool "
+                      f"(its pools: {', '.join(observed)})", file=sys.stderr)
+                return 2
+            await sizes.set_desired(wanted, by="cli")
+            print("desired: " + " ".join(f"{p}={n}" for p, n in wanted.items()), flush=True)
+            if ns.wait <= 0:
+                return 0
+            deadline = time.monotonic() + ns.wait
+            while time.monotonic() < deadline:
+                observed, _ = await sizes.observed()
+                if all(observed[p].serving == n and not observed[p].starting
+                       and not observed[p].draining for p, n in wanted.items()):
+                    print("reached: " + " ".join(f"{p}={observed[p].serving}"
+                                                 for p in wanted), flush=True)
+                    return 0
+                await asyncio.sleep(0.5)
+            print("splitserve scale: pools did not reach their sizes in time: " + " ".join(
+                f"{p}={observed[p].serving}(+{observed[p].starting} starting, "
+                f"{observed[p].draining} draining)" for p in wanted), file=sys.stderr)
+            return 1
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except Exception as exc:
+        print(f"splitserve scale: cannot reach Redis at {ns.redis_url}: {exc}", file=sys.stderr)
+        return 2
+
+
 def _make_model(ns: argparse.Namespace) -> int:
     from services.controller.builtin_model import make_model
 
@@ -127,7 +213,10 @@ def _gateway(ns: argparse.Namespace) -> int:
         else:
             cfg = GatewayConfig(model=ns.model, served_model_name=ns.served_model_name,
                                 redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
-                                port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len)
+                                port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len,
+                                max_in_flight_per_client=ns.max_in_flight_per_client,
+                                max_body_bytes=ns.max_body_bytes,
+                                api_keys_file=ns.api_keys_file)
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -139,6 +228,17 @@ def _bench(ns: argparse.Namespace) -> int:
     from bench.cli import run
 
     return run(ns)
+
+
+def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
+    """The gateway's input limits and API keys (docs/operations.md, "Input limits")."""
+    p.add_argument("--max-in-flight-per-client", type=int, default=0,
+                   help="gateway: generation requests one client (API key, else address) may "
+                   "have in flight; 0: no per-client limit")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="gateway: largest request body (HTTP 413 beyond) and gRPC message")
+    p.add_argument("--api-keys-file", help="gateway: accepted API keys, one per line (also "
+                   "$SPLITSERVE_API_KEYS); /v1 and gRPC then need `Bearer <key>`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gateway public gRPC port (0: off, -1: a free port; docs/grpc.md)")
     up.add_argument("--max-in-flight", type=int, default=1024,
                     help="gateway admission limit: generation requests served at once")
+    _add_gateway_guard_flags(up)
     up.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"], help="routing policy")
     up.add_argument("--kv-load-weight", type=float, default=0.25,
@@ -177,6 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: x32)")
     up.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: KV cache GiB per engine")
     up.add_argument("--tensor-parallel-size", type=int, default=1)
+    up.add_argument("--kv-lease-s", type=int, default=30,
+                    help="prefill workers hold unread KV blocks this long")
+    up.add_argument("--prefill-resources", type=_resources, default={},
+                    help='custom Ray resources per prefill worker, JSON, e.g. \'{"prefill": 1}\'')
+    up.add_argument("--decode-resources", type=_resources, default={},
+                    help="custom Ray resources per decode worker, JSON")
+    up.add_argument("--workers-resources", type=_resources, default={},
+                    help="custom Ray resources per aggregated worker, JSON")
+    up.add_argument("--worker-host", default="127.0.0.1",
+                    help="address workers bind and advertise; 'auto': each worker's node IP")
+    up.add_argument("--worker-metrics-port", type=int, default=0,
+                    help="Prometheus port of every worker (0: a free one)")
+    up.add_argument("--no-gateway", action="store_true",
+                    help="do not run a gateway (gateways deployed on their own)")
+    up.add_argument("--prefill-timeout-s", type=float, default=120.0,
+                    help="gateway: a slower prefill is abandoned, decode computes the prompt")
+    _add_log_format_flag(up)
     up.set_defaults(func=_up)
 
     st = sub.add_parser("status", help="list the live workers from the registry")
@@ -184,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+
+    sc = sub.add_parser("scale", help="change the desired size of a running cluster's pools")
+    sc.add_argument("--prefill", type=int, help="prefill workers wanted")
+    sc.add_argument("--decode", type=int, help="decode workers wanted")
+    sc.add_argument("--workers", type=int, help="workers wanted (aggregated clusters)")
+    sc.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    sc.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    sc.add_argument("--wait", type=float, default=0.0,
+                    help="seconds to wait until the pools have these sizes (0: don't wait)")
+    sc.set_defaults(func=_scale)
 
     mm = sub.add_parser("make-model", help="create the built-in model (offline, deterministic)")
     mm.add_argument("dir", help="output directory")
@@ -202,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)
+    _add_gateway_guard_flags(gw)
+    _add_log_format_flag(gw)
     gw.set_defaults(func=_gateway)
 
     from bench.cli import add_arguments as add_bench_arguments
@@ -210,12 +340,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "against --url or clusters it starts (--compare KEY=V1,V2)")
     add_bench_arguments(bn)
     bn.set_defaults(func=_bench)
+    from services.planner.cli import add_planner_parser
+    add_planner_parser(sub)
     return parser
 
 
+def _add_log_format_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log format of this process and every process it starts "
+                        "(default: $SPLITSERVE_LOG_FORMAT or text; docs/operations.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    from services.logs import LogConfig, configure_logging
+    from services.tracing import TracingConfig
+
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "log_format", None):
+        os.environ["SPLITSERVE_LOG_FORMAT"] = ns.log_format  # inherited by what it starts
+    try:
+        log_cfg = LogConfig()
+        TracingConfig()  # read again by each process; fail here, before anything starts
+    except ValidationError as exc:
+        print(f"splitserve: invalid logging or tracing setting in the environment:\n{exc}",
+              file=sys.stderr)
+        return 2
+    configure_logging(log_cfg, component="controller" if ns.command == "up" else ns.command)
     return int(ns.func(ns) or 0)
 
 

@@ -20,6 +20,7 @@ import psutil
 from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
+from services.controller.reconciler import PoolController
 from services.controller.redis_server import RedisServer
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
@@ -37,6 +38,7 @@ class Cluster:
         self.redis: RedisServer | None = None
         self.redis_url = cfg.redis_url
         self.pools: WorkerPools | None = None
+        self.controller: PoolController | None = None
         self.gateway: GatewayProcess | None = None
         self._ray_started = False
         self._descendants: set[int] = set()
@@ -52,17 +54,27 @@ class Cluster:
         self._start_ray()
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
+        self.controller = PoolController(self.pools, self.redis_url, cfg.namespace)
+        self.controller.start()
+        if cfg.gateway:
+            self._start_gateway()
+        self._remember_descendants()
+
+    def _start_gateway(self) -> None:
+        cfg = self.cfg
         port = cfg.port or free_port(cfg.host)
         grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
         gcfg = GatewayConfig(
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
             namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=grpc_port,
-            policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight)
+            policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight,
+            max_in_flight_per_client=cfg.max_in_flight_per_client,
+            max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
+            migration=cfg.migration)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)
-        self._remember_descendants()
 
     def _start_ray(self) -> None:
         import ray
@@ -75,7 +87,7 @@ class Cluster:
             return
         workers = len(plan_workers(self.cfg))
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, workers),
+            num_cpus=self.cfg.local_ray_num_cpus or max(os.cpu_count() or 1, 4 * workers),
             include_dashboard=False,
             _temp_dir=str(self.run_dir / "ray"),
             namespace=self.cfg.namespace,
@@ -96,6 +108,8 @@ class Cluster:
         self._remember_descendants()
         if self.gateway:
             self.gateway.stop()
+        if self.controller:
+            self.controller.stop()
         if self.pools:
             self.pools.stop()
         try:
@@ -154,14 +168,14 @@ def run_up(cfg: ClusterConfig) -> int:
         cluster.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        assert cluster.gateway is not None and cluster.pools is not None
+        assert cluster.pools is not None
         roles = {}
         for w in cluster.pools.workers:
             roles[w.cfg.role.value] = roles.get(w.cfg.role.value, 0) + 1
         pools = ",".join(f"{k}={v}" for k, v in roles.items())
-        grpc = (f" grpc={cfg.host}:{cluster.gateway.cfg.grpc_port}"
-                if cluster.gateway.cfg.grpc_port else "")
-        print(f"splitserve ready: http={cluster.gateway.url}{grpc} mode={cfg.mode} "
+        gw = cluster.gateway
+        grpc = f" grpc={cfg.host}:{gw.cfg.grpc_port}" if gw and gw.cfg.grpc_port else ""
+        print(f"splitserve ready: http={gw.url if gw else 'off'}{grpc} mode={cfg.mode} "
               f"workers={pools} model={cfg.engine.name} redis={cluster.redis_url} "
               f"run_dir={cluster.run_dir}", flush=True)
         stop.wait()

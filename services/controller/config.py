@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
+from services.controller.healing import HealingConfig
+from services.gateway.pd_flow import MigrationConfig
 from services.worker.config import EngineConfig
 
 Mode = Literal["disaggregated", "aggregated"]
@@ -48,7 +50,18 @@ class ClusterConfig(BaseModel):
         "gateway public gRPC port; 0: off, -1 picks a free one"))
     max_in_flight: int = Field(1024, ge=1, description=(
         "gateway admission limit: generation requests (HTTP and gRPC) served at once"))
-    worker_host: str = Field("127.0.0.1", description="address workers bind and advertise")
+    max_in_flight_per_client: int = Field(0, ge=0, description=(
+        "gateway limit per client (API key, else remote address); 0: none"))
+    max_body_bytes: int = Field(1 << 20, ge=1024, description=(
+        "gateway: largest request body / gRPC message (HTTP 413 beyond)"))
+    api_keys_file: Path | None = Field(None, description=(
+        "gateway API keys, one per line (also $SPLITSERVE_API_KEYS); none: no authentication"))
+    worker_host: str = Field("127.0.0.1", description=(
+        "address workers bind and advertise; 'auto': each worker's node IP (Kubernetes)"))
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description=(
+        "Prometheus port of every worker; 0 picks a free one (one worker per node/pod: fixed)"))
+    gateway: bool = Field(True, description=(
+        "run the gateway in this process tree; off when gateways are deployed on their own"))
     redis_url: str | None = Field(None, description="external Redis; None starts a private one")
     ray_address: str | None = Field(None, description="existing Ray cluster; None starts one")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of this cluster")
@@ -58,6 +71,13 @@ class ClusterConfig(BaseModel):
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
     startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
+        "gateway: moving requests off failed workers"))
+    healing: HealingConfig = Field(default_factory=HealingConfig,
+                                     description="health checks, restarts, drains")
+    local_ray_num_cpus: int | None = Field(None, description=(
+        "logical CPUs of a local Ray node (workers reserve pool.num_cpus each); None: "
+        "max(cores, 4 x the workers planned), so pools can grow"))
 
     @model_validator(mode="after")
     def _check_pools(self) -> "ClusterConfig":

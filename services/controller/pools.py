@@ -1,20 +1,54 @@
-"""Worker pools as Ray actors: create, start (engines load in parallel), stop."""
+"""Worker pools as Ray actors, kept at their desired sizes: start, health, replace, drain.
+
+Every worker is a Ray actor (services/worker/actor.py) owning one vLLM engine. The controller
+calls :meth:`WorkerPools.reconcile` every ``reconcile_interval_s``; one pass
+
+1. collects finished start-ups and drains,
+2. health-checks every serving worker (an actor call with a timeout): a dead actor, a dead
+   engine, or ``unhealthy_after`` failed checks in a row (hung) gets the worker replaced —
+   its actor and engine processes are killed, its registry and prefix-index entries and its
+   shared memory are removed, so routers forget it at once and peers drop its NIXL agent,
+3. starts or drains workers until each pool has its desired size (a pool that keeps failing
+   is restarted with exponential backoff).
+
+Worker ids are never reused: a replacement is a new NIXL engine with a new id.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
-import ray
+import socket
 
-from router.registry import WorkerRole
+import psutil
+import ray
+from redis.asyncio import Redis
+
+from router.prefix_index import PrefixIndex
+from router.registry import WorkerRegistry, WorkerRole
 from services.controller.config import ClusterConfig, PoolConfig
-from services.worker.actor import WorkerActor
+from services.controller.healing import HealingConfig
+from services.controller.pool_sizes import PoolObservation
+from services.worker.actor import WorkerActor, worker_pid_file
 from services.worker.config import WorkerConfig
+from services.worker.shm import unlink_segments
 
 log = logging.getLogger(__name__)
+
+
+class WorkerState(str, Enum):
+    """Where a worker actor is in its life."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
 
 
 @dataclass
@@ -23,7 +57,14 @@ class WorkerHandle:
 
     cfg: WorkerConfig
     actor: Any
+    pool: str
+    state: WorkerState = WorkerState.STARTING
     endpoints: dict | None = None
+    pending: Any = None  # ObjectRef of start() or drain()
+    created_at: float = field(default_factory=time.monotonic)
+    serving_since: float = 0.0
+    serving_wall: float = 0.0  # time.time() when its endpoints (and PIDs) arrived
+    failed_checks: int = 0
 
 
 def _cpu_binding(index: int) -> str:
@@ -32,24 +73,83 @@ def _cpu_binding(index: int) -> str:
     return str(index % cores)
 
 
-def plan_workers(cfg: ClusterConfig) -> list[tuple[WorkerRole, PoolConfig, int]]:
-    """(role, pool, index within pool) for every worker a cluster config asks for."""
+def pool_roles(cfg: ClusterConfig) -> dict[str, tuple[WorkerRole, PoolConfig]]:
+    """The pools a cluster config has, by name (= worker role)."""
     if cfg.mode == "aggregated":
-        pools = [(WorkerRole.BOTH, cfg.workers)]
-    else:
-        pools = [(WorkerRole.PREFILL, cfg.prefill), (WorkerRole.DECODE, cfg.decode)]
-    return [(role, pool, i) for role, pool in pools for i in range(pool.replicas)]
+        return {"both": (WorkerRole.BOTH, cfg.workers)}
+    return {"prefill": (WorkerRole.PREFILL, cfg.prefill),
+            "decode": (WorkerRole.DECODE, cfg.decode)}
+
+
+def plan_workers(cfg: ClusterConfig) -> list[tuple[WorkerRole, PoolConfig, int]]:
+    """(role, pool, index within pool) for every worker a cluster config starts with."""
+    return [(role, pool, i) for role, pool in pool_roles(cfg).values()
+            for i in range(pool.replicas)]
+
+
+def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
+    """SIGKILL a worker's actor process and everything under it (its engine), on this host.
+
+    The PIDs come from the worker's endpoints (actor and engine processes, recorded when it
+    started serving) and its PID file (written when the actor was created, so a worker that
+    never finished starting is covered too). A PID now owned by a process created after the
+    worker's actor is skipped (reused). Returns the PIDs killed.
+    """
+    # pid -> the latest time the process it names was known to exist
+    known: dict[int, float] = {}
+    ep = w.endpoints or {}
+    if ep.get("pid") and ep.get("node", socket.gethostname()) == socket.gethostname():
+        for pid in [ep["pid"], *ep.get("engine_pids", [])]:
+            known[pid] = w.serving_wall
+    pid_file = worker_pid_file(run_dir, w.cfg.worker_id)
+    try:
+        pid_text, host = pid_file.read_text().split()
+        if host == socket.gethostname():
+            known.setdefault(int(pid_text), pid_file.stat().st_mtime)
+    except (OSError, ValueError):
+        pass
+    procs: dict[int, psutil.Process] = {}
+    for pid, seen_at in known.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() > seen_at + 1.0:
+                continue  # the PID was reused by a newer process
+            procs[pid] = p
+            for c in p.children(recursive=True):
+                procs[c.pid] = c
+        except psutil.Error:
+            continue
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=5)
+    pid_file.unlink(missing_ok=True)
+    return sorted(procs)
 
 
 class WorkerPools:
-    """Creates and owns the worker actors of a cluster."""
+    """Creates, watches, replaces, drains and stops the worker actors of a cluster."""
 
-    def __init__(self, cfg: ClusterConfig, redis_url: str, run_dir) -> None:
+    def __init__(self, cfg: ClusterConfig, redis_url: str, run_dir: Path,
+                 healing: HealingConfig | None = None) -> None:
         self.cfg = cfg
         self.redis_url = redis_url
         self.run_dir = run_dir
+        self.healing = healing or cfg.healing
+        self.pools = pool_roles(cfg)
+        self.desired: dict[str, int] = {name: pool.replicas
+                                        for name, (_, pool) in self.pools.items()}
         self.workers: list[WorkerHandle] = []
+        self.restarts: dict[str, int] = {name: 0 for name in self.pools}
+        self._failures: dict[str, int] = {name: 0 for name in self.pools}
+        self._next_start: dict[str, float] = {name: 0.0 for name in self.pools}
+        self._launched = 0
+        self._pool_launches: dict[str, int] = {name: 0 for name in self.pools}
+        self._remote_cls = ray.remote(WorkerActor)
 
+    # --- starting -----------------------------------------------------------------------------
     def worker_config(self, role: WorkerRole, index: int, global_index: int) -> WorkerConfig:
         """The config of one worker."""
         return WorkerConfig(
@@ -63,29 +163,189 @@ class WorkerPools:
             cache_dir=self.cfg.cache_dir,
             cpu_threads_bind=_cpu_binding(global_index) if self.cfg.engine.device == "cpu"
             else "nobind",
+            metrics_port=self.cfg.worker_metrics_port,
         )
 
+    def launch(self, name: str) -> WorkerHandle:
+        """Create one worker actor of a pool and begin its start-up (not waited for)."""
+        role, pool = self.pools[name]
+        index = self._pool_launches[name]
+        self._pool_launches[name] += 1
+        wcfg = self.worker_config(role, index, self._launched)
+        self._launched += 1
+        actor = self._remote_cls.options(
+            name=f"splitserve-{wcfg.worker_id}",
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            resources=pool.resources or None,
+            max_restarts=0,
+            runtime_env={"env_vars": {"PYTHONHASHSEED": wcfg.engine.hash_seed}},
+        ).remote(wcfg.model_dump_json())
+        handle = WorkerHandle(wcfg, actor, name)
+        handle.pending = actor.start.remote()
+        self.workers.append(handle)
+        log.info("starting worker %s", wcfg.worker_id)
+        return handle
+
     def start(self, timeout_s: float) -> list[WorkerHandle]:
-        """Create every worker actor and wait until all engines serve."""
-        remote_cls = ray.remote(WorkerActor)
-        for g, (role, pool, i) in enumerate(plan_workers(self.cfg)):
-            wcfg = self.worker_config(role, i, g)
-            actor = remote_cls.options(
-                name=f"splitserve-{wcfg.worker_id}",
-                num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus,
-                resources=pool.resources or None,
-                max_restarts=0,
-                runtime_env={"env_vars": {"PYTHONHASHSEED": wcfg.engine.hash_seed}},
-            ).remote(wcfg.model_dump_json())
-            self.workers.append(WorkerHandle(wcfg, actor))
-        refs = [w.actor.start.remote() for w in self.workers]
+        """Create every worker of the initial plan and wait until all engines serve."""
+        for name, n in self.desired.items():
+            for _ in range(n):
+                self.launch(name)
+        refs = [w.pending for w in self.workers]
         endpoints = ray.get(refs, timeout=timeout_s)
         for w, ep in zip(self.workers, endpoints):
-            w.endpoints = ep
-            log.info("worker %s ready at %s", w.cfg.worker_id, ep["address"])
-        return self.workers
+            self._serving(w, ep)
+        return list(self.workers)
 
+    def _serving(self, w: WorkerHandle, endpoints: dict) -> None:
+        w.endpoints, w.pending = endpoints, None
+        w.state = WorkerState.SERVING
+        w.serving_since = time.monotonic()
+        w.serving_wall = time.time()
+        log.info("worker %s ready at %s", w.cfg.worker_id, endpoints["address"])
+
+    # --- reconcile ----------------------------------------------------------------------------
+    async def reconcile(self, redis: Redis | None) -> dict[str, PoolObservation]:
+        """One pass: collect start-ups and drains, check health, resize. See module doc."""
+        await self._collect(redis)
+        await self._check_health(redis)
+        await self._resize(redis)
+        return self.observe()
+
+    async def _collect(self, redis: Redis | None) -> None:
+        now = time.monotonic()
+        for w in list(self.workers):
+            if w.pending is None:
+                continue
+            ready, _ = ray.wait([w.pending], timeout=0)
+            if w.state == WorkerState.STARTING:
+                if ready:
+                    try:
+                        self._serving(w, ray.get(w.pending))
+                    except Exception as exc:
+                        log.error("worker %s failed to start: %s", w.cfg.worker_id, exc)
+                        await self._replace(w, redis, "start-up failed")
+                elif now - w.created_at > self.cfg.startup_timeout_s:
+                    await self._replace(w, redis, "start-up timed out")
+            elif w.state == WorkerState.DRAINING and ready:
+                try:
+                    log.info("worker %s drained: %s", w.cfg.worker_id, ray.get(w.pending))
+                except Exception as exc:
+                    log.warning("worker %s failed while draining: %s", w.cfg.worker_id, exc)
+                await self._remove(w, redis)
+            elif (w.state == WorkerState.DRAINING
+                  and now - w.serving_since > self.healing.drain_timeout_s + 30):
+                log.warning("worker %s did not finish draining; stopping it", w.cfg.worker_id)
+                await self._remove(w, redis)
+
+    async def _check_health(self, redis: Redis | None) -> None:
+        serving = [w for w in self.workers if w.state == WorkerState.SERVING]
+        if not serving:
+            return
+        refs = [w.actor.health.remote() for w in serving]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.healing.health_timeout_s)
+        ready_set = set(ready)
+        now = time.monotonic()
+        for w, ref in zip(serving, refs):
+            reason = None
+            if ref in ready_set:
+                try:
+                    report = ray.get(ref)
+                    if report.get("healthy"):
+                        w.failed_checks = 0
+                        if now - w.serving_since > self.healing.stable_after_s:
+                            self._failures[w.pool] = 0
+                        continue
+                    reason = f"engine unhealthy: {report.get('message')}"
+                except ray.exceptions.RayActorError as exc:
+                    reason = f"actor died: {type(exc).__name__}"
+                except Exception as exc:
+                    reason = f"health call failed: {type(exc).__name__}: {exc}"
+                await self._replace(w, redis, reason)
+            else:
+                ray.cancel(ref, force=False)
+                w.failed_checks += 1
+                log.warning("worker %s missed a health check (%d in a row)", w.cfg.worker_id,
+                            w.failed_checks)
+                if w.failed_checks >= self.healing.unhealthy_after:
+                    await self._replace(w, redis, "unresponsive")
+
+    async def _resize(self, redis: Redis | None) -> None:
+        now = time.monotonic()
+        for name, want in self.desired.items():
+            active = [w for w in self.workers if w.pool == name
+                      and w.state in (WorkerState.STARTING, WorkerState.SERVING)]
+            if len(active) < want:
+                if now < self._next_start[name]:
+                    continue
+                for _ in range(want - len(active)):
+                    self.launch(name)
+            elif len(active) > want:
+                for w in self._victims(active, len(active) - want):
+                    if w.state == WorkerState.STARTING:
+                        log.info("stopping worker %s before it serves", w.cfg.worker_id)
+                        await self._remove(w, redis)
+                    else:
+                        self.begin_drain(w)
+
+    @staticmethod
+    def _victims(active: list[WorkerHandle], n: int) -> list[WorkerHandle]:
+        """Which workers leave when a pool shrinks: those still starting first, then the
+        newest serving ones (the oldest hold the most cache)."""
+        order = sorted(active, key=lambda w: (w.state == WorkerState.SERVING, -w.created_at))
+        return order[:n]
+
+    def begin_drain(self, w: WorkerHandle) -> None:
+        """Take a worker out of service: it finishes its requests, then stops."""
+        log.info("draining worker %s", w.cfg.worker_id)
+        w.state = WorkerState.DRAINING
+        w.pending = w.actor.drain.remote(self.healing.drain_timeout_s)
+        w.serving_since = time.monotonic()
+
+    async def _replace(self, w: WorkerHandle, redis: Redis | None, reason: str) -> None:
+        """Remove a failed worker; the resize step starts its replacement (with backoff)."""
+        log.error("worker %s failed (%s); replacing it", w.cfg.worker_id, reason)
+        self.restarts[w.pool] += 1
+        self._failures[w.pool] += 1
+        n = self._failures[w.pool]
+        delay = min(self.healing.backoff_max_s, self.healing.backoff_initial_s * 2 ** (n - 1))
+        self._next_start[w.pool] = time.monotonic() + delay
+        await self._remove(w, redis)
+
+    async def _remove(self, w: WorkerHandle, redis: Redis | None) -> None:
+        """Kill a worker's actor and engine processes and forget it everywhere."""
+        if w in self.workers:
+            self.workers.remove(w)
+        killed = await asyncio.to_thread(kill_worker_processes, w, self.run_dir)
+        try:
+            ray.kill(w.actor, no_restart=True)
+        except Exception:
+            pass
+        ep = w.endpoints or {}
+        unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
+        log.info("removed worker %s (killed pids %s)", w.cfg.worker_id, killed)
+        if redis is not None:
+            try:
+                await WorkerRegistry(redis, self.cfg.namespace).deregister(w.cfg.worker_id)
+                await PrefixIndex(redis, self.cfg.namespace).clear_worker(w.cfg.worker_id)
+            except Exception:
+                log.warning("could not remove %s from Redis (its entries expire)",
+                            w.cfg.worker_id, exc_info=True)
+
+    def observe(self) -> dict[str, PoolObservation]:
+        """Counts per pool, as published to Redis."""
+        out = {}
+        for name in self.pools:
+            ws = [w for w in self.workers if w.pool == name]
+            out[name] = PoolObservation(
+                serving=sum(w.state == WorkerState.SERVING for w in ws),
+                starting=sum(w.state == WorkerState.STARTING for w in ws),
+                draining=sum(w.state == WorkerState.DRAINING for w in ws),
+                restarts=self.restarts[name])
+        return out
+
+    # --- stopping -----------------------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every worker gracefully (engine shutdown), then kill the actors."""
         refs = [w.actor.stop.remote() for w in self.workers]
@@ -98,4 +358,6 @@ class WorkerPools:
                 ray.kill(w.actor)
             except Exception:
                 pass
+            ep = w.endpoints or {}
+            unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
         self.workers.clear()

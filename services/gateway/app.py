@@ -19,13 +19,27 @@ from redis.asyncio import Redis
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerRole
+from services import tracing
+from services.logs import LogConfig, configure_logging
+from services.tracing import TracingConfig
+from services.gateway.admission import Admission
+from services.gateway.auth import ApiKeyError, ApiKeys
+from services.gateway.cluster_metrics import ClusterGauges
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, install_error_handlers, invalid
+from services.gateway.http_guard import GENERATION_PATHS, GuardMiddleware
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import GenerationResult, PDFlow, WorkerUnavailable
+from services.gateway.request_context import RequestContextMiddleware
 from services.gateway.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
     new_id,
     now,
 )
@@ -64,61 +78,15 @@ def route_headers(result: GenerationResult) -> dict[str, str]:
             "x-splitserve-route-reason": r.reason}
 
 
-class Admission:
-    """The gateway's admission limit: generation requests served at once, HTTP and gRPC
-    together. Past it, requests are refused at once (429 / RESOURCE_EXHAUSTED), not queued."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-
-    def try_acquire(self) -> bool:
-        if self.in_flight >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
-
-    def release(self) -> None:
-        self.in_flight -= 1
-
-    def error(self) -> APIError:
-        return APIError(429, f"the gateway is at its limit of {self.limit} requests in flight; "
-                        "retry later", type="rate_limit_error", code="too_many_requests")
-
-
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-
-
-class AdmissionMiddleware:
-    """ASGI middleware: counts a generation request until its response (streamed or not) is
-    completely sent."""
-
-    def __init__(self, app: Any, admission: Admission) -> None:
-        self.app = app
-        self.admission = admission
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") not in GENERATION_PATHS:
-            await self.app(scope, receive, send)
-            return
-        if not self.admission.try_acquire():
-            response = self.admission.error().response()
-            response.headers["Retry-After"] = "1"
-            await response(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.admission.release()
-
-
 class Gateway:
     """State of one gateway process and its request handling."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
+        self.api_keys = ApiKeys.load(cfg.api_keys_file, cfg.api_keys_env)
         self.metrics = GatewayMetrics()
-        self.admission = Admission(cfg.max_in_flight)
+        self.cluster_gauges = ClusterGauges(self.metrics)
+        self.admission = Admission(cfg.max_in_flight, cfg.max_in_flight_per_client)
         self.builder = PromptBuilder(cfg.model)
         self.redis: Redis | None = None
         self.directory: WorkerDirectory | None = None
@@ -137,7 +105,7 @@ class Gateway:
         policy = make_policy(self.cfg.policy, self.cfg.kv_policy)
         index = PrefixIndex(self.redis, self.cfg.namespace) if policy.uses_prefix_index else None
         self.flow = PDFlow(self.directory, policy, index, self.metrics,
-                           self.cfg.request_timeout_s)
+                           self.cfg.request_timeout_s, self.cfg.migration)
         if index is not None:
             self._purge_task = asyncio.create_task(self._purge_dead_workers(index))
 
@@ -172,12 +140,22 @@ class Gateway:
         if bad is not None:
             raise invalid(f"token id {bad} is out of range [0, {vocab})", param="prompt")
 
+    def _check_stop(self, stops: list[str]) -> None:
+        most, chars = self.cfg.max_stop_sequences, self.cfg.max_stop_chars
+        if len(stops) > most:
+            raise invalid(f"at most {most} stop sequences are allowed (got {len(stops)})",
+                          param="stop")
+        if any(len(s) > chars for s in stops):
+            raise invalid(f"stop sequences must be at most {chars} characters long",
+                          param="stop")
+
     async def prepare(self, req: CompletionRequest | ChatCompletionRequest, kind: Kind
                       ) -> PreparedRequest:
         self._check_model(req.model)
         if (feature := req.unsupported()) is not None:
             raise invalid(f"`{feature}` is not supported by this server", param=feature,
                           code="unsupported_parameter")
+        self._check_stop(req.stop)
         if isinstance(req, ChatCompletionRequest):
             try:
                 ids = await self.builder.chat(req.messages)
@@ -188,6 +166,9 @@ class Gateway:
             ids = await self._completion_ids(req.prompt)
             limit = req.max_tokens
         ctx = self.cfg.max_model_len
+        if not ids:
+            raise invalid("the prompt is empty (no tokens)", param="messages" if kind == "chat"
+                          else "prompt")
         if len(ids) >= ctx:
             raise invalid(f"This model's maximum context length is {ctx} tokens. However, your "
                           f"prompt is {len(ids)} tokens.", param="messages" if kind == "chat"
@@ -351,6 +332,58 @@ class Gateway:
                                           **route_headers(result)})
 
 
+_ERROR_MEANINGS = {
+    400: "invalid request", 401: "missing or wrong API key (when keys are on)",
+    404: "unknown model", 413: "request body too large", 429: "an admission limit is reached "
+    "(see Retry-After)", 503: "no live worker can serve the request"}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": _ERROR_MEANINGS[c]} for c in codes}
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _sse_event(chunk: type) -> dict[str, Any]:
+    """The schema of one server-sent event: a JSON chunk (or an error object), or `[DONE]`."""
+    payload = {"anyOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                         {"$ref": _REF.format(model=ErrorResponse.__name__)}]}
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [{"const": "[DONE]"}, {
+            "type": "string", "contentMediaType": "application/json",
+            "contentSchema": payload}]}}}
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "the completion; with `stream: true`, "
+                  "server-sent events of chunks ending with `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": _sse_event(chunk)}}},
+            **_errors(400, 401, 404, 413, 429, 503)}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without its 422 answers: validation errors are 400 here."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps.pop("HTTPValidationError", None)
+        comps.pop("ValidationError", None)
+        for chunk in (CompletionChunk, ChatCompletionChunk):  # referenced by the SSE events
+            s = chunk.model_json_schema(ref_template=_REF)
+            comps.update(s.pop("$defs", {}))
+            comps[chunk.__name__] = s
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(cfg: GatewayConfig) -> FastAPI:
     """The gateway's FastAPI application."""
     gw = Gateway(cfg)
@@ -370,10 +403,14 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                 await grpc_server.stop(grace=2)
             await gw.stop()
 
-    app = FastAPI(title="splitserve gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="splitserve gateway", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API of a splitserve cluster (docs/grpc.md for "
+                  "the gRPC API). Errors are OpenAI error JSON.")
     app.state.gateway = gw
     install_error_handlers(app)
-    app.add_middleware(AdmissionMiddleware, admission=gw.admission)
+    app.add_middleware(GuardMiddleware, admission=gw.admission, api_keys=gw.api_keys,
+                       max_body_bytes=cfg.max_body_bytes)
+    known_paths = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -385,15 +422,19 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             return response
         finally:
             gw.metrics.in_flight.dec()
-            gw.metrics.requests.labels(request.url.path, str(status)).inc()
+            path = request.url.path
+            gw.metrics.requests.labels(path if path in known_paths else "other",
+                                       str(status)).inc()
 
-    @app.get("/v1/models")
+    app.add_middleware(RequestContextMiddleware)  # outermost: request id, span, access log
+
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": cfg.name, "object": "model", "created": now(), "owned_by": "splitserve",
             "max_model_len": cfg.max_model_len}]}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "no route to a live worker"}})
     async def health() -> JSONResponse:
         d = gw.directory
         counts = {r.value: len(d.by_role(r)) for r in WorkerRole} if d else {}
@@ -403,20 +444,26 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable", "workers": counts},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        "description": "Prometheus text format"}})
     async def metrics() -> Response:
+        await gw.cluster_gauges.observe(gw.directory, gw.redis, cfg.namespace)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse,
+                                                                    CompletionChunk))
     async def completions(req: CompletionRequest, request: Request):
         p = await gw.prepare(req, "completion")
         return await (gw.stream(p) if p.stream else gw.complete(p, request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(
+        ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         p = await gw.prepare(req, "chat")
         return await (gw.stream(p) if p.stream else gw.complete(p, request))
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -424,5 +471,14 @@ def serve(cfg: GatewayConfig) -> None:
     """Run the gateway (blocks until SIGINT/SIGTERM)."""
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_keep_alive=30)
+    configure_logging(LogConfig(), component="gateway")
+    tracing.setup(TracingConfig(), "splitserve-gateway")
+    try:
+        app = create_app(cfg)
+    except ApiKeyError as exc:
+        raise SystemExit(f"splitserve gateway: {exc}") from None
+    keys = app.state.gateway.api_keys
+    log.info("API keys: %s", f"on ({len(keys)} accepted)" if keys else
+                "off (any client is served; see docs/operations.md)")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=30,
+                log_config=None)  # uvicorn's records go through services/logs.py

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
+from services.gateway.pd_flow import MigrationConfig
 
 
 class GatewayConfig(BaseModel):
@@ -22,6 +25,21 @@ class GatewayConfig(BaseModel):
     max_in_flight: int = Field(1024, ge=1, description=(
         "admission limit: generation requests (HTTP and gRPC together) served at once; more "
         "get HTTP 429 / gRPC RESOURCE_EXHAUSTED"))
+    max_in_flight_per_client: int = Field(0, ge=0, description=(
+        "generation requests one client may have in flight (client: its API key when keys are "
+        "on, else its remote address); more get 429 / RESOURCE_EXHAUSTED; 0: no per-client limit"))
+    max_body_bytes: int = Field(1 << 20, ge=1024, description=(
+        "largest request body (HTTP, also chunked) and gRPC message accepted; larger: HTTP 413 "
+        "/ gRPC RESOURCE_EXHAUSTED"))
+    max_stop_sequences: int = Field(16, ge=0, description=(
+        "most stop sequences per request (OpenAI allows 4; vLLM clients may send more)"))
+    max_stop_chars: int = Field(256, ge=1, description="longest stop sequence, in characters")
+    api_keys_file: Path | None = Field(None, description=(
+        "file of accepted API keys, one per line (# comments); with keys, every /v1 call and "
+        "gRPC call but Health needs `authorization: Bearer <key>`"))
+    api_keys_env: str = Field("SPLITSERVE_API_KEYS", description=(
+        "environment variable holding accepted API keys (comma or whitespace separated), read "
+        "with api_keys_file; unset or empty and no file: no authentication"))
     policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
@@ -29,6 +47,8 @@ class GatewayConfig(BaseModel):
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
+        "moving requests off failed workers (docs/operations.md)"))
 
     @property
     def name(self) -> str:

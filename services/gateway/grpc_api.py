@@ -7,7 +7,8 @@ for HTTP. Errors map to status codes:
 
     APIError 400 / pydantic validation / worker INVALID_ARGUMENT  -> INVALID_ARGUMENT
     APIError 404 (unknown model)                                  -> NOT_FOUND
-    admission limit (HTTP 429)                                    -> RESOURCE_EXHAUSTED
+    missing or wrong API key (HTTP 401; Health stays open)        -> UNAUTHENTICATED
+    admission limits (HTTP 429), message over max_body_bytes      -> RESOURCE_EXHAUSTED
     APIError 503 / WorkerUnavailable                              -> UNAVAILABLE
     the call's deadline                                           -> DEADLINE_EXCEEDED
 
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from services.gateway.errors import APIError, _validation_error
 from services.gateway.pd_flow import GenerationResult, WorkerUnavailable
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.grpc_context import ServerContextInterceptor
 from router.registry import WorkerRole
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
            504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -93,11 +96,33 @@ def _validate(model: Any, body: dict[str, Any]) -> Any:
         raise _validation_error(RequestValidationError(exc.errors())) from None
 
 
+def peer_address(peer: str) -> str:
+    """The remote address of a grpc peer string ("ipv4:1.2.3.4:5678" -> "1.2.3.4")."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+        return host.strip("[]")
+    return peer
+
+
 class InferenceServicer(ipb_grpc.InferenceServicer):
     """splitserve.v1.Inference on top of one Gateway."""
 
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
+
+    async def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's name for per-client limits: its API key's digest when keys are on
+        (aborting with UNAUTHENTICATED when missing or wrong), else its remote address."""
+        keys = self.gw.api_keys
+        if keys is None:
+            return peer_address(context.peer() or "")
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return keys.client_of(metadata.get("authorization"))
+        except APIError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            raise  # abort raises; this only tells type checkers
 
     async def Complete(self, request: ipb.CompleteRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[ipb.CompletionChunk]:
@@ -114,8 +139,9 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
                         ) -> AsyncIterator[ipb.CompletionChunk]:
         gw = self.gw
         admission = gw.admission
-        if not admission.try_acquire():
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.error().message)
+        client = await self._client(context)
+        if (refusal := admission.admit(client)) is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
         route = f"grpc:{'Chat' if kind == 'chat' else 'Complete'}"
         status = "OK"
         gw.metrics.in_flight.inc()
@@ -167,7 +193,7 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
                 status = type(exc).__name__
             raise
         finally:
-            admission.release()
+            admission.release(client)
             gw.metrics.in_flight.dec()
             gw.metrics.requests.labels(route, status).inc()
 
@@ -179,6 +205,7 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
 
     async def ListModels(self, request: ipb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> ipb.ListModelsResponse:
+        await self._client(context)
         cfg = self.gw.cfg
         return ipb.ListModelsResponse(models=[ipb.Model(
             id=cfg.name, max_model_len=cfg.max_model_len, owned_by="splitserve")])
@@ -195,7 +222,10 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
 
 async def start_grpc_server(gw: "Gateway", host: str, port: int) -> grpc.aio.Server:
     """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    limit = gw.cfg.max_body_bytes
+    server = grpc.aio.server(interceptors=[ServerContextInterceptor(public=True)],
+                             options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", limit)])
     ipb_grpc.add_InferenceServicer_to_server(InferenceServicer(gw), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:

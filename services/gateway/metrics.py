@@ -47,5 +47,11 @@ class GatewayMetrics:
                                      "(prefix cache or KV transfer)", registry=r)
         self.completion_tokens = Counter("splitserve_gateway_completion_tokens",
                                          "Tokens generated", registry=r)
+        self.migrations = Counter("splitserve_gateway_request_migrations",
+                                  "Requests moved to another decode worker after the one "
+                                  "serving them failed", registry=r)
+        self.prefill_fallbacks = Counter("splitserve_gateway_prefill_fallbacks",
+                                         "Prefills that failed or timed out, computed on the "
+                                         "decode worker instead", registry=r)
         self.live_workers = Gauge("splitserve_gateway_live_workers",
                                   "Live workers in the registry, by role", ["role"], registry=r)

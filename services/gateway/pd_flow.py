@@ -19,6 +19,8 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
+from pydantic import BaseModel, Field
+
 from router.block_hash import BlockHasher
 from router.policies import NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy
 from router.prefix_index import PrefixIndex
@@ -32,6 +34,35 @@ log = logging.getLogger(__name__)
 
 class WorkerUnavailable(RuntimeError):
     """No worker could take the request (none live, or the chosen ones failed)."""
+
+
+class _DecodeFailed(Exception):
+    """A decode worker failed mid-request (the request may continue elsewhere)."""
+
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.worker_id = worker_id
+
+
+# Worker failures a request survives by moving on (INVALID_ARGUMENT is the request's fault).
+_RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+
+
+class MigrationConfig(BaseModel):
+    """How the gateway keeps requests alive through worker failures."""
+
+    max_migrations: int = Field(3, ge=0, description=(
+        "decode workers a request may move to after the one it started on fails"))
+    stall_timeout_s: float = Field(60.0, gt=0, description=(
+        "a decode stream silent this long counts as a failed worker (the request moves)"))
+    prefill_timeout_s: float = Field(120.0, gt=0, description=(
+        "a prefill slower than this is abandoned: the decode worker computes the prompt"))
+    route_wait_s: float = Field(30.0, ge=0, description=(
+        "with no serving decode worker, wait this long for one (pools healing) before 503"))
 
 
 @dataclass
@@ -51,8 +82,9 @@ class PDFlow:
 
     def __init__(self, directory: WorkerDirectory, policy: RoutingPolicy,
                  index: PrefixIndex | None, metrics: GatewayMetrics,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, migration: MigrationConfig | None = None) -> None:
         self.directory = directory
+        self.migration = migration or MigrationConfig()
         self.policy = policy
         self.index = index
         self.metrics = metrics
@@ -89,10 +121,19 @@ class PDFlow:
         self.metrics.index_lookup.observe(time.perf_counter() - start)
         return cached
 
-    async def route(self, token_ids: Sequence[int]) -> RouteDecision:
+    async def route(self, token_ids: Sequence[int], exclude: frozenset[str] = frozenset()
+                    ) -> RouteDecision:
+        """Choose the workers for a prompt among the serving ones (not in `exclude`); with
+        none to serve it, wait up to `route_wait_s` for the pools to heal or grow."""
         d = self.directory
-        prefill = d.by_role(WorkerRole.PREFILL)
-        decode = d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH)
+        deadline = time.monotonic() + self.migration.route_wait_s
+        while True:
+            prefill = [w for w in d.by_role(WorkerRole.PREFILL) if w.worker_id not in exclude]
+            decode = [w for w in (d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH))
+                      if w.worker_id not in exclude]
+            if decode or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
         cached = (await self._cached_blocks(token_ids, prefill + decode)
                   if self.policy.uses_prefix_index else {})
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached,
@@ -107,10 +148,46 @@ class PDFlow:
 
     async def stream(self, request_id: str, token_ids: list[int], sampling: pb.SamplingParams,
                      result: GenerationResult) -> AsyncIterator[pb.GenerateChunk]:
-        """Yield the decode worker's chunks; fills `result` as it goes."""
-        route = await self.route(token_ids)
-        result.route = route
+        """Yield the decode worker's chunks; fills `result` as it goes.
+
+        When the decode worker fails (dies, its engine dies, it stalls), the request goes on
+        on another decode worker: the prompt plus the tokens generated so far, for the tokens
+        still wanted; the caller sees one stream without gaps or repeats. A failed prefill
+        worker makes the decode worker compute the prompt itself.
+        """
         result.num_prompt_tokens = len(token_ids)
+        failed: set[str] = set()
+        attempt = 0
+        while True:
+            prompt = token_ids + result.token_ids
+            wanted = sampling.max_tokens - len(result.token_ids)
+            part = pb.SamplingParams()
+            part.CopyFrom(sampling)
+            part.max_tokens = wanted
+            route = await self.route(prompt, frozenset(failed))
+            if attempt == 0:
+                result.route = route
+            sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
+            try:
+                async for chunk in self._attempt(sub_id, prompt, part, route, result,
+                                                 first=attempt == 0):
+                    yield chunk
+                return
+            except _DecodeFailed as exc:
+                failed.add(exc.worker_id)
+                attempt += 1
+                if attempt > self.migration.max_migrations:
+                    raise WorkerUnavailable(
+                        f"request failed on {attempt} decode workers; last: {exc}") from None
+                self.metrics.migrations.inc()
+                log.warning("request %s: decode worker %s failed after %d tokens (%s); "
+                            "continuing on another worker", request_id, exc.worker_id,
+                            len(result.token_ids), exc)
+
+    async def _attempt(self, request_id: str, token_ids: list[int], sampling: pb.SamplingParams,
+                       route: RouteDecision, result: GenerationResult, first: bool
+                       ) -> AsyncIterator[pb.GenerateChunk]:
+        """One try of a request on one route."""
         touched: list[WorkerInfo] = []
         kv_params = ""
         decode_started = False
@@ -119,8 +196,17 @@ class PDFlow:
             try:
                 if route.prefill is not None:
                     touched.append(route.prefill)
-                    resp = await self._prefill(route.prefill, request_id, token_ids, sampling)
-                    kv_params = resp.kv_transfer_params_json
+                    try:
+                        resp = await self._prefill(route.prefill, request_id, token_ids, sampling)
+                        kv_params = resp.kv_transfer_params_json
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                            raise
+                        # The prefill worker failed or timed out: decode computes the prompt.
+                        self.metrics.prefill_fallbacks.inc()
+                        log.warning("request %s: prefill on %s failed (%s); decode worker "
+                                    "prefills locally", request_id, route.prefill.worker_id,
+                                    exc.code().name)
                 touched.append(route.decode)
                 call = self.directory.stub(route.decode).Generate(
                     pb.GenerateRequest(request_id=request_id, prompt_token_ids=token_ids,
@@ -128,8 +214,15 @@ class PDFlow:
                     timeout=self.timeout_s)
                 decode_started = True
                 try:
-                    async for chunk in call:
-                        if chunk.num_prompt_tokens:
+                    while True:
+                        try:
+                            chunk = await asyncio.wait_for(call.read(),
+                                                           self.migration.stall_timeout_s)
+                        except asyncio.TimeoutError:
+                            raise _DecodeFailed(route.decode.worker_id, "stalled") from None
+                        if chunk is grpc.aio.EOF:
+                            break
+                        if chunk.num_prompt_tokens and first:
                             result.num_cached_tokens = chunk.num_cached_tokens
                         result.completion_tokens += len(chunk.token_ids)
                         result.token_ids.extend(chunk.token_ids)
@@ -141,6 +234,9 @@ class PDFlow:
                     if not finished:
                         call.cancel()
             except grpc.aio.AioRpcError as exc:
+                if decode_started and exc.code() in _RETRYABLE:
+                    raise _DecodeFailed(route.decode.worker_id,
+                                        f"{exc.code().name}: {exc.details()}") from None
                 raise self._map_rpc_error(exc) from None
             finally:
                 if not finished:
@@ -151,7 +247,7 @@ class PDFlow:
         return await self.directory.stub(worker).Prefill(
             pb.PrefillRequest(request_id=request_id, prompt_token_ids=token_ids,
                               sampling=sampling),
-            timeout=self.timeout_s)
+            timeout=self.migration.prefill_timeout_s)
 
     @staticmethod
     def _map_rpc_error(exc: grpc.aio.AioRpcError) -> Exception:

@@ -12,7 +12,8 @@ from typing import Iterator
 import grpc
 from redis.asyncio import Redis
 
-from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
+from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
+from services.grpc_context import client_interceptors
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class WorkerDirectory:
             await asyncio.sleep(self.refresh_s)
 
     def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:
-        return [w for w in self.workers if w.role in roles]
+        """Serving workers of these roles (draining ones take no new requests)."""
+        return [w for w in self.workers if w.role in roles and w.state == WorkerState.SERVING]
 
     @property
     def routable(self) -> bool:
@@ -73,10 +75,11 @@ class WorkerDirectory:
     def stub(self, worker: WorkerInfo) -> pb_grpc.WorkerStub:
         ch = self._channels.get(worker.address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(worker.address, options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 10_000),
-            ])
+            ch = grpc.aio.insecure_channel(
+                worker.address, interceptors=client_interceptors(), options=[
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.keepalive_time_ms", 10_000),
+                ])
             self._channels[worker.address] = ch
         return pb_grpc.WorkerStub(ch)
 

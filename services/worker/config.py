@@ -52,7 +52,8 @@ class WorkerConfig(BaseModel):
     worker_id: str = Field(description="unique id; also the engine's NIXL engine id")
     role: WorkerRole = Field(description="prefill (KV producer), decode (KV consumer) or both")
     engine: EngineConfig
-    host: str = Field("127.0.0.1", description="address the worker binds and advertises")
+    host: str = Field("127.0.0.1", description=(
+        "address the worker binds and advertises; 'auto': its node's IP (Kubernetes pods)"))
     grpc_port: int = Field(0, description="worker API port; 0 picks a free one")
     metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one")
     redis_url: str = Field(description="registry and index Redis")
@@ -62,3 +63,6 @@ class WorkerConfig(BaseModel):
     cpu_threads_bind: str = Field("nobind", description="CPU build: OMP cores, e.g. '0' or '0-1'")
     registry_ttl_s: float = Field(5.0, description="liveness key TTL in the registry")
     heartbeat_interval_s: float = Field(0.5, description="how often load/liveness is published")
+    engine_stall_timeout_s: float = Field(60.0, description=(
+        "with requests in flight, an engine that completes no step for this long is reported "
+        "unhealthy (hung); the controller then replaces the worker"))

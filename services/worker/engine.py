@@ -22,9 +22,26 @@ from services.worker.config import WorkerConfig
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from services.worker.metrics import WorkerMetrics
+
 log = logging.getLogger(__name__)
 
 KV_EVENTS_TOPIC = "kv"
+# Our own key in the connector's transfer parameters: the wall-clock time by which a decode
+# worker must have taken the request, or the prefill worker's lease may lapse before the
+# decode engine reads (and renews) the blocks; past it, decode computes the prompt itself.
+LEASE_DEADLINE_KEY = "splitserve_accept_by"
+
+
+def lease_accept_window(lease_s: float) -> float:
+    """Seconds after a prefill within which a decode worker may still pull its KV.
+
+    The prefill worker frees unread blocks ``lease_s`` after the prefill; a decode engine
+    renews the lease by heartbeats every ``lease_s / 6`` once the request waits in its
+    scheduler. A third of the lease (at least one heartbeat interval) plus a second is kept
+    as margin: past the window, the KV is recomputed, never read from freed blocks.
+    """
+    return max(0.5, lease_s * 2 / 3 - 1.0)
 
 
 @dataclass
@@ -63,6 +80,7 @@ class EngineCounters:
     last_step_at: float = 0.0
     requests_total: int = 0
     requests_aborted: int = 0
+    lease_expired: int = 0
 
 
 class EngineHost:
@@ -75,6 +93,7 @@ class EngineHost:
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.counters = EngineCounters()
         self.in_flight: set[str] = set()
+        self.metrics: WorkerMetrics | None = None  # set by the worker process
         self._engine: AsyncLLM | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -102,6 +121,9 @@ class EngineHost:
                     # disaggregation), not the connector's: always pull what prefill computed.
                     "kv_recompute_threshold": 0,
                 },
+                # KV that cannot be read (prefill worker gone, transfer failed) is computed
+                # again on the decode worker: slower, never wrong and never an error.
+                kv_load_failure_policy="recompute",
             )
         kv_events = KVEventsConfig(
             enable_kv_cache_events=True,
@@ -180,6 +202,8 @@ class EngineHost:
         if pcs is not None:
             c.prefix_cache_queries += int(pcs.queries)
             c.prefix_cache_hits += int(pcs.hits)
+        if self.metrics is not None and stats.kv_connector_stats:
+            self.metrics.observe_connector_stats(stats.kv_connector_stats)
         c.last_step_at = time.time()
 
     def load(self) -> WorkerLoad:
@@ -223,7 +247,10 @@ class EngineHost:
             final = out
         if final is None or not final.kv_transfer_params:
             raise RuntimeError(f"prefill of {request_id} returned no kv_transfer_params")
-        return dict(final.kv_transfer_params), int(final.num_cached_tokens or 0)
+        out = dict(final.kv_transfer_params)
+        out[LEASE_DEADLINE_KEY] = time.time() + lease_accept_window(
+            self.cfg.engine.kv_lease_duration_s)
+        return out, int(final.num_cached_tokens or 0)
 
     async def generate(
         self,
@@ -237,6 +264,21 @@ class EngineHost:
             raise ValueError(
                 f"worker {self.cfg.worker_id} is {self.cfg.role.value}: only decode workers "
                 "take KV from a prefill worker")
+        if kv_transfer_params:
+            kv_transfer_params = dict(kv_transfer_params)
+            accept_by = kv_transfer_params.pop(LEASE_DEADLINE_KEY, None)
+            if accept_by is not None and time.time() > float(accept_by):
+                # Too late to pull safely: free the prefill worker's blocks, compute locally.
+                self.counters.lease_expired += 1
+                log.warning("request %s: KV lease window passed %.2fs ago; recomputing the "
+                            "prompt locally", request_id, time.time() - float(accept_by))
+                try:
+                    await self.engine.notify_kv_transfer_request_rejected(
+                        f"{request_id}-lease-expired", kv_transfer_params)
+                except Exception:
+                    log.warning("could not release %s on its prefill worker", request_id,
+                                exc_info=True)
+                kv_transfer_params = None
         params = self._sampling_params(s, kv_transfer_params)
         async for out in self._run(request_id, token_ids, params):
             comp = out.outputs[0]
@@ -279,6 +321,8 @@ class EngineHost:
         """Free the prefill worker's blocks held for a decode that will not run (decode side)."""
         if self.cfg.role != WorkerRole.DECODE:
             raise ValueError("release is sent to the decode worker that would have pulled the KV")
+        kv_transfer_params = {k: v for k, v in kv_transfer_params.items()
+                              if k != LEASE_DEADLINE_KEY}
         await self.engine.notify_kv_transfer_request_rejected(request_id, kv_transfer_params)
 
     async def check_health(self) -> None:

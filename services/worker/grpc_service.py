@@ -40,11 +40,21 @@ class WorkerService(pb_grpc.WorkerServicer):
                 request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # engine dead or failing: the caller goes elsewhere
+            log.warning("prefill %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+        log.info("prefill %s: %d prompt tokens, %d cached; KV held for decode",
+                 request.request_id, len(request.prompt_token_ids), cached,
+                 extra={"engine_request_id": request.request_id})
         return pb.PrefillResponse(kv_transfer_params_json=dumps_params(params),
                                   num_cached_tokens=cached)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
+        log.info("generate %s: %d prompt tokens, KV %s", request.request_id,
+                 len(request.prompt_token_ids),
+                 "from a prefill worker" if request.kv_transfer_params_json else "computed here",
+                 extra={"engine_request_id": request.request_id})
         try:
             stream = self.host.generate(
                 request.request_id,
@@ -62,6 +72,9 @@ class WorkerService(pb_grpc.WorkerServicer):
                 )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # engine dead or failing: the gateway migrates the request
+            log.warning("generate %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> pb.AbortResponse:

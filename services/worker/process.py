@@ -12,6 +12,7 @@ import socket
 import time
 
 import grpc
+import psutil
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
@@ -19,11 +20,13 @@ from router.block_hash import BlockHasher
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import SubscriberConfig
 from router.prefix_index import PrefixIndex
-from router.registry import WorkerInfo, WorkerRegistry
+from router.registry import WorkerInfo, WorkerRegistry, WorkerState
 from services.ports import free_port
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
+from services.grpc_context import ServerContextInterceptor
 from services.worker.environment import engine_environment
+from services.worker.observability import setup_observability
 from services.worker.shm import segments_mapped_by_children, unlink_segments
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,27 @@ class WorkerEndpoints(BaseModel):
     kv_events_endpoint: str
     nixl_side_channel_port: int
     pid: int
+    node: str = ""
+    engine_pids: list[int] = []
+    shm_segments: list[str] = []
+
+
+def node_address() -> str:
+    """This node's IP address as Ray sees it (else the address of the host name)."""
+    try:
+        import ray.util
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _child_pids() -> list[int]:
+    """Processes this worker started (the engine core and its helpers)."""
+    try:
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class WorkerProcess:
@@ -53,13 +77,17 @@ class WorkerProcess:
         self._heartbeat: asyncio.Task | None = None
         self._shm_segments: set = set()
         self._index_updater: IndexUpdater | None = None
+        self._info: WorkerInfo | None = None
         self.endpoints: WorkerEndpoints | None = None
 
     async def start(self) -> WorkerEndpoints:
+        if self.cfg.host == "auto":  # bind and advertise this node's address (a pod's IP)
+            self.cfg = self.cfg.model_copy(update={"host": node_address()})
         cfg = self.cfg
         (cfg.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         side_port = free_port(cfg.host)
         os.environ.update(engine_environment(cfg, side_port))
+        metrics = setup_observability(cfg)  # logs (ours and vLLM's), tracing, metrics
         kv_events = f"ipc://{cfg.run_dir / f'kv-{cfg.worker_id}.sock'}"
         kv_replay = f"ipc://{cfg.run_dir / f'kv-replay-{cfg.worker_id}.sock'}"
 
@@ -67,10 +95,11 @@ class WorkerProcess:
         from services.worker.grpc_service import WorkerService
 
         self.host = EngineHost(cfg, kv_events, kv_replay)
+        self.host.metrics = metrics
         await self.host.start()
         self._shm_segments = segments_mapped_by_children()
 
-        self._server = grpc.aio.server(options=[
+        self._server = grpc.aio.server(interceptors=[ServerContextInterceptor()], options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ])
@@ -90,6 +119,9 @@ class WorkerProcess:
             kv_events_endpoint=kv_events,
             nixl_side_channel_port=side_port,
             pid=os.getpid(),
+            node=socket.gethostname(),
+            engine_pids=_child_pids(),
+            shm_segments=sorted(str(p) for p in self._shm_segments),
         )
         self._redis = Redis.from_url(cfg.redis_url)
         self._registry = WorkerRegistry(self._redis, cfg.namespace, ttl_s=cfg.registry_ttl_s)
@@ -104,7 +136,7 @@ class WorkerProcess:
         )
         self._index_updater.start()
         await asyncio.wait_for(self._index_updater.ready.wait(), timeout=30)
-        await self._registry.register(WorkerInfo(
+        self._info = WorkerInfo(
             worker_id=cfg.worker_id,
             role=cfg.role,
             address=self.endpoints.address,
@@ -116,7 +148,8 @@ class WorkerProcess:
             pid=os.getpid(),
             node=socket.gethostname(),
             started_at=time.time(),
-        ))
+        )
+        await self._registry.register(self._info)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker %s (%s) serving on %s", cfg.worker_id, cfg.role.value,
                  self.endpoints.address)
@@ -130,12 +163,71 @@ class WorkerProcess:
                     log.error("engine of %s is dead; letting its registry entry expire",
                               self.cfg.worker_id)
                     return
-                await self._registry.heartbeat(self.cfg.worker_id, self.host.load())
+                assert self._info is not None
+                self._info.load = self.host.load()
+                if not await self._registry.heartbeat(self._info):
+                    log.warning("registry had lost %s (Redis restarted?): registered again",
+                                self.cfg.worker_id)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis briefly away: keep serving, try again next beat
                 log.warning("registry heartbeat failed", exc_info=True)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def drain(self, timeout_s: float, settle_s: float = 1.5) -> dict:
+        """Take no new requests, finish those in flight, let held KV be read, then stop.
+
+        The registry entry turns ``draining`` first (routers stop choosing this worker within
+        their refresh interval, ``settle_s`` covers it); requests already here run to the end.
+        A prefill worker also waits until the KV blocks it holds for decode workers are read
+        (its KV usage drops to zero) or their lease would have expired. Then it stops.
+        Returns what it waited for.
+        """
+        assert self.host is not None and self._info is not None
+        started = time.monotonic()
+        self._info.state = WorkerState.DRAINING
+        if self._registry is not None:
+            try:
+                await self._registry.set_state(self.cfg.worker_id, WorkerState.DRAINING)
+            except Exception:
+                log.warning("could not publish draining state", exc_info=True)
+        in_flight_at_start = len(self.host.in_flight)
+        await asyncio.sleep(settle_s)
+        deadline = started + timeout_s
+        served = self.host.counters.requests_total
+        while self.host.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        unfinished = len(self.host.in_flight)
+        if self.cfg.role.value == "prefill":
+            lease_end = min(deadline, time.monotonic() + self.cfg.engine.kv_lease_duration_s)
+            while self.host.counters.kv_cache_usage > 0 and time.monotonic() < lease_end:
+                await asyncio.sleep(0.1)
+        result = {"worker_id": self.cfg.worker_id, "in_flight_at_start": in_flight_at_start,
+                  "unfinished": unfinished,
+                  "requests_during_drain": self.host.counters.requests_total - served,
+                  "held_kv_usage": self.host.counters.kv_cache_usage,
+                  "seconds": round(time.monotonic() - started, 3)}
+        log.info("drained %s: %s", self.cfg.worker_id, result)
+        await self.stop()
+        return result
+
+    async def health(self) -> dict:
+        """Whether the engine serves (the controller's health loop calls this)."""
+        if self.host is None:
+            return {"healthy": False, "message": "not started"}
+        try:
+            if getattr(self.host.engine, "errored", False):
+                return {"healthy": False, "message": "engine errored"}
+            await self.host.check_health()
+        except Exception as exc:
+            return {"healthy": False, "message": f"{type(exc).__name__}: {exc}"}
+        last_step = self.host.counters.last_step_at
+        if self.host.in_flight and last_step and (
+                time.time() - last_step > self.cfg.engine_stall_timeout_s):
+            return {"healthy": False, "message": (
+                f"engine stalled: no step for {time.time() - last_step:.0f}s with "
+                f"{len(self.host.in_flight)} requests in flight")}
+        return {"healthy": True, "message": "ok", "in_flight": len(self.host.in_flight)}
 
     async def stop(self) -> None:
         """Leave the registry, stop serving, shut the engine down, free its shared memory."""

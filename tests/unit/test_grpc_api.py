@@ -12,7 +12,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from services.gateway.app import Admission, AdmissionMiddleware, PreparedRequest
+from services.gateway.admission import Admission
+from services.gateway.app import PreparedRequest
+from services.gateway.http_guard import GuardMiddleware
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, install_error_handlers
 from services.gateway.grpc_api import (
@@ -23,6 +25,7 @@ from services.gateway.grpc_api import (
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import WorkerUnavailable
 from services.ports import free_port
+from tests.support.fake_flow import FakeFlow
 from services.proto.v1 import worker_pb2 as wpb
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
@@ -67,33 +70,6 @@ def test_invalid_requests_fail_as_on_http(build: Any, param: str) -> None:
 
 
 # --- the servicer on a stand-in gateway -----------------------------------------------------
-class FakeFlow:
-    def __init__(self) -> None:
-        self.closed_early = 0
-        self.fail: Exception | None = None
-        self.pause = asyncio.Event()
-
-    async def stream(self, request_id: str, token_ids: list[int], sampling: Any, result: Any):
-        result.num_prompt_tokens = len(token_ids)
-        finished = False
-        try:
-            if self.fail is not None:
-                raise self.fail
-            for i in range(int(sampling.max_tokens)):
-                result.completion_tokens += 1
-                if i == 2 and sampling.ignore_eos:  # "long" generation: wait
-                    await self.pause.wait()
-                last = i == int(sampling.max_tokens) - 1
-                if last:
-                    result.finish_reason = "length"
-                yield wpb.GenerateChunk(token_ids=[i], text=f"t{i}",
-                                        finish_reason="length" if last else "")
-            finished = True
-        finally:
-            if not finished:
-                self.closed_early += 1
-
-
 class FakeGateway:
     def __init__(self, limit: int = 8) -> None:
         self.cfg = GatewayConfig(model="fake-model", redis_url="redis://unused",
@@ -102,6 +78,7 @@ class FakeGateway:
         self.metrics = GatewayMetrics()
         self.flow = FakeFlow()
         self.directory = None
+        self.api_keys = None
 
     async def prepare(self, req: Any, kind: str) -> PreparedRequest:
         if req.model != self.cfg.name:
@@ -206,7 +183,8 @@ async def test_http_admission_limit_is_429_with_retry_after() -> None:
     release = asyncio.Event()
     app = FastAPI()
     install_error_handlers(app)
-    app.add_middleware(AdmissionMiddleware, admission=admission)
+    app.add_middleware(GuardMiddleware, admission=admission, api_keys=None,
+                       max_body_bytes=1 << 20)
 
     @app.post("/v1/completions")
     async def completions() -> dict:

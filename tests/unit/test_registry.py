@@ -6,7 +6,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from router.registry import WorkerInfo, WorkerLoad, WorkerRegistry, WorkerRole
+from router.registry import WorkerInfo, WorkerLoad, WorkerRegistry, WorkerRole, WorkerState
 
 
 def info(wid: str, role: WorkerRole = WorkerRole.DECODE) -> WorkerInfo:
@@ -18,8 +18,10 @@ async def test_register_heartbeat_roundtrip(r: Redis) -> None:
     reg = WorkerRegistry(r, "t", ttl_s=5)
     await reg.register(info("d0"))
     await reg.register(info("p0", WorkerRole.PREFILL))
-    await reg.heartbeat("d0", WorkerLoad(in_flight=3, num_running_reqs=2, num_waiting_reqs=1,
-                                         kv_cache_usage=0.25, updated_at=1.5))
+    d0 = info("d0")
+    d0.load = WorkerLoad(in_flight=3, num_running_reqs=2, num_waiting_reqs=1,
+                         kv_cache_usage=0.25, updated_at=1.5)
+    assert await reg.heartbeat(d0) is True
     live = await reg.live_workers()
     assert [w.worker_id for w in live] == ["d0", "p0"]
     d0 = live[0]
@@ -37,7 +39,7 @@ async def test_dead_worker_disappears_when_liveness_expires(r: Redis) -> None:
     assert len(await reg.live_workers()) == 2
     for _ in range(8):  # d1 keeps beating, d0 is dead
         await asyncio.sleep(0.2)
-        await reg.heartbeat("d1", WorkerLoad())
+        await reg.heartbeat(info("d1"))
     assert [w.worker_id for w in await reg.live_workers()] == ["d1"]
 
 
@@ -56,3 +58,27 @@ async def test_deregister_and_pruning(r: Redis) -> None:
 async def test_namespaces_are_separate(r: Redis) -> None:
     await WorkerRegistry(r, "a").register(info("x"))
     assert await WorkerRegistry(r, "b").live_workers() == []
+
+
+async def test_heartbeat_registers_again_after_redis_lost_the_entry(r: Redis) -> None:
+    reg = WorkerRegistry(r, "t", ttl_s=5)
+    d0 = info("d0")
+    await reg.register(d0)
+    await r.flushall()  # a Redis restart without persistence
+    assert await reg.live_workers() == []
+    assert await reg.heartbeat(d0) is False  # noticed and written again
+    live = await reg.live_workers()
+    assert [w.worker_id for w in live] == ["d0"] and live[0].address == d0.address
+    assert await reg.heartbeat(d0) is True
+
+
+async def test_draining_state_is_published(r: Redis) -> None:
+    reg = WorkerRegistry(r, "t", ttl_s=5)
+    d0 = info("d0")
+    await reg.register(d0)
+    assert (await reg.live_workers())[0].state == WorkerState.SERVING
+    await reg.set_state("d0", WorkerState.DRAINING)
+    assert (await reg.live_workers())[0].state == WorkerState.DRAINING
+    d0.state = WorkerState.DRAINING
+    await reg.heartbeat(d0)  # a heartbeat keeps the state it carries
+    assert (await reg.live_workers())[0].state == WorkerState.DRAINING

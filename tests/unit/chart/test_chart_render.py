@@ -21,8 +21,6 @@ GATEWAY_IMAGE_CONTAINERS = ("gateway", "ray-head", "ray-worker", "planner", "tes
 
 # Flags the chart gives `splitserve up` on the Ray head that the CLI does not have yet; the lead
 # adds them (see docs/kubernetes.md, "Status"). Remove a flag here once the CLI has it.
-PENDING_UP_FLAGS = {"--no-gateway", "--prefill-resources", "--decode-resources",
-                    "--workers-resources", "--worker-host", "--worker-metrics-port"}
 
 
 def head_argv(m: Manifests) -> list[str]:
@@ -50,7 +48,10 @@ def parse_up(argv: list[str]):
 def test_head_runs_the_controller_against_the_release(name: str) -> None:
     m = render_named(name)
     ns, unknown = parse_up(head_argv(m))
-    assert set(unknown) <= PENDING_UP_FLAGS, f"flags `splitserve up` does not know: {unknown}"
+    assert unknown == [], f"flags `splitserve up` does not know: {unknown}"
+    # the gateway is its own Deployment; workers advertise their pod IP, serve metrics on the
+    # port the ServiceMonitor scrapes, and land on their own worker group by Ray resources
+    assert ns.no_gateway and ns.worker_host == "auto" and ns.worker_metrics_port == 9100
     assert ns.command == "up" and ns.ray_address == "auto"
     assert ns.redis_url == "$SPLITSERVE_REDIS_URL"  # expanded by the shell from the pod's env
     assert ns.mode == "disaggregated"
@@ -72,11 +73,15 @@ def test_head_runs_the_controller_against_the_release(name: str) -> None:
     assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "disabled"
 
 
-@pytest.mark.xfail(strict=True, reason="splitserve up lacks the Kubernetes flags in "
-                   "PENDING_UP_FLAGS (lead); when they land this passes: drop the marker")
-def test_head_command_needs_no_pending_flags() -> None:
-    _, unknown = parse_up(head_argv(render_named("gpu-production")))
-    assert unknown == []
+def test_pools_are_placed_on_their_worker_groups() -> None:
+    m = render_named("gpu-production")
+    ns, _ = parse_up(head_argv(m))
+    groups = {g["groupName"]: g for g in m.get("RayCluster", RAY)["spec"]["workerGroupSpecs"]}
+    for pool, resources in (("prefill", ns.prefill_resources), ("decode", ns.decode_resources)):
+        start = groups[pool]["rayStartParams"]
+        # KubeRay passes the value to `ray start --resources=` as a quoted JSON string
+        declared = json.loads(json.loads(start["resources"]))
+        assert resources and set(resources) <= set(declared), (pool, resources, declared)
 
 
 def test_aggregated_mode_renders_one_group_of_role_both() -> None:

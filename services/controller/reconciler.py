@@ -1,0 +1,100 @@
+"""The controller's loop: read desired pool sizes from Redis, reconcile the pools, publish
+what it sees. Runs in a thread of its own (with its own asyncio loop) beside `splitserve up`.
+
+Redis being away does not stop healing: the loop keeps the last desired sizes, health-checks
+and replaces workers through Ray alone, and writes the desired sizes back if Redis returns
+without them (a restart without persistence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.controller.pool_sizes import PoolSizes
+from services.controller.pools import WorkerPools
+
+log = logging.getLogger(__name__)
+
+
+class PoolController:
+    """Keeps a cluster's pools at their desired sizes."""
+
+    def __init__(self, pools: WorkerPools, redis_url: str, namespace: str) -> None:
+        self.pools = pools
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unknown_pools_logged: set[str] = set()
+
+    def start(self) -> None:
+        """Publish the initial desired sizes and start the loop."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()),
+                                        name="pool-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the loop (after the pass in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    async def _run(self) -> None:
+        redis = Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        sizes = PoolSizes(redis, self.namespace)
+        interval = self.pools.healing.reconcile_interval_s
+        try:
+            try:
+                await sizes.set_desired(dict(self.pools.desired), by="controller")
+            except RedisError:
+                log.warning("cannot publish desired pool sizes yet (Redis away)")
+            while not self._stop.is_set():
+                redis_ok = await self._read_desired(sizes)
+                try:
+                    observed = await self.pools.reconcile(redis if redis_ok else None)
+                except Exception:
+                    log.exception("reconcile pass failed")
+                    observed = None
+                if redis_ok and observed is not None:
+                    try:
+                        await sizes.publish_observed(observed)
+                    except RedisError:
+                        pass
+                self.passes += 1
+                await asyncio.to_thread(self._stop.wait, interval)
+            try:
+                await sizes.clear()
+            except RedisError:
+                pass
+        finally:
+            await redis.aclose()
+
+    async def _read_desired(self, sizes: PoolSizes) -> bool:
+        """Take desired sizes from Redis; restore ours if Redis lost them. False: Redis away."""
+        try:
+            desired = await sizes.desired()
+        except RedisError:
+            return False
+        missing = {p: n for p, n in self.pools.desired.items() if p not in desired}
+        if missing:
+            try:
+                await sizes.set_desired(missing, by="controller-restore")
+            except RedisError:
+                return False
+        for pool, n in desired.items():
+            if pool not in self.pools.desired:
+                if pool not in self._unknown_pools_logged:
+                    log.warning("desired size for pool %r ignored: this cluster's pools are %s",
+                                pool, ", ".join(self.pools.desired))
+                    self._unknown_pools_logged.add(pool)
+                continue
+            if n != self.pools.desired[pool]:
+                log.info("pool %s: desired size %d -> %d", pool, self.pools.desired[pool], n)
+                self.pools.desired[pool] = n
+        return True

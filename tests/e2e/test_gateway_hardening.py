@@ -1,0 +1,155 @@
+"""Input hardening on a real cluster: API keys (HTTP 401 / gRPC UNAUTHENTICATED, keys never in
+the log), the per-client limit (429 + Retry-After / RESOURCE_EXHAUSTED) on a second gateway with
+keys on; body limits on the real HTTP server (413, also for chunked bodies); a bad keys file
+stops the gateway with a clear message; and many concurrent streaming clients with zero errors
+(the 500-client figure is in docs/benchmarks.md, "Gateway load test")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+import splitserve_sdk as sdk
+from bench.gateway_load import run as load_run
+from services.controller.gateway_process import GatewayProcess
+from services.gateway.config import GatewayConfig
+from services.ports import free_port
+from tests.e2e.test_data_path import MODEL, chat, workers
+from tests.support.cluster import RunningCluster
+
+pytestmark = pytest.mark.e2e
+KEY_A = "sk-e2e-alpha-5c1f0a9b77"
+KEY_B = "sk-e2e-bravo-0e4d2b6c31"
+HELLO = [{"role": "user", "content": "Hello! What does this module do?"}]
+
+
+@pytest.fixture(scope="module")
+def guarded(disagg: RunningCluster, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[GatewayProcess]:
+    """A second gateway on the disagg cluster with API keys and one request per client."""
+    run_dir = tmp_path_factory.mktemp("guarded")
+    keys = run_dir / "keys"
+    keys.write_text(f"# e2e keys\n{KEY_A}\n{KEY_B}\n")
+    gw = GatewayProcess(GatewayConfig(
+        model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
+        port=free_port(), grpc_port=free_port(), api_keys_file=keys,
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir)
+    gw.start()
+    try:
+        gw.wait_ready(timeout_s=120)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def openai_client(gw: GatewayProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+
+
+def test_api_keys_over_http_and_grpc(disagg: RunningCluster, guarded: GatewayProcess) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(guarded, "sk-not-one-of-ours").models.list()
+    r = httpx.post(f"{guarded.url}/v1/chat/completions", json={"model": MODEL,
+                                                               "messages": HELLO}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    assert httpx.get(f"{guarded.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded.url}/metrics", timeout=10).status_code == 200
+    c = openai_client(guarded, KEY_A)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    out = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24, temperature=0)
+    assert out.choices[0].message.content == chat(disagg, HELLO)  # same cluster, same text
+
+    target = f"127.0.0.1:{guarded.cfg.grpc_port}"
+    with sdk.Client(target, model=MODEL, retries=0) as anon:
+        assert anon.health().serving  # Health stays open
+        with pytest.raises(sdk.Unauthenticated):
+            anon.chat(HELLO, max_tokens=4)
+    with sdk.Client(target, model=MODEL, retries=0, token="sk-not-one-of-ours") as wrong:
+        with pytest.raises(sdk.Unauthenticated):
+            wrong.models()
+    with sdk.Client(target, model=MODEL, retries=0, token=KEY_B) as good:
+        assert good.chat(HELLO, max_tokens=24, temperature=0).text == out.choices[0].message.content
+
+    log = (guarded.run_dir / "gateway.log").read_text(errors="replace")
+    assert "API keys: on (2 accepted)" in log
+    assert KEY_A not in log and KEY_B not in log
+
+
+def test_per_client_limit(guarded: GatewayProcess) -> None:
+    body = {"model": MODEL, "prompt": "Stream for a long while. " * 20, "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    a = {"authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{guarded.url}/v1/completions", json=body, headers=a) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()
+            first = next(lines)  # streaming: the one slot of key A is taken
+            assert first.startswith("data: {") and '"error"' not in first, first
+            r = h.post(f"{guarded.url}/v1/completions", headers=a,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", (first, r.text)
+            assert "this client" in r.json()["error"]["message"]
+            with sdk.Client(f"127.0.0.1:{guarded.cfg.grpc_port}", model=MODEL, retries=0,
+                            token=KEY_A) as g:
+                with pytest.raises(sdk.ResourceExhausted, match="this client"):
+                    g.generate("x", max_tokens=2)
+            other = openai_client(guarded, KEY_B).completions.create(
+                model=MODEL, prompt="x", max_tokens=2)
+            assert other.usage.completion_tokens == 2
+    deadline = time.monotonic() + 10
+    while True:  # the slot frees once the dropped stream is unwound
+        r = httpx.post(f"{guarded.url}/v1/completions", headers=a, timeout=30,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+
+
+def test_body_limits_on_the_real_server(disagg: RunningCluster) -> None:
+    big = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode()
+    r = httpx.post(f"{disagg.http}/v1/completions", content=big, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
+        for i in range(0, len(big), 64 << 10):
+            yield big[i:i + (64 << 10)]
+    r = httpx.post(f"{disagg.http}/v1/completions", content=chunks(), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{disagg.http}/v1/completions", timeout=30,
+                   content=b'{"model": "%s", "prompt": "caf\xe9"}' % MODEL.encode(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert chat(disagg, HELLO)  # and it keeps serving
+
+
+def test_bad_keys_file_stops_the_gateway(model_dir: Path, tmp_path: Path) -> None:
+    cfg = GatewayConfig(model=str(model_dir), redis_url="redis://127.0.0.1:1/0",
+                        port=free_port(), api_keys_file=tmp_path / "missing")
+    out = subprocess.run([sys.executable, "-m", "services.cli", "gateway", "--config-json",
+                          cfg.model_dump_json()], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "cannot read the API keys file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_concurrent_streaming_clients_without_errors(disagg: RunningCluster) -> None:
+    ns = argparse.Namespace(url=disagg.http, clients=100, requests=100, isl=8, osl=16, seed=0,
+                            model=MODEL, api_key=None, max_seconds=240.0)
+    report = asyncio.run(load_run(ns))
+    assert report.errors == 0, report.error_samples
+    assert report.requests == 100 and report.output_tokens == 100 * 16
+    assert report.gateway.peak_in_flight >= 50, report.gateway
+    assert report.gateway.fds_peak is None or report.gateway.fds_peak >= 50
+    assert sorted(w["role"] for w in workers(disagg)) == ["decode", "prefill"]
