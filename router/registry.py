@@ -61,6 +61,8 @@ class WorkerInfo(BaseModel):
     hash_seed: str = Field("0", description="engine PYTHONHASHSEED (seeds NONE_HASH)")
     pid: int = Field(0, description="process id of the worker (the Ray actor)")
     node: str = Field("", description="host name / Ray node the worker runs on")
+    placement_group: str = Field("", description="id of the Ray placement group it runs in")
+    ray_resources: str = Field("", description="Ray resources assigned to it (JSON)")
     started_at: float = Field(0.0, description="unix time the worker registered")
     state: WorkerState = Field(WorkerState.SERVING, description=(
         "serving, or draining: finishing its requests, takes no new ones"))

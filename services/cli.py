@@ -32,8 +32,10 @@ def _up(ns: argparse.Namespace) -> int:
                           dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
                           cpu_kv_cache_space_gib=ns.kv_cache_gib,
                           tensor_parallel_size=ns.tensor_parallel_size,
+                          pipeline_parallel_size=ns.pipeline_parallel_size,
                           kv_lease_duration_s=ns.kv_lease_s)
-    gpus = float(ns.tensor_parallel_size) if device == "cuda" else 0.0
+    # one engine spans tensor x pipeline parallel GPUs
+    gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
     cpus = 1.0 if device == "cpu" else 0.0
     cfg = ClusterConfig(
         mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
@@ -41,11 +43,11 @@ def _up(ns: argparse.Namespace) -> int:
         max_body_bytes=ns.max_body_bytes,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
-                           resources=ns.prefill_resources),
+                           resources=ns.prefill_resources, placement_group=ns.placement_group),
         decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus,
-                          resources=ns.decode_resources),
+                          resources=ns.decode_resources, placement_group=ns.placement_group),
         workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus,
-                           resources=ns.workers_resources),
+                           resources=ns.workers_resources, placement_group=ns.placement_group),
         worker_host=ns.worker_host, worker_metrics_port=ns.worker_metrics_port,
         gateway=not ns.no_gateway,
         redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: x32)")
     up.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: KV cache GiB per engine")
     up.add_argument("--tensor-parallel-size", type=int, default=1)
+    up.add_argument("--pipeline-parallel-size", type=int, default=1)
     up.add_argument("--kv-lease-s", type=int, default=30,
                     help="prefill workers hold unread KV blocks this long")
     up.add_argument("--prefill-resources", type=_resources, default={},
@@ -286,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="custom Ray resources per decode worker, JSON")
     up.add_argument("--workers-resources", type=_resources, default={},
                     help="custom Ray resources per aggregated worker, JSON")
+    up.add_argument("--placement-group", choices=["auto", "always", "never"], default="auto",
+                    help="reserve each worker's resources as a placement group (auto: workers "
+                    "of more than one GPU)")
     up.add_argument("--worker-host", default="127.0.0.1",
                     help="address workers bind and advertise; 'auto': each worker's node IP")
     up.add_argument("--worker-metrics-port", type=int, default=0,

@@ -86,7 +86,14 @@ class Cluster:
                      log_to_driver=False)
             return
         workers = len(plan_workers(self.cfg))
+        # Custom resources the pools ask for (e.g. {"prefill": 1}) exist on a local node too,
+        # with room for pools to grow to 4x their planned size.
+        custom: dict[str, float] = {}
+        for _, pool, _ in plan_workers(self.cfg):
+            for name, amount in pool.resources.items():
+                custom[name] = custom.get(name, 0.0) + 4 * amount
         ray.init(
+            resources=custom or None,
             num_cpus=self.cfg.local_ray_num_cpus or max(os.cpu_count() or 1, 4 * workers),
             include_dashboard=False,
             _temp_dir=str(self.run_dir / "ray"),

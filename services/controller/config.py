@@ -34,6 +34,9 @@ class PoolConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per worker (= TP x PP on GPUs)")
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="custom Ray resources, e.g. {'prefill': 1}")
+    placement_group: Literal["auto", "always", "never"] = Field("auto", description=(
+        "reserve each worker's resources as a STRICT_PACK placement group (all its GPUs on "
+        "one node, reserved before the engine starts); auto: for workers of more than 1 GPU"))
 
 
 class ClusterConfig(BaseModel):

@@ -29,6 +29,8 @@ import socket
 
 import psutil
 import ray
+import ray.util
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from redis.asyncio import Redis
 
 from router.prefix_index import PrefixIndex
@@ -61,6 +63,7 @@ class WorkerHandle:
     state: WorkerState = WorkerState.STARTING
     endpoints: dict | None = None
     pending: Any = None  # ObjectRef of start() or drain()
+    placement_group: Any = None  # its reservation, when the pool uses placement groups
     created_at: float = field(default_factory=time.monotonic)
     serving_since: float = 0.0
     serving_wall: float = 0.0  # time.time() when its endpoints (and PIDs) arrived
@@ -79,6 +82,16 @@ def pool_roles(cfg: ClusterConfig) -> dict[str, tuple[WorkerRole, PoolConfig]]:
         return {"both": (WorkerRole.BOTH, cfg.workers)}
     return {"prefill": (WorkerRole.PREFILL, cfg.prefill),
             "decode": (WorkerRole.DECODE, cfg.decode)}
+
+
+def placement_bundle(pool: PoolConfig) -> dict[str, float] | None:
+    """The one bundle a worker's placement group reserves, or None for no group."""
+    use = (pool.placement_group == "always"
+           or (pool.placement_group == "auto" and pool.num_gpus > 1))
+    if not use:
+        return None
+    bundle = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
+    return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
 
 
 def plan_workers(cfg: ClusterConfig) -> list[tuple[WorkerRole, PoolConfig, int]]:
@@ -173,15 +186,25 @@ class WorkerPools:
         self._pool_launches[name] += 1
         wcfg = self.worker_config(role, index, self._launched)
         self._launched += 1
-        actor = self._remote_cls.options(
+        options: dict[str, Any] = dict(
             name=f"splitserve-{wcfg.worker_id}",
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
             resources=pool.resources or None,
             max_restarts=0,
             runtime_env={"env_vars": {"PYTHONHASHSEED": wcfg.engine.hash_seed}},
-        ).remote(wcfg.model_dump_json())
-        handle = WorkerHandle(wcfg, actor, name)
+        )
+        group = None
+        if (bundle := placement_bundle(pool)) is not None:
+            # All of the worker's GPUs on one node, reserved as a unit; the engine's own
+            # tensor/pipeline-parallel processes run inside the actor's reservation.
+            group = ray.util.placement_group([bundle], strategy="STRICT_PACK",
+                                             name=f"splitserve-{wcfg.worker_id}")
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True)
+        actor = self._remote_cls.options(**options).remote(wcfg.model_dump_json())
+        handle = WorkerHandle(wcfg, actor, name, placement_group=group)
         handle.pending = actor.start.remote()
         self.workers.append(handle)
         log.info("starting worker %s", wcfg.worker_id)
@@ -322,6 +345,7 @@ class WorkerPools:
             ray.kill(w.actor, no_restart=True)
         except Exception:
             pass
+        self._release_group(w)
         ep = w.endpoints or {}
         unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
         log.info("removed worker %s (killed pids %s)", w.cfg.worker_id, killed)
@@ -332,6 +356,15 @@ class WorkerPools:
             except Exception:
                 log.warning("could not remove %s from Redis (its entries expire)",
                             w.cfg.worker_id, exc_info=True)
+
+    @staticmethod
+    def _release_group(w: WorkerHandle) -> None:
+        if w.placement_group is not None:
+            try:
+                ray.util.remove_placement_group(w.placement_group)
+            except Exception:
+                log.warning("could not remove the placement group of %s", w.cfg.worker_id)
+            w.placement_group = None
 
     def observe(self) -> dict[str, PoolObservation]:
         """Counts per pool, as published to Redis."""
@@ -358,6 +391,7 @@ class WorkerPools:
                 ray.kill(w.actor)
             except Exception:
                 pass
+            self._release_group(w)
             ep = w.endpoints or {}
             unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
         self.workers.clear()

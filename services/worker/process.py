@@ -46,6 +46,22 @@ class WorkerEndpoints(BaseModel):
     shm_segments: list[str] = []
 
 
+def ray_placement() -> dict[str, str]:
+    """The placement group and resources Ray gave this worker (empty outside Ray)."""
+    try:
+        import json
+
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        ctx = ray.get_runtime_context()
+        return {"placement_group": ctx.get_placement_group_id() or "",
+                "ray_resources": json.dumps(ctx.get_assigned_resources(), sort_keys=True)}
+    except Exception:
+        return {}
+
+
 def node_address() -> str:
     """This node's IP address as Ray sees it (else the address of the host name)."""
     try:
@@ -148,6 +164,7 @@ class WorkerProcess:
             pid=os.getpid(),
             node=socket.gethostname(),
             started_at=time.time(),
+            **ray_placement(),
         )
         await self._registry.register(self._info)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())

@@ -46,9 +46,12 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
                ) -> Iterator[RunningCluster]:
     """Aggregated: two workers of role both (the KV-aware router has a choice to make), on an
-    external Redis given with --redis-url, which `up` must use and must leave running."""
+    external Redis given with --redis-url, which `up` must use and must leave running; each
+    worker in a placement group of its own, with a custom Ray resource (node placement)."""
     with redis_server() as external:
         yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2",
+                                                      "--placement-group", "always",
+                                                      "--workers-resources", '{"both": 1}',
                                                       "--redis-url", external.url])
         client = redis.Redis.from_url(external.url)
         assert client.ping(), "up stopped a Redis it did not start"
