@@ -421,6 +421,25 @@ def test_chaos_kill_engines_and_actors_of_both_pools(healing: Healing) -> None:
     assert not {w["worker_id"] for w in final} & set(killed)
     assert gateway_metric(healing, "splitserve_gateway_request_migrations_total") > migrations, \
         "no request was in flight on a killed decode worker: the test did not test migration"
+    # the replacements move KV between each other: decode engines handshake with the new
+    # prefill worker (its NIXL agent is new; the killed ones' are gone)
+    prompt = "After the chaos the new prefill worker computes this prompt. " * 8
+    src = "vllm:prompt_tokens_by_source_total"
+    before = {w["worker_id"]: metric(w["metrics_url"], src, source="external_kv_transfer")
+              for w in final if w["role"] == "decode"}
+    resp = httpx.post(f"{healing.cluster.http}/v1/completions", timeout=300, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    pre, dec = (resp.headers["x-splitserve-prefill-worker"],
+                resp.headers["x-splitserve-decode-worker"])
+    assert pre not in killed and dec not in killed
+    decode_url = next(w["metrics_url"] for w in final if w["worker_id"] == dec)
+    n = resp.json()["usage"]["prompt_tokens"]
+    deadline = time.monotonic() + 10
+    while (moved := metric(decode_url, src, source="external_kv_transfer") - before[dec]) < n \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert moved == n, f"decode {dec} got {moved} of {n} prompt tokens by KV transfer"
     r = redis.Redis.from_url(healing.redis.url, decode_responses=True)
     try:
         observed = r.hgetall("splitserve:pools:observed")

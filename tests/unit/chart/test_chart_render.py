@@ -19,8 +19,6 @@ FULL = f"{RELEASE}-splitserve"
 RAY = FULL
 GATEWAY_IMAGE_CONTAINERS = ("gateway", "ray-head", "ray-worker", "planner", "test")
 
-# Flags the chart gives `splitserve up` on the Ray head that the CLI does not have yet; the lead
-# adds them (see docs/kubernetes.md, "Status"). Remove a flag here once the CLI has it.
 
 
 def head_argv(m: Manifests) -> list[str]:
@@ -505,3 +503,20 @@ def test_helm_test_pod_lists_models_and_completes(name: str) -> None:
     cfg, _, _ = gateway_config(m)
     assert env["SPLITSERVE_MODEL"] == cfg.name
     assert ("SPLITSERVE_API_KEYS_FILE" in env) == (name == "external-redis")
+
+
+def test_every_process_logs_json_and_traces_when_asked() -> None:
+    from tests.support.chart import VALUES_FILES as files
+
+    m = render(files["gpu-production"], ("logging.otlpEndpoint=http://otel:4317",))
+    ray = m.get("RayCluster", RAY)["spec"]
+    pods = [ray["headGroupSpec"]["template"]] + [g["template"] for g in ray["workerGroupSpecs"]]
+    pods.append(m.get("Deployment", "-gateway")["spec"]["template"])
+    pods.append(m.get("Deployment", "-planner")["spec"]["template"])
+    for pod in pods:
+        env = env_of(pod["spec"]["containers"][0])
+        assert env["SPLITSERVE_LOG_FORMAT"] == "json", pod["metadata"]
+        assert env["SPLITSERVE_TRACING_OTLP_ENDPOINT"] == "http://otel:4317"
+    plain = render_named("gpu-production")
+    env = env_of(plain.get("Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert "SPLITSERVE_TRACING_OTLP_ENDPOINT" not in env  # tracing off unless asked

@@ -132,7 +132,19 @@ URL and Kubernetes expands it from the container's environment. */}}
 
 {{/* Environment every splitserve container shares: caches on the writable volumes, no telemetry,
 the block-hash seed, offline hub access unless the model comes from the hub. */}}
+{{- define "splitserve.logEnv" -}}
+- name: SPLITSERVE_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+- name: SPLITSERVE_LOG_LEVEL
+  value: {{ .Values.logging.level | quote }}
+{{- if .Values.logging.otlpEndpoint }}
+- name: SPLITSERVE_TRACING_OTLP_ENDPOINT
+  value: {{ .Values.logging.otlpEndpoint | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "splitserve.commonEnv" -}}
+{{ include "splitserve.logEnv" . }}
 - name: PYTHONHASHSEED
   value: {{ .Values.serving.hashSeed | quote }}
 - name: HOME
