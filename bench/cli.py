@@ -159,7 +159,7 @@ def run(ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if ns.json_path:
         write_json(report, Path(ns.json_path))
-    if ns.markdown_path:
+    if ns.markdown_path and report.runs:
         write_markdown(report, Path(ns.markdown_path))
     if ns.plots_prefix and report.runs:
         from bench.plots import write_plots
