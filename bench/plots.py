@@ -2,8 +2,9 @@
 
 - ``PREFIX_latency.png``: TTFT and ITL p50/p99 vs concurrency, one line per target (sweeps),
 - ``PREFIX_throughput.png``: output tokens/s vs concurrency, one line per target (sweeps),
-- ``PREFIX_distributions.png``: TTFT and ITL empirical CDFs, one line per run (for a sweep,
-  the runs at its highest concurrency; for a workload with request classes, per class too).
+- ``PREFIX_distributions.png``: the TTFT empirical CDF and the ITL tail (fraction of gaps above
+  x, log scale), one line per run (for a sweep, the runs at its highest concurrency; for a
+  workload with request classes, per class too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from bench.report import BenchReport, RunReport  # noqa: E402
 
@@ -77,12 +79,18 @@ def plot_throughput(report: BenchReport, path: Path) -> Path:
     return path
 
 
-def _cdf(ax, values: list[float], label: str, color: str, style: str = "-") -> None:
+def _cdf(ax, values: list[float], label: str, color: str, style: str = "-",
+         tail: bool = False) -> None:
+    """Empirical CDF, or with `tail` the fraction of samples above x (log scale: p99 is the
+    line's crossing of 1e-2)."""
     if not values:
         return
     xs = sorted(values)
-    ys = [(i + 1) / len(xs) for i in range(len(xs))]
-    ax.step(xs, ys, style, where="post", color=color, label=f"{label} (n={len(xs)})")
+    n = len(xs)
+    ys = [1 - (i + 1) / n for i in range(n)] if tail else [(i + 1) / n for i in range(n)]
+    if tail:  # the last point (fraction 0) has no place on a log axis
+        xs, ys = xs[:-1], ys[:-1]
+    ax.step(xs, ys, style, where="post", color=color, label=f"{label} (n={n})")
 
 
 def plot_distributions(report: BenchReport, path: Path) -> Path:
@@ -97,15 +105,21 @@ def plot_distributions(report: BenchReport, path: Path) -> Path:
             style = ("-", "--", ":", "-.")[j % 4]
             _cdf(axes[0], [s.ttft_ms for s in samples if s.ttft_ms is not None], name,
                  f"C{i}", style)
-            _cdf(axes[1], [x for s in samples for x in s.itl_ms], name, f"C{i}", style)
-    for ax, title in ((axes[0], "TTFT distribution"), (axes[1], "ITL distribution")):
+            _cdf(axes[1], [x for s in samples for x in s.itl_ms], name, f"C{i}", style,
+                 tail=True)
+    axes[0].set_ylabel("fraction of requests ≤ x")
+    axes[0].set_title("TTFT distribution")
+    axes[1].set_yscale("log")
+    axes[1].axhline(0.01, color="grey", lw=0.8, ls=":")
+    axes[1].set_ylabel("fraction of gaps > x (log; dotted: p99)")
+    axes[1].set_title("ITL tail")
+    for ax in axes:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("ms")
-        ax.set_ylabel("fraction of samples ≤ x")
-        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
