@@ -96,11 +96,25 @@ class Cluster:
             resources=custom or None,
             num_cpus=self.cfg.local_ray_num_cpus or max(os.cpu_count() or 1, 4 * workers),
             include_dashboard=False,
-            _temp_dir=str(self.run_dir / "ray"),
+            _temp_dir=str(self._ray_temp_dir()),
             namespace=self.cfg.namespace,
             log_to_driver=False,
         )
         self._ray_started = True
+
+    def _ray_temp_dir(self) -> Path:
+        """Ray's session directory: run_dir/ray, unless that is too deep for the AF_UNIX
+        socket paths Ray creates under it (107 bytes); then a short directory in the system
+        temp dir, linked from run_dir/ray."""
+        wanted = self.run_dir / "ray"
+        # session_<date>_<time>_<us>_<pid>/sockets/plasma_store adds about 65 bytes
+        if len(str(wanted)) <= 40:
+            return wanted
+        short = Path(tempfile.mkdtemp(prefix="ssray-", dir="/tmp"))
+        if not wanted.exists():
+            wanted.symlink_to(short, target_is_directory=True)
+        log.info("Ray session directory %s (run_dir/ray is too deep for its sockets)", short)
+        return short
 
     def _remember_descendants(self) -> None:
         try:

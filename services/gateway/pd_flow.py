@@ -62,7 +62,8 @@ class MigrationConfig(BaseModel):
     prefill_timeout_s: float = Field(120.0, gt=0, description=(
         "a prefill slower than this is abandoned: the decode worker computes the prompt"))
     route_wait_s: float = Field(30.0, ge=0, description=(
-        "with no serving decode worker, wait this long for one (pools healing) before 503"))
+        "with no serving decode worker while the controller brings workers up, wait this "
+        "long for one before 503 (with none coming: 503 at once)"))
 
 
 @dataclass
@@ -131,8 +132,8 @@ class PDFlow:
             prefill = [w for w in d.by_role(WorkerRole.PREFILL) if w.worker_id not in exclude]
             decode = [w for w in (d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH))
                       if w.worker_id not in exclude]
-            if decode or time.monotonic() >= deadline:
-                break
+            if decode or time.monotonic() >= deadline or not await d.pools_healing():
+                break  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
         cached = (await self._cached_blocks(token_ids, prefill + decode)
                   if self.policy.uses_prefix_index else {})

@@ -13,6 +13,7 @@ import grpc
 from redis.asyncio import Redis
 
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
+from services.controller.pool_sizes import PoolSizes
 from services.grpc_context import client_interceptors
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 
@@ -24,6 +25,7 @@ class WorkerDirectory:
 
     def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5) -> None:
         self.registry = WorkerRegistry(redis, namespace)
+        self.pool_sizes = PoolSizes(redis, namespace)
         self.model = model
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
@@ -60,6 +62,17 @@ class WorkerDirectory:
             except Exception:  # Redis away: keep routing on the last snapshot
                 log.warning("registry refresh failed; using last snapshot", exc_info=True)
             await asyncio.sleep(self.refresh_s)
+
+    async def pools_healing(self) -> bool:
+        """Whether the controller is bringing workers up (some pool has workers starting, or
+        fewer serving than desired): worth waiting for, rather than failing at once."""
+        try:
+            desired = await self.pool_sizes.desired()
+            observed, _ = await self.pool_sizes.observed()
+        except Exception:
+            return False
+        return any(o.starting > 0 or o.serving < desired.get(pool, 0)
+                   for pool, o in observed.items())
 
     def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:
         """Serving workers of these roles (draining ones take no new requests)."""

@@ -13,6 +13,14 @@ from tests.support.redis import redis_server
 from tests.support.cluster import RunningCluster, start_test_cluster, cache_dir_for_tests
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """Tests marked `own_cluster` (modules that start a cluster of their own) run first, before
+    the session-wide clusters below start: 2 cores and 24 GiB do not hold all at once."""
+    items[:] = ([i for i in items if i.get_closest_marker("own_cluster")]
+                + [i for i in items if not i.get_closest_marker("own_cluster")])
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return ensure_builtin_model(cache_dir_for_tests(), "tiny")

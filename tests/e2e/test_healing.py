@@ -32,7 +32,7 @@ from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from tests.support.cluster import RunningCluster, start_test_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 MODEL = "splitserve-tiny"
 LEASE_S = 9  # accept window: 9 * 2/3 - 1 = 5 s
 PROMPTS = [
