@@ -106,6 +106,9 @@ def config_from_args(ns: argparse.Namespace):
         raise ValueError("--url and --compare exclude each other")
     if ns.url and ns.target == "vllm":
         raise ValueError("--target vllm starts vLLM's server itself; it excludes --url")
+    if ns.compare and ns.target == "vllm":
+        raise ValueError("--target vllm compares vLLM's server with one cluster (--up-args); "
+                         "it excludes --compare")
     key, values = parse_compare(ns.compare) if ns.compare else (None, [])
     sweep = parse_concurrency(ns.concurrency or (
         str(OPEN_LOOP_CONCURRENCY) if ns.scenario in OPEN_LOOP else "8"))

@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
             up_args = ns.up_args.split()
             model_dir = Path(engine_config(up_args, default_cache_dir()).model)
-            cluster = start_cluster(up_args, work / "run", default_cache_dir())
+            try:
+                cluster = start_cluster(up_args, work / "run", default_cache_dir())
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"bench.industry: the cluster did not start: {str(exc)[-2000:]}",
+                      file=sys.stderr)
+                return 1
             url = cluster.http
         import httpx
 

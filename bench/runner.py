@@ -8,9 +8,10 @@ Targets:
   start a cluster with ``--<flag> <value>`` plus ``up_args``, run, stop it, then the next
   (one at a time: a small machine cannot hold two);
 - neither: one cluster started with ``up_args``;
-- ``target="vllm"``: first vLLM's own OpenAI server, with the engine settings, environment and
-  core binding of the cluster's first worker (:mod:`bench.vllm_server`), as the baseline; then
-  the cluster(s) as above.
+- ``target="vllm"``: vLLM's own OpenAI server, with the engine settings, environment and
+  core binding of the cluster's first worker (:mod:`bench.vllm_server`), as the baseline,
+  against one cluster; both stay up and take turns at every step of the sweep (the order
+  alternating), so both see the same machine conditions.
 
 ``concurrencies`` with more than one value is a sweep: each target runs the workload once per
 value (labels ``<target>@c<N>``), and ratios compare runs at the same concurrency.
@@ -256,7 +257,9 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     namespace = _namespace(cfg.up_args, DEFAULT_NAMESPACE)
     failure: str | None = None
     if cfg.target == "vllm":
-        failure = _run_vllm(cfg, root, cache_dir, workload, base, runs, err)
+        failure = _run_vllm(cfg, plan[0], root, cache_dir, workload, base, runs, err,
+                            namespace)
+        plan = []
     for i, (label, args, extra) in enumerate(plan):
         if failure:
             break
@@ -288,28 +291,64 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     return make_report(runs, baseline), failure
 
 
-def _run_vllm(cfg: BenchConfig, root: Path, cache_dir: Path, workload: Workload,
-              base: dict[str, Any], runs: list[RunReport], err: Console) -> str | None:
-    """The vLLM baseline: start its server, run the sweep, stop it; why it failed, or None."""
+def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, Any]],
+              root: Path, cache_dir: Path, workload: Workload, base: dict[str, Any],
+              runs: list[RunReport], err: Console, namespace: str) -> str | None:
+    """The vLLM baseline against one cluster, interleaved: both are started, then at each
+    step of the sweep both run the step's workload back to back (the order alternating
+    between steps), so the two sides see the same machine conditions. Both engines are bound
+    to the same core; the one not measured sits idle. Why it failed, or None."""
+    from services.controller.launcher import start_cluster
+
     from bench.vllm_server import engine_config, server_args, start_vllm_server
 
+    label, args, extra = cluster_spec
     eng = engine_config(cfg.up_args, cache_dir)
-    run_dir = root / "v"
-    err.print(f"[bold]vllm[/bold]: starting vLLM's OpenAI server (logs: {run_dir})")
+    err.print(f"[bold]vllm[/bold]: starting vLLM's OpenAI server (logs: {root / 'v'})")
     try:
-        server = start_vllm_server(eng, run_dir, cache_dir, cfg.cluster_timeout_s)
+        server = start_vllm_server(eng, root / "v", cache_dir, cfg.cluster_timeout_s)
     except (RuntimeError, TimeoutError) as exc:
         return f"vllm: the server did not start: {str(exc)[-2000:]}"
+    cluster = None
     try:
-        runs += _measure_all("vllm", server.url, None, DEFAULT_NAMESPACE, workload, cfg,
-                             {**base, "target": "vllm",
-                              "vllm_args": server_args(eng, 0, "ipc://...")}, err,
-                             server.proc.pid)
-    except Exception as exc:
-        return f"vllm: the run failed: {type(exc).__name__}: {exc}"
+        err.print(f"[bold]{escape(label)}[/bold]: starting `splitserve up "
+                  f"{escape(' '.join(args))}` (logs: {root / 'c0.out'})")
+        try:
+            cluster = start_cluster(args, root / "c0", cache_dir, cfg.cluster_timeout_s)
+        except KeyboardInterrupt:
+            _stop_starting_cluster(root / "c0")
+            raise
+        except (RuntimeError, TimeoutError) as exc:
+            return f"{label}: the cluster did not start: {str(exc)[-2000:]}"
+        sides = [("vllm", server.url, None, server.proc.pid,
+                  {**base, "target": "vllm", "vllm_args": server_args(eng, 0, "ipc://...")}),
+                 (label, cluster.http, cluster.redis_url, cluster.proc.pid,
+                  {**base, **extra, "target": "cluster", "up_args": args})]
+        sweep = cfg.sweep
+        done: list[RunReport] = []
+        for i, c in enumerate(sweep):
+            wl = workload if i == 0 else _workload_for_step(cfg, i)
+            for name, url, redis_url, pid, config in (sides if i % 2 == 0 else sides[::-1]):
+                cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
+                try:
+                    done.append(asyncio.run(measure(
+                        name if len(sweep) == 1 else f"{name}@c{c}", url, redis_url, namespace,
+                        wl, cfg, {**cfg_i, "order_in_step": len(done) % 2}, err, c, name,
+                        pid)))
+                except Exception as exc:
+                    return f"{name}: the run failed: {type(exc).__name__}: {exc}"
+                finally:
+                    order = {"vllm": 0, label: 1}
+                    runs[:] = [*[r for r in runs if r.target not in order],
+                               *sorted(done, key=lambda r: (order[r.target],
+                                                            sweep.index(r.concurrency or 0)))]
+        return None
     finally:
+        if cluster is not None:
+            code = cluster.stop()
+            if code != 0:
+                err.print(f"[yellow]{escape(label)}: splitserve up exited {code}[/yellow]")
         server.stop()
-    return None
 
 
 __all__ = ["BenchConfig", "cluster_plan", "measure", "parse_compare", "parse_concurrency",

@@ -37,6 +37,8 @@ def test_sweep_and_target_flags() -> None:
     assert one.sweep == [16] and one.concurrencies == [] and one.target == "splitserve"
     with pytest.raises(ValueError):
         cfg("--url", "http://127.0.0.1:9", "--target", "vllm")
+    with pytest.raises(ValueError):
+        cfg("--compare", "mode=aggregated,disaggregated", "--target", "vllm")
 
 
 def test_mode_comparison_uses_the_same_cores() -> None:
