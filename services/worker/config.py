@@ -61,7 +61,10 @@ class WorkerConfig(BaseModel):
     run_dir: Path = Field(description="where sockets, caches and temp files of this run live")
     cache_dir: Path = Field(description="persistent cache (compiled kernels, models)")
     cpu_threads_bind: str = Field("nobind", description="CPU build: OMP cores, e.g. '0' or '0-1'")
-    registry_ttl_s: float = Field(5.0, description="liveness key TTL in the registry")
+    registry_ttl_s: float = Field(15.0, description=(
+        "liveness key TTL in the registry: a worker whose heartbeats stop for this long drops "
+        "out of routing (the controller removes failed workers at once; this is the fallback, "
+        "long enough for a CPU-starved worker's heartbeat)"))
     heartbeat_interval_s: float = Field(0.5, description="how often load/liveness is published")
     engine_stall_timeout_s: float = Field(60.0, description=(
         "with requests in flight, an engine that completes no step for this long is reported "
