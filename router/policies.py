@@ -91,7 +91,8 @@ class RoundRobinPolicy:
         d = decode[next(self._decode) % len(decode)]
         if d.role == WorkerRole.BOTH:
             return RouteDecision(decode=d, reason="aggregated")
-        _require(prefill, "prefill")
+        if not prefill:  # the prefill pool is empty or healing: decode computes the prompt
+            return RouteDecision(decode=d, reason="no_prefill_worker")
         p = prefill[next(self._prefill) % len(prefill)]
         return RouteDecision(decode=d, prefill=p, reason="round_robin")
 
@@ -110,7 +111,8 @@ class RandomPolicy:
         d = self._rng.choice(list(decode))
         if d.role == WorkerRole.BOTH:
             return RouteDecision(decode=d, reason="aggregated")
-        _require(prefill, "prefill")
+        if not prefill:  # the prefill pool is empty or healing: decode computes the prompt
+            return RouteDecision(decode=d, reason="no_prefill_worker")
         return RouteDecision(decode=d, prefill=self._rng.choice(list(prefill)), reason="random")
 
 
@@ -125,7 +127,8 @@ class LeastLoadedPolicy:
         d = min(decode, key=lambda w: (queue_depth(w, req.in_flight), w.worker_id))
         if d.role == WorkerRole.BOTH:
             return RouteDecision(decode=d, reason="aggregated")
-        _require(prefill, "prefill")
+        if not prefill:  # the prefill pool is empty or healing: decode computes the prompt
+            return RouteDecision(decode=d, reason="no_prefill_worker")
         p = min(prefill, key=lambda w: (queue_depth(w, req.in_flight), w.worker_id))
         return RouteDecision(decode=d, prefill=p, reason="least_loaded")
 

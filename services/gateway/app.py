@@ -384,6 +384,38 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+class RequestCountMiddleware:
+    """Requests in flight and by status, for the whole life of a request: a streamed answer
+    counts until its last event is sent. Pure ASGI (a BaseHTTPMiddleware would relay every
+    streamed chunk through an extra task and memory stream)."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics, known_paths: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            path = scope["path"]
+            self.metrics.requests.labels(path if path in self.known_paths else "other",
+                                         str(status)).inc()
+
+
 def create_app(cfg: GatewayConfig) -> FastAPI:
     """The gateway's FastAPI application."""
     gw = Gateway(cfg)
@@ -412,19 +444,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                        max_body_bytes=cfg.max_body_bytes)
     known_paths = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        gw.metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            gw.metrics.in_flight.dec()
-            path = request.url.path
-            gw.metrics.requests.labels(path if path in known_paths else "other",
-                                       str(status)).inc()
+    app.add_middleware(RequestCountMiddleware, metrics=gw.metrics, known_paths=known_paths)
 
     app.add_middleware(RequestContextMiddleware)  # outermost: request id, span, access log
 

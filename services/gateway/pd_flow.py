@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
@@ -214,22 +214,23 @@ class PDFlow:
                                        sampling=sampling, kv_transfer_params_json=kv_params),
                     timeout=self.timeout_s)
                 decode_started = True
+                loop = asyncio.get_running_loop()
+                stall = self.migration.stall_timeout_s
                 try:
-                    while True:
-                        try:
-                            chunk = await asyncio.wait_for(call.read(),
-                                                           self.migration.stall_timeout_s)
-                        except asyncio.TimeoutError:
-                            raise _DecodeFailed(route.decode.worker_id, "stalled") from None
-                        if chunk is grpc.aio.EOF:
-                            break
-                        if chunk.num_prompt_tokens and first:
-                            result.num_cached_tokens = chunk.num_cached_tokens
-                        result.completion_tokens += len(chunk.token_ids)
-                        result.token_ids.extend(chunk.token_ids)
-                        if chunk.finish_reason:
-                            result.finish_reason = chunk.finish_reason
-                        yield chunk
+                    # One timer per stream, pushed back on every chunk (asyncio.wait_for per
+                    # chunk would cost a task per token).
+                    try:
+                        async with asyncio.timeout(None) as watchdog:
+                            async for chunk in self._read(call, watchdog, loop.time, stall):
+                                if chunk.num_prompt_tokens and first:
+                                    result.num_cached_tokens = chunk.num_cached_tokens
+                                result.completion_tokens += len(chunk.token_ids)
+                                result.token_ids.extend(chunk.token_ids)
+                                if chunk.finish_reason:
+                                    result.finish_reason = chunk.finish_reason
+                                yield chunk
+                    except TimeoutError:  # raised by the expired watchdog's context exit
+                        raise _DecodeFailed(route.decode.worker_id, "stalled") from None
                     finished = True
                 finally:
                     if not finished:
@@ -242,6 +243,18 @@ class PDFlow:
             finally:
                 if not finished:
                     self._cleanup(request_id, touched, route, kv_params, decode_started)
+
+    @staticmethod
+    async def _read(call: Any, watchdog: Any, clock: Any, stall: float
+                    ) -> AsyncIterator[pb.GenerateChunk]:
+        """The decode stream's chunks; the watchdog fires when one takes `stall` seconds."""
+        while True:
+            watchdog.reschedule(clock() + stall)
+            chunk = await call.read()
+            if chunk is grpc.aio.EOF:
+                return
+            watchdog.reschedule(None)  # the consumer's pace is not the worker's stall
+            yield chunk
 
     async def _prefill(self, worker: WorkerInfo, request_id: str, token_ids: list[int],
                        sampling: pb.SamplingParams) -> pb.PrefillResponse:

@@ -342,3 +342,26 @@ async def test_grpc_needs_a_key_and_keeps_per_client_limits(make_gateway: Factor
             assert (await c.chat([{"role": "user", "content": "hi"}], max_tokens=2)).text
     finally:
         await server.stop(0)
+
+
+# --- request counting --------------------------------------------------------------------------
+async def test_a_streamed_request_counts_in_flight_until_its_last_event(make_gateway) -> None:
+    gw = make_gateway()
+    flow: FakeFlow = gw.flow  # type: ignore[assignment]
+    gauge, requests = gw.metrics.in_flight, gw.metrics.requests
+    seen: list[float] = []
+
+    async def look_then_release() -> None:
+        await asyncio.sleep(0.5)  # the stream is paused after its third chunk
+        seen.append(gauge._value.get())
+        flow.pause.set()
+
+    async with http(gw) as c:
+        task = asyncio.create_task(look_then_release())
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5,
+                                                   "stream": True, "ignore_eos": True})
+        await task
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    assert seen == [1], "a stream in progress was not counted in flight"
+    assert gauge._value.get() == 0
+    assert requests.labels("/v1/completions", "200")._value.get() == 1

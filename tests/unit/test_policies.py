@@ -64,11 +64,12 @@ def test_own_in_flight_is_not_counted_twice() -> None:
     assert queue_depth(owner, {"b0": 5}) == 5  # sent two more since the heartbeat
 
 
-def test_missing_pools_raise() -> None:
-    with pytest.raises(NoWorkersError, match="decode"):
-        RoundRobinPolicy().choose(P, [], REQ)
-    with pytest.raises(NoWorkersError, match="prefill"):
-        RoundRobinPolicy().choose([], D, REQ)
+def test_no_decode_worker_raises_no_prefill_worker_means_local_prefill() -> None:
+    for policy in (RoundRobinPolicy(), RandomPolicy(), LeastLoadedPolicy(), KVPolicy()):
+        with pytest.raises(NoWorkersError, match="decode"):
+            policy.choose(P, [], REQ)
+        d = policy.choose([], D, REQ)
+        assert d.prefill is None and d.decode in D and d.reason == "no_prefill_worker"
 
 
 def test_make_policy() -> None:

@@ -1,0 +1,155 @@
+"""The gateway's request path through worker failures, against real gRPC worker servers whose
+behaviour the test scripts (stream some tokens then die / stall / refuse a prefill), a real
+Redis registry and the real PDFlow: migration keeps the client's stream whole, a failed prefill
+becomes a local prefill, and an empty prefill pool is no reason to fail."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from router.policies import make_policy
+from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pd_flow import GenerationResult, MigrationConfig, PDFlow
+from services.gateway.worker_directory import WorkerDirectory
+from services.proto.v1 import worker_pb2 as pb
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+
+NS = "mig"
+PROMPT = [5, 6, 7, 8]
+
+
+def continuation(prompt: list[int], n: int) -> list[int]:
+    """The 'model': the next token is 100 + the position in the whole sequence (greedy and
+    position-dependent, so a continuation that drops or repeats a token gives other ids)."""
+    return [100 + len(prompt) + i for i in range(n)]
+
+
+@dataclass
+class Script:
+    """What a fake worker does."""
+
+    die_after: int | None = None  # stream this many chunks, then fail with UNAVAILABLE
+    stall_after: int | None = None  # stream this many chunks, then hang
+    refuse_prefill: bool = False
+    calls: list[pb.GenerateRequest] = field(default_factory=list)
+    prefills: int = 0
+
+
+class FakeWorker(pb_grpc.WorkerServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def Prefill(self, request, context):
+        self.script.prefills += 1
+        if self.script.refuse_prefill:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine dead")
+        return pb.PrefillResponse(kv_transfer_params_json='{"remote": "fake"}')
+
+    async def Generate(self, request, context) -> AsyncIterator[pb.GenerateChunk]:
+        self.script.calls.append(request)
+        prompt = list(request.prompt_token_ids)
+        tokens = continuation(prompt, request.sampling.max_tokens)
+        for i, t in enumerate(tokens):
+            if self.script.die_after is not None and i == self.script.die_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
+            if self.script.stall_after is not None and i == self.script.stall_after:
+                await asyncio.sleep(3600)
+            last = i == len(tokens) - 1
+            yield pb.GenerateChunk(token_ids=[t], text=f"<{t}>", num_prompt_tokens=len(prompt)
+                                   if i == 0 else 0, finish_reason="length" if last else "")
+            await asyncio.sleep(0)
+
+    async def Abort(self, request, context):
+        return pb.AbortResponse(found=False)
+
+    async def Release(self, request, context):
+        return pb.ReleaseResponse()
+
+
+@pytest.fixture
+async def cluster(r: Redis):
+    servers: list[grpc.aio.Server] = []
+    registry = WorkerRegistry(r, NS, ttl_s=30)
+
+    async def add(worker_id: str, role: WorkerRole, script: Script) -> Script:
+        server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(FakeWorker(script), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        await registry.register(WorkerInfo(worker_id=worker_id, role=role,
+                                           address=f"127.0.0.1:{port}", model="m"))
+        return script
+
+    yield add
+    for s in servers:
+        await s.stop(0)
+
+
+async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[int], PDFlow]:
+    directory = WorkerDirectory(r, NS, "m")
+    await directory.refresh()
+    metrics = GatewayMetrics()
+    flow = PDFlow(directory, make_policy("least_loaded"), None, metrics, timeout_s=30,
+                  migration=MigrationConfig(**migration))
+    got: list[int] = []
+    try:
+        async for chunk in flow.stream("req", list(PROMPT), pb.SamplingParams(
+                max_tokens=max_tokens, temperature=0.0), GenerationResult()):
+            got.extend(chunk.token_ids)
+    finally:
+        await directory.stop()
+    return got, flow
+
+
+async def test_decode_failure_mid_stream_continues_on_another_worker(r: Redis, cluster) -> None:
+    dying = await cluster("d-a", WorkerRole.DECODE, Script(die_after=3))
+    healthy = await cluster("d-b", WorkerRole.DECODE, Script())
+    await cluster("p-a", WorkerRole.PREFILL, Script())
+    got, flow = await run_flow(r, max_tokens=10)
+    assert got == continuation(PROMPT, 10)  # no token lost, none repeated
+    assert len(dying.calls) == 1 and len(healthy.calls) == 1
+    moved = healthy.calls[0]
+    assert list(moved.prompt_token_ids) == PROMPT + continuation(PROMPT, 3)
+    assert moved.sampling.max_tokens == 7 and moved.request_id == "req.m1"
+    assert flow.metrics.migrations._value.get() == 1
+
+
+async def test_a_stalled_decode_stream_counts_as_a_failure(r: Redis, cluster) -> None:
+    stalling = await cluster("d-a", WorkerRole.DECODE, Script(stall_after=2))
+    await cluster("d-b", WorkerRole.DECODE, Script())
+    await cluster("p-a", WorkerRole.PREFILL, Script())
+    got, flow = await asyncio.wait_for(run_flow(r, max_tokens=6, stall_timeout_s=0.5), 20)
+    assert got == continuation(PROMPT, 6)
+    assert len(stalling.calls) == 1 and flow.metrics.migrations._value.get() == 1
+
+
+async def test_failed_prefill_becomes_a_local_prefill(r: Redis, cluster) -> None:
+    prefill = await cluster("p-a", WorkerRole.PREFILL, Script(refuse_prefill=True))
+    decode = await cluster("d-a", WorkerRole.DECODE, Script())
+    got, flow = await run_flow(r, max_tokens=4)
+    assert got == continuation(PROMPT, 4)
+    assert prefill.prefills == 1 and decode.calls[0].kv_transfer_params_json == ""
+    assert flow.metrics.prefill_fallbacks._value.get() == 1
+
+
+async def test_an_empty_prefill_pool_is_served_by_decode(r: Redis, cluster) -> None:
+    decode = await cluster("d-a", WorkerRole.DECODE, Script())
+    got, _ = await run_flow(r, max_tokens=3)
+    assert got == continuation(PROMPT, 3) and decode.calls[0].kv_transfer_params_json == ""
+
+
+async def test_a_request_gives_up_after_max_migrations(r: Redis, cluster) -> None:
+    from services.gateway.pd_flow import WorkerUnavailable
+
+    for name in ("d-a", "d-b", "d-c"):
+        await cluster(name, WorkerRole.DECODE, Script(die_after=1))
+    with pytest.raises(WorkerUnavailable, match="failed on 3 decode workers"):
+        await run_flow(r, max_tokens=8, max_migrations=2)
