@@ -100,15 +100,22 @@ def start_cluster(args: list[str], run_dir: Path, cache_dir: Path, timeout_s: fl
         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     out.close()
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        if m := READY.search(text):
-            cluster = RunningCluster(proc, m["http"], m["redis"], Path(m["run_dir"]), log_path,
-                                     grpc=m["grpc"])
-            cluster.snapshot_descendants()
-            return cluster
-        if proc.poll() is not None:
-            raise RuntimeError(f"splitserve up exited {proc.returncode}:\n{text[-4000:]}")
-        time.sleep(0.5)
-    RunningCluster(proc, "", "", run_dir, log_path).kill()
+    starting = RunningCluster(proc, "", "", run_dir, log_path)
+    try:
+        while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace")
+            if m := READY.search(text):
+                cluster = RunningCluster(proc, m["http"], m["redis"], Path(m["run_dir"]),
+                                         log_path, grpc=m["grpc"])
+                cluster.snapshot_descendants()
+                return cluster
+            if proc.poll() is not None:
+                raise RuntimeError(f"splitserve up exited {proc.returncode}:\n{text[-4000:]}")
+            starting.snapshot_descendants()
+            time.sleep(0.5)
+    except BaseException:  # interrupted while it starts: stop it, do not orphan it
+        if proc.poll() is None:
+            starting.stop(timeout_s=60)
+        raise
+    starting.stop(timeout_s=60)
     raise TimeoutError(f"cluster not ready in {timeout_s}s:\n{log_path.read_text()[-4000:]}")

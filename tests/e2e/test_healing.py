@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,14 +56,19 @@ class Healing:
 @pytest.fixture(scope="module")
 def healing(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Healing]:
     redis_dir = Path(tempfile.mkdtemp(prefix="splitserve-heal-redis-"))
-    server = RedisServer(redis_dir)
-    server.start()
-    run_dir = tmp_path_factory.mktemp("heal") / "run"
-    cluster = start_test_cluster(
-        ["--mode", "disaggregated", "--prefill", "1", "--decode", "2",
-         "--redis-url", server.url, "--kv-lease-s", str(LEASE_S), "--prefill-timeout-s", "3"],
-        run_dir)
-    h = Healing(cluster, server, redis_dir)
+    h = Healing(cluster=None, redis=RedisServer(redis_dir), redis_dir=redis_dir)  # type: ignore[arg-type]
+    h.redis.start()
+    try:
+        run_dir = tmp_path_factory.mktemp("heal") / "run"
+        h.cluster = start_test_cluster(
+            ["--mode", "disaggregated", "--prefill", "1", "--decode", "2",
+             "--redis-url", h.redis.url, "--kv-lease-s", str(LEASE_S),
+             "--prefill-timeout-s", "3"], run_dir)
+    except BaseException:
+        h.redis.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+        raise
+    cluster = h.cluster
     try:
         for p in PROMPTS:
             h.reference[p] = complete(cluster, p)
@@ -75,6 +81,7 @@ def healing(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         if leftovers:
             cluster.kill()
         h.redis.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
         assert code == 0, f"splitserve up exited {code}"
         assert not leftovers, f"processes survived the cluster: {leftovers}"
         assert not cluster.leaked_segments(), "shared memory left behind"
