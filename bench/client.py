@@ -83,6 +83,17 @@ class RequestResult:
     cached_tokens: int | None = None
     content_chunks: int = 0
 
+    def text_chunk(self, start: float, last: float | None) -> float:
+        """Record a chunk carrying text (TTFT for the first, an ITL gap after); returns its
+        arrival time, the next call's `last`."""
+        now = time.perf_counter()
+        if last is None:
+            self.ttft_s = now - start
+        else:
+            self.itl_s.append(now - last)
+        self.content_chunks += 1
+        return now
+
 
 @dataclass
 class RunResult:
@@ -174,13 +185,7 @@ async def send(http: httpx.AsyncClient, req: BenchRequest, cfg: ClientConfig, mo
                     text = (choice.get("delta") or {}).get("content") if req.api == "chat" \
                         else choice.get("text")
                     if text:
-                        now = time.perf_counter()
-                        if last is None:
-                            result.ttft_s = now - start
-                        else:
-                            result.itl_s.append(now - last)
-                        last = now
-                        result.content_chunks += 1
+                        last = result.text_chunk(start, last)
         result.e2e_s = time.perf_counter() - start
         if result.error is None and not done:
             result.error = "the stream ended without [DONE]"
@@ -216,13 +221,7 @@ async def send_grpc(stub: Any, req: BenchRequest, cfg: ClientConfig, model: str,
     try:
         async for chunk in call:
             if chunk.text:
-                now = time.perf_counter()
-                if last is None:
-                    result.ttft_s = now - start
-                else:
-                    result.itl_s.append(now - last)
-                last = now
-                result.content_chunks += 1
+                last = result.text_chunk(start, last)
             if chunk.HasField("usage"):
                 usage_tokens = chunk.usage.completion_tokens
                 result.prompt_tokens = chunk.usage.prompt_tokens

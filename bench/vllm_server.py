@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from services.processes import kill_survivors
 from services.worker.config import EngineConfig
 
 READY_PATH = "/v1/models"
@@ -131,12 +132,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        _, alive = psutil.wait_procs(kids, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_survivors(kids, timeout_s=10)
         return self.proc.returncode
 
 

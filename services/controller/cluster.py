@@ -24,6 +24,7 @@ from services.controller.reconciler import PoolController
 from services.controller.redis_server import RedisServer
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
+from services.processes import kill_survivors
 from services.worker.shm import segments_mapped_by_children, unlink_segments
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,7 @@ class Cluster:
                 p.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(survivors, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_survivors(survivors, timeout_s=5)
         if survivors:
             log.info("stopped %d leftover processes", len(survivors))
         # Workers unlink their engines' shared memory when they stop cleanly; one that was
