@@ -161,6 +161,10 @@ class EngineHost:
         """Create the engine (loads the model; tens of seconds on CPU)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from services.worker import detokenizer_fix
+
+        detokenizer_fix.install()
+
         host = self
 
         from vllm.v1.metrics.loggers import StatLoggerBase

@@ -166,6 +166,52 @@ def test_streaming_and_non_streaming_agree(disagg: RunningCluster) -> None:
     assert finish == full_chat.choices[0].finish_reason
 
 
+def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Path) -> None:
+    """A token-array prompt that stops half-way through a character (what every request
+    migration sends the next decode worker) streams only the new text: the character it
+    completes, then what follows; never the prompt again (vllm-project/vllm#48853)."""
+    import tokenizers.decoders
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    emoji = tok.encode("\U0001F642", add_special_tokens=False)
+    assert len(emoji) == 4
+    prompt = tok("Emoji ahead:")["input_ids"] + emoji[:2]
+    decode = next(w for w in workers(disagg) if w["role"] == "decode")
+
+    async def on_worker() -> tuple[list[int], str]:
+        ids, text = [], ""
+        async with grpc.aio.insecure_channel(decode["address"]) as ch:
+            async for chunk in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
+                    request_id="partial-char", prompt_token_ids=prompt,
+                    sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                               ignore_eos=True)), timeout=120):
+                ids.extend(chunk.token_ids)
+                text += chunk.text
+        return ids, text
+
+    ids, text = asyncio.run(on_worker())
+    assert len(ids) == MAX_TOKENS
+    stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
+    for t in prompt:  # primed token by token: holds the half character back
+        stream.step(tok._tokenizer, t)
+    expected = "".join(stream.step(tok._tokenizer, t) or "" for t in ids)
+    assert text == expected and "Emoji ahead" not in text, (text, expected)
+    # through the gateway (prefill and decode pools), streamed and whole
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(f"{disagg.http}/v1/completions", json=body, timeout=120)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["choices"][0]["text"] == expected
+    parts = []
+    with httpx.stream("POST", f"{disagg.http}/v1/completions", json={**body, "stream": True},
+                      timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                parts += [c["text"] for c in json.loads(line[6:]).get("choices", [])]
+    assert "".join(parts) == expected
+
+
 def test_sampling_parameters(disagg: RunningCluster) -> None:
     c = client(disagg)
     prompt = COMPLETION_PROMPTS[2]

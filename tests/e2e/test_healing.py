@@ -205,8 +205,16 @@ class Traffic:
         assert len(self.results) >= minimum, f"only {len(self.results)} requests ran"
         bad = [(p[:30], s, e) for p, s, t, e in self.results if s != 200 or e]
         assert not bad, f"failed requests: {bad[:5]} ({len(bad)} of {len(self.results)})"
-        wrong = [p[:30] for p, s, t, e in self.results if t != self.h.reference[p]]
-        assert not wrong, f"{len(wrong)} of {len(self.results)} outputs differ from the reference"
+        wrong = [(p, t) for p, s, t, e in self.results if t != self.h.reference[p]]
+        assert not wrong, (f"{len(wrong)} of {len(self.results)} outputs differ from the "
+                           f"reference; first: {divergence(self.h.reference[wrong[0][0]], wrong[0][1])}")
+
+
+def divergence(want: str, got: str) -> str:
+    """Where two texts part, with some context."""
+    i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    return (f"at char {i} of {len(want)}: want {want[max(0, i - 20):i + 40]!r}, "
+            f"got {got[max(0, i - 20):i + 40]!r} (got {len(got)} chars)")
 
 
 def gateway_metric(h: Healing, name: str) -> float:
