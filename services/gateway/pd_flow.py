@@ -12,6 +12,7 @@ will not happen are released (through the decode worker's connector).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from router.policies import NoWorkersError, RouteDecision, RouteRequest, Routing
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRole
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.stop_strings import StopStrings
 from services.gateway.worker_directory import WorkerDirectory
 from services.proto.v1 import worker_pb2 as pb
 
@@ -157,6 +159,8 @@ class PDFlow:
         worker makes the decode worker compute the prompt itself.
         """
         result.num_prompt_tokens = len(token_ids)
+        stops = (StopStrings(sampling.stop, sampling.include_stop_str_in_output)
+                 if sampling.stop else None)
         failed: set[str] = set()
         attempt = 0
         while True:
@@ -165,14 +169,29 @@ class PDFlow:
             part = pb.SamplingParams()
             part.CopyFrom(sampling)
             part.max_tokens = wanted
+            if stops is not None:  # the gateway holds back text, not the engine
+                part.include_stop_str_in_output = True
             route = await self.route(prompt, frozenset(failed))
             if attempt == 0:
                 result.route = route
             sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
             try:
-                async for chunk in self._attempt(sub_id, prompt, part, route, result,
-                                                 first=attempt == 0):
-                    yield chunk
+                async with contextlib.aclosing(self._attempt(
+                        sub_id, prompt, part, route, result, first=attempt == 0)) as chunks:
+                    async for chunk in chunks:
+                        if stops is None:
+                            yield chunk
+                            continue
+                        chunk.text = stops.feed(chunk.text)
+                        if stops.matched is not None and not chunk.finish_reason:
+                            # A stop string the worker has not seen (it began on the worker
+                            # before a migration): end here; closing the attempt aborts it.
+                            result.finish_reason = chunk.finish_reason = "stop"
+                            yield chunk
+                            return
+                        if chunk.finish_reason and stops.matched is None:
+                            chunk.text += stops.flush()
+                        yield chunk
                 return
             except _DecodeFailed as exc:
                 failed.add(exc.worker_id)

@@ -55,6 +55,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
 
 
 @dataclass
@@ -234,6 +235,7 @@ class EngineHost:
             stop=list(s.stop) or None,
             stop_token_ids=list(s.stop_token_ids) or None,
             ignore_eos=s.ignore_eos,
+            include_stop_str_in_output=s.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )

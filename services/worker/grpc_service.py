@@ -24,6 +24,7 @@ def sampling_from_pb(msg: pb.SamplingParams) -> Sampling:
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
     )
 
 

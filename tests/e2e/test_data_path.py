@@ -224,6 +224,11 @@ def test_sampling_parameters(disagg: RunningCluster) -> None:
                                    temperature=0, stop=[stop_word])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == greedy[:greedy.index(stop_word)]
+    # streamed: the gateway holds back what could start the stop string, and sends the rest
+    events = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
+                                       temperature=0, stop=[stop_word, "\n\n\n"], stream=True))
+    assert "".join(e.choices[0].text for e in events if e.choices) == stopped.choices[0].text
+    assert events[-1].choices[0].finish_reason == "stop"
     one = c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 

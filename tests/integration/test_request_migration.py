@@ -38,8 +38,14 @@ class Script:
     die_after: int | None = None  # stream this many chunks, then fail with UNAVAILABLE
     stall_after: int | None = None  # stream this many chunks, then hang
     refuse_prefill: bool = False
+    texts: list[str] | None = None  # the text of the token at each generated position
     calls: list[pb.GenerateRequest] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
     prefills: int = 0
+
+    def text(self, token: int) -> str:
+        pos = token - 100 - len(PROMPT)
+        return self.texts[pos] if self.texts and pos < len(self.texts) else f"<{token}>"
 
 
 class FakeWorker(pb_grpc.WorkerServicer):
@@ -56,17 +62,32 @@ class FakeWorker(pb_grpc.WorkerServicer):
         self.script.calls.append(request)
         prompt = list(request.prompt_token_ids)
         tokens = continuation(prompt, request.sampling.max_tokens)
+        stops = list(request.sampling.stop)
+        if stops and not request.sampling.include_stop_str_in_output:
+            # an engine holding back text would take it along when it dies
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "engine holds back text")
+        out = ""
         for i, t in enumerate(tokens):
             if self.script.die_after is not None and i == self.script.die_after:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
             if self.script.stall_after is not None and i == self.script.stall_after:
                 await asyncio.sleep(3600)
-            last = i == len(tokens) - 1
-            yield pb.GenerateChunk(token_ids=[t], text=f"<{t}>", num_prompt_tokens=len(prompt)
-                                   if i == 0 else 0, finish_reason="length" if last else "")
+            text, finish = self.script.text(t), "length" if i == len(tokens) - 1 else ""
+            # vLLM's own stop-string check over this engine's output (kept in the output)
+            for stop in stops:
+                at = (out + text).find(stop, max(len(out) - len(stop) + 1, 0))
+                if at != -1:
+                    text, finish = (out + text)[len(out):at + len(stop)], "stop"
+                    break
+            out += text
+            yield pb.GenerateChunk(token_ids=[t], text=text, num_prompt_tokens=len(prompt)
+                                   if i == 0 else 0, finish_reason=finish)
+            if finish:
+                return
             await asyncio.sleep(0)
 
     async def Abort(self, request, context):
+        self.script.aborts.append(request.request_id)
         return pb.AbortResponse(found=False)
 
     async def Release(self, request, context):
@@ -107,6 +128,23 @@ async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[
     finally:
         await directory.stop()
     return got, flow
+
+
+async def run_text(r: Redis, max_tokens: int, stop: list[str]
+                   ) -> tuple[str, GenerationResult, PDFlow]:
+    """Like run_flow, for the text a client is sent."""
+    directory = WorkerDirectory(r, NS, "m")
+    await directory.refresh()
+    flow = PDFlow(directory, make_policy("least_loaded"), None, GatewayMetrics(), timeout_s=30)
+    result, text = GenerationResult(), ""
+    try:
+        async for chunk in flow.stream("req", list(PROMPT), pb.SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, stop=stop), result):
+            text += chunk.text
+        await asyncio.sleep(0.2)  # aborts are sent from a task of their own
+    finally:
+        await directory.stop()
+    return text, result, flow
 
 
 async def test_decode_failure_mid_stream_continues_on_another_worker(r: Redis, cluster) -> None:
@@ -153,3 +191,38 @@ async def test_a_request_gives_up_after_max_migrations(r: Redis, cluster) -> Non
         await cluster(name, WorkerRole.DECODE, Script(die_after=1))
     with pytest.raises(WorkerUnavailable, match="failed on 3 decode workers"):
         await run_flow(r, max_tokens=8, max_migrations=2)
+
+
+SENTENCE = ["Hello", " wor", "ld", "\n", "\n", "tail", " text"]
+
+
+async def test_text_held_back_for_a_stop_string_survives_a_migration(r: Redis, cluster) -> None:
+    """The dying worker had streamed "Hello", " wor", "ld": the gateway, not the engine, held
+    back what could start the stop string, so nothing is lost; the next worker ends the
+    request at the stop string it sees itself."""
+    dying = await cluster("d-a", WorkerRole.DECODE, Script(die_after=3, texts=SENTENCE))
+    healthy = await cluster("d-b", WorkerRole.DECODE, Script(texts=SENTENCE))
+    text, result, flow = await run_text(r, max_tokens=7, stop=["\n\n"])
+    assert text == "Hello world" and result.finish_reason == "stop"
+    assert len(dying.calls) == 1 and len(healthy.calls) == 1
+    assert flow.metrics.migrations._value.get() == 1
+    assert result.completion_tokens == 5 and not healthy.aborts
+
+
+async def test_a_stop_string_across_the_migration_ends_the_request(r: Redis, cluster) -> None:
+    """The stop string begins on the dying worker ("\n") and ends on the next one ("\n"):
+    neither engine sees it whole; the gateway does, ends the text and aborts the worker."""
+    await cluster("d-a", WorkerRole.DECODE, Script(die_after=4, texts=SENTENCE))
+    healthy = await cluster("d-b", WorkerRole.DECODE, Script(texts=SENTENCE))
+    text, result, _ = await run_text(r, max_tokens=7, stop=["\n\n"])
+    assert text == "Hello world" and result.finish_reason == "stop"
+    assert result.completion_tokens == 5
+    assert healthy.aborts == ["req.m1"]
+
+
+async def test_stop_strings_without_migration(r: Redis, cluster) -> None:
+    await cluster("d-a", WorkerRole.DECODE, Script(texts=SENTENCE))
+    text, result, _ = await run_text(r, max_tokens=7, stop=["world", "tail"])
+    assert (text, result.finish_reason) == ("Hello ", "stop")
+    text, result, _ = await run_text(r, max_tokens=7, stop=["nowhere"])
+    assert (text, result.finish_reason) == ("".join(SENTENCE), "length")
