@@ -380,13 +380,24 @@ class WorkerPools:
 
     # --- stopping -----------------------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop every worker gracefully (engine shutdown), then kill the actors."""
-        refs = [w.actor.stop.remote() for w in self.workers]
-        try:
-            ray.get(refs, timeout=timeout_s)
-        except Exception:
-            log.warning("some workers did not stop cleanly", exc_info=True)
+        """Stop every worker gracefully (engine shutdown), then kill the actors. A worker that
+        did not stop in time is killed by PID and its registry and index entries are removed
+        here, so nothing it published outlives the cluster."""
+        refs = {w.actor.stop.remote(): w for w in self.workers}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        unclean = [w for ref, w in refs.items() if ref not in done]
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:
+                log.warning("worker %s failed to stop: %s", refs[ref].cfg.worker_id, exc)
+                unclean.append(refs[ref])
+        if unclean:
+            log.warning("workers did not stop cleanly within %.0fs: %s", timeout_s,
+                        [w.cfg.worker_id for w in unclean])
         for w in self.workers:
+            if w in unclean:
+                kill_worker_processes(w, self.run_dir)
             try:
                 ray.kill(w.actor)
             except Exception:
@@ -394,4 +405,19 @@ class WorkerPools:
             self._release_group(w)
             ep = w.endpoints or {}
             unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
+        if unclean:
+            asyncio.run(self._forget([w.cfg.worker_id for w in unclean]))
         self.workers.clear()
+
+    async def _forget(self, worker_ids: list[str]) -> None:
+        """Remove workers' registry and prefix-index entries (best effort: they also expire)."""
+        redis = Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        try:
+            for worker_id in worker_ids:
+                await WorkerRegistry(redis, self.cfg.namespace).deregister(worker_id)
+                await PrefixIndex(redis, self.cfg.namespace).clear_worker(worker_id)
+        except Exception:
+            log.warning("could not remove %s from Redis (their entries expire)", worker_ids,
+                        exc_info=True)
+        finally:
+            await redis.aclose()

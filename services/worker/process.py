@@ -248,10 +248,12 @@ class WorkerProcess:
 
     async def stop(self) -> None:
         """Leave the registry, stop serving, shut the engine down, free its shared memory."""
+        log.info("stopping worker %s", self.cfg.worker_id)
         try:
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
-                await asyncio.gather(self._heartbeat, return_exceptions=True)
+                # a beat stuck in a Redis call must not keep the worker registered
+                await asyncio.wait([self._heartbeat], timeout=5.0)
             if self._registry is not None:
                 try:
                     await self._registry.deregister(self.cfg.worker_id)
@@ -267,9 +269,10 @@ class WorkerProcess:
             if self._server is not None:
                 await self._server.stop(grace=2.0)
             if self._metrics_httpd is not None:
-                self._metrics_httpd.shutdown()
+                await asyncio.to_thread(self._metrics_httpd.shutdown)
             if self.host is not None:
                 self.host.shutdown()
+            log.info("worker %s stopped", self.cfg.worker_id)
         finally:
             if removed := unlink_segments(self._shm_segments):
                 log.info("removed %d shared-memory segments the engine left behind",

@@ -76,15 +76,28 @@ def healing(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         yield h
     finally:
         cluster.snapshot_descendants()
+        # One worker is frozen (SIGSTOP) when the cluster stops: it cannot stop itself, so the
+        # controller must kill it by PID and remove what it published.
+        frozen = None
+        try:
+            frozen = next(w for w in live(h) if w["role"] == "decode")
+            os.kill(frozen["pid"], signal.SIGSTOP)
+        except Exception:
+            pass
         code = cluster.stop()
         leftovers = cluster.alive_descendants()
         if leftovers:
             cluster.kill()
+        client = redis.Redis.from_url(h.redis.url)
+        published = client.keys("splitserve:worker:*") + client.keys("splitserve:kv:worker:*")
+        client.close()
         h.redis.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
         assert code == 0, f"splitserve up exited {code}"
         assert not leftovers, f"processes survived the cluster: {leftovers}"
         assert not cluster.leaked_segments(), "shared memory left behind"
+        assert frozen is not None, "no decode worker to freeze"
+        assert not published, f"stopped workers left registry/index entries: {published}"
 
 
 # --- helpers ------------------------------------------------------------------------------------
