@@ -11,9 +11,10 @@ Like for like: guidellm's ITL is per request, (last token time - first token tim
 tokens - 1), summarised over requests; `splitserve bench` reports the same per-request figure
 as TPOT (its ITL is the distribution of gaps between stream chunks, which this cannot compare).
 TTFT is send -> first token in both. guidellm measures prompt lengths in tokens of the model's
-tokenizer (a local directory: nothing is downloaded); `splitserve bench` in words of its
-vocabulary, about one token each with the built-in tokenizer, so the prompts are of similar,
-not identical, length (both are reported). After one unmeasured pass (engine warm-up), the two
+tokenizer (a local directory: nothing is downloaded) and sends every prompt at that length;
+`splitserve bench` draws prompts in words of its vocabulary, so its word count is calibrated
+with the same tokenizer (`matched_words`) to give the same number of tokens per prompt, with no
+spread (both clients' mean prompt lengths are reported). After one unmeasured pass (engine warm-up), the two
 clients take turns for `--rounds` rounds, alternating which goes first, and each client's
 figures are the mean over its rounds; the per-round figures are kept, so drift in the
 machine's load shows up as spread between rounds.
@@ -52,6 +53,62 @@ class Figures(BaseModel):
     itl_mean_ms: float | None = Field(description="per-request ITL (TPOT), mean over requests")
     output_tok_s: float | None
     prompt_tokens_mean: float | None = Field(None, description="prompt length, in tokens")
+    gateway_ttft_mean_ms: float | None = Field(
+        None, description="the same requests' mean TTFT as the gateway measured it (arrival to "
+        "first chunk sent), from its Prometheus histogram")
+    gateway_itl_mean_ms: float | None = Field(
+        None, description="the gateway's mean gap between the chunks it sent")
+
+
+GATEWAY_HISTOGRAMS = {"ttft": "splitserve_gateway_time_to_first_token_seconds",
+                      "itl": "splitserve_gateway_inter_token_latency_seconds"}
+
+
+def gateway_totals(url: str) -> dict[str, tuple[float, float]] | None:
+    """(sum, count) of the gateway's TTFT and ITL histograms, over all routes; None when the
+    server is not a splitserve gateway."""
+    import httpx
+
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    out: dict[str, tuple[float, float]] = {}
+    for key, name in GATEWAY_HISTOGRAMS.items():
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        out[key] = (total, count)
+    return out if any(c for _, c in out.values()) or GATEWAY_HISTOGRAMS["ttft"] in text else None
+
+
+def gateway_means(before: dict | None, after: dict | None) -> dict[str, float | None]:
+    """Mean TTFT and ITL (ms) the gateway measured between two `gateway_totals` readings."""
+    out: dict[str, float | None] = {"gateway_ttft_mean_ms": None, "gateway_itl_mean_ms": None}
+    if before is None or after is None:
+        return out
+    for key in GATEWAY_HISTOGRAMS:
+        d_sum = after[key][0] - before[key][0]
+        d_count = after[key][1] - before[key][1]
+        out[f"gateway_{key}_mean_ms"] = d_sum / d_count * 1000 if d_count > 0 else None
+    return out
+
+
+def matched_words(model_dir: Path, prompt_tokens: int, requests: int, seed: int) -> int:
+    """The `splitserve bench` prompt length in words whose chat messages have, on average,
+    `prompt_tokens` tokens of the model's tokenizer (what guidellm puts in each message)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    probe = SyntheticConfig(requests=min(requests, 32), isl=prompt_tokens, isl_spread=0,
+                            api="chat", seed=seed).build()
+    counts = [len(tok(r.messages[0][1], add_special_tokens=False)["input_ids"])
+              for r in probe.requests]
+    per_word = sum(counts) / len(counts) / prompt_tokens
+    return max(1, round(prompt_tokens / per_word))
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -63,12 +120,10 @@ def run_splitserve(url: str, model: str | None, wl: SyntheticConfig, concurrency
     from bench.stats import tpot_s
 
     cfg = ClientConfig(base_url=url, model=model, concurrency=concurrency)
-
-    async def go():
-        await warm_up(cfg, 1)
-        return await run_workload(wl.build(), cfg)
-
-    run = asyncio.run(go())
+    asyncio.run(warm_up(cfg, 1))
+    before = gateway_totals(url)
+    run = asyncio.run(run_workload(wl.build(), cfg))
+    server = gateway_means(before, gateway_totals(url))
     s = summarize(run)
     ok = [r for r in run.results if r.ok]
     ttfts = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
@@ -77,7 +132,7 @@ def run_splitserve(url: str, model: str | None, wl: SyntheticConfig, concurrency
                    ttft_mean_ms=_mean(ttfts), itl_p50_ms=s.tpot_ms.p50, itl_mean_ms=_mean(tpots),
                    output_tok_s=s.output_tok_s,
                    prompt_tokens_mean=_mean([float(r.prompt_tokens) for r in ok
-                                             if r.prompt_tokens is not None]))
+                                             if r.prompt_tokens is not None]), **server)
 
 
 def guidellm_command(url: str, model: str, tokenizer_dir: Path, prompt_tokens: int,
@@ -134,7 +189,7 @@ def agreement(ours: Figures, theirs: Figures) -> dict[str, float | None]:
 
 
 FIGURES = ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms", "output_tok_s",
-           "prompt_tokens_mean")
+           "prompt_tokens_mean", "gateway_ttft_mean_ms", "gateway_itl_mean_ms")
 
 
 def mean_of(rounds: list[Figures]) -> Figures:
@@ -149,18 +204,20 @@ def mean_of(rounds: list[Figures]) -> Figures:
 
 def markdown(res: dict[str, Any]) -> str:
     rows = ["| client | rounds | requests | errors | prompt tokens | TTFT p50 ms | TTFT mean ms "
-            "| ITL p50 ms | ITL mean ms | output tok/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| ITL p50 ms | ITL mean ms | output tok/s | gateway's TTFT mean ms "
+            "| gateway's ITL mean ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("splitserve", "guidellm"):
         f = Figures(**res[name])
         rows.append(f"| {name} | {len(res['rounds'][name])} | {f.requests} | {f.errors} | "
                     + " | ".join("-" if v is None else f"{v:.1f}" for v in (
                         f.prompt_tokens_mean, f.ttft_p50_ms, f.ttft_mean_ms, f.itl_p50_ms,
-                        f.itl_mean_ms, f.output_tok_s)) + " |")
+                        f.itl_mean_ms, f.output_tok_s, f.gateway_ttft_mean_ms,
+                        f.gateway_itl_mean_ms)) + " |")
     a = res["agreement"]
     rows.append("| splitserve / guidellm | | | | | " + " | ".join(
         "-" if a[k] is None else f"{a[k]:.3f}" for k in
-        ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms")) + " | |")
+        ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms")) + " | | | |")
     return "\n".join(rows) + "\n"
 
 
@@ -176,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per client")
+    p.add_argument("--guidellm-processes", type=int, default=1,
+                   help="guidellm's worker processes (its default is one per stream, up to 10)")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--markdown", type=Path, help="write the table here")
     ns = p.parse_args(argv)
@@ -208,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
 
         model = ns.model or httpx.get(url.rstrip("/") + "/v1/models",
                                       trust_env=False).json()["data"][0]["id"]
-        wl = SyntheticConfig(requests=ns.requests, isl=ns.prompt_tokens,
-                             isl_spread=ns.prompt_tokens // 8, osl=ns.output_tokens, api="chat",
-                             seed=ns.seed)
+        isl = matched_words(model_dir, ns.prompt_tokens, ns.requests, ns.seed)
+        print(f"splitserve bench prompts: {isl} words ≈ {ns.prompt_tokens} tokens",
+              file=sys.stderr, flush=True)
+        wl = SyntheticConfig(requests=ns.requests, isl=isl, isl_spread=0,
+                             osl=ns.output_tokens, api="chat", seed=ns.seed)
         cmd: list[str] = []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HOME": str(work / "hf")}
+               "HF_HOME": str(work / "hf"),
+               # guidellm runs one worker process per stream by default (up to 10), each
+               # polling its loop every 0.1 ms: on a small machine they take the cores the
+               # server under test needs. splitserve bench is one process.
+               "GUIDELLM__MAX_WORKER_PROCESSES": str(ns.guidellm_processes)}
         print("warm-up pass (not measured) ...", file=sys.stderr, flush=True)
         run_splitserve(url, model, wl, ns.concurrency)
         rounds: dict[str, list[Figures]] = {"splitserve": [], "guidellm": []}
@@ -228,20 +293,24 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = guidellm_command(url, model, model_dir, ns.prompt_tokens,
                                        ns.output_tokens, ns.requests, ns.concurrency, out,
                                        ns.seed)
+                before = gateway_totals(url)
                 proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True,
                                       timeout=1800)
+                server = gateway_means(before, gateway_totals(url))
                 (work / f"guidellm-{r}.log").write_text(proc.stdout + proc.stderr)
                 if proc.returncode != 0 or not out.exists():
                     print(f"guidellm failed ({proc.returncode}):\n"
                           f"{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
                     return 1
-                rounds[client].append(parse_guidellm(json.loads(out.read_text())))
+                rounds[client].append(parse_guidellm(json.loads(out.read_text())).model_copy(
+                    update=server))
     finally:
         if cluster is not None:
             cluster.stop()
     ours, theirs = mean_of(rounds["splitserve"]), mean_of(rounds["guidellm"])
     res: dict[str, Any] = {
         "load": {"requests": ns.requests, "concurrency": ns.concurrency,
+                 "guidellm_processes": ns.guidellm_processes,
                  "prompt_tokens": ns.prompt_tokens, "output_tokens": ns.output_tokens,
                  "api": "/v1/chat/completions (stream, ignore_eos)"},
         "guidellm_command": cmd[1:], "splitserve": ours.model_dump(),

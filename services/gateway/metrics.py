@@ -43,8 +43,8 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens served",
                                      registry=r)
         self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",
-                                     "Prompt tokens the decode worker did not compute itself "
-                                     "(prefix cache or KV transfer)", registry=r)
+                                     "Prompt tokens no engine computed for the request (prefix-"
+                                     "cache hits where the prompt was computed)", registry=r)
         self.completion_tokens = Counter("splitserve_gateway_completion_tokens",
                                          "Tokens generated", registry=r)
         self.migrations = Counter("splitserve_gateway_request_migrations",

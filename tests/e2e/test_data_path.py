@@ -138,6 +138,41 @@ def test_decode_prompt_tokens_arrive_by_kv_transfer(disagg: RunningCluster) -> N
     assert metric(decode["metrics_url"], "vllm:nixl_xfer_time_seconds_count") > 0
 
 
+def test_cached_tokens_are_the_prefill_workers_cache_hits(disagg: RunningCluster,
+                                                         model_dir: Path) -> None:
+    """usage.prompt_tokens_details.cached_tokens counts prompt tokens no engine computed for the
+    request: with a prefill worker, its prefix-cache hits, even when the decode worker has never
+    seen the prompt."""
+    from transformers import AutoTokenizer
+
+    prompt = f"A fresh prompt ({time.time_ns()}) that no engine has seen before: " + (
+        "tokens that fill several KV blocks of thirty-two tokens each. " * 10)
+    ws = workers(disagg)
+    prefill = next(w for w in ws if w["role"] == "prefill")
+    decode = next(w for w in ws if w["role"] == "decode")
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt)["input_ids"]
+
+    async def prefill_only() -> None:
+        """The prompt into the prefill worker's cache only (its blocks then released)."""
+        async with grpc.aio.insecure_channel(prefill["address"]) as pch, \
+                grpc.aio.insecure_channel(decode["address"]) as dch:
+            resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
+                request_id="seed-cache", prompt_token_ids=ids,
+                sampling=pb.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
+            await pb_grpc.WorkerStub(dch).Release(pb.ReleaseRequest(
+                request_id="seed-cache", kv_transfer_params_json=resp.kv_transfer_params_json),
+                timeout=30)
+
+    asyncio.run(prefill_only())
+    r = httpx.post(f"{disagg.http}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    assert u["prompt_tokens"] == len(ids) > 96
+    cached = u["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (len(ids) - 1) // 32 * 32, (cached, len(ids))
+
+
 def test_streaming_and_non_streaming_agree(disagg: RunningCluster) -> None:
     c = client(disagg)
     prompt = COMPLETION_PROMPTS[0]

@@ -55,4 +55,32 @@ def test_agreement_and_table() -> None:
     lines = markdown(res).strip().splitlines()
     assert lines[2].startswith("| splitserve | 2 | 16 | 0 | 140.0 | 20.0 |")
     assert lines[3].startswith("| guidellm | 1 | 8 | 0 |")
-    assert lines[4] == "| splitserve / guidellm | | | | | 0.800 | 0.800 | 1.000 | 1.000 | |"
+    assert lines[4] == "| splitserve / guidellm | | | | | 0.800 | 0.800 | 1.000 | 1.000 | | | |"
+
+
+def test_gateway_means_between_two_readings() -> None:
+    from bench.industry import gateway_means
+
+    before = {"ttft": (1.0, 10.0), "itl": (0.5, 100.0)}
+    after = {"ttft": (1.5, 20.0), "itl": (0.9, 180.0)}
+    assert gateway_means(before, after) == pytest.approx(
+        {"gateway_ttft_mean_ms": 50.0, "gateway_itl_mean_ms": 5.0})
+    assert gateway_means(None, after)["gateway_ttft_mean_ms"] is None
+
+
+def test_matched_words_give_guidellms_prompt_length_in_tokens() -> None:
+    from transformers import AutoTokenizer
+
+    from bench.industry import matched_words
+    from bench.workload import SyntheticConfig
+    from services.controller.builtin_model import ensure_builtin_model
+    from tests.support.cluster import cache_dir_for_tests
+
+    model_dir = ensure_builtin_model(cache_dir_for_tests(), "tiny")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for target in (64, 256):
+        isl = matched_words(model_dir, target, requests=32, seed=0)
+        wl = SyntheticConfig(requests=32, isl=isl, isl_spread=0, api="chat", seed=0).build()
+        counts = [len(tok(r.messages[0][1], add_special_tokens=False)["input_ids"])
+                  for r in wl.requests]
+        assert abs(sum(counts) / len(counts) - target) <= 0.03 * target, (target, isl)
