@@ -14,10 +14,15 @@ TTFT is send -> first token in both. guidellm measures prompt lengths in tokens 
 tokenizer (a local directory: nothing is downloaded) and sends every prompt at that length;
 `splitserve bench` draws prompts in words of its vocabulary, so its word count is calibrated
 with the same tokenizer (`matched_words`) to give the same number of tokens per prompt, with no
-spread (both clients' mean prompt lengths are reported). After one unmeasured pass (engine warm-up), the two
-clients take turns for `--rounds` rounds, alternating which goes first, and each client's
-figures are the mean over its rounds; the per-round figures are kept, so drift in the
-machine's load shows up as spread between rounds.
+spread (both clients' mean prompt lengths are reported).
+
+After one unmeasured pass (engine warm-up), `--rounds` rounds. With `--schedule together` (the
+default) both clients run at the same time, each with half the streams and requests, so they
+measure one server in one state: on a machine whose cores the clients share with the server, a
+client that needs more CPU slows the server it measures, and taking turns would compare two
+different server states. With `--schedule alternate` they take turns, alternating which goes
+first. Each client's figures are the mean over its rounds (per-round figures are kept), next
+to the gateway's own TTFT and ITL means for the same window, read from its /metrics.
 """
 
 from __future__ import annotations
@@ -115,12 +120,13 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def run_splitserve(url: str, model: str | None, wl: SyntheticConfig, concurrency: int
-                   ) -> Figures:
+def run_splitserve(url: str, model: str | None, wl: SyntheticConfig, concurrency: int,
+                   warm: bool = True) -> Figures:
     from bench.stats import tpot_s
 
     cfg = ClientConfig(base_url=url, model=model, concurrency=concurrency)
-    asyncio.run(warm_up(cfg, 1))
+    if warm:
+        asyncio.run(warm_up(cfg, 1))
     before = gateway_totals(url)
     run = asyncio.run(run_workload(wl.build(), cfg))
     server = gateway_means(before, gateway_totals(url))
@@ -221,6 +227,55 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def run_guidellm(cmd: list[str], env: dict[str, str], work: Path, r: int) -> Figures | None:
+    """Run guidellm to the end; its figures, or None (printed why) when it failed."""
+    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=1800)
+    return _guidellm_result(proc.returncode, proc.stdout + proc.stderr, cmd, work, r)
+
+
+def _guidellm_result(code: int, output: str, cmd: list[str], work: Path, r: int
+                     ) -> Figures | None:
+    (work / f"guidellm-{r}.log").write_text(output)
+    out = Path(cmd[cmd.index("--output") + 1].split("path=", 1)[1])
+    if code != 0 or not out.exists():
+        print(f"guidellm failed ({code}):\n{output[-3000:]}", file=sys.stderr)
+        return None
+    return parse_guidellm(json.loads(out.read_text()))
+
+
+def run_together(url: str, model: str | None, wl: SyntheticConfig, concurrency: int,
+                 cmd: list[str], env: dict[str, str], work: Path, r: int
+                 ) -> tuple[Figures, Figures] | None:
+    """Both clients load the server at the same time, each with half the streams: they measure
+    the same server in the same state, so what differs is how they measure. splitserve bench
+    starts once guidellm's first requests reach the gateway (guidellm takes seconds to start)."""
+    import time
+
+    before = gateway_totals(url)
+    start_count = before["ttft"][1] if before else 0.0
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            now = gateway_totals(url)
+            if now is None or now["ttft"][1] > start_count:
+                break
+            time.sleep(0.05)
+        ours = run_splitserve(url, model, wl, concurrency, warm=False)
+        try:
+            code = proc.wait(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.seek(0)
+        theirs = _guidellm_result(code, log.read(), cmd, work, r)
+    if theirs is None:
+        return None
+    server = gateway_means(before, gateway_totals(url))
+    return ours.model_copy(update=server), theirs.model_copy(update=server)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="server to load (default: start a cluster with --up-args)")
@@ -233,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per client")
+    p.add_argument("--schedule", choices=("together", "alternate"), default="together",
+                   help="together: both clients at once, half the streams and requests each "
+                   "(one server state, two measurements); alternate: one after the other, "
+                   "each with all of them")
     p.add_argument("--guidellm-processes", type=int, default=1,
                    help="guidellm's worker processes (its default is one per stream, up to 10)")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -279,38 +338,51 @@ def main(argv: list[str] | None = None) -> int:
                # polling its loop every 0.1 ms: on a small machine they take the cores the
                # server under test needs. splitserve bench is one process.
                "GUIDELLM__MAX_WORKER_PROCESSES": str(ns.guidellm_processes)}
+        # Every pass sends prompts of its own (seeds differ): a prompt the server has seen
+        # would be a prefix-cache hit for one client and not for the other.
         print("warm-up pass (not measured) ...", file=sys.stderr, flush=True)
-        run_splitserve(url, model, wl, ns.concurrency)
+        run_splitserve(url, model, wl.model_copy(update={"seed": ns.seed + 1000}),
+                       ns.concurrency)
         rounds: dict[str, list[Figures]] = {"splitserve": [], "guidellm": []}
         for r in range(ns.rounds):
+            if ns.schedule == "together":
+                print(f"round {r + 1}/{ns.rounds}: both clients at once ...", file=sys.stderr,
+                      flush=True)
+                half = max(1, ns.concurrency // 2)
+                both_wl = wl.model_copy(update={"requests": max(1, ns.requests // 2),
+                                                "seed": ns.seed + r})
+                cmd = guidellm_command(url, model, model_dir, ns.prompt_tokens,
+                                       ns.output_tokens, max(1, ns.requests // 2), half,
+                                       work / f"guidellm-{r}.json", ns.seed + r)
+                got = run_together(url, model, both_wl, half, cmd, env, work, r)
+                if got is None:
+                    return 1
+                rounds["splitserve"].append(got[0])
+                rounds["guidellm"].append(got[1])
+                continue
             for client in (("splitserve", "guidellm") if r % 2 == 0
                            else ("guidellm", "splitserve")):
                 print(f"round {r + 1}/{ns.rounds}: {client} ...", file=sys.stderr, flush=True)
                 if client == "splitserve":
-                    rounds[client].append(run_splitserve(url, model, wl, ns.concurrency))
+                    rounds[client].append(run_splitserve(
+                        url, model, wl.model_copy(update={"seed": ns.seed + r}), ns.concurrency))
                     continue
-                out = work / f"guidellm-{r}.json"
                 cmd = guidellm_command(url, model, model_dir, ns.prompt_tokens,
-                                       ns.output_tokens, ns.requests, ns.concurrency, out,
-                                       ns.seed)
+                                       ns.output_tokens, ns.requests, ns.concurrency,
+                                       work / f"guidellm-{r}.json", ns.seed + r)
                 before = gateway_totals(url)
-                proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True,
-                                      timeout=1800)
-                server = gateway_means(before, gateway_totals(url))
-                (work / f"guidellm-{r}.log").write_text(proc.stdout + proc.stderr)
-                if proc.returncode != 0 or not out.exists():
-                    print(f"guidellm failed ({proc.returncode}):\n"
-                          f"{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
+                theirs = run_guidellm(cmd, env, work, r)
+                if theirs is None:
                     return 1
-                rounds[client].append(parse_guidellm(json.loads(out.read_text())).model_copy(
-                    update=server))
+                rounds[client].append(theirs.model_copy(
+                    update=gateway_means(before, gateway_totals(url))))
     finally:
         if cluster is not None:
             cluster.stop()
     ours, theirs = mean_of(rounds["splitserve"]), mean_of(rounds["guidellm"])
     res: dict[str, Any] = {
         "load": {"requests": ns.requests, "concurrency": ns.concurrency,
-                 "guidellm_processes": ns.guidellm_processes,
+                 "guidellm_processes": ns.guidellm_processes, "schedule": ns.schedule,
                  "prompt_tokens": ns.prompt_tokens, "output_tokens": ns.output_tokens,
                  "api": "/v1/chat/completions (stream, ignore_eos)"},
         "guidellm_command": cmd[1:], "splitserve": ours.model_dump(),
