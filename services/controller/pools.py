@@ -40,7 +40,7 @@ from services.controller.healing import HealingConfig
 from services.controller.pool_sizes import PoolObservation
 from services.worker.actor import WorkerActor, worker_pid_file
 from services.worker.config import WorkerConfig
-from services.worker.shm import unlink_segments
+from services.worker.shm import segments_mapped_by, unlink_segments
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,15 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
     The PIDs come from the worker's endpoints (actor and engine processes, recorded when it
     started serving) and its PID file (written when the actor was created, so a worker that
     never finished starting is covered too). A PID now owned by a process created after the
-    worker's actor is skipped (reused). Returns the PIDs killed.
+    worker's actor is skipped (reused). The /dev/shm files its engine processes map at that
+    moment are removed once they are dead (none of them can). Returns the PIDs killed.
     """
     # pid -> the latest time the process it names was known to exist
     known: dict[int, float] = {}
+    actors: set[int] = set()  # the actor's own process (a Ray worker)
     ep = w.endpoints or {}
     if ep.get("pid") and ep.get("node", socket.gethostname()) == socket.gethostname():
+        actors.add(ep["pid"])
         for pid in [ep["pid"], *ep.get("engine_pids", [])]:
             known[pid] = w.serving_wall
     pid_file = worker_pid_file(run_dir, w.cfg.worker_id)
@@ -119,6 +122,7 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
         pid_text, host = pid_file.read_text().split()
         if host == socket.gethostname():
             known.setdefault(int(pid_text), pid_file.stat().st_mtime)
+            actors.add(int(pid_text))
     except (OSError, ValueError):
         pass
     procs: dict[int, psutil.Process] = {}
@@ -132,12 +136,16 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
                 procs[c.pid] = c
         except psutil.Error:
             continue
+    # the actor is a Ray worker (it maps Ray's own files): only what is under it counts
+    mapped = segments_mapped_by([p for pid, p in procs.items() if pid not in actors])
     for p in procs.values():
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(list(procs.values()), timeout=5)
+    if removed := unlink_segments(mapped):
+        log.info("removed %d shared-memory files of %s's engine", len(removed), w.cfg.worker_id)
     pid_file.unlink(missing_ok=True)
     return sorted(procs)
 

@@ -94,6 +94,8 @@ class EngineHost:
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.counters = EngineCounters()
         self.in_flight: set[str] = set()
+        #: when `in_flight` last went from empty to non-empty (None while it is empty)
+        self.busy_since: float | None = None
         self.metrics: WorkerMetrics | None = None  # set by the worker process
         self._engine: AsyncLLM | None = None
 
@@ -301,6 +303,8 @@ class EngineHost:
 
         if request_id in self.in_flight:
             raise ValueError(f"request id {request_id} is already in flight on this worker")
+        if not self.in_flight:
+            self.busy_since = time.time()
         self.in_flight.add(request_id)
         self.counters.requests_total += 1
         finished = False
@@ -312,6 +316,8 @@ class EngineHost:
                 yield out
         finally:
             self.in_flight.discard(request_id)
+            if not self.in_flight:
+                self.busy_since = None
             if not finished:
                 # Cancelled (client went away) or failed: make sure the engine forgets it.
                 self.counters.requests_aborted += 1

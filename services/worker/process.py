@@ -80,6 +80,15 @@ def _child_pids() -> list[int]:
         return []
 
 
+def stalled_seconds(busy_since: float | None, last_step_at: float, now: float) -> float:
+    """How long an engine with requests has gone without a step: since its last step or since
+    it got work after being idle, whichever is later (an engine idle for minutes that has just
+    been given a request is not stalled). 0 without requests in flight (`busy_since` None)."""
+    if busy_since is None:
+        return 0.0
+    return max(0.0, now - max(busy_since, last_step_at))
+
+
 class WorkerProcess:
     """Starts and stops one worker inside the current process."""
 
@@ -238,11 +247,11 @@ class WorkerProcess:
             await self.host.check_health()
         except Exception as exc:
             return {"healthy": False, "message": f"{type(exc).__name__}: {exc}"}
-        last_step = self.host.counters.last_step_at
-        if self.host.in_flight and last_step and (
-                time.time() - last_step > self.cfg.engine_stall_timeout_s):
+        stalled = stalled_seconds(self.host.busy_since, self.host.counters.last_step_at,
+                                  time.time())
+        if stalled > self.cfg.engine_stall_timeout_s:
             return {"healthy": False, "message": (
-                f"engine stalled: no step for {time.time() - last_step:.0f}s with "
+                f"engine stalled: no step for {stalled:.0f}s with "
                 f"{len(self.host.in_flight)} requests in flight")}
         return {"healthy": True, "message": "ok", "in_flight": len(self.host.in_flight)}
 

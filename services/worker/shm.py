@@ -18,11 +18,17 @@ SHM_DIR = Path("/dev/shm")
 
 def segments_mapped_by_children(pid: int | None = None) -> set[Path]:
     """/dev/shm files mapped by the descendants of `pid` (default: this process)."""
-    found: set[Path] = set()
     try:
         procs = psutil.Process(pid or os.getpid()).children(recursive=True)
     except psutil.Error:
-        return found
+        return set()
+    return segments_mapped_by(procs)
+
+
+def segments_mapped_by(procs: list[psutil.Process]) -> set[Path]:
+    """/dev/shm files the given processes map now (engines create some lazily, e.g. the
+    named semaphores of Python's multiprocessing, /dev/shm/sem.mp-*)."""
+    found: set[Path] = set()
     for proc in procs:
         try:
             for m in proc.memory_maps(grouped=True):

@@ -30,6 +30,7 @@ import redis
 
 from services.controller.redis_server import RedisServer
 from services.proto.v1 import worker_pb2 as pb
+from services.worker.shm import segments_mapped_by_children
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from tests.support.cluster import RunningCluster, start_test_cluster
 
@@ -436,6 +437,8 @@ def test_chaos_kill_engines_and_actors_of_both_pools(healing: Healing) -> None:
             victim = max((w for w in ws if w["role"] == role),
                          key=lambda w: w["load"]["in_flight"])
             target = engine_process(victim) if what == "engine" else psutil.Process(victim["pid"])
+            mapped = segments_mapped_by_children(victim["pid"])  # its engine's /dev/shm files
+            assert any(p.name.startswith("psm_") for p in mapped), mapped
             os.kill(target.pid, signal.SIGKILL)
             killed.append(victim["worker_id"])
             deadline = time.monotonic() + 60
@@ -443,6 +446,8 @@ def test_chaos_kill_engines_and_actors_of_both_pools(healing: Healing) -> None:
                 assert time.monotonic() < deadline, f"{victim['worker_id']} never left"
                 time.sleep(0.5)
             wait_pools(healing, want)
+            left = [p for p in mapped if p.exists()]
+            assert not left, f"{victim['worker_id']} ({what} killed) left {left}"
         time.sleep(3)
     traffic.check(minimum=8)
     final = wait_pools(healing, want)
