@@ -200,7 +200,13 @@ class WorkerPools:
             num_gpus=pool.num_gpus,
             resources=pool.resources or None,
             max_restarts=0,
-            runtime_env={"env_vars": {"PYTHONHASHSEED": wcfg.engine.hash_seed}},
+            runtime_env={"env_vars": {
+                "PYTHONHASHSEED": wcfg.engine.hash_seed,
+                # Ray lowers every worker process's priority by RayConfig.worker_niceness
+                # (15) when it starts; the engine processes inherit it. Read from the
+                # worker's own environment, so this holds on any Ray cluster.
+                "RAY_worker_niceness": str(wcfg.engine.niceness),
+            }},
         )
         group = None
         if (bundle := placement_bundle(pool)) is not None:

@@ -39,6 +39,9 @@ class EngineConfig(BaseModel):
         "over plain TCP between hosts)"))
     nixl_backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends")
     seed: int = Field(0, description="engine default sampling seed")
+    niceness: int = Field(0, ge=0, le=19, description=(
+        "CPU niceness of worker actors and their engine processes (Ray's own default, 15, "
+        "runs engines below every other process on the host)"))
 
     @property
     def name(self) -> str:

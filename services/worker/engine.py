@@ -108,11 +108,11 @@ class EngineHost:
         eng = self.cfg.engine
         kv_transfer = None
         if self.cfg.role != WorkerRole.BOTH:
-            connector = ({"kv_connector": "NixlConnector"} if eng.nixl_progress_thread else
-                         {"kv_connector": "SplitserveNixlConnector",
-                          "kv_connector_module_path": "services.worker.nixl_connector"})
+            from services.worker.nixl_connector import PROGRESS_THREAD_KEY
+
             kv_transfer = KVTransferConfig(
-                **connector,
+                kv_connector="SplitserveNixlConnector",
+                kv_connector_module_path="services.worker.nixl_connector",
                 kv_role="kv_producer" if self.cfg.role == WorkerRole.PREFILL else "kv_consumer",
                 kv_buffer_device="cpu" if eng.device == "cpu" else "cuda",
                 engine_id=self.cfg.worker_id,
@@ -123,6 +123,7 @@ class EngineHost:
                     # Whether to pull or recompute is the router's decision (conditional
                     # disaggregation), not the connector's: always pull what prefill computed.
                     "kv_recompute_threshold": 0,
+                    PROGRESS_THREAD_KEY: eng.nixl_progress_thread,
                 },
                 # KV that cannot be read (prefill worker gone, transfer failed) is computed
                 # again on the decode worker: slower, never wrong and never an error.

@@ -113,6 +113,7 @@ class WorkerProcess:
         side_port = free_port(cfg.host)
         os.environ.update(engine_environment(cfg, side_port))
         metrics = setup_observability(cfg)  # logs (ours and vLLM's), tracing, metrics
+        _check_niceness(cfg.engine.niceness)
         kv_events = f"ipc://{cfg.run_dir / f'kv-{cfg.worker_id}.sock'}"
         kv_replay = f"ipc://{cfg.run_dir / f'kv-replay-{cfg.worker_id}.sock'}"
 
@@ -288,3 +289,15 @@ class WorkerProcess:
                          len(removed))
             if self._redis is not None:
                 await self._redis.aclose()
+
+
+def _check_niceness(wanted: int) -> None:
+    """Log the CPU niceness the engine will inherit; warn when it is not the configured one
+    (the actor was started without the RAY_worker_niceness its pool sets)."""
+    now = os.nice(0)
+    if now == wanted:
+        log.info("worker runs at niceness %d", now)
+    else:
+        log.warning("worker runs at niceness %d, not the configured %d: its engine gets less "
+                    "CPU than the processes beside it", now, wanted)
+
