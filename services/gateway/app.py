@@ -31,6 +31,7 @@ from services.gateway.http_guard import GENERATION_PATHS, GuardMiddleware
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import GenerationResult, PDFlow, WorkerUnavailable
 from services.gateway.request_context import RequestContextMiddleware
+from services.gateway.sse import DONE, ChunkEncoder
 from services.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -278,44 +279,30 @@ class Gateway:
         except ValueError as exc:
             raise invalid(str(exc)) from None
         self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
-        created = now()
-        is_chat = p.kind == "chat"
-        obj = "chat.completion.chunk" if is_chat else "text_completion"
-
-        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            body: dict[str, Any] = {"id": p.request_id, "object": obj, "created": created,
-                                    "model": self.cfg.name, "choices": choices}
-            if p.include_usage:
-                body["usage"] = usage
-            return f"data: {_dumps(body)}\n\n"
-
-        def choice(text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
-            if is_chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": text} if role else (
-                    {"content": text} if text else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        sse = ChunkEncoder(p.request_id, now(), self.cfg.name, chat=p.kind == "chat",
+                           include_usage=p.include_usage)
+        itl = self.metrics.itl.labels(route)
 
         async def body() -> AsyncIterator[str]:
             last = time.perf_counter()
             try:
-                if is_chat:
-                    yield event([choice("", None, role=True)])
+                if sse.chat:
+                    yield sse.event([sse.choice("", None, role=True)])
                 pending = [first] if first is not None else []
                 while True:
                     for chunk in pending:
                         if chunk.text or chunk.finish_reason:
-                            yield event([choice(chunk.text, chunk.finish_reason or None)])
+                            yield sse.content(chunk.text, chunk.finish_reason or None)
                     try:
                         pending = [await chunks.__anext__()]
                     except StopAsyncIteration:
                         break
                     t = time.perf_counter()
-                    self.metrics.itl.labels(route).observe(t - last)
+                    itl.observe(t - last)
                     last = t
                 if p.include_usage:
-                    yield event([], self._usage(result))
-                yield "data: [DONE]\n\n"
+                    yield sse.event([], self._usage(result))
+                yield DONE
                 self.metrics.e2e.labels(route).observe(time.perf_counter() - start)
                 self._record(route, result)
             except (WorkerUnavailable, ValueError) as exc:
@@ -323,7 +310,7 @@ class Gateway:
                                type="service_unavailable" if isinstance(exc, WorkerUnavailable)
                                else "invalid_request_error")
                 yield f"data: {_dumps(err.body())}\n\n"
-                yield "data: [DONE]\n\n"
+                yield DONE
             finally:
                 await chunks.aclose()
 
