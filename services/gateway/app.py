@@ -97,7 +97,8 @@ class Gateway:
     async def start(self) -> None:
         self.redis = Redis.from_url(self.cfg.redis_url)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
-                                         self.cfg.worker_refresh_s)
+                                         self.cfg.worker_refresh_s,
+                                         shared_streams=self.cfg.shared_worker_streams)
         try:
             await self.directory.refresh()
         except Exception:

@@ -47,6 +47,9 @@ class GatewayConfig(BaseModel):
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
+    shared_worker_streams: bool = Field(True, description=(
+        "generate over one GenerateStream per worker (chunks of all requests batched per "
+        "engine step) instead of a Generate call per request; tracing on uses calls"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
 

@@ -228,7 +228,8 @@ class PDFlow:
                                     "prefills locally", request_id, route.prefill.worker_id,
                                     exc.code().name)
                 touched.append(route.decode)
-                call = self.directory.stub(route.decode).Generate(
+                call = self.directory.generate(
+                    route.decode,
                     pb.GenerateRequest(request_id=request_id, prompt_token_ids=token_ids,
                                        sampling=sampling, kv_transfer_params_json=kv_params),
                     timeout=self.timeout_s)

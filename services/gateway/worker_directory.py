@@ -7,14 +7,17 @@ import asyncio
 import logging
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 from redis.asyncio import Redis
 
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
+from services import tracing
 from services.controller.pool_sizes import PoolSizes
+from services.gateway.generate_stream import SharedGenerateStream
 from services.grpc_context import client_interceptors
+from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -23,14 +26,17 @@ log = logging.getLogger(__name__)
 class WorkerDirectory:
     """Live workers by role, with stubs to reach them."""
 
-    def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5) -> None:
+    def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5,
+                 shared_streams: bool = True) -> None:
         self.registry = WorkerRegistry(redis, namespace)
         self.pool_sizes = PoolSizes(redis, namespace)
         self.model = model
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
         self.in_flight: Counter[str] = Counter()
+        self.shared_streams = shared_streams
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, SharedGenerateStream] = {}
         self._task: asyncio.Task | None = None
         self._refreshed = asyncio.Event()
 
@@ -40,6 +46,9 @@ class WorkerDirectory:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -49,6 +58,8 @@ class WorkerDirectory:
         workers = await self.registry.live_workers()
         self.workers = [w for w in workers if w.model == self.model]
         live = {w.address for w in self.workers}
+        for addr in [a for a in self._streams if a not in live]:
+            await self._streams.pop(addr).close()
         for addr in [a for a in self._channels if a not in live]:
             await self._channels.pop(addr).close()
         self._refreshed.set()
@@ -95,6 +106,19 @@ class WorkerDirectory:
                 ])
             self._channels[worker.address] = ch
         return pb_grpc.WorkerStub(ch)
+
+    def generate(self, worker: WorkerInfo, request: pb.GenerateRequest,
+                 timeout: float | None) -> Any:
+        """Start `request` on `worker`; returns a call to `read()` chunks from and `cancel()`.
+        Over the worker's shared GenerateStream (services/gateway/generate_stream.py) unless
+        that is off or tracing is on (then one Generate call per request, each its own span)."""
+        if not self.shared_streams or tracing.enabled():
+            return self.stub(worker).Generate(request, timeout=timeout)
+        stream = self._streams.get(worker.address)
+        if stream is None:
+            stream = SharedGenerateStream(self.stub(worker), worker.address)
+            self._streams[worker.address] = stream
+        return stream.generate(request, timeout)
 
     @contextmanager
     def track(self, *workers: WorkerInfo | None) -> Iterator[None]:

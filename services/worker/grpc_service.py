@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
+from services import request_id as request_ids
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.engine import EngineHost, Sampling, dumps_params, loads_params
@@ -52,30 +54,39 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        log.info("generate %s: %d prompt tokens, KV %s", request.request_id,
-                 len(request.prompt_token_ids),
-                 "from a prefill worker" if request.kv_transfer_params_json else "computed here",
-                 extra={"engine_request_id": request.request_id})
         try:
-            stream = self.host.generate(
-                request.request_id,
-                list(request.prompt_token_ids),
-                sampling_from_pb(request.sampling),
-                loads_params(request.kv_transfer_params_json),
-            )
-            async for chunk in stream:
-                yield pb.GenerateChunk(
-                    token_ids=chunk.token_ids,
-                    text=chunk.text,
-                    finish_reason=chunk.finish_reason or "",
-                    num_prompt_tokens=chunk.num_prompt_tokens,
-                    num_cached_tokens=chunk.num_cached_tokens,
-                )
+            async for chunk in self._chunks(request):
+                yield chunk
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # engine dead or failing: the gateway migrates the request
             log.warning("generate %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+
+    async def _chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        """One request's chunks, from the engine (Generate and GenerateStream alike)."""
+        log.info("generate %s: %d prompt tokens, KV %s", request.request_id,
+                 len(request.prompt_token_ids),
+                 "from a prefill worker" if request.kv_transfer_params_json else "computed here",
+                 extra={"engine_request_id": request.request_id})
+        stream = self.host.generate(
+            request.request_id,
+            list(request.prompt_token_ids),
+            sampling_from_pb(request.sampling),
+            loads_params(request.kv_transfer_params_json),
+        )
+        async for chunk in stream:
+            yield pb.GenerateChunk(
+                token_ids=chunk.token_ids,
+                text=chunk.text,
+                finish_reason=chunk.finish_reason or "",
+                num_prompt_tokens=chunk.num_prompt_tokens,
+                num_cached_tokens=chunk.num_cached_tokens,
+            )
+
+    async def GenerateStream(self, request_iterator: AsyncIterator[pb.GenerateStreamRequest],
+                             context: grpc.aio.ServicerContext) -> None:
+        await serve_generate_stream(request_iterator, context, self._chunks)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> pb.AbortResponse:
@@ -121,3 +132,94 @@ class WorkerService(pb_grpc.WorkerServicer):
             requests_aborted=c.requests_aborted,
             stats_age_s=time.time() - c.last_step_at if c.last_step_at else -1.0,
         )
+
+
+def _log_id(value: str) -> str | None:
+    """The caller's request id if it is a valid one (as the server interceptor checks)."""
+    try:
+        return request_ids.validate(value) if value else None
+    except ValueError:
+        return None
+
+
+class RequestFailed(Exception):
+    """One request on a GenerateStream fails with this gRPC status (the stream goes on)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+ChunkSource = Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateChunk]]
+
+
+async def serve_generate_stream(request_iterator: AsyncIterator[pb.GenerateStreamRequest],
+                                context: grpc.aio.ServicerContext, chunks: ChunkSource) -> None:
+    """Serve a GenerateStream: run every started request's `chunks` in a task of its own and
+    send what they produce batched, one message for all that is ready (normally one engine
+    step). A request fails alone: `RequestFailed` with its status, ValueError as
+    INVALID_ARGUMENT, anything else as UNAVAILABLE (the gateway migrates it). Cancelling a
+    request, or the stream ending, cancels its task (the engine aborts the request)."""
+    outbox: list[pb.GenerateStreamItem] = []
+    ready = asyncio.Event()
+    tasks: dict[str, asyncio.Task] = {}
+
+    def emit(item: pb.GenerateStreamItem) -> None:
+        outbox.append(item)
+        ready.set()
+
+    async def run(request: pb.GenerateRequest, caller_request_id: str) -> None:
+        rid = request.request_id
+        code, message = grpc.StatusCode.OK, ""
+        with request_ids.bound(_log_id(caller_request_id) or rid):
+            try:
+                async for chunk in chunks(request):
+                    emit(pb.GenerateStreamItem(request_id=rid, chunk=chunk))
+            except RequestFailed as exc:
+                code, message = exc.code, exc.message
+            except ValueError as exc:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except Exception as exc:  # engine dead or failing: the gateway migrates it
+                log.warning("generate %s failed: %s: %s", rid, type(exc).__name__, exc)
+                code, message = grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
+        emit(pb.GenerateStreamItem(request_id=rid, end=True, status_code=code.value[0],
+                                   status_message=message))
+
+    def start(request: pb.GenerateRequest, caller_request_id: str) -> None:
+        rid = request.request_id
+        if rid in tasks:
+            emit(pb.GenerateStreamItem(
+                request_id=rid, end=True, status_code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                status_message=f"request {rid} is already running on this stream"))
+            return
+        task = asyncio.create_task(run(request, caller_request_id))
+        tasks[rid] = task
+        task.add_done_callback(lambda t: tasks.pop(rid, None) if tasks.get(rid) is t else None)
+
+    async def read() -> None:
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind == "start":
+                start(msg.start, msg.caller_request_id)
+            elif kind == "cancel_request_id" and (t := tasks.get(msg.cancel_request_id)):
+                t.cancel()  # the engine request is aborted as the task unwinds
+
+    reader = asyncio.create_task(read())
+    reader.add_done_callback(lambda _: ready.set())
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            await asyncio.sleep(0)  # let the other requests of this engine step emit too
+            if outbox:
+                batch = pb.GenerateStreamBatch(items=outbox)
+                del outbox[:]
+                await context.write(batch)
+            if reader.done() and not tasks and not outbox:
+                reader.result()  # a broken inbound stream ends the call with its error
+                return
+    finally:
+        reader.cancel()
+        for task in list(tasks.values()):
+            task.cancel()

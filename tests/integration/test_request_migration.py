@@ -6,6 +6,7 @@ becomes a local prefill, and an empty prefill pool is no reason to fail."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -20,8 +21,17 @@ from services.gateway.pd_flow import GenerationResult, MigrationConfig, PDFlow
 from services.gateway.worker_directory import WorkerDirectory
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.grpc_service import RequestFailed, serve_generate_stream
 
 NS = "mig"
+SHARED_STREAMS = True  # set per test by the `transport` fixture
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["shared-stream", "call-per-request"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test runs over both worker transports: GenerateStream and a Generate per request."""
+    monkeypatch.setattr(sys.modules[__name__], "SHARED_STREAMS", request.param)
+    return request.param
 PROMPT = [5, 6, 7, 8]
 
 
@@ -59,17 +69,28 @@ class FakeWorker(pb_grpc.WorkerServicer):
         return pb.PrefillResponse(kv_transfer_params_json='{"remote": "fake"}')
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateChunk]:
+        async for chunk in self._chunks(request, context.abort):
+            yield chunk
+
+    async def GenerateStream(self, request_iterator, context) -> None:
+        async def fail(code: grpc.StatusCode, message: str) -> None:
+            raise RequestFailed(code, message)
+
+        await serve_generate_stream(request_iterator, context,
+                                    lambda request: self._chunks(request, fail))
+
+    async def _chunks(self, request, abort) -> AsyncIterator[pb.GenerateChunk]:
         self.script.calls.append(request)
         prompt = list(request.prompt_token_ids)
         tokens = continuation(prompt, request.sampling.max_tokens)
         stops = list(request.sampling.stop)
         if stops and not request.sampling.include_stop_str_in_output:
             # an engine holding back text would take it along when it dies
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "engine holds back text")
+            await abort(grpc.StatusCode.FAILED_PRECONDITION, "engine holds back text")
         out = ""
         for i, t in enumerate(tokens):
             if self.script.die_after is not None and i == self.script.die_after:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
+                await abort(grpc.StatusCode.UNAVAILABLE, "engine died")
             if self.script.stall_after is not None and i == self.script.stall_after:
                 await asyncio.sleep(3600)
             text, finish = self.script.text(t), "length" if i == len(tokens) - 1 else ""
@@ -115,7 +136,7 @@ async def cluster(r: Redis):
 
 
 async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[int], PDFlow]:
-    directory = WorkerDirectory(r, NS, "m")
+    directory = WorkerDirectory(r, NS, "m", shared_streams=SHARED_STREAMS)
     await directory.refresh()
     metrics = GatewayMetrics()
     flow = PDFlow(directory, make_policy("least_loaded"), None, metrics, timeout_s=30,
@@ -133,7 +154,7 @@ async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[
 async def run_text(r: Redis, max_tokens: int, stop: list[str]
                    ) -> tuple[str, GenerationResult, PDFlow]:
     """Like run_flow, for the text a client is sent."""
-    directory = WorkerDirectory(r, NS, "m")
+    directory = WorkerDirectory(r, NS, "m", shared_streams=SHARED_STREAMS)
     await directory.refresh()
     flow = PDFlow(directory, make_policy("least_loaded"), None, GatewayMetrics(), timeout_s=30)
     result, text = GenerationResult(), ""

@@ -1,0 +1,137 @@
+"""GenerateStream, gateway and worker ends over real gRPC: many requests on one stream, their
+chunks batched, each request failing, cancelled or timing out alone, and a broken stream
+failing every request on it with a status the gateway migrates on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+import pytest
+
+from services.gateway.generate_stream import SharedGenerateStream
+from services.gateway.pd_flow import _RETRYABLE
+from services.proto.v1 import worker_pb2 as pb
+from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.grpc_service import RequestFailed, serve_generate_stream
+
+BAD, FAIL, STALL = 1, 2, 3  # prompt[0]: what the fake engine does with a request
+
+
+class Engine(pb_grpc.WorkerServicer):
+    """Generates token 1000 * request number + position, one token per 'step'; a step is
+    one loop iteration for every running request at once, as in an engine."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.cancelled: list[str] = []
+
+    async def GenerateStream(self, request_iterator, context) -> None:
+        self.streams += 1
+        await serve_generate_stream(request_iterator, context, self.chunks)
+
+    async def chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        kind, n = request.prompt_token_ids[0], request.prompt_token_ids[1]
+        if kind == BAD:
+            raise ValueError("prompt too long")
+        try:
+            for i in range(request.sampling.max_tokens):
+                if kind == FAIL and i == 2:
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "engine died")
+                if kind == STALL and i == 2:
+                    await asyncio.sleep(3600)
+                await asyncio.sleep(0.005)
+                last = i == request.sampling.max_tokens - 1
+                yield pb.GenerateChunk(token_ids=[1000 * n + i], text=f"<{i}>",
+                                       finish_reason="length" if last else "")
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+
+
+@pytest.fixture
+async def worker():
+    engine = Engine()
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerServicer_to_server(engine, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stream = SharedGenerateStream(pb_grpc.WorkerStub(channel), f"127.0.0.1:{port}")
+    yield engine, stream, server
+    await stream.close()
+    await channel.close()
+    await server.stop(0)
+
+
+def request(rid: str, kind: int, n: int, max_tokens: int = 8) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[kind, n],
+                              sampling=pb.SamplingParams(max_tokens=max_tokens))
+
+
+async def collect(call) -> list[int]:
+    out: list[int] = []
+    while (chunk := await call.read()) is not grpc.aio.EOF:
+        out.extend(chunk.token_ids)
+    return out
+
+
+async def test_many_requests_share_one_stream_and_its_messages(worker) -> None:
+    engine, stream, _ = worker
+    calls = [stream.generate(request(f"r{n}", 0, n), timeout=30) for n in range(20)]
+    got = await asyncio.gather(*(collect(c) for c in calls))
+    assert got == [[1000 * n + i for i in range(8)] for n in range(20)]
+    assert engine.streams == 1
+    # 20 requests x (8 chunks + 1 end) = 180 items; steps of concurrent requests share messages
+    assert stream.items_received == 180
+    assert stream.batches_received <= 180 // 4, stream.batches_received
+
+
+async def test_a_failing_request_fails_alone_with_its_status(worker) -> None:
+    engine, stream, _ = worker
+    bad = stream.generate(request("bad", BAD, 1), timeout=30)
+    failing = stream.generate(request("fail", FAIL, 2), timeout=30)
+    good = stream.generate(request("good", 0, 3), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as bad_err:
+        await collect(bad)
+    assert bad_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_err.value.details() == "prompt too long"
+    with pytest.raises(grpc.aio.AioRpcError) as fail_err:
+        await collect(failing)
+    assert fail_err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await collect(good) == [3000 + i for i in range(8)]
+    assert engine.streams == 1
+
+
+async def test_cancel_and_deadline_stop_the_request_on_the_worker(worker) -> None:
+    engine, stream, _ = worker
+    stalled = stream.generate(request("stalled", STALL, 1), timeout=30)
+    assert (await stalled.read()).token_ids == [1000]
+    assert (await stalled.read()).token_ids == [1001]
+    assert stalled.cancel() is True
+    timed = stream.generate(request("timed", STALL, 2), timeout=0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(timed)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if set(engine.cancelled) == {"stalled", "timed"}:
+            break
+        await asyncio.sleep(0.02)
+    assert set(engine.cancelled) == {"stalled", "timed"}
+    assert await collect(stream.generate(request("after", 0, 4), timeout=30)) == [
+        4000 + i for i in range(8)]
+    assert await stalled.read() is grpc.aio.EOF  # a cancelled call reads as over
+
+
+async def test_a_broken_stream_fails_its_requests_as_retryable_and_a_new_one_opens(worker
+                                                                                  ) -> None:
+    engine, stream, server = worker
+    stalled = [stream.generate(request(f"s{n}", STALL, n), timeout=30) for n in range(3)]
+    for c in stalled:
+        await c.read()
+    await server.stop(0)  # the worker goes away
+    for c in stalled:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(c)
+        assert err.value.code() in _RETRYABLE, err.value.code()
