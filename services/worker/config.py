@@ -12,11 +12,6 @@ from router.registry import DEFAULT_NAMESPACE, WorkerRole
 Device = Literal["cpu", "cuda"]
 
 
-NIXL_PROGRESS_THREAD_KEY = "progress_thread"
-"""kv_connector_extra_config key read by services/worker/nixl_connector.py: run NIXL's UCX
-progress thread (EngineConfig.nixl_progress_thread)."""
-
-
 class EngineConfig(BaseModel):
     """vLLM engine settings, shared by every worker of a pool."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from router.registry import WorkerLoad, WorkerRole
-from services.worker.config import NIXL_PROGRESS_THREAD_KEY, WorkerConfig
+from services.worker.config import WorkerConfig
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -108,6 +108,8 @@ class EngineHost:
         eng = self.cfg.engine
         kv_transfer = None
         if self.cfg.role != WorkerRole.BOTH:
+            from services.worker.nixl_connector import PROGRESS_THREAD_KEY
+
             kv_transfer = KVTransferConfig(
                 kv_connector="SplitserveNixlConnector",
                 kv_connector_module_path="services.worker.nixl_connector",
@@ -121,7 +123,7 @@ class EngineHost:
                     # Whether to pull or recompute is the router's decision (conditional
                     # disaggregation), not the connector's: always pull what prefill computed.
                     "kv_recompute_threshold": 0,
-                    NIXL_PROGRESS_THREAD_KEY: eng.nixl_progress_thread,
+                    PROGRESS_THREAD_KEY: eng.nixl_progress_thread,
                 },
                 # KV that cannot be read (prefill worker gone, transfer failed) is computed
                 # again on the decode worker: slower, never wrong and never an error.

@@ -25,14 +25,17 @@ Two changes to the stock connector, both in how it starts:
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 
-from services.worker.config import NIXL_PROGRESS_THREAD_KEY as PROGRESS_THREAD_KEY
-from services.worker.cpu_affinity import (restore_thread_affinity, thread_affinity,
-                                          usable_numa_cores)
+log = logging.getLogger(__name__)
+
+PROGRESS_THREAD_KEY = "progress_thread"
+"""kv_connector_extra_config key: run NIXL's UCX progress thread (default false)."""
 
 
 class SplitserveNixlConnector(NixlConnector):
@@ -47,7 +50,7 @@ class SplitserveNixlConnector(NixlConnector):
             # base_worker looks the name up when it builds the agent: swap it for this call only.
             base_worker.nixl_agent_config = functools.partial(make_config,
                                                               enable_prog_thread=False)
-        affinity = thread_affinity()
+        affinity = _thread_affinity()
         platform = base_worker.current_platform
         discover = getattr(platform, "discover_numa_topology", None)
         if discover is not None and affinity is not None:
@@ -59,5 +62,28 @@ class SplitserveNixlConnector(NixlConnector):
             base_worker.nixl_agent_config = make_config
             if discover is not None and affinity is not None:
                 del platform.discover_numa_topology
-            restore_thread_affinity(affinity)
+            _restore_thread_affinity(affinity)
 
+
+def usable_numa_cores(numa_cores: list[list[int]], allowed: set[int]) -> list[list[int]]:
+    """The per-NUMA-node core lists vLLM's connector chooses from, limited to `allowed`
+    (nodes left with none are dropped: vLLM takes the largest core id of each list)."""
+    out = [[c for c in cores if c in allowed] for cores in numa_cores]
+    return [cores for cores in out if cores]
+
+
+def _thread_affinity() -> set[int] | None:
+    """The calling thread's CPU affinity, where the platform has one."""
+    getter = getattr(os, "sched_getaffinity", None)
+    return set(getter(0)) if getter is not None else None
+
+
+def _restore_thread_affinity(affinity: set[int] | None) -> None:
+    """Put the calling thread's CPU affinity back to `affinity` if something changed it."""
+    if affinity is None:
+        return
+    now = set(os.sched_getaffinity(0))
+    if now != affinity:
+        os.sched_setaffinity(0, affinity)
+        log.info("NIXL connector start moved the engine thread to cores %s; restored %s",
+                 sorted(now), sorted(affinity))
