@@ -47,10 +47,6 @@ class StreamedCall:
         self._deadline: asyncio.TimerHandle | None = None
 
     @property
-    def request(self) -> pb.GenerateRequest:
-        return self._request
-
-    @property
     def request_id(self) -> str:
         return self._request.request_id
 
@@ -121,7 +117,7 @@ class SharedGenerateStream:
         self._ensure_open()
         self._calls[call.request_id] = call
         self._outbox.put_nowait(pb.GenerateStreamRequest(
-            start=call.request, caller_request_id=request_ids.current() or ""))
+            start=call._request, caller_request_id=request_ids.current() or ""))
 
     def forget(self, call: StreamedCall, cancel: bool) -> None:
         if self._calls.get(call.request_id) is call:

@@ -16,10 +16,7 @@ Two changes to the stock connector, both in how it starts:
   the model (OpenMP's master thread). Every disaggregated engine on a host therefore ran its
   model on the host's last core, whatever `VLLM_CPU_OMP_THREADS_BIND` said: on 2 cores the
   prefill and the decode engine shared core 1 and core 0 ran no model at all. The connector now
-  puts the thread's affinity back as it was (GPU platforms never take that branch). The cores
-  vLLM picks are also limited to those the process may use: taken from the host's topology,
-  they can lie outside a container's cpuset, and `sched_setaffinity` then fails and the engine
-  does not start (vllm#58033; e.g. Kubernetes' static CPU manager).
+  puts the thread's affinity back as it was (GPU platforms never take that branch).
 """
 
 from __future__ import annotations
@@ -51,25 +48,11 @@ class SplitserveNixlConnector(NixlConnector):
             base_worker.nixl_agent_config = functools.partial(make_config,
                                                               enable_prog_thread=False)
         affinity = _thread_affinity()
-        platform = base_worker.current_platform
-        discover = getattr(platform, "discover_numa_topology", None)
-        if discover is not None and affinity is not None:
-            # An instance attribute shadows the platform's classmethod for this call only.
-            platform.discover_numa_topology = lambda: usable_numa_cores(discover(), affinity)
         try:
             super().__init__(vllm_config, role, kv_cache_config)
         finally:
             base_worker.nixl_agent_config = make_config
-            if discover is not None and affinity is not None:
-                del platform.discover_numa_topology
             _restore_thread_affinity(affinity)
-
-
-def usable_numa_cores(numa_cores: list[list[int]], allowed: set[int]) -> list[list[int]]:
-    """The per-NUMA-node core lists vLLM's connector chooses from, limited to `allowed`
-    (nodes left with none are dropped: vLLM takes the largest core id of each list)."""
-    out = [[c for c in cores if c in allowed] for cores in numa_cores]
-    return [cores for cores in out if cores]
 
 
 def _thread_affinity() -> set[int] | None:
