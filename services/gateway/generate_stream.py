@@ -103,6 +103,7 @@ class SharedGenerateStream:
         self._calls: dict[str, StreamedCall] = {}
         self._outbox: asyncio.Queue[pb.GenerateStreamRequest] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self.streams_opened = 0  # streams started (again after one ended)
         self.batches_received = 0  # messages read from the worker, over all streams
         self.items_received = 0  # chunks and ends in them
 
@@ -139,6 +140,7 @@ class SharedGenerateStream:
             return
         call = self._stub.GenerateStream()
         self._call = call
+        self.streams_opened += 1
         self._outbox = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write(call)),
                        asyncio.create_task(self._read(call))]

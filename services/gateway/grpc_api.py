@@ -30,6 +30,7 @@ from services.gateway.errors import APIError, _validation_error
 from services.gateway.pd_flow import GenerationResult, WorkerUnavailable
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.grpc_context import ServerContextInterceptor
+from services.grpc_options import server_options
 from router.registry import WorkerRole
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
@@ -224,8 +225,7 @@ async def start_grpc_server(gw: "Gateway", host: str, port: int) -> grpc.aio.Ser
     """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done)."""
     limit = gw.cfg.max_body_bytes
     server = grpc.aio.server(interceptors=[ServerContextInterceptor(public=True)],
-                             options=[("grpc.so_reuseport", 0),
-                                      ("grpc.max_receive_message_length", limit)])
+                             options=server_options(limit))
     ipb_grpc.add_InferenceServicer_to_server(InferenceServicer(gw), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:

@@ -17,6 +17,7 @@ from services import tracing
 from services.controller.pool_sizes import PoolSizes
 from services.gateway.generate_stream import SharedGenerateStream
 from services.grpc_context import client_interceptors
+from services.grpc_options import channel_options
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 
@@ -99,11 +100,8 @@ class WorkerDirectory:
     def stub(self, worker: WorkerInfo) -> pb_grpc.WorkerStub:
         ch = self._channels.get(worker.address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
-                worker.address, interceptors=client_interceptors(), options=[
-                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                    ("grpc.keepalive_time_ms", 10_000),
-                ])
+            ch = grpc.aio.insecure_channel(worker.address, interceptors=client_interceptors(),
+                                           options=channel_options(64 * 1024 * 1024))
             self._channels[worker.address] = ch
         return pb_grpc.WorkerStub(ch)
 

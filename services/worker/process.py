@@ -25,6 +25,7 @@ from services.ports import free_port
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
 from services.grpc_context import ServerContextInterceptor
+from services.grpc_options import server_options
 from services.worker.environment import engine_environment
 from services.worker.observability import setup_observability
 from services.worker.shm import segments_mapped_by_children, unlink_segments
@@ -125,10 +126,8 @@ class WorkerProcess:
         await self.host.start()
         self._shm_segments = segments_mapped_by_children()
 
-        self._server = grpc.aio.server(interceptors=[ServerContextInterceptor()], options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._server = grpc.aio.server(interceptors=[ServerContextInterceptor()],
+                                       options=server_options(64 * 1024 * 1024))
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.host), self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await self._server.start()

@@ -135,3 +135,39 @@ async def test_a_broken_stream_fails_its_requests_as_retryable_and_a_new_one_ope
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(c)
         assert err.value.code() in _RETRYABLE, err.value.code()
+
+
+@pytest.mark.parametrize("server_accepts_pings", [False, True])
+async def test_an_idle_stream_survives_the_gateways_keepalive(server_accepts_pings: bool) -> None:
+    """The gateway pings a worker connection that carries an idle GenerateStream. A server
+    with gRPC's default ping policy ends such a connection (GOAWAY too_many_pings: a request
+    sent at that moment failed on every idle worker, 503); splitserve's servers accept the
+    pings (services/grpc_options.py). Production options on both sides, at a keepalive of
+    0.3 s instead of 10 s (and gRPC's own ping throttling lifted to match)."""
+    from services.grpc_options import channel_options, server_options
+
+    keepalive = 0.3
+    server = grpc.aio.server(options=server_options(1 << 20, keepalive) if server_accepts_pings
+                             else [("grpc.so_reuseport", 0)])
+    pb_grpc.add_WorkerServicer_to_server(Engine(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(
+        1 << 20, keepalive) + [("grpc.http2.min_time_between_pings_ms", int(keepalive * 1000)),
+                               ("grpc.http2.max_pings_without_data", 0)])
+    stream = SharedGenerateStream(pb_grpc.WorkerStub(channel), f"127.0.0.1:{port}")
+    try:
+        for n in range(1, 4):  # requests separated by idle time on one open stream
+            try:
+                await collect(stream.generate(request(f"r{n}", 0, n, 2), timeout=10))
+            except grpc.aio.AioRpcError as exc:  # a GOAWAY that raced the request
+                assert not server_accepts_pings, exc
+            await asyncio.sleep(keepalive * 12)
+        if server_accepts_pings:
+            assert stream.streams_opened == 1
+        else:  # the connection was torn down while idle, every time
+            assert stream.streams_opened >= 3
+    finally:
+        await stream.close()
+        await channel.close()
+        await server.stop(0)
