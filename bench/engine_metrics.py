@@ -46,7 +46,9 @@ HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"
 XFER_TIME = "vllm:nixl_xfer_time_seconds"
 XFER_BYTES = "vllm:nixl_bytes_transferred"
-NIXL = tuple(f"{h}_{part}" for h in (XFER_TIME, XFER_BYTES) for part in ("sum", "count"))
+XFER_DESCS = "vllm:nixl_num_descriptors"
+NIXL = tuple(f"{h}_{part}" for h in (XFER_TIME, XFER_BYTES, XFER_DESCS)
+             for part in ("sum", "count"))
 COUNTERS = (PROMPT_TOKENS, HITS, QUERIES, *NIXL)
 SERVING_ROLES = ("decode", "both")
 
@@ -158,8 +160,9 @@ class PrefixCacheReport(BaseModel):
 
 class KvTransferReport(BaseModel):
     """The NIXL transfers decode engines made during a run, from vLLM's connector metrics
-    (`vllm:nixl_xfer_time_seconds`, `vllm:nixl_bytes_transferred`: one observation per
-    transfer, i.e. per request whose KV was pulled)."""
+    (`vllm:nixl_xfer_time_seconds`, `vllm:nixl_bytes_transferred`,
+    `vllm:nixl_num_descriptors`: one observation per transfer, i.e. per request whose KV was
+    pulled)."""
 
     transfers: float = Field(description="Δ transfers")
     bytes: float = Field(description="Δ bytes moved")
@@ -167,6 +170,8 @@ class KvTransferReport(BaseModel):
     mean_mib: float | None = Field(None, description="MiB per transfer")
     mean_ms: float | None = Field(None, description="milliseconds per transfer")
     gb_s: float | None = Field(None, description="bytes / transfer time, in GB/s (1e9)")
+    mean_descriptors: float | None = Field(None, description=(
+        "NIXL descriptors per transfer after merging (one per run of neighbouring blocks)"))
 
 
 def kv_transfer_report(before: EngineSnapshot, after: EngineSnapshot) -> KvTransferReport | None:
@@ -184,10 +189,12 @@ def kv_transfer_report(before: EngineSnapshot, after: EngineSnapshot) -> KvTrans
         return None
     n, nbytes = total[f"{XFER_TIME}_count"], total[f"{XFER_BYTES}_sum"]
     secs = total[f"{XFER_TIME}_sum"]
+    ndesc = total[f"{XFER_DESCS}_count"]
     return KvTransferReport(
         transfers=n, bytes=nbytes, seconds=secs,
         mean_mib=nbytes / n / 2**20 if n else None, mean_ms=secs / n * 1000 if n else None,
-        gb_s=nbytes / secs / 1e9 if secs > 0 else None)
+        gb_s=nbytes / secs / 1e9 if secs > 0 else None,
+        mean_descriptors=total[f"{XFER_DESCS}_sum"] / ndesc if ndesc else None)
 
 
 def _delta(after: float, before: float) -> float:

@@ -3,17 +3,28 @@
     python -m bench.kv_transfer --json out.json --markdown out.md --plot out.png
 
 Two NIXL agents as a prefill and a decode worker have them (nixl 1.5.1, UCX backend, no
-progress thread, `UCX_TLS` and thread count as the workers' engines use): the *prefill* agent
-runs in a child process and registers a host buffer; the *decode* agent (this process)
-registers its own and moves `size` bytes with NIXL READ (what vLLM's decode side does) and
-WRITE, for sizes 64 KiB .. 64 MiB, as one contiguous descriptor and, for sizes that allow it,
-as `page_kib` pages (vLLM moves KV as one descriptor per block and layer; see
-`--page-kib`). Every READ is checked against the pattern the child wrote.
+progress thread, telemetry on, `UCX_TLS` and thread count as the workers' engines use): the
+*prefill* agent runs in a child process and registers a host buffer; the *decode* agent (this
+process) registers its own and moves `size` bytes with NIXL READ (what vLLM's decode side does)
+and WRITE, for sizes 64 KiB .. 64 MiB, in these patterns:
+
+- `contiguous`: one descriptor (`initialize_xfer`).
+- `pages-*`: the way vLLM's connector moves KV: each buffer is prepared once as a table of
+  `page_kib` pages (`prep_xfer_dlist`, vLLM's one descriptor per block and cache region) and a
+  transfer picks pages by index (`make_prepped_xfer`, where NIXL merges neighbouring pages that
+  ascend on both sides). Which pages: `ascending` (the same page numbers on both sides, in
+  order), `descending` (the same pages listed from the last: the order vLLM's block pool often
+  hands a request its blocks in), `descending-ordered` (those pairs as splitserve's connector
+  posts them, sorted by local page: services/worker/kv_descriptors.py) and `scattered` (random
+  pages on each side: a fragmented block pool, where no order merges anything).
+
+Every READ is checked against the pattern the child wrote, page by page. `descriptors` is what
+the transfer listed, `merged_descriptors` what NIXL moved after merging (its telemetry).
 
 The baseline, in the same process and run, at each size right after NIXL's: a plain memory copy
 of the same number of bytes between two buffers of this process, with numpy (`np.copyto`, one
-thread) and torch (`Tensor.copy_`, torch's threads). `ratio` = NIXL bandwidth / the faster of
-the two. Bandwidths are medians over repetitions (at least `--min-reps`, at least
+thread) and torch (`Tensor.copy_`, torch's threads). `read_ratio` = NIXL bandwidth / the faster
+of the two. Bandwidths are medians over repetitions (at least `--min-reps`, at least
 `--min-seconds` per point), in GB/s (1e9 bytes/s).
 """
 
@@ -41,9 +52,9 @@ class KvTransferConfig(BaseModel):
     min_kib: int = Field(64, ge=4, description="smallest transfer, KiB")
     max_mib: int = Field(64, ge=1, description="largest transfer, MiB")
     page_kib: int = Field(16, ge=0, description=(
-        "also move each size as pages of this many KiB, one descriptor each (0: off); the "
-        "built-in tiny model's KV block is 16 KiB per layer (32 tokens x 2 KV heads x 32 x "
-        "float32 x K and V)"))
+        "also move each size as pages of this many KiB from prepared page tables, in every "
+        "page order (0: off); the built-in tiny model's KV block is 16 KiB per layer (32 "
+        "tokens x 2 KV heads x 32 x float32 x K and V)"))
     min_reps: int = Field(5, ge=1, description="repetitions per point, at least")
     min_seconds: float = Field(0.2, gt=0, description="time per point, at least")
     num_threads: int = Field(1, ge=0, description="UCX worker threads (the workers' default)")
@@ -53,8 +64,11 @@ class Point(BaseModel):
     """One size and pattern: NIXL READ/WRITE and memcpy bandwidths."""
 
     bytes: int = Field(description="bytes per transfer")
-    pattern: str = Field(description="contiguous (one descriptor) or paged (page_kib each)")
-    descriptors: int = Field(description="descriptors per transfer")
+    pattern: str = Field(description=(
+        "contiguous (one descriptor) or pages-<order> (page_kib each, prepared tables)"))
+    descriptors: int = Field(description="descriptors the transfer lists")
+    merged_descriptors: int = Field(description=(
+        "descriptors NIXL moved after merging neighbours (its telemetry)"))
     read_gb_s: float = Field(description="NIXL READ, median GB/s")
     write_gb_s: float = Field(description="NIXL WRITE, median GB/s")
     read_us: float = Field(description="NIXL READ, median microseconds per transfer")
@@ -85,11 +99,34 @@ def ucx_env() -> dict[str, str]:
     return {k: v for k, v in engine_environment(cfg, 0).items() if k.startswith("UCX_")}
 
 
+PAGE_ORDERS = ("ascending", "descending", "descending-ordered", "scattered")
+
+
 def _agent(name: str, num_threads: int) -> Any:
     from nixl._api import nixl_agent, nixl_agent_config
 
     return nixl_agent(name, nixl_agent_config(enable_prog_thread=False,
-                                              num_threads=num_threads, backends=["UCX"]))
+                                              num_threads=num_threads, backends=["UCX"],
+                                              capture_telemetry=True))
+
+
+def page_pairs(order: str, count: int, table: int, seed: int = 0
+               ) -> tuple[list[int], list[int]]:
+    """(local, remote) page numbers of a transfer of `count` pages out of `table`, in the
+    order the transfer lists them."""
+    from services.worker.kv_descriptors import pair_order
+
+    if order == "ascending":
+        ids = list(range(count))
+        return ids, ids
+    if order in ("descending", "descending-ordered"):
+        ids = list(range(count - 1, -1, -1))
+        return pair_order(ids, ids) if order == "descending-ordered" else (ids, ids)
+    if order == "scattered":
+        rng = np.random.default_rng(seed + count)
+        return (rng.permutation(table)[:count].tolist(),
+                rng.permutation(table)[:count].tolist())
+    raise ValueError(f"unknown page order {order!r}")
 
 
 def _prefill_side(conn: Any, nbytes: int, num_threads: int) -> None:
@@ -149,46 +186,81 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
         src = np.random.default_rng(0).integers(0, 255, total, dtype=np.uint8)
         dst = np.empty_like(src)
         tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+        page = cfg.page_kib * 1024
+        tables: tuple[Any, Any] | None = None
+        if page:
+            pages = total // page
+            tables = (
+                agent.prep_xfer_dlist("NIXL_INIT_AGENT", [
+                    (local.ctypes.data + i * page, page, 0) for i in range(pages)], "DRAM"),
+                agent.prep_xfer_dlist(remote, [
+                    (remote_addr + i * page, page, 0) for i in range(pages)], "DRAM"))
 
-        def xfer(op: str, descs: list[tuple[int, int]]) -> Callable[[], None]:
-            ldescs = agent.get_xfer_descs([(local.ctypes.data + o, n, 0) for o, n in descs],
-                                          "DRAM")
-            rdescs = agent.get_xfer_descs([(remote_addr + o, n, 0) for o, n in descs], "DRAM")
-            handle = agent.initialize_xfer(op, ldescs, rdescs, remote)
+        def wait(op: str, handle: Any) -> None:
+            state = agent.transfer(handle)
+            while state == "PROC":
+                state = agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise RuntimeError(f"NIXL {op} failed ({state})")
 
-            def go() -> None:
-                state = agent.transfer(handle)
-                while state == "PROC":
-                    state = agent.check_xfer_state(handle)
-                if state != "DONE":
-                    raise RuntimeError(f"NIXL {op} failed ({state})")
-            return go
+        def contiguous(op: str, n: int) -> Any:
+            return agent.initialize_xfer(
+                op, agent.get_xfer_descs([(local.ctypes.data, n, 0)], "DRAM"),
+                agent.get_xfer_descs([(remote_addr, n, 0)], "DRAM"), remote)
 
-        patterns = [("contiguous", 0)] + ([("paged", cfg.page_kib * 1024)] if cfg.page_kib
-                                           else [])
+        def merged(handle: Any, listed: int) -> int:
+            try:
+                return int(agent.get_xfer_telemetry(handle).descCount)
+            except Exception:  # telemetry off in this NIXL build: what was listed
+                return listed
+
+        def check(n: int, lids: list[int] | None, rids: list[int] | None) -> None:
+            if lids is None or rids is None:
+                ok = np.array_equal(local[:n], expected[:n])
+            else:
+                ok = np.array_equal(local.reshape(-1, page)[lids],
+                                    expected.reshape(-1, page)[rids])
+            if not ok:
+                raise RuntimeError(f"NIXL READ of {n} bytes moved the wrong bytes")
+
+        patterns = ["contiguous"] + ([f"pages-{o}" for o in PAGE_ORDERS] if page else [])
         for n in sizes(cfg):
-            for pattern, page in patterns:
-                if page and n < 2 * page:
-                    continue
-                descs = [(0, n)] if not page else [(o, page) for o in range(0, n, page)]
-                local[:n] = 0
-                read = xfer("READ", descs)
-                read()
-                if not np.array_equal(local[:n], expected[:n]):
-                    raise RuntimeError(f"NIXL READ of {n} bytes moved the wrong bytes")
-                read_gb, read_s = _median_rate(n, read, cfg)
-                write_gb, _ = _median_rate(n, xfer("WRITE", descs), cfg)
-                np_gb, _ = _median_rate(n, lambda: np.copyto(dst[:n], src[:n]), cfg)
-                th_gb, _ = _median_rate(n, lambda: tdst[:n].copy_(tsrc[:n]), cfg)
-                best = max(np_gb, th_gb)
-                p = Point(bytes=n, pattern=pattern, descriptors=len(descs), read_gb_s=read_gb,
-                          write_gb_s=write_gb, read_us=read_s * 1e6, numpy_gb_s=np_gb,
-                          torch_gb_s=th_gb, read_ratio=read_gb / best,
+            np_gb, _ = _median_rate(n, lambda: np.copyto(dst[:n], src[:n]), cfg)
+            th_gb, _ = _median_rate(n, lambda: tdst[:n].copy_(tsrc[:n]), cfg)
+            best = max(np_gb, th_gb)
+            for pattern in patterns:
+                lids = rids = None
+                if pattern == "contiguous":
+                    handles = {op: contiguous(op, n) for op in ("READ", "WRITE")}
+                    listed = 1
+                else:
+                    if n < 2 * page:
+                        continue
+                    assert tables is not None
+                    lids, rids = page_pairs(pattern.removeprefix("pages-"), n // page,
+                                            total // page)
+                    handles = {op: agent.make_prepped_xfer(op, tables[0], lids, tables[1], rids)
+                               for op in ("READ", "WRITE")}
+                    listed = len(lids)
+                local[:] = 0
+                wait("READ", handles["READ"])
+                check(n, lids, rids)
+                read_gb, read_s = _median_rate(n, lambda: wait("READ", handles["READ"]), cfg)
+                write_gb, _ = _median_rate(n, lambda: wait("WRITE", handles["WRITE"]), cfg)
+                p = Point(bytes=n, pattern=pattern, descriptors=listed,
+                          merged_descriptors=merged(handles["READ"], listed),
+                          read_gb_s=read_gb, write_gb_s=write_gb, read_us=read_s * 1e6,
+                          numpy_gb_s=np_gb, torch_gb_s=th_gb, read_ratio=read_gb / best,
                           write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb)
+                for h in handles.values():
+                    h.release()
                 points.append(p)
-                log(f"{_size(n):>8} {pattern:10} READ {read_gb:6.2f} WRITE {write_gb:6.2f} "
-                    f"numpy {np_gb:6.2f} torch {th_gb:6.2f} GB/s  READ/memcpy "
-                    f"{p.read_ratio:.2f}")
+                log(f"{_size(n):>8} {pattern:26} {listed:5d}->{p.merged_descriptors:<5d} "
+                    f"READ {read_gb:6.2f} WRITE {write_gb:6.2f} numpy {np_gb:6.2f} "
+                    f"torch {th_gb:6.2f} GB/s  READ/memcpy {p.read_ratio:.2f}")
+        if tables is not None:
+            for t in tables:
+                t.release()
         agent.remove_remote_agent(remote)
     finally:
         parent.send("stop")
@@ -206,12 +278,13 @@ def _size(n: int) -> str:
 
 
 def markdown(res: KvTransferResult) -> str:
-    rows = ["| size | pattern | descriptors | NIXL READ GB/s | NIXL WRITE GB/s | READ µs | "
-            "numpy memcpy GB/s | torch memcpy GB/s | READ / best memcpy | WRITE / best memcpy | "
-            "READ / numpy |",
+    rows = ["| size | pattern | descriptors listed → moved | NIXL READ GB/s | NIXL WRITE GB/s | "
+            "READ µs | numpy memcpy GB/s | torch memcpy GB/s | READ / best memcpy | "
+            "WRITE / best memcpy | READ / numpy |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in res.points:
-        rows.append(f"| {_size(p.bytes)} | {p.pattern} | {p.descriptors} | {p.read_gb_s:.2f} | "
+        rows.append(f"| {_size(p.bytes)} | {p.pattern} | {p.descriptors} → "
+                    f"{p.merged_descriptors} | {p.read_gb_s:.2f} | "
                     f"{p.write_gb_s:.2f} | {p.read_us:.0f} | {p.numpy_gb_s:.2f} | "
                     f"{p.torch_gb_s:.2f} | {p.read_ratio:.2f} | {p.write_ratio:.2f} | "
                     f"{p.read_ratio_1thread:.2f} |")
@@ -219,26 +292,25 @@ def markdown(res: KvTransferResult) -> str:
 
 
 def plot(res: KvTransferResult, path: Path) -> None:
+    """READ bandwidth per pattern against both memcpy baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for pattern, style in (("contiguous", "-"), ("paged", "--")):
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    patterns = list(dict.fromkeys(p.pattern for p in res.points))
+    for i, pattern in enumerate(patterns):
         pts = [p for p in res.points if p.pattern == pattern]
-        if not pts:
-            continue
-        xs = [p.bytes for p in pts]
-        ax.plot(xs, [p.read_gb_s for p in pts], style, marker="o", color="C0",
-                label=f"NIXL READ ({pattern})")
-        ax.plot(xs, [p.write_gb_s for p in pts], style, marker="s", color="C1",
-                label=f"NIXL WRITE ({pattern})")
-        if pattern == "contiguous":
-            ax.plot(xs, [p.numpy_gb_s for p in pts], ":", marker=".", color="C2",
-                    label="numpy memcpy")
-            ax.plot(xs, [p.torch_gb_s for p in pts], ":", marker=".", color="C3",
-                    label="torch memcpy")
+        ax.plot([p.bytes for p in pts], [p.read_gb_s for p in pts],
+                "-" if pattern == "contiguous" else "--", marker="o", color=f"C{i}",
+                label=f"NIXL READ, {pattern}")
+    base = [p for p in res.points if p.pattern == patterns[0]] if patterns else []
+    xs = [p.bytes for p in base]
+    ax.plot(xs, [p.numpy_gb_s for p in base], ":", marker=".", color="k",
+            label="memcpy, numpy (1 thread)")
+    ax.plot(xs, [p.torch_gb_s for p in base], ":", marker="x", color="0.5",
+            label="memcpy, torch (all threads)")
     ax.set_xscale("log", base=2)
     xs = sorted({p.bytes for p in res.points})
     ax.set_xticks(xs, [_size(x) for x in xs], rotation=45, fontsize=8)
@@ -246,7 +318,7 @@ def plot(res: KvTransferResult, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.set_title(f"KV transfer between two processes (UCX_TLS={res.ucx_tls})")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -192,6 +192,7 @@ KV_ROWS: tuple[tuple[str, str, str], ...] = (
     ("KV MiB / transfer", "kv_transfer.mean_mib", "{:.2f}"),
     ("KV ms / transfer", "kv_transfer.mean_ms", "{:.2f}"),
     ("KV GB/s", "kv_transfer.gb_s", "{:.2f}"),
+    ("KV descriptors / transfer", "kv_transfer.mean_descriptors", "{:.1f}"),
 )
 
 

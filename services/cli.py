@@ -33,7 +33,8 @@ def _up(ns: argparse.Namespace) -> int:
                           cpu_kv_cache_space_gib=ns.kv_cache_gib,
                           tensor_parallel_size=ns.tensor_parallel_size,
                           pipeline_parallel_size=ns.pipeline_parallel_size,
-                          kv_lease_duration_s=ns.kv_lease_s)
+                          kv_lease_duration_s=ns.kv_lease_s,
+                          nixl_ordered_descriptors=ns.kv_descriptor_order == "local")
     # one engine spans tensor x pipeline parallel GPUs
     gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
     cpus = 1.0 if device == "cpu" else 0.0
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pipeline-parallel-size", type=int, default=1)
     up.add_argument("--kv-lease-s", type=int, default=30,
                     help="prefill workers hold unread KV blocks this long")
+    up.add_argument("--kv-descriptor-order", choices=["local", "engine"], default="local",
+                    help="KV reads list block pairs by local block so NIXL merges neighbours "
+                    "(local), or in vLLM's own order (engine)")
     up.add_argument("--prefill-resources", type=_resources, default={},
                     help='custom Ray resources per prefill worker, JSON, e.g. \'{"prefill": 1}\'')
     up.add_argument("--decode-resources", type=_resources, default={},

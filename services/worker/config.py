@@ -11,6 +11,14 @@ from router.registry import DEFAULT_NAMESPACE, WorkerRole
 
 Device = Literal["cpu", "cuda"]
 
+NIXL_PROGRESS_THREAD_KEY = "progress_thread"
+"""kv_connector_extra_config key read by services/worker/nixl_connector.py: run NIXL's UCX
+progress thread (EngineConfig.nixl_progress_thread)."""
+
+NIXL_ORDERED_DESCRIPTORS_KEY = "ordered_descriptors"
+"""kv_connector_extra_config key read by services/worker/nixl_connector.py: list a KV read's
+block pairs by local index so NIXL merges them (EngineConfig.nixl_ordered_descriptors)."""
+
 
 class EngineConfig(BaseModel):
     """vLLM engine settings, shared by every worker of a pool."""
@@ -37,6 +45,10 @@ class EngineConfig(BaseModel):
     nixl_progress_thread: bool = Field(False, description=(
         "run NIXL's UCX progress thread (spins a core per engine; only worth it for transfers "
         "over plain TCP between hosts)"))
+    nixl_ordered_descriptors: bool = Field(True, description=(
+        "list a KV read's (local, remote) block pairs by local block, so that runs of blocks "
+        "that are neighbours on both engines move as one NIXL descriptor even when vLLM "
+        "allocated them in descending order (services/worker/kv_descriptors.py)"))
     nixl_backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends")
     seed: int = Field(0, description="engine default sampling seed")
     niceness: int = Field(0, ge=0, le=19, description=(

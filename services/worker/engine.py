@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from router.registry import WorkerLoad, WorkerRole
-from services.worker.config import WorkerConfig
+from services.worker.config import (NIXL_ORDERED_DESCRIPTORS_KEY, NIXL_PROGRESS_THREAD_KEY,
+                                    WorkerConfig)
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -108,8 +109,6 @@ class EngineHost:
         eng = self.cfg.engine
         kv_transfer = None
         if self.cfg.role != WorkerRole.BOTH:
-            from services.worker.nixl_connector import PROGRESS_THREAD_KEY
-
             kv_transfer = KVTransferConfig(
                 kv_connector="SplitserveNixlConnector",
                 kv_connector_module_path="services.worker.nixl_connector",
@@ -123,7 +122,8 @@ class EngineHost:
                     # Whether to pull or recompute is the router's decision (conditional
                     # disaggregation), not the connector's: always pull what prefill computed.
                     "kv_recompute_threshold": 0,
-                    PROGRESS_THREAD_KEY: eng.nixl_progress_thread,
+                    NIXL_PROGRESS_THREAD_KEY: eng.nixl_progress_thread,
+                    NIXL_ORDERED_DESCRIPTORS_KEY: eng.nixl_ordered_descriptors,
                 },
                 # KV that cannot be read (prefill worker gone, transfer failed) is computed
                 # again on the decode worker: slower, never wrong and never an error.

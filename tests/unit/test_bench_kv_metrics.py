@@ -19,6 +19,11 @@ vllm:nixl_xfer_time_seconds_sum{engine="0",model_name="m"} 0.02
 vllm:nixl_bytes_transferred_bucket{engine="0",le="+Inf",model_name="m"} 4.0
 vllm:nixl_bytes_transferred_count{engine="0",model_name="m"} 4.0
 vllm:nixl_bytes_transferred_sum{engine="0",model_name="m"} 8388608.0
+# HELP vllm:nixl_num_descriptors Histogram of number of descriptors per NIXL  KV Cache transfers.
+# TYPE vllm:nixl_num_descriptors histogram
+vllm:nixl_num_descriptors_bucket{engine="0",le="+Inf",model_name="m"} 4.0
+vllm:nixl_num_descriptors_count{engine="0",model_name="m"} 4.0
+vllm:nixl_num_descriptors_sum{engine="0",model_name="m"} 40.0
 """
 
 
@@ -27,6 +32,7 @@ def test_parse_nixl_histograms() -> None:
     assert c["vllm:nixl_xfer_time_seconds_count"] == 4.0
     assert c["vllm:nixl_xfer_time_seconds_sum"] == pytest.approx(0.02)
     assert c["vllm:nixl_bytes_transferred_sum"] == 8388608.0
+    assert c["vllm:nixl_num_descriptors_sum"] == 40.0
     assert not any("bucket" in k for k in c)
 
 
@@ -43,7 +49,9 @@ def test_kv_transfer_report_is_the_decode_side_delta() -> None:
     assert rep.mean_mib == pytest.approx(2.0)
     assert rep.mean_ms == pytest.approx(5.0)
     assert rep.gb_s == pytest.approx(2 * 8388608 / 0.04 / 1e9)
+    assert rep.mean_descriptors == pytest.approx(10.0)
     aggregated = EngineSnapshot({"b": WorkerCounters("b", "both", {})})
     assert kv_transfer_report(aggregated, aggregated) is None
     idle = kv_transfer_report(before, before)
     assert idle is not None and idle.transfers == 0 and idle.mean_ms is None
+    assert idle.mean_descriptors is None
