@@ -54,6 +54,8 @@ class WorkerInfo(BaseModel):
     worker_id: str = Field(description="unique id, also the engine's NIXL engine id")
     role: WorkerRole = Field(description="prefill, decode or both")
     address: str = Field(description="host:port of its gRPC worker API")
+    stream_address: str = Field("", description=(
+        "host:port of its framed GenerateStream (services/framed_stream.py); empty: none"))
     model: str = Field(description="served model name")
     metrics_url: str = Field("", description="its Prometheus endpoint (vLLM's and ours)")
     block_size: int = Field(16, description="engine KV block size in tokens")

@@ -41,7 +41,7 @@ def _up(ns: argparse.Namespace) -> int:
     cfg = ClusterConfig(
         mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
         max_in_flight=ns.max_in_flight, max_in_flight_per_client=ns.max_in_flight_per_client,
-        max_body_bytes=ns.max_body_bytes, shared_worker_streams=ns.worker_streams == "shared",
+        max_body_bytes=ns.max_body_bytes, worker_streams=ns.worker_streams,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
                            resources=ns.prefill_resources, placement_group=ns.placement_group),
@@ -219,7 +219,7 @@ def _gateway(ns: argparse.Namespace) -> int:
                                 port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len,
                                 max_in_flight_per_client=ns.max_in_flight_per_client,
                                 max_body_bytes=ns.max_body_bytes,
-                                api_keys_file=ns.api_keys_file)
+                                api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams)
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -240,9 +240,10 @@ def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
                    "have in flight; 0: no per-client limit")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="gateway: largest request body (HTTP 413 beyond) and gRPC message")
-    p.add_argument("--worker-streams", choices=["shared", "per-request"], default="shared",
+    p.add_argument("--worker-streams", choices=["tcp", "grpc", "per-request"], default="tcp",
                    help="gateway -> worker transport: one GenerateStream per worker with chunks "
-                   "batched per engine step, or a Generate call per request")
+                   "batched per engine step, on the worker's framed TCP port (tcp) or as a gRPC "
+                   "call (grpc), or a gRPC Generate call per request (per-request)")
     p.add_argument("--api-keys-file", help="gateway: accepted API keys, one per line (also "
                    "$SPLITSERVE_API_KEYS); /v1 and gRPC then need `Bearer <key>`")
 

@@ -72,7 +72,7 @@ class Cluster:
             policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight,
             max_in_flight_per_client=cfg.max_in_flight_per_client,
             max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
-            shared_worker_streams=cfg.shared_worker_streams,
+            worker_streams=cfg.worker_streams,
             migration=cfg.migration)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()

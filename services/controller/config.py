@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
 from services.controller.healing import HealingConfig
+from services.gateway.generate_stream import WorkerStreams
 from services.gateway.pd_flow import MigrationConfig
 from services.worker.config import EngineConfig
 
@@ -57,9 +58,9 @@ class ClusterConfig(BaseModel):
         "gateway limit per client (API key, else remote address); 0: none"))
     max_body_bytes: int = Field(1 << 20, ge=1024, description=(
         "gateway: largest request body / gRPC message (HTTP 413 beyond)"))
-    shared_worker_streams: bool = Field(True, description=(
-        "gateway: one GenerateStream per worker, chunks batched per engine step (false: a "
-        "Generate call per request)"))
+    worker_streams: WorkerStreams = Field("tcp", description=(
+        "gateway -> worker transport: tcp (one framed GenerateStream per worker), grpc (the "
+        "same stream over gRPC) or per-request (a gRPC Generate call per request)"))
     api_keys_file: Path | None = Field(None, description=(
         "gateway API keys, one per line (also $SPLITSERVE_API_KEYS); none: no authentication"))
     worker_host: str = Field("127.0.0.1", description=(

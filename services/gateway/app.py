@@ -98,7 +98,7 @@ class Gateway:
         self.redis = Redis.from_url(self.cfg.redis_url)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
                                          self.cfg.worker_refresh_s,
-                                         shared_streams=self.cfg.shared_worker_streams)
+                                         streams=self.cfg.worker_streams)
         try:
             await self.directory.refresh()
         except Exception:

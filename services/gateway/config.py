@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
+from services.gateway.generate_stream import WorkerStreams
 from services.gateway.pd_flow import MigrationConfig
 
 
@@ -47,9 +48,11 @@ class GatewayConfig(BaseModel):
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
-    shared_worker_streams: bool = Field(True, description=(
-        "generate over one GenerateStream per worker (chunks of all requests batched per "
-        "engine step) instead of a Generate call per request; tracing on uses calls"))
+    worker_streams: WorkerStreams = Field("tcp", description=(
+        "how requests reach a worker's engine: tcp = one GenerateStream per worker on its "
+        "framed TCP port, every request's chunks of an engine step in one message; grpc = the "
+        "same stream as a gRPC call; per-request = a gRPC Generate call per request (tracing "
+        "on always uses per-request calls, each its own span)"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
 

@@ -8,21 +8,31 @@ messages' system calls). GenerateStream carries every request of an engine step 
 `cancel()`, and `grpc.aio.AioRpcError` with the worker's status code when the request fails or
 the stream breaks), so the request path, its migration on failure and its error mapping are
 the same with either transport.
+
+The stream itself runs over the worker's framed TCP port by default (`FramedStreamCall`,
+services/framed_stream.py: the same messages, without gRPC's threads between the socket and the
+event loop) or as a gRPC GenerateStream call; SharedGenerateStream reads and writes both alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable, Literal
 
 import grpc
 
 from services import request_id as request_ids
+from services.framed_stream import (PREAMBLE, FrameError, frame, read_frame, split_address,
+                                    tune_socket)
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+WorkerStreams = Literal["tcp", "grpc", "per-request"]
+"""How a gateway sends requests to workers and reads their tokens: a shared stream per worker
+on its framed TCP port or as a gRPC call, or a gRPC Generate call per request."""
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -91,13 +101,67 @@ class StreamedCall:
         self._stream.forget(self, cancel=cancel)
 
 
+class FramedStreamCall:
+    """A GenerateStream on a worker's framed TCP port, with the gRPC call's interface for what
+    SharedGenerateStream uses: `write(msg)`, `read()` (a batch, then `grpc.aio.EOF`),
+    `cancel()`; a connection that cannot be made or breaks raises UNAVAILABLE."""
+
+    CONNECT_TIMEOUT_S = 10.0
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = f"{host}:{port}"
+        self._connection = asyncio.ensure_future(self._connect(host, port))
+
+    async def _connect(self, host: str, port: int
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                self.CONNECT_TIMEOUT_S)
+        tune_socket(writer)
+        writer.write(PREAMBLE)
+        return reader, writer
+
+    async def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.shield(self._connection)
+        except (OSError, TimeoutError) as exc:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"cannot open the worker stream at "
+                            f"{self.address}: {exc or type(exc).__name__}") from None
+
+    async def write(self, message: pb.GenerateStreamRequest) -> None:
+        _, writer = await self._streams()
+        try:
+            writer.write(frame(message))
+            await writer.drain()
+        except ConnectionError as exc:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE,
+                            f"worker stream to {self.address} broken: {exc}") from None
+
+    async def read(self) -> Any:
+        reader, _ = await self._streams()
+        try:
+            batch = await read_frame(reader, pb.GenerateStreamBatch.FromString)
+        except (asyncio.IncompleteReadError, ConnectionError, FrameError) as exc:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"worker stream to {self.address} "
+                            f"broken: {exc or type(exc).__name__}") from None
+        return grpc.aio.EOF if batch is None else batch
+
+    def cancel(self) -> bool:
+        if not self._connection.done():
+            self._connection.cancel()
+        elif not self._connection.cancelled() and self._connection.exception() is None:
+            self._connection.result()[1].close()
+        return True
+
+
 class SharedGenerateStream:
     """The gateway's GenerateStream to one worker, opened on first use and again after it
     ends; requests on a stream that breaks fail with the stream's status (UNAVAILABLE when it
     just ends), which PDFlow treats as the worker failing: the request migrates."""
 
-    def __init__(self, stub: pb_grpc.WorkerStub, address: str) -> None:
-        self._stub = stub
+    def __init__(self, open_stream: Callable[[], Any], address: str) -> None:
+        """`open_stream()` starts a stream: a gRPC `WorkerStub.GenerateStream` call
+        (`over_grpc`) or a FramedStreamCall (`over_tcp`); both are written and read alike."""
+        self._open_stream = open_stream
         self.address = address
         self._call: Any = None
         self._calls: dict[str, StreamedCall] = {}
@@ -106,6 +170,17 @@ class SharedGenerateStream:
         self.streams_opened = 0  # streams started (again after one ended)
         self.batches_received = 0  # messages read from the worker, over all streams
         self.items_received = 0  # chunks and ends in them
+
+    @classmethod
+    def over_grpc(cls, stub: pb_grpc.WorkerStub, address: str) -> "SharedGenerateStream":
+        """The stream as a gRPC GenerateStream call on the worker's API channel."""
+        return cls(stub.GenerateStream, address)
+
+    @classmethod
+    def over_tcp(cls, stream_address: str) -> "SharedGenerateStream":
+        """The stream on the worker's framed GenerateStream port (services/framed_stream.py)."""
+        host, port = split_address(stream_address)
+        return cls(lambda: FramedStreamCall(host, port), stream_address)
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None) -> StreamedCall:
         """A call-like handle for one request (sent on its first `read()`)."""
@@ -138,7 +213,7 @@ class SharedGenerateStream:
     def _ensure_open(self) -> None:
         if self._call is not None:
             return
-        call = self._stub.GenerateStream()
+        call = self._open_stream()
         self._call = call
         self.streams_opened += 1
         self._outbox = asyncio.Queue()

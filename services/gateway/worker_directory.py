@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
 from services.controller.pool_sizes import PoolSizes
-from services.gateway.generate_stream import SharedGenerateStream
+from services.gateway.generate_stream import SharedGenerateStream, WorkerStreams
 from services.grpc_context import client_interceptors
 from services.grpc_options import channel_options
 from services.proto.v1 import worker_pb2 as pb
@@ -28,14 +28,14 @@ class WorkerDirectory:
     """Live workers by role, with stubs to reach them."""
 
     def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5,
-                 shared_streams: bool = True) -> None:
+                 streams: WorkerStreams = "tcp") -> None:
         self.registry = WorkerRegistry(redis, namespace)
         self.pool_sizes = PoolSizes(redis, namespace)
         self.model = model
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
         self.in_flight: Counter[str] = Counter()
-        self.shared_streams = shared_streams
+        self.streams = streams
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, SharedGenerateStream] = {}
         self._task: asyncio.Task | None = None
@@ -108,13 +108,17 @@ class WorkerDirectory:
     def generate(self, worker: WorkerInfo, request: pb.GenerateRequest,
                  timeout: float | None) -> Any:
         """Start `request` on `worker`; returns a call to `read()` chunks from and `cancel()`.
-        Over the worker's shared GenerateStream (services/gateway/generate_stream.py) unless
-        that is off or tracing is on (then one Generate call per request, each its own span)."""
-        if not self.shared_streams or tracing.enabled():
+        Over the worker's shared GenerateStream (services/gateway/generate_stream.py): on its
+        framed TCP port (`tcp`, when the worker has one) or as a gRPC call (`grpc`); with
+        `per-request`, or tracing on, one Generate call per request (each its own span)."""
+        if self.streams == "per-request" or tracing.enabled():
             return self.stub(worker).Generate(request, timeout=timeout)
         stream = self._streams.get(worker.address)
         if stream is None:
-            stream = SharedGenerateStream(self.stub(worker), worker.address)
+            if self.streams == "tcp" and worker.stream_address:
+                stream = SharedGenerateStream.over_tcp(worker.stream_address)
+            else:
+                stream = SharedGenerateStream.over_grpc(self.stub(worker), worker.address)
             self._streams[worker.address] = stream
         return stream.generate(request, timeout)
 

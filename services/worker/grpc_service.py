@@ -55,7 +55,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            async for chunk in self._chunks(request):
+            async for chunk in self.chunks(request):
                 yield chunk
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -63,7 +63,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.warning("generate %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
 
-    async def _chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         """One request's chunks, from the engine (Generate and GenerateStream alike)."""
         log.info("generate %s: %d prompt tokens, KV %s", request.request_id,
                  len(request.prompt_token_ids),
@@ -86,7 +86,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def GenerateStream(self, request_iterator: AsyncIterator[pb.GenerateStreamRequest],
                              context: grpc.aio.ServicerContext) -> None:
-        await serve_generate_stream(request_iterator, context, self._chunks)
+        await serve_generate_stream(request_iterator, context, self.chunks)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> pb.AbortResponse:

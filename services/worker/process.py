@@ -29,6 +29,7 @@ from services.grpc_options import server_options
 from services.worker.environment import engine_environment
 from services.worker.observability import setup_observability
 from services.worker.shm import segments_mapped_by_children, unlink_segments
+from services.worker.stream_server import FramedStreamServer
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class WorkerEndpoints(BaseModel):
 
     worker_id: str
     address: str
+    stream_address: str = ""
     metrics_url: str
     kv_events_endpoint: str
     nixl_side_channel_port: int
@@ -97,6 +99,7 @@ class WorkerProcess:
         self.cfg = cfg
         self.host = None  # EngineHost, created in start() after the environment is set
         self._server: grpc.aio.Server | None = None
+        self._stream_server: FramedStreamServer | None = None
         self._metrics_httpd = None
         self._redis: Redis | None = None
         self._registry: WorkerRegistry | None = None
@@ -128,9 +131,12 @@ class WorkerProcess:
 
         self._server = grpc.aio.server(interceptors=[ServerContextInterceptor()],
                                        options=server_options(64 * 1024 * 1024))
-        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.host), self._server)
+        service = WorkerService(self.host)
+        pb_grpc.add_WorkerServicer_to_server(service, self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await self._server.start()
+        self._stream_server = FramedStreamServer(service.chunks, cfg.host, cfg.stream_port)
+        stream_port = await self._stream_server.start()
 
         from prometheus_client import start_http_server
 
@@ -140,6 +146,7 @@ class WorkerProcess:
         self.endpoints = WorkerEndpoints(
             worker_id=cfg.worker_id,
             address=f"{cfg.host}:{port}",
+            stream_address=f"{cfg.host}:{stream_port}",
             metrics_url=f"http://{cfg.host}:{metrics_port}/metrics",
             kv_events_endpoint=kv_events,
             nixl_side_channel_port=side_port,
@@ -165,6 +172,7 @@ class WorkerProcess:
             worker_id=cfg.worker_id,
             role=cfg.role,
             address=self.endpoints.address,
+            stream_address=self.endpoints.stream_address,
             model=cfg.engine.name,
             metrics_url=self.endpoints.metrics_url,
             block_size=cfg.engine.block_size,
@@ -275,6 +283,8 @@ class WorkerProcess:
                 except Exception:
                     log.warning("could not clear index entries of %s", self.cfg.worker_id,
                                 exc_info=True)
+            if self._stream_server is not None:
+                await self._stream_server.stop()
             if self._server is not None:
                 await self._server.stop(grace=2.0)
             if self._metrics_httpd is not None:

@@ -22,15 +22,17 @@ from services.gateway.worker_directory import WorkerDirectory
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.grpc_service import RequestFailed, serve_generate_stream
+from services.worker.stream_server import FramedStreamServer
 
 NS = "mig"
-SHARED_STREAMS = True  # set per test by the `transport` fixture
+STREAMS = "tcp"  # set per test by the `transport` fixture
 
 
-@pytest.fixture(autouse=True, params=[True, False], ids=["shared-stream", "call-per-request"])
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Every test runs over both worker transports: GenerateStream and a Generate per request."""
-    monkeypatch.setattr(sys.modules[__name__], "SHARED_STREAMS", request.param)
+@pytest.fixture(autouse=True, params=["tcp", "grpc", "per-request"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs over every worker transport: the shared GenerateStream on the worker's
+    framed TCP port and as a gRPC call, and a gRPC Generate call per request."""
+    monkeypatch.setattr(sys.modules[__name__], "STREAMS", request.param)
     return request.param
 PROMPT = [5, 6, 7, 8]
 
@@ -73,11 +75,14 @@ class FakeWorker(pb_grpc.WorkerServicer):
             yield chunk
 
     async def GenerateStream(self, request_iterator, context) -> None:
+        await serve_generate_stream(request_iterator, context, self.stream_chunks)
+
+    def stream_chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        """A request's chunks on a shared stream (gRPC or framed TCP): failing is raising."""
         async def fail(code: grpc.StatusCode, message: str) -> None:
             raise RequestFailed(code, message)
 
-        await serve_generate_stream(request_iterator, context,
-                                    lambda request: self._chunks(request, fail))
+        return self._chunks(request, fail)
 
     async def _chunks(self, request, abort) -> AsyncIterator[pb.GenerateChunk]:
         self.script.calls.append(request)
@@ -118,25 +123,35 @@ class FakeWorker(pb_grpc.WorkerServicer):
 @pytest.fixture
 async def cluster(r: Redis):
     servers: list[grpc.aio.Server] = []
+    stream_servers: list[FramedStreamServer] = []
     registry = WorkerRegistry(r, NS, ttl_s=30)
 
     async def add(worker_id: str, role: WorkerRole, script: Script) -> Script:
+        worker = FakeWorker(script)
         server = grpc.aio.server()
-        pb_grpc.add_WorkerServicer_to_server(FakeWorker(script), server)
+        pb_grpc.add_WorkerServicer_to_server(worker, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
+        framed = FramedStreamServer(worker.stream_chunks, "127.0.0.1")
+        stream_port = await framed.start()
+        stream_servers.append(framed)
         await registry.register(WorkerInfo(worker_id=worker_id, role=role,
-                                           address=f"127.0.0.1:{port}", model="m"))
+                                           address=f"127.0.0.1:{port}",
+                                           stream_address=f"127.0.0.1:{stream_port}", model="m"))
         return script
 
     yield add
+    served = sum(f.streams_served for f in stream_servers)
+    assert served > 0 if STREAMS == "tcp" else served == 0, (STREAMS, served)
+    for f in stream_servers:
+        await f.stop()
     for s in servers:
         await s.stop(0)
 
 
 async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[int], PDFlow]:
-    directory = WorkerDirectory(r, NS, "m", shared_streams=SHARED_STREAMS)
+    directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
     await directory.refresh()
     metrics = GatewayMetrics()
     flow = PDFlow(directory, make_policy("least_loaded"), None, metrics, timeout_s=30,
@@ -154,7 +169,7 @@ async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[
 async def run_text(r: Redis, max_tokens: int, stop: list[str]
                    ) -> tuple[str, GenerationResult, PDFlow]:
     """Like run_flow, for the text a client is sent."""
-    directory = WorkerDirectory(r, NS, "m", shared_streams=SHARED_STREAMS)
+    directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
     await directory.refresh()
     flow = PDFlow(directory, make_policy("least_loaded"), None, GatewayMetrics(), timeout_s=30)
     result, text = GenerationResult(), ""

@@ -93,7 +93,9 @@ class WorkerServicer:
         """Generate for many requests over one long-lived stream (one per gateway and worker): the
         chunks of every request of an engine step travel in one message. The same engine calls
         and results as Generate, at a fraction of the per-token cost (one gRPC message per step,
-        not one per token and request). The stream ending ends every request on it.
+        not one per token and request). The stream ending ends every request on it. Workers also
+        serve this stream on a TCP port of their own (the registry's stream_address), as
+        length-prefixed frames of the same messages; see services/framed_stream.py.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
