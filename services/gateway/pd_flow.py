@@ -80,6 +80,42 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
 
 
+class StallWatch:
+    """Fires `timeout` (an `asyncio.timeout(None)` around the reads) when one read of a
+    decode stream has waited `stall_s`. A read costs two attribute writes; one timer per
+    stream looks at the read in progress every `stall_s` at most."""
+
+    def __init__(self, timeout: asyncio.Timeout, stall_s: float) -> None:
+        self._timeout = timeout
+        self._stall_s = stall_s
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the read in progress started
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> "StallWatch":
+        self._timer = self._loop.call_at(self._loop.time() + self._stall_s, self._check)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def reading(self) -> None:
+        self._since = self._loop.time()
+
+    def idle(self) -> None:
+        self._since = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._since is not None and now - self._since >= self._stall_s:
+            self._timer = None
+            self._timeout.reschedule(now)  # expires now: the read is cancelled, TimeoutError
+            return
+        due = (self._since if self._since is not None else now) + self._stall_s
+        self._timer = self._loop.call_at(due, self._check)
+
+
 class PDFlow:
     """Runs requests through the prefill -> KV transfer -> decode path."""
 
@@ -234,21 +270,20 @@ class PDFlow:
                                        sampling=sampling, kv_transfer_params_json=kv_params),
                     timeout=self.timeout_s)
                 decode_started = True
-                loop = asyncio.get_running_loop()
-                stall = self.migration.stall_timeout_s
                 try:
-                    # One timer per stream, pushed back on every chunk (asyncio.wait_for per
-                    # chunk would cost a task per token).
+                    # One timer per stream that looks at the read in progress now and then
+                    # (asyncio.wait_for or a rescheduled timeout per chunk cost a timer per token).
                     try:
                         async with asyncio.timeout(None) as watchdog:
-                            async for chunk in self._read(call, watchdog, loop.time, stall):
-                                if chunk.num_prompt_tokens and first:
-                                    result.num_cached_tokens = chunk.num_cached_tokens
-                                result.completion_tokens += len(chunk.token_ids)
-                                result.token_ids.extend(chunk.token_ids)
-                                if chunk.finish_reason:
-                                    result.finish_reason = chunk.finish_reason
-                                yield chunk
+                            with StallWatch(watchdog, self.migration.stall_timeout_s) as watch:
+                                async for chunk in self._read(call, watch):
+                                    if chunk.num_prompt_tokens and first:
+                                        result.num_cached_tokens = chunk.num_cached_tokens
+                                    result.completion_tokens += len(chunk.token_ids)
+                                    result.token_ids.extend(chunk.token_ids)
+                                    if chunk.finish_reason:
+                                        result.finish_reason = chunk.finish_reason
+                                    yield chunk
                     except TimeoutError:  # raised by the expired watchdog's context exit
                         raise _DecodeFailed(route.decode.worker_id, "stalled") from None
                     finished = True
@@ -265,15 +300,14 @@ class PDFlow:
                     self._cleanup(request_id, touched, route, kv_params, decode_started)
 
     @staticmethod
-    async def _read(call: Any, watchdog: Any, clock: Any, stall: float
-                    ) -> AsyncIterator[pb.GenerateChunk]:
-        """The decode stream's chunks; the watchdog fires when one takes `stall` seconds."""
+    async def _read(call: Any, watch: "StallWatch") -> AsyncIterator[pb.GenerateChunk]:
+        """The decode stream's chunks; `watch` times each read (not the consumer's pace)."""
         while True:
-            watchdog.reschedule(clock() + stall)
+            watch.reading()
             chunk = await call.read()
+            watch.idle()
             if chunk is grpc.aio.EOF:
                 return
-            watchdog.reschedule(None)  # the consumer's pace is not the worker's stall
             yield chunk
 
     async def _prefill(self, worker: WorkerInfo, request_id: str, token_ids: list[int],
