@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="most requests in flight (default 8; open-loop scenarios such as "
                     "mixed: no limit but their arrival times); a list (e.g. 1,2,4,8,16,32) is "
                     "a sweep: one run per value on each target")
+    cl.add_argument("--rounds", type=int, default=1,
+                    help="with --target vllm: paired rounds per concurrency (each round a fresh "
+                    "workload both sides run back to back, order alternating); the report "
+                    "gives every round's ratios and their median, min and max. On a shared, "
+                    "noisy machine many short paired rounds measure a ratio better than one "
+                    "long run")
     cl.add_argument("--request-rate", type=float, help="mean requests/s, Poisson arrivals "
                     "(default: as fast as --concurrency allows)")
     cl.add_argument("--max-seconds", type=float, default=600.0, help="limit on each run")
@@ -106,6 +112,8 @@ def config_from_args(ns: argparse.Namespace):
         raise ValueError("--url and --compare exclude each other")
     if ns.url and ns.target == "vllm":
         raise ValueError("--target vllm starts vLLM's server itself; it excludes --url")
+    if ns.rounds != 1 and ns.target != "vllm":
+        raise ValueError("--rounds pairs runs against vLLM's server: use it with --target vllm")
     if ns.compare and ns.target == "vllm":
         raise ValueError("--target vllm compares vLLM's server with one cluster (--up-args); "
                          "it excludes --compare")
@@ -117,7 +125,7 @@ def config_from_args(ns: argparse.Namespace):
         redis_url=ns.redis_url, namespace=ns.namespace, compare_key=key, compare_values=values,
         up_args=shlex.split(ns.up_args), label=ns.label, baseline=ns.baseline, model=ns.model,
         api_key=ns.api_key, concurrency=sweep[0], concurrencies=sweep if len(sweep) > 1 else [],
-        target=ns.target, request_rate=ns.request_rate,
+        target=ns.target, rounds=ns.rounds, request_rate=ns.request_rate,
         max_seconds=ns.max_seconds, request_timeout_s=ns.request_timeout, warmup=ns.warmup,
         run_dir=Path(ns.run_dir) if ns.run_dir else None,
         cache_dir=Path(ns.cache_dir) if ns.cache_dir else None)

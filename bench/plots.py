@@ -5,6 +5,9 @@
 - ``PREFIX_distributions.png``: the TTFT empirical CDF and the ITL tail (fraction of gaps above
   x, log scale), one line per run (for a sweep, the runs at its highest concurrency; for a
   workload with request classes, per class too).
+
+With paired rounds (`--rounds`), a target's figure at a concurrency is the median over its
+rounds, and its distributions pool the samples of every round.
 """
 
 from __future__ import annotations
@@ -18,6 +21,18 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from bench.report import BenchReport, RunReport  # noqa: E402
+
+
+def _series(runs: list[RunReport], path: str) -> tuple[list[int], list[float]]:
+    """(concurrencies, the metric's median over the rounds at each)."""
+    import statistics
+
+    by_c: dict[int, list[float]] = {}
+    for r in runs:
+        v = r.metric(path)
+        by_c.setdefault(r.concurrency or 0, []).append(float("nan") if v is None else v)
+    xs = sorted(by_c)
+    return xs, [statistics.median(by_c[x]) for x in xs]
 
 
 def _targets(report: BenchReport) -> dict[str, list[RunReport]]:
@@ -46,12 +61,10 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
     for ax, metric, title in ((axes[0], "ttft_ms", "time to first token"),
                               (axes[1], "itl_ms", "inter-token latency")):
         for i, (target, runs) in enumerate(_targets(report).items()):
-            xs = [r.concurrency for r in runs]
             color = f"C{i}"
             for q, style in (("p50", "-"), ("p99", "--")):
-                ys = [r.metric(f"{metric}.{q}") for r in runs]
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o",
-                        color=color, label=f"{target} {q}")
+                xs, ys = _series(runs, f"{metric}.{q}")
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{target} {q}")
         _concurrency_axis(ax, report.runs)
         ax.set_yscale("log")
         ax.set_ylabel("ms")
@@ -66,8 +79,8 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
 def plot_throughput(report: BenchReport, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, (target, runs) in enumerate(_targets(report).items()):
-        ax.plot([r.concurrency for r in runs], [r.output_tok_s for r in runs], "-o",
-                color=f"C{i}", label=target)
+        xs, ys = _series(runs, "output_tok_s")
+        ax.plot(xs, ys, "-o", color=f"C{i}", label=target)
     _concurrency_axis(ax, report.runs)
     ax.set_ylabel("output tokens / s")
     ax.set_title("throughput")
@@ -95,13 +108,21 @@ def _cdf(ax, values: list[float], label: str, color: str, style: str = "-",
 
 def plot_distributions(report: BenchReport, path: Path) -> Path:
     groups = _targets(report)
-    shown = [rs[-1] for rs in groups.values()] if is_sweep(report) else report.runs
+    if is_sweep(report):  # each target's runs at its highest concurrency (every round)
+        shown = [[r for r in rs if r.concurrency == rs[-1].concurrency]
+                 for rs in groups.values()]
+    elif any(r.round is not None for r in report.runs):  # every round of a target, pooled
+        shown = list(groups.values())
+    else:
+        shown = [[r] for r in report.runs]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, run in enumerate(shown):
+    for i, runs in enumerate(shown):
+        run = runs[0]
         tags = list(run.by_tag) or [""]
         for j, tag in enumerate(tags):
-            samples = [s for s in run.samples if s.tag == tag or not tag]
-            name = run.label + (f" {tag}" if tag else "")
+            samples = [s for r in runs for s in r.samples if s.tag == tag or not tag]
+            label = run.label if len(runs) == 1 else f"{run.target} ({len(runs)} rounds)"
+            name = label + (f" {tag}" if tag else "")
             style = ("-", "--", ":", "-.")[j % 4]
             _cdf(axes[0], [s.ttft_ms for s in samples if s.ttft_ms is not None], name,
                  f"C{i}", style)

@@ -70,6 +70,8 @@ class RunReport(BaseModel):
     target: str = Field("", description="what was measured (the --compare value, vllm, url); "
                         "runs of a concurrency sweep share it")
     concurrency: int | None = Field(None, description="most requests in flight in this run")
+    round: int | None = Field(None, description=(
+        "paired round (1..rounds) of a --rounds run; None without rounds"))
     tpot_ms: Percentiles = Field(Percentiles(), description="per-request time per output token")
     tokens_per_chunk: float | None = Field(None, description="output tokens / content chunks")
     by_tag: dict[str, TagStats] = Field(default_factory=dict, description="per request class")
@@ -112,12 +114,29 @@ class RunReport(BaseModel):
                                   for m in TAG_RATIO_METRICS)]
 
 
+class Spread(BaseModel):
+    """One ratio over the paired rounds of a run: its median, extremes and every value."""
+
+    median: float
+    min: float
+    max: float
+    values: list[float] = Field(description="per round, in round order")
+
+
+PAIRED_METRICS: tuple[str, ...] = ("output_tok_s", "ttft_ms.p50", "itl_ms.p50", "tpot_ms.p50",
+                                   "e2e_ms.p50")
+"""The ratios summarised over paired rounds."""
+
+
 class BenchReport(BaseModel):
     """Every run, and the ratios of each against the baseline."""
 
     runs: list[RunReport]
     ratios: dict[str, dict[str, float | None]] = Field(default_factory=dict)
     baseline: str | None = Field(None, description="label of the baseline run")
+    paired: dict[str, dict[str, Spread]] = Field(default_factory=dict, description=(
+        "with --rounds: per '<target>/<baseline>@c<N>', each PAIRED_METRICS ratio over the "
+        "rounds, and `added_ms.ttft_ms.p50` (run minus baseline, in ms)"))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -129,18 +148,52 @@ def ratio(value: float | None, base: float | None) -> float | None:
 def compute_ratios(runs: list[RunReport], baseline: str | None = None
                    ) -> dict[str, dict[str, float | None]]:
     """For every run of a target other than the baseline target: `{"<label>/<baseline
-    label>": {metric: ratio}}`, against the baseline's run at the same concurrency."""
+    label>": {metric: ratio}}`, against the baseline's run at the same concurrency (and the
+    same paired round)."""
     if not runs:
         return {}
     base_target = baseline if baseline is not None else runs[0].target
-    base = {r.concurrency: r for r in runs if r.target == base_target}
+    base = {(r.concurrency, r.round): r for r in runs if r.target == base_target}
     out: dict[str, dict[str, float | None]] = {}
     for r in runs:
-        b = base.get(r.concurrency)
+        b = base.get((r.concurrency, r.round))
         if r.target == base_target or b is None:
             continue
         out[f"{r.label}/{b.label}"] = {m: ratio(r.metric(m), b.metric(m))
                                        for m in b.ratio_metrics()}
+    return out
+
+
+def _spread(values: list[float]) -> Spread:
+    import statistics
+
+    return Spread(median=statistics.median(values), min=min(values), max=max(values),
+                  values=values)
+
+
+def paired_summary(runs: list[RunReport], base_target: str) -> dict[str, dict[str, Spread]]:
+    """For runs with paired rounds: every target's ratios against the baseline over the
+    rounds at each concurrency, and the TTFT p50 added (ms)."""
+    base = {(r.concurrency, r.round): r for r in runs if r.target == base_target}
+    groups: dict[tuple[str, int | None], list[tuple[RunReport, RunReport]]] = {}
+    for r in runs:
+        b = base.get((r.concurrency, r.round))
+        if r.round is None or r.target == base_target or b is None:
+            continue
+        groups.setdefault((r.target, r.concurrency), []).append((r, b))
+    out: dict[str, dict[str, Spread]] = {}
+    for (target, c), pairs in groups.items():
+        pairs.sort(key=lambda p: p[0].round or 0)
+        row: dict[str, Spread] = {}
+        for m in PAIRED_METRICS:
+            vals = [v for r, b in pairs if (v := ratio(r.metric(m), b.metric(m))) is not None]
+            if vals:
+                row[m] = _spread(vals)
+        added = [r.metric("ttft_ms.p50") - b.metric("ttft_ms.p50") for r, b in pairs
+                 if r.metric("ttft_ms.p50") is not None and b.metric("ttft_ms.p50") is not None]
+        if added:
+            row["added_ms.ttft_ms.p50"] = _spread(added)
+        out[f"{target}/{base_target}" + (f"@c{c}" if c is not None else "")] = row
     return out
 
 
@@ -157,7 +210,8 @@ def make_report(runs: list[RunReport], baseline: str | None = None) -> BenchRepo
                              f"{', '.join(dict.fromkeys([*targets, *by_label]))}")
         baseline = baseline if baseline in targets else by_label[baseline]
     base = baseline if baseline is not None else runs[0].target
-    return BenchReport(runs=runs, ratios=compute_ratios(runs, base), baseline=base)
+    return BenchReport(runs=runs, ratios=compute_ratios(runs, base), baseline=base,
+                       paired=paired_summary(runs, base))
 
 
 def write_json(report: BenchReport, path: Path) -> None:
@@ -221,13 +275,33 @@ def table_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def paired_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired-rounds table: one row per ratio (and the TTFT added)."""
+    header = ["paired rounds", "median", "min", "max", "rounds", "every round"]
+    body = []
+    for key, row in report.paired.items():
+        for metric, s in row.items():
+            ms = metric.startswith("added_ms.")
+            fmt = "{:+.1f} ms" if ms else "{:.3f}"
+            name = (f"{key}: {metric.removeprefix('added_ms.')} added" if ms
+                    else f"{key}: {metric}")
+            body.append([name, fmt.format(s.median), fmt.format(s.min), fmt.format(s.max),
+                         str(len(s.values)), " ".join(fmt.format(v).replace(" ms", "")
+                                                      for v in s.values)])
+    return header, body
+
+
 def markdown(report: BenchReport) -> str:
-    """The metric table as GitHub markdown (ratios: run / baseline at the same concurrency)."""
-    header, body = table_cells(report)
-    lines = ["| " + " | ".join(header) + " |",
-             "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
+    """The metric table as GitHub markdown (ratios: run / baseline at the same concurrency),
+    then, for paired rounds, their summary."""
+    out = []
+    tables = [table_cells(report)] + ([paired_cells(report)] if report.paired else [])
+    for header, body in tables:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def write_markdown(report: BenchReport, path: Path) -> None:
@@ -245,6 +319,14 @@ def render(report: BenchReport, console: Console) -> None:
     for row in body:
         t.add_row(*row)
     console.print(t)
+    if report.paired:
+        header, body = paired_cells(report)
+        p = Table(title="paired rounds (run / baseline in the same round)")
+        for i, h in enumerate(header):
+            p.add_column(escape(h), justify="left" if i == 0 else "right")
+        for row in body:
+            p.add_row(*row)
+        console.print(p)
     for r in report.runs:
         for e in r.error_samples:
             console.print(Text(f"{r.label}: {e}", style="red"))

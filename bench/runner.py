@@ -64,6 +64,9 @@ class BenchConfig(BaseModel):
     concurrency: int = Field(8, ge=1, description="most requests in flight")
     concurrencies: list[int] = Field(default_factory=list, description=(
         "a sweep: run the workload once per value (default: [concurrency])"))
+    rounds: int = Field(1, ge=1, description=(
+        "with --target vllm: paired rounds per concurrency, each a fresh workload that both "
+        "sides run back to back (order alternating); ratios per round and their spread"))
     target: str = Field("splitserve", description=(
         "splitserve: the cluster(s); vllm: vLLM's own server first, as the baseline"))
     request_rate: float | None = Field(None, gt=0, description="mean requests/s (Poisson)")
@@ -327,21 +330,29 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
         sweep = cfg.sweep
         done: list[RunReport] = []
         for i, c in enumerate(sweep):
-            wl = workload if i == 0 else _workload_for_step(cfg, i)
-            for name, url, redis_url, pid, config in (sides if i % 2 == 0 else sides[::-1]):
-                cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
-                try:
-                    done.append(asyncio.run(measure(
-                        name if len(sweep) == 1 else f"{name}@c{c}", url, redis_url, namespace,
-                        wl, cfg, {**cfg_i, "order_in_step": len(done) % 2}, err, c, name,
-                        pid)))
-                except Exception as exc:
-                    return f"{name}: the run failed: {type(exc).__name__}: {exc}"
-                finally:
-                    order = {"vllm": 0, label: 1}
-                    runs[:] = [*[r for r in runs if r.target not in order],
-                               *sorted(done, key=lambda r: (order[r.target],
-                                                            sweep.index(r.concurrency or 0)))]
+            for k in range(cfg.rounds):
+                step = i * cfg.rounds + k  # every step and round sends prompts of its own
+                wl = workload if step == 0 else _workload_for_step(cfg, step)
+                for name, url, redis_url, pid, config in (sides if step % 2 == 0
+                                                          else sides[::-1]):
+                    cfg_i = config if step == 0 else {**config, **_workload_config(wl, cfg)}
+                    run_label = name if len(sweep) == 1 else f"{name}@c{c}"
+                    if cfg.rounds > 1:
+                        run_label += f"#{k + 1}"
+                    try:
+                        report = asyncio.run(measure(
+                            run_label, url, redis_url, namespace, wl, cfg,
+                            {**cfg_i, "order_in_step": (len(done) % 2)}, err, c, name, pid))
+                        report.round = k + 1 if cfg.rounds > 1 else None
+                        done.append(report)
+                    except Exception as exc:
+                        return f"{name}: the run failed: {type(exc).__name__}: {exc}"
+                    finally:
+                        order = {"vllm": 0, label: 1}
+                        runs[:] = [*[r for r in runs if r.target not in order],
+                                   *sorted(done, key=lambda r: (
+                                       order[r.target], sweep.index(r.concurrency or 0),
+                                       r.round or 0))]
         return None
     finally:
         if cluster is not None:

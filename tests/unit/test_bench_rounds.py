@@ -1,0 +1,63 @@
+"""Paired rounds (`splitserve bench --target vllm --rounds N`): every round both sides run the
+same fresh workload; ratios pair runs of the same round, and the report summarises them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.plots import write_plots
+from bench.report import PAIRED_METRICS, make_report, markdown
+from tests.unit.test_bench_sweep import _png, _run, cfg
+
+
+def rounds_report(scales: list[float]):
+    """vLLM at scale 1.0 every round; the cluster at `scales[k]` in round k + 1 (a larger scale
+    is slower: TTFT x scale, throughput / scale)."""
+    runs = []
+    for k, s in enumerate(scales, start=1):
+        for target, scale in (("vllm", 1.0), ("cluster", s)):
+            r = _run(target, 16, scale)
+            r.label, r.round = f"{target}#{k}", k
+            runs.append(r)
+    return make_report(runs)
+
+
+def test_ratios_pair_the_runs_of_one_round_and_the_summary_spans_them() -> None:
+    report = rounds_report([1.25, 0.8, 1.0])
+    assert list(report.ratios) == ["cluster#1/vllm#1", "cluster#2/vllm#2", "cluster#3/vllm#3"]
+    assert report.ratios["cluster#2/vllm#2"]["output_tok_s"] == pytest.approx(1.25)
+    row = report.paired["cluster/vllm@c16"]
+    assert set(row) == {*PAIRED_METRICS, "added_ms.ttft_ms.p50"}
+    tok = row["output_tok_s"]
+    assert tok.values == pytest.approx([0.8, 1.25, 1.0])
+    assert (tok.median, tok.min, tok.max) == pytest.approx((1.0, 0.8, 1.25))
+    ttft = report.runs[0].ttft_ms.p50  # vLLM's, every round
+    assert row["added_ms.ttft_ms.p50"].values == pytest.approx(
+        [0.25 * ttft, -0.2 * ttft, 0.0], abs=1e-9)
+    text = markdown(report)
+    assert "| paired rounds | median | min | max | rounds | every round |" in text
+    assert "| cluster/vllm@c16: output_tok_s | 1.000 | 0.800 | 1.250 | 3 | 0.800 1.250 1.000 |" \
+        in text
+
+
+def test_without_rounds_there_is_no_summary() -> None:
+    report = make_report([_run("vllm", 16, 1.0), _run("cluster", 16, 1.1)])
+    assert report.paired == {}
+    assert "paired rounds" not in markdown(report)
+
+
+def test_rounds_want_the_vllm_baseline() -> None:
+    c = cfg("--target", "vllm", "--rounds", "8", "--up-args", "--mode aggregated --workers 1")
+    assert c.rounds == 8
+    with pytest.raises(ValueError, match="--target vllm"):
+        cfg("--rounds", "4")
+    with pytest.raises(ValueError):
+        cfg("--target", "vllm", "--rounds", "0")
+
+
+def test_plots_take_the_median_round_and_pool_the_distributions(tmp_path: Path) -> None:
+    paths = write_plots(rounds_report([1.2, 0.9, 1.0, 1.1]), tmp_path / "r")
+    assert [p.name for p in paths] == ["r_distributions.png"]
+    assert _png(paths[0])[..., :3].std() > 0.05
