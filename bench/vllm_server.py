@@ -39,21 +39,10 @@ READY_PATH = "/v1/models"
 
 def engine_config(up_args: list[str], cache_dir: Path) -> EngineConfig:
     """The engine settings `splitserve up UP_ARGS` gives its workers."""
-    from services.cli import _detect_device, build_parser
+    from services.cli import build_parser
+    from services.cli import engine_config as up_engine_config
 
-    ns = build_parser().parse_args(["up", *up_args])
-    model, served = ns.model, ns.served_model_name
-    if model is None:
-        from services.controller.builtin_model import ensure_builtin_model
-
-        model = str(ensure_builtin_model(cache_dir, "tiny"))
-        served = served or "splitserve-tiny"
-    device = ns.device or _detect_device()
-    return EngineConfig(model=model, served_model_name=served, device=device,
-                        max_model_len=ns.max_model_len, block_size=ns.block_size,
-                        dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
-                        cpu_kv_cache_space_gib=ns.kv_cache_gib,
-                        tensor_parallel_size=ns.tensor_parallel_size)
+    return up_engine_config(build_parser().parse_args(["up", *up_args]), cache_dir)
 
 
 def server_args(eng: EngineConfig, port: int, kv_events_endpoint: str,
@@ -80,6 +69,8 @@ def server_args(eng: EngineConfig, port: int, kv_events_endpoint: str,
     args += ["--max-num-batched-tokens", str(max_num_batched_tokens(eng))]
     if eng.enforce_eager:
         args.append("--enforce-eager")
+    if eng.num_kv_blocks is not None:
+        args += ["--num-gpu-blocks-override", str(eng.num_kv_blocks)]
     if eng.device == "cuda":
         args += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
     return args

@@ -10,31 +10,44 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from router.registry import DEFAULT_NAMESPACE
 
-
-def _up(ns: argparse.Namespace) -> int:
-    from services.controller.builtin_model import ensure_builtin_model
-    from services.controller.cluster import run_up
-    from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
-    from services.gateway.pd_flow import MigrationConfig
-    from router.policies import KVPolicyConfig
+if TYPE_CHECKING:
     from services.worker.config import EngineConfig
 
-    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
+
+def engine_config(ns: argparse.Namespace, cache_dir: Path) -> "EngineConfig":
+    """The engine settings `splitserve up` gives its workers, from its parsed flags (the
+    built-in model, made on first use, when no --model is given)."""
+    from services.controller.builtin_model import ensure_builtin_model
+    from services.worker.config import EngineConfig
+
     model, served = ns.model, ns.served_model_name
     if model is None:
         model = str(ensure_builtin_model(cache_dir, "tiny"))
         served = served or "splitserve-tiny"
     device = ns.device or _detect_device()
-    engine = EngineConfig(model=model, served_model_name=served, device=device,
-                          max_model_len=ns.max_model_len, block_size=ns.block_size,
-                          dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
-                          cpu_kv_cache_space_gib=ns.kv_cache_gib,
-                          tensor_parallel_size=ns.tensor_parallel_size,
-                          pipeline_parallel_size=ns.pipeline_parallel_size,
-                          kv_lease_duration_s=ns.kv_lease_s,
-                          nixl_ordered_descriptors=ns.kv_descriptor_order == "local")
+    return EngineConfig(model=model, served_model_name=served, device=device,
+                        max_model_len=ns.max_model_len, block_size=ns.block_size,
+                        dtype=ns.dtype or ("float32" if device == "cpu" else "auto"),
+                        cpu_kv_cache_space_gib=ns.kv_cache_gib,
+                        tensor_parallel_size=ns.tensor_parallel_size,
+                        pipeline_parallel_size=ns.pipeline_parallel_size,
+                        kv_lease_duration_s=ns.kv_lease_s, num_kv_blocks=ns.kv_blocks,
+                        nixl_ordered_descriptors=ns.kv_descriptor_order == "local")
+
+
+def _up(ns: argparse.Namespace) -> int:
+    from services.controller.cluster import run_up
+    from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
+    from services.gateway.pd_flow import MigrationConfig
+    from router.policies import KVPolicyConfig
+
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
+    engine = engine_config(ns, cache_dir)
+    device = engine.device
     # one engine spans tensor x pipeline parallel GPUs
     gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
     cpus = 1.0 if device == "cpu" else 0.0
@@ -284,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-model-len", type=int, default=2048)
     up.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: x32)")
     up.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: KV cache GiB per engine")
+    up.add_argument("--kv-blocks", type=int, help="KV cache blocks per engine, overriding "
+                    "the memory settings (a small cache: eviction and block reuse sooner)")
     up.add_argument("--tensor-parallel-size", type=int, default=1)
     up.add_argument("--pipeline-parallel-size", type=int, default=1)
     up.add_argument("--kv-lease-s", type=int, default=30,

@@ -37,6 +37,9 @@ class EngineConfig(BaseModel):
     prefix_caching_hash_algo: str = Field("sha256", description="block hash algorithm")
     hash_seed: str = Field("0", description="PYTHONHASHSEED for engines and router (NONE_HASH)")
     cpu_kv_cache_space_gib: int = Field(1, description="CPU build: KV cache size in GiB")
+    num_kv_blocks: int | None = Field(None, ge=1, description=(
+        "KV cache blocks per engine, overriding what the memory settings give (vLLM's "
+        "num_gpu_blocks_override, on CPU too): a smaller cache for tests of eviction and reuse"))
     gpu_memory_utilization: float = Field(0.9, description="CUDA build: GPU memory fraction")
     tensor_parallel_size: int = Field(1, description="GPUs per engine, tensor parallel")
     pipeline_parallel_size: int = Field(1, description="pipeline stages per engine")

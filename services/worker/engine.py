@@ -157,6 +157,8 @@ class EngineHost:
         )
         if eng.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = eng.max_num_batched_tokens
+        if eng.num_kv_blocks is not None:
+            kwargs["num_gpu_blocks_override"] = eng.num_kv_blocks
         if eng.device == "cuda":
             kwargs["gpu_memory_utilization"] = eng.gpu_memory_utilization
         return AsyncEngineArgs(**kwargs)

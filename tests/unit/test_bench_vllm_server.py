@@ -12,7 +12,8 @@ from bench.vllm_server import engine_config, server_args, server_env
 from router.registry import WorkerRole
 
 UP = ["--mode", "aggregated", "--workers", "1", "--block-size", "64", "--max-model-len",
-      "1024", "--kv-cache-gib", "2", "--served-model-name", "m1", "--device", "cpu"]
+      "1024", "--kv-cache-gib", "2", "--kv-blocks", "700", "--served-model-name", "m1",
+      "--device", "cpu"]
 
 
 def test_engine_config_is_what_up_gives_its_workers(tmp_path: Path,
@@ -47,8 +48,9 @@ def test_vllm_parses_the_same_engine_args(tmp_path: Path) -> None:
     for field in ("model", "tokenizer", "served_model_name", "dtype", "block_size",
                   "max_model_len", "max_num_seqs", "enforce_eager", "enable_prefix_caching",
                   "prefix_caching_hash_algo", "seed", "tensor_parallel_size",
-                  "pipeline_parallel_size", "kv_transfer_config"):
+                  "pipeline_parallel_size", "kv_transfer_config", "num_gpu_blocks_override"):
         assert getattr(theirs, field) == getattr(ours, field), field
+    assert ours.num_gpu_blocks_override == 700
     assert theirs.kv_events_config.enable_kv_cache_events
     assert theirs.kv_events_config.endpoint == ours.kv_events_config.endpoint
     # the worker leaves it to vLLM's engine-context default; the server gets that explicitly
