@@ -61,6 +61,13 @@ class RoutingPolicy(Protocol):
                req: RouteRequest) -> RouteDecision: ...
 
 
+def decision_is_forced(prefill: Sequence[WorkerInfo], decode: Sequence[WorkerInfo]) -> bool:
+    """Whether only one route is possible whatever the workers hold: one decode worker, and
+    it is aggregated or there is no prefill worker to hand the prompt to. Such a request
+    needs no prefix-index lookup (a Redis round trip on its time to first token)."""
+    return len(decode) == 1 and (decode[0].role == WorkerRole.BOTH or not prefill)
+
+
 def _require(workers: Sequence[WorkerInfo], what: str) -> None:
     if not workers:
         raise NoWorkersError(f"no live {what} worker")

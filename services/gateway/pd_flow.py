@@ -23,7 +23,8 @@ import grpc
 from pydantic import BaseModel, Field
 
 from router.block_hash import BlockHasher
-from router.policies import NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy
+from router.policies import (NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy,
+                             decision_is_forced)
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRole
 from services.gateway.metrics import GatewayMetrics
@@ -173,8 +174,8 @@ class PDFlow:
             if decode or time.monotonic() >= deadline or not await d.pools_healing():
                 break  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
-        cached = (await self._cached_blocks(token_ids, prefill + decode)
-                  if self.policy.uses_prefix_index else {})
+        lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
+        cached = await self._cached_blocks(token_ids, prefill + decode) if lookup else {}
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached,
                            in_flight=dict(d.in_flight))
         try:
@@ -182,7 +183,8 @@ class PDFlow:
         except NoWorkersError as exc:
             raise WorkerUnavailable(str(exc)) from None
         self.metrics.routes.labels(self.policy.name, decision.outcome).inc()
-        self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
+        if lookup:
+            self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
         return decision
 
     async def stream(self, request_id: str, token_ids: list[int], sampling: pb.SamplingParams,

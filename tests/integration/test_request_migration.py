@@ -262,3 +262,33 @@ async def test_stop_strings_without_migration(r: Redis, cluster) -> None:
     assert (text, result.finish_reason) == ("Hello ", "stop")
     text, result, _ = await run_text(r, max_tokens=7, stop=["nowhere"])
     assert (text, result.finish_reason) == ("".join(SENTENCE), "length")
+
+
+async def test_the_kv_policy_asks_the_index_only_when_there_is_a_choice(r: Redis,
+                                                                        cluster) -> None:
+    """One aggregated worker: every request goes there, no Redis lookup on its way; a second
+    worker makes it a choice, and every request asks the prefix index (one round trip)."""
+    from router.prefix_index import PrefixIndex
+
+    await cluster("b-a", WorkerRole.BOTH, Script())
+
+    async def lookups(n: int) -> float:
+        """Prefix-index lookups the gateway made for n requests."""
+        directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
+        await directory.refresh()
+        flow = PDFlow(directory, make_policy("kv"), PrefixIndex(r, NS), GatewayMetrics(),
+                      timeout_s=30)
+        try:
+            for i in range(n):
+                async for _ in flow.stream(f"req{i}", list(PROMPT) * 20, pb.SamplingParams(
+                        max_tokens=2, temperature=0.0), GenerationResult()):
+                    pass
+        finally:
+            await directory.stop()
+        samples = {s.name: s.value for m in flow.metrics.index_lookup.collect()
+                   for s in m.samples}
+        return samples["splitserve_gateway_index_lookup_seconds_count"]
+
+    assert await lookups(3) == 0.0
+    await cluster("b-b", WorkerRole.BOTH, Script())
+    assert await lookups(3) == 3.0

@@ -14,6 +14,7 @@ from router.policies import (
     RandomPolicy,
     RoundRobinPolicy,
     RouteRequest,
+    decision_is_forced,
     make_policy,
 )
 from router.registry import WorkerInfo, WorkerLoad, WorkerRole
@@ -143,3 +144,19 @@ def test_kv_ties_are_spread_and_temperature_samples() -> None:
     sampled = Counter(warm.choose(P, D, hot).prefill.worker_id for _ in range(400))
     # cost gap 1.0 at temperature 0.5: p1 gets about e^-2 / (1 + e^-2) = 12% of the requests
     assert 0.05 < sampled["p1"] / 400 < 0.22 and sampled["p0"] > sampled["p1"]
+
+
+def test_a_forced_route_needs_no_index() -> None:
+    both, other = w("b0", WorkerRole.BOTH), w("b1", WorkerRole.BOTH)
+    d0, d1, p0 = w("d0", WorkerRole.DECODE), w("d1", WorkerRole.DECODE), w("p0", WorkerRole.PREFILL)
+    assert decision_is_forced([], [both])  # one aggregated worker
+    assert decision_is_forced([], [d0])  # one decode worker, nobody to hand the prompt to
+    assert not decision_is_forced([], [both, other])  # which one holds the prompt?
+    assert not decision_is_forced([p0], [d0])  # prefill here or there?
+    assert not decision_is_forced([], [d0, d1])
+    # and indeed: with one candidate the kv policy's choice ignores what is cached
+    kv = KVPolicy()
+    for cached in ({}, {"b0": 8}):
+        req = RouteRequest(num_tokens=300, cached_blocks=cached, in_flight={})
+        assert kv.choose([], [both], req).decode is both
+        assert kv.choose([], [d0], req).prefill is None
