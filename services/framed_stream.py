@@ -4,8 +4,8 @@ The gateway's shared stream to a worker (services/gateway/generate_stream.py) ca
 message per engine step. Over gRPC every message crosses gRPC's own threads in both processes
 (its event engine and the asyncio completion-queue poller), and on a small or busy host each
 of those thread wake-ups costs more than the message (measured here: ~0.6 ms of CPU per
-message exchanged, against ~0.1 ms for the same bytes over an asyncio socket; the gateway's
-overhead against vLLM's own server is mostly this; docs/benchmarks.md). A worker therefore also
+message exchanged, against ~0.1 ms for the same bytes over an asyncio socket; on a cluster,
+gateway CPU per token -15% and worker actor -12%; docs/benchmarks.md). A worker therefore also
 serves GenerateStream on a TCP port of its own, with the same protobuf messages, framed:
 
     gateway -> worker   PREAMBLE, then frames of splitserve.worker.v1.GenerateStreamRequest

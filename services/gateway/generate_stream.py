@@ -111,6 +111,7 @@ class FramedStreamCall:
     def __init__(self, host: str, port: int) -> None:
         self.address = f"{host}:{port}"
         self._connection = asyncio.ensure_future(self._connect(host, port))
+        self._streams_ready: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def _connect(self, host: str, port: int
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -121,8 +122,12 @@ class FramedStreamCall:
         return reader, writer
 
     async def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The connection's reader and writer (awaited once; every batch read uses them)."""
+        if self._streams_ready is not None:
+            return self._streams_ready
         try:
-            return await asyncio.shield(self._connection)
+            self._streams_ready = await asyncio.shield(self._connection)
+            return self._streams_ready
         except (OSError, TimeoutError) as exc:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"cannot open the worker stream at "
                             f"{self.address}: {exc or type(exc).__name__}") from None

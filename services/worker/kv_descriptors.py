@@ -42,17 +42,6 @@ def pair_order(local: Indices, remote: Indices) -> tuple[Any, Any]:
     return loc[order].tolist(), rem[order].tolist()
 
 
-def contiguous_runs(local: Indices, remote: Indices) -> int:
-    """How many descriptors NIXL's merge leaves for these pairs in this order: a pair
-    continues the run before it when both indices are one more than the previous pair's
-    (neighbouring blocks of one prepared region are neighbours in memory)."""
-    if len(local) == 0:
-        return 0
-    loc, rem = np.asarray(local, dtype=np.int64), np.asarray(remote, dtype=np.int64)
-    continues = (np.diff(loc) == 1) & (np.diff(rem) == 1)
-    return int(len(loc) - continues.sum())
-
-
 def ordered_prepped_xfer(make: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a NIXL agent's `make_prepped_xfer` so that every transfer lists its pairs by local
     index (same signature, same result)."""

@@ -78,7 +78,7 @@ class FramedStreamServer:
             self.streams_served += 1
             await serve_generate_stream(self._requests(reader, task), _FrameWriter(writer),
                                         self._chunks)
-        except (FrameError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except ConnectionError as exc:  # writing to a gateway that went away (reads: below)
             log.info("GenerateStream from %s ended: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:
             pass

@@ -6,7 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.worker.kv_descriptors import contiguous_runs, ordered_prepped_xfer, pair_order
+from services.worker.kv_descriptors import Indices, ordered_prepped_xfer, pair_order
+
+
+def contiguous_runs(local: Indices, remote: Indices) -> int:  # NIXL's merge rule, as a model
+    """How many descriptors NIXL's merge leaves for these pairs in this order: a pair
+    continues the run before it when both indices are one more than the previous pair's
+    (neighbouring blocks of one prepared region are neighbours in memory)."""
+    if len(local) == 0:
+        return 0
+    loc, rem = np.asarray(local, dtype=np.int64), np.asarray(remote, dtype=np.int64)
+    continues = (np.diff(loc) == 1) & (np.diff(rem) == 1)
+    return int(len(loc) - continues.sum())
 
 
 def pairs(local, remote) -> set[tuple[int, int]]:
