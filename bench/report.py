@@ -7,7 +7,8 @@ JSON (``--json FILE``)::
                "ttft_ms": {"p50", "p90", "p99"}, "itl_ms": {...}, "e2e_ms": {...},
                "output_tok_s", "req_s", "prefix_hit_rate", ...extra keys}],
      "ratios": {"<label>/<baseline label>": {"ttft_ms.p50": 0.31, ..., "prefix_hit_rate": 2.4}},
-     "baseline": "<baseline label>"}
+     "baseline": "<baseline label>",
+     "paired": {...}, "pooled": {...}}   (with --rounds: see docs/benchmarks.md)
 
 A ratio is value(run) / value(baseline), None where either is missing or the baseline is 0.
 """
@@ -127,6 +128,51 @@ PAIRED_METRICS: tuple[str, ...] = ("output_tok_s", "ttft_ms.p50", "itl_ms.p50", 
                                    "e2e_ms.p50")
 """The ratios summarised over paired rounds."""
 
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples behind a pooled difference's confidence interval."""
+
+
+class PooledDifference(BaseModel):
+    """The TTFT p50 added, from every request of every paired round at once.
+
+    A round's own TTFT p50 comes from a hundred-odd requests whose TTFT spreads from a few ms to
+    hundreds (p90 is several times p50 under load): it moves by more than the difference being
+    measured, and so does a median of per-round differences. Pooling the requests of all rounds
+    (the rounds alternate which side goes first, so drift in the machine's speed falls on both
+    sides alike) gives each side's p50 from thousands of requests; a bootstrap over requests
+    gives the difference's 95% interval."""
+
+    baseline_ms: float = Field(description="the baseline's TTFT p50 over all its requests")
+    run_ms: float = Field(description="the run's TTFT p50 over all its requests")
+    added_ms: float = Field(description="run_ms - baseline_ms")
+    ci95_ms: tuple[float, float] = Field(description=(
+        "95% bootstrap interval of added_ms (requests resampled with replacement, each side "
+        f"alone, {BOOTSTRAP_RESAMPLES} times; seeded)"))
+    requests: tuple[int, int] = Field(description="requests with a TTFT: run, baseline")
+
+
+def pooled_ttft_added(run_ttfts: list[float], base_ttfts: list[float], seed: int = 0
+                      ) -> PooledDifference | None:
+    """TTFT p50 of the run's requests minus the baseline's, with its bootstrap interval."""
+    import numpy as np
+
+    if len(run_ttfts) < 2 or len(base_ttfts) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    run, base = np.asarray(run_ttfts, dtype=float), np.asarray(base_ttfts, dtype=float)
+
+    def medians(x: "np.ndarray") -> "np.ndarray":
+        batch = max(1, 2_000_000 // len(x))  # resamples at a time: bounded memory
+        return np.concatenate([
+            np.median(rng.choice(x, size=(min(batch, BOOTSTRAP_RESAMPLES - i), len(x))), axis=1)
+            for i in range(0, BOOTSTRAP_RESAMPLES, batch)])
+
+    diffs = medians(run) - medians(base)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    r50, b50 = float(np.median(run)), float(np.median(base))
+    return PooledDifference(baseline_ms=b50, run_ms=r50, added_ms=r50 - b50,
+                            ci95_ms=(float(lo), float(hi)), requests=(len(run), len(base)))
+
 
 class BenchReport(BaseModel):
     """Every run, and the ratios of each against the baseline."""
@@ -137,6 +183,9 @@ class BenchReport(BaseModel):
     paired: dict[str, dict[str, Spread]] = Field(default_factory=dict, description=(
         "with --rounds: per '<target>/<baseline>@c<N>', each PAIRED_METRICS ratio over the "
         "rounds, and `added_ms.ttft_ms.p50` (run minus baseline, in ms)"))
+    pooled: dict[str, PooledDifference] = Field(default_factory=dict, description=(
+        "with --rounds: per '<target>/<baseline>@c<N>', the TTFT p50 added over the requests "
+        "of all rounds pooled, with its 95% interval"))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -171,18 +220,26 @@ def _spread(values: list[float]) -> Spread:
                   values=values)
 
 
-def paired_summary(runs: list[RunReport], base_target: str) -> dict[str, dict[str, Spread]]:
-    """For runs with paired rounds: every target's ratios against the baseline over the
-    rounds at each concurrency, and the TTFT p50 added (ms)."""
+def _paired_groups(runs: list[RunReport], base_target: str
+                   ) -> dict[str, list[tuple[RunReport, RunReport]]]:
+    """'<target>/<baseline>@c<N>' -> the (run, baseline run) pairs of its rounds."""
     base = {(r.concurrency, r.round): r for r in runs if r.target == base_target}
-    groups: dict[tuple[str, int | None], list[tuple[RunReport, RunReport]]] = {}
+    groups: dict[str, list[tuple[RunReport, RunReport]]] = {}
     for r in runs:
         b = base.get((r.concurrency, r.round))
         if r.round is None or r.target == base_target or b is None:
             continue
-        groups.setdefault((r.target, r.concurrency), []).append((r, b))
+        key = f"{r.target}/{base_target}" + (f"@c{r.concurrency}" if r.concurrency is not None
+                                             else "")
+        groups.setdefault(key, []).append((r, b))
+    return groups
+
+
+def paired_summary(runs: list[RunReport], base_target: str) -> dict[str, dict[str, Spread]]:
+    """For runs with paired rounds: every target's ratios against the baseline over the
+    rounds at each concurrency, and the TTFT p50 added (ms)."""
     out: dict[str, dict[str, Spread]] = {}
-    for (target, c), pairs in groups.items():
+    for key, pairs in _paired_groups(runs, base_target).items():
         pairs.sort(key=lambda p: p[0].round or 0)
         row: dict[str, Spread] = {}
         for m in PAIRED_METRICS:
@@ -193,7 +250,19 @@ def paired_summary(runs: list[RunReport], base_target: str) -> dict[str, dict[st
                  if r.metric("ttft_ms.p50") is not None and b.metric("ttft_ms.p50") is not None]
         if added:
             row["added_ms.ttft_ms.p50"] = _spread(added)
-        out[f"{target}/{base_target}" + (f"@c{c}" if c is not None else "")] = row
+        out[key] = row
+    return out
+
+
+def pooled_summary(runs: list[RunReport], base_target: str) -> dict[str, PooledDifference]:
+    """For runs with paired rounds: every target's TTFT p50 added over all rounds' requests."""
+    out: dict[str, PooledDifference] = {}
+    for key, pairs in _paired_groups(runs, base_target).items():
+        diff = pooled_ttft_added(
+            [s.ttft_ms for r, _ in pairs for s in r.samples if s.ttft_ms is not None],
+            [s.ttft_ms for _, b in pairs for s in b.samples if s.ttft_ms is not None])
+        if diff is not None:
+            out[key] = diff
     return out
 
 
@@ -211,7 +280,7 @@ def make_report(runs: list[RunReport], baseline: str | None = None) -> BenchRepo
         baseline = baseline if baseline in targets else by_label[baseline]
     base = baseline if baseline is not None else runs[0].target
     return BenchReport(runs=runs, ratios=compute_ratios(runs, base), baseline=base,
-                       paired=paired_summary(runs, base))
+                       paired=paired_summary(runs, base), pooled=pooled_summary(runs, base))
 
 
 def write_json(report: BenchReport, path: Path) -> None:
@@ -291,11 +360,31 @@ def paired_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def pooled_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the pooled TTFT table: one row per target and concurrency."""
+    header = ["all rounds pooled", "TTFT p50 baseline", "TTFT p50 run", "added",
+              "95% interval", "requests (run, baseline)"]
+    body = [[key, f"{d.baseline_ms:.1f} ms", f"{d.run_ms:.1f} ms", f"{d.added_ms:+.1f} ms",
+             f"{d.ci95_ms[0]:+.1f} .. {d.ci95_ms[1]:+.1f} ms",
+             f"{d.requests[0]}, {d.requests[1]}"] for key, d in report.pooled.items()]
+    return header, body
+
+
+def _summary_tables(report: BenchReport) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """(title, table) of each paired-rounds summary the report has."""
+    out = []
+    if report.paired:
+        out.append(("paired rounds (run / baseline in the same round)", paired_cells(report)))
+    if report.pooled:
+        out.append(("TTFT p50 added, every round's requests pooled", pooled_cells(report)))
+    return out
+
+
 def markdown(report: BenchReport) -> str:
     """The metric table as GitHub markdown (ratios: run / baseline at the same concurrency),
-    then, for paired rounds, their summary."""
+    then, for paired rounds, their summaries."""
     out = []
-    tables = [table_cells(report)] + ([paired_cells(report)] if report.paired else [])
+    tables = [table_cells(report)] + [t for _, t in _summary_tables(report)]
     for header, body in tables:
         lines = ["| " + " | ".join(header) + " |",
                  "|---|" + "---:|" * (len(header) - 1)]
@@ -319,9 +408,8 @@ def render(report: BenchReport, console: Console) -> None:
     for row in body:
         t.add_row(*row)
     console.print(t)
-    if report.paired:
-        header, body = paired_cells(report)
-        p = Table(title="paired rounds (run / baseline in the same round)")
+    for title, (header, body) in _summary_tables(report):
+        p = Table(title=title)
         for i, h in enumerate(header):
             p.add_column(escape(h), justify="left" if i == 0 else "right")
         for row in body:

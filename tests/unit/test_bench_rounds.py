@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from bench.plots import write_plots
-from bench.report import PAIRED_METRICS, make_report, markdown
+import numpy as np
+
+from bench.report import PAIRED_METRICS, make_report, markdown, pooled_ttft_added
 from tests.unit.test_bench_sweep import _png, _run, cfg
 
 
@@ -42,10 +44,37 @@ def test_ratios_pair_the_runs_of_one_round_and_the_summary_spans_them() -> None:
         in text
 
 
+def test_the_pooled_ttft_added_uses_every_rounds_requests() -> None:
+    report = rounds_report([1.25, 0.8, 1.0])
+    pooled = report.pooled["cluster/vllm@c16"]
+    # vLLM's 96 requests all at one TTFT; the cluster's a third each at 1.25x, 0.8x and 1x it
+    base = report.runs[0].ttft_ms.p50
+    assert pooled.requests == (96, 96)
+    assert (pooled.baseline_ms, pooled.run_ms, pooled.added_ms) == pytest.approx((base, base, 0))
+    assert "| cluster/vllm@c16 | 160.0 ms | 160.0 ms | +0.0 ms |" in markdown(report)
+
+
+def test_the_pooled_interval_finds_a_shift_the_rounds_scatter_hides() -> None:
+    rng = np.random.default_rng(1)
+    # 16 rounds of 160 requests each side; TTFT spread like a loaded engine's (p90 ~ 3 x p50)
+    base = rng.lognormal(np.log(80), 0.8, 16 * 160)
+    run = rng.lognormal(np.log(80), 0.8, 16 * 160) + 3.0
+    d = pooled_ttft_added(run.tolist(), base.tolist())
+    assert d is not None and d.requests == (2560, 2560)
+    assert d.ci95_ms[0] < 3.0 < d.ci95_ms[1]
+    assert d.ci95_ms[1] - d.ci95_ms[0] < 12.0
+    per_round = [np.median(run[k::16]) - np.median(base[k::16]) for k in range(16)]
+    assert max(per_round) - min(per_round) > d.ci95_ms[1] - d.ci95_ms[0]
+    same = pooled_ttft_added(base[:1280].tolist(), base[1280:].tolist())
+    assert same is not None and same.ci95_ms[0] < 0 < same.ci95_ms[1]
+    assert pooled_ttft_added([1.0], base.tolist()) is None
+
+
 def test_without_rounds_there_is_no_summary() -> None:
     report = make_report([_run("vllm", 16, 1.0), _run("cluster", 16, 1.1)])
-    assert report.paired == {}
+    assert report.paired == {} and report.pooled == {}
     assert "paired rounds" not in markdown(report)
+    assert "pooled" not in markdown(report)
 
 
 def test_rounds_want_the_vllm_baseline() -> None:
