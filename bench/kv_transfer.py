@@ -9,6 +9,9 @@ process) registers its own and moves `size` bytes with NIXL READ (what vLLM's de
 and WRITE, for sizes 64 KiB .. 64 MiB, in these patterns:
 
 - `contiguous`: one descriptor (`initialize_xfer`).
+- `contiguous-split<N>` (only with `--split-threads N`, a trial): the same bytes as N equal
+  descriptors, with the UCX backend running N threads that share out any transfer of N or more
+  descriptors (NIXL's thread-pool engine, `split_batch_size` N): the parts are read in parallel.
 - `pages-*`: the way vLLM's connector moves KV: each buffer is prepared once as a table of
   `page_kib` pages (`prep_xfer_dlist`, vLLM's one descriptor per block and cache region) and a
   transfer picks pages by index (`make_prepped_xfer`, where NIXL merges neighbouring pages that
@@ -21,11 +24,20 @@ and WRITE, for sizes 64 KiB .. 64 MiB, in these patterns:
 Every READ is checked against the pattern the child wrote, page by page. `descriptors` is what
 the transfer listed, `merged_descriptors` what NIXL moved after merging (its telemetry).
 
-The baseline, in the same process and run, at each size right after NIXL's: a plain memory copy
-of the same number of bytes between two buffers of this process, with numpy (`np.copyto`, one
-thread) and torch (`Tensor.copy_`, torch's threads). `read_ratio` = NIXL bandwidth / the faster
-of the two. Bandwidths are medians over repetitions (at least `--min-reps`, at least
-`--min-seconds` per point), in GB/s (1e9 bytes/s).
+Two baselines, in the same process and run:
+
+- **this machine's memcpy bandwidth** (`machine`): a copy between two buffers of
+  `4 x the last-level cache` each (at least 64 MiB; STREAM's rule, so that it measures memory,
+  not cache), with numpy (`np.copyto`, one thread, as memcpy copies) and torch
+  (`Tensor.copy_`, torch's threads), before the first transfer and again after the last; the
+  higher of the two measurements counts. `read_ratio_machine` = READ / the one-thread figure.
+- **the same bytes, copied the same way** (per point, right after NIXL's): `np.copyto` and
+  torch `copy_` of `size` bytes between two buffers of this process. Up to a few MiB both
+  buffers stay in the cores' caches, so this is the cache's copy rate, not the machine's
+  memory; `read_ratio` = READ / the faster of the two, `read_ratio_1thread` = READ / numpy.
+
+Bandwidths are medians over repetitions (at least `--min-reps`, at least `--min-seconds` per
+point), in GB/s (1e9 bytes/s).
 """
 
 from __future__ import annotations
@@ -58,6 +70,13 @@ class KvTransferConfig(BaseModel):
     min_reps: int = Field(5, ge=1, description="repetitions per point, at least")
     min_seconds: float = Field(0.2, gt=0, description="time per point, at least")
     num_threads: int = Field(1, ge=0, description="UCX worker threads (the workers' default)")
+    split_threads: int = Field(0, ge=0, description=(
+        "a trial, off at 0: run N UCX threads that share out any transfer of N or more "
+        "descriptors (NIXL's split_batch_size N), and add the pattern contiguous-split<N>: "
+        "each size as N equal descriptors, read in parallel"))
+    machine_mib: int = Field(0, ge=0, description=(
+        "buffer size of the machine memcpy baseline, MiB (0: 4 x the last-level cache, at "
+        "least 64)"))
 
 
 class Point(BaseModel):
@@ -65,7 +84,8 @@ class Point(BaseModel):
 
     bytes: int = Field(description="bytes per transfer")
     pattern: str = Field(description=(
-        "contiguous (one descriptor) or pages-<order> (page_kib each, prepared tables)"))
+        "contiguous (one descriptor), contiguous-split<N> (N equal descriptors, with "
+        "--split-threads N) or pages-<order> (page_kib each, prepared tables)"))
     descriptors: int = Field(description="descriptors the transfer lists")
     merged_descriptors: int = Field(description=(
         "descriptors NIXL moved after merging neighbours (its telemetry)"))
@@ -77,6 +97,19 @@ class Point(BaseModel):
     read_ratio: float = Field(description="READ / max(numpy, torch)")
     write_ratio: float = Field(description="WRITE / max(numpy, torch)")
     read_ratio_1thread: float = Field(description="READ / numpy (both copy on one thread)")
+    read_ratio_machine: float = Field(description=(
+        "READ / this machine's one-thread memcpy bandwidth (the `machine` baseline)"))
+
+
+class MachineMemcpy(BaseModel):
+    """This machine's memcpy bandwidth: a copy of buffers too large for its caches."""
+
+    buffer_bytes: int = Field(description="bytes per copy (each of the two buffers)")
+    last_level_cache_bytes: int = Field(description="the largest CPU cache, as the OS reports")
+    numpy_gb_s: float = Field(description="np.copyto (one thread), GB/s: higher of two runs")
+    torch_gb_s: float = Field(description="torch copy_ (its threads), GB/s: higher of two runs")
+    numpy_runs_gb_s: list[float] = Field(description="np.copyto before and after the transfers")
+    torch_runs_gb_s: list[float] = Field(description="torch copy_ before and after")
 
 
 class KvTransferResult(BaseModel):
@@ -84,6 +117,7 @@ class KvTransferResult(BaseModel):
     ucx_tls: str = Field(description="UCX transports allowed (as the workers' engines)")
     torch_threads: int = Field(description="torch intra-op threads during the memcpy baseline")
     cpu_count: int
+    machine: MachineMemcpy = Field(description="this machine's memcpy bandwidth, same run")
     points: list[Point]
 
 
@@ -102,12 +136,19 @@ def ucx_env() -> dict[str, str]:
 PAGE_ORDERS = ("ascending", "descending", "descending-ordered", "scattered")
 
 
-def _agent(name: str, num_threads: int) -> Any:
+def _agent(name: str, num_threads: int, split_threads: int = 0) -> Any:
     from nixl._api import nixl_agent, nixl_agent_config
 
-    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False,
-                                              num_threads=num_threads, backends=["UCX"],
-                                              capture_telemetry=True))
+    if not split_threads:
+        return nixl_agent(name, nixl_agent_config(enable_prog_thread=False,
+                                                  num_threads=num_threads, backends=["UCX"],
+                                                  capture_telemetry=True))
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=[],
+                                               capture_telemetry=True))
+    # The Python config passes only num_threads; split_batch_size needs the backend's own call.
+    agent.create_backend("UCX", {"num_threads": str(split_threads),
+                                 "split_batch_size": str(split_threads)})
+    return agent
 
 
 def page_pairs(order: str, count: int, table: int, seed: int = 0
@@ -129,10 +170,10 @@ def page_pairs(order: str, count: int, table: int, seed: int = 0
     raise ValueError(f"unknown page order {order!r}")
 
 
-def _prefill_side(conn: Any, nbytes: int, num_threads: int) -> None:
+def _prefill_side(conn: Any, nbytes: int, num_threads: int, split_threads: int) -> None:
     """Child process: the prefill agent, holding the source buffer; serves until told to stop,
     polling notifications (there is no progress thread)."""
-    agent = _agent("prefill", num_threads)
+    agent = _agent("prefill", num_threads, split_threads)
     buf = (np.arange(nbytes, dtype=np.int64) % PATTERN_MOD).astype(np.uint8)
     agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
     conn.send((agent.get_agent_metadata(), buf.ctypes.data))
@@ -156,6 +197,26 @@ def _median_rate(nbytes: int, fn: Callable[[], None], cfg: KvTransferConfig
     return nbytes / med / 1e9, med
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of cpu0 as sysfs reports it (32 MiB where it says nothing)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best or 32 << 20
+
+
+def machine_buffer_bytes(cfg: KvTransferConfig, llc: int) -> int:
+    """Bytes per buffer of the machine baseline: 4 x the last-level cache, at least 64 MiB."""
+    return cfg.machine_mib * 2**20 if cfg.machine_mib else max(4 * llc, 64 << 20)
+
+
 def sizes(cfg: KvTransferConfig) -> list[int]:
     out, s = [], cfg.min_kib * 1024
     while s <= cfg.max_mib * 2**20:
@@ -171,14 +232,15 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
     total = cfg.max_mib * 2**20
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill_side, args=(child, total, cfg.num_threads), daemon=True)
+    proc = ctx.Process(target=_prefill_side, args=(child, total, cfg.num_threads, cfg.split_threads),
+                       daemon=True)
     proc.start()
     points: list[Point] = []
     try:
         if not parent.poll(120):
             raise RuntimeError("the prefill agent did not start")
         meta, remote_addr = parent.recv()
-        agent = _agent("decode", cfg.num_threads)
+        agent = _agent("decode", cfg.num_threads, cfg.split_threads)
         local = np.zeros(total, dtype=np.uint8)
         agent.register_memory([(local.ctypes.data, total, 0, "")], "DRAM")
         remote = agent.add_remote_agent(meta)
@@ -186,6 +248,20 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
         src = np.random.default_rng(0).integers(0, 255, total, dtype=np.uint8)
         dst = np.empty_like(src)
         tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+        llc = last_level_cache_bytes()
+        big = machine_buffer_bytes(cfg, llc)
+        big_src = np.random.default_rng(1).integers(0, 255, big, dtype=np.uint8)
+        big_dst = np.empty_like(big_src)
+        big_tsrc, big_tdst = torch.from_numpy(big_src), torch.from_numpy(big_dst)
+        machine_runs: tuple[list[float], list[float]] = ([], [])
+
+        def measure_machine() -> None:
+            machine_runs[0].append(_median_rate(big, lambda: np.copyto(big_dst, big_src), cfg)[0])
+            machine_runs[1].append(_median_rate(big, lambda: big_tdst.copy_(big_tsrc), cfg)[0])
+            log(f"machine memcpy, 2 x {_size(big)}: numpy {machine_runs[0][-1]:6.2f} "
+                f"torch {machine_runs[1][-1]:6.2f} GB/s")
+
+        measure_machine()
         page = cfg.page_kib * 1024
         tables: tuple[Any, Any] | None = None
         if page:
@@ -203,10 +279,13 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
             if state != "DONE":
                 raise RuntimeError(f"NIXL {op} failed ({state})")
 
-        def contiguous(op: str, n: int) -> Any:
+        def contiguous(op: str, n: int, parts: int = 1) -> Any:
+            step = n // parts  # initialize_xfer does not merge: the parts stay apart
             return agent.initialize_xfer(
-                op, agent.get_xfer_descs([(local.ctypes.data, n, 0)], "DRAM"),
-                agent.get_xfer_descs([(remote_addr, n, 0)], "DRAM"), remote)
+                op, agent.get_xfer_descs([(local.ctypes.data + i * step, step, 0)
+                                          for i in range(parts)], "DRAM"),
+                agent.get_xfer_descs([(remote_addr + i * step, step, 0)
+                                      for i in range(parts)], "DRAM"), remote)
 
         def merged(handle: Any, listed: int) -> int:
             try:
@@ -223,16 +302,18 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
             if not ok:
                 raise RuntimeError(f"NIXL READ of {n} bytes moved the wrong bytes")
 
-        patterns = ["contiguous"] + ([f"pages-{o}" for o in PAGE_ORDERS] if page else [])
+        split = cfg.split_threads
+        patterns = (["contiguous"] + ([f"contiguous-split{split}"] if split > 1 else [])
+                    + ([f"pages-{o}" for o in PAGE_ORDERS] if page else []))
         for n in sizes(cfg):
             np_gb, _ = _median_rate(n, lambda: np.copyto(dst[:n], src[:n]), cfg)
             th_gb, _ = _median_rate(n, lambda: tdst[:n].copy_(tsrc[:n]), cfg)
             best = max(np_gb, th_gb)
             for pattern in patterns:
                 lids = rids = None
-                if pattern == "contiguous":
-                    handles = {op: contiguous(op, n) for op in ("READ", "WRITE")}
-                    listed = 1
+                if pattern.startswith("contiguous"):
+                    listed = split if pattern != "contiguous" else 1
+                    handles = {op: contiguous(op, n, listed) for op in ("READ", "WRITE")}
                 else:
                     if n < 2 * page:
                         continue
@@ -251,7 +332,8 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
                           merged_descriptors=merged(handles["READ"], listed),
                           read_gb_s=read_gb, write_gb_s=write_gb, read_us=read_s * 1e6,
                           numpy_gb_s=np_gb, torch_gb_s=th_gb, read_ratio=read_gb / best,
-                          write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb)
+                          write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb,
+                          read_ratio_machine=0.0)
                 for h in handles.values():
                     h.release()
                 points.append(p)
@@ -262,6 +344,12 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
             for t in tables:
                 t.release()
         agent.remove_remote_agent(remote)
+        measure_machine()
+        machine = MachineMemcpy(buffer_bytes=big, last_level_cache_bytes=llc,
+                                numpy_gb_s=max(machine_runs[0]), torch_gb_s=max(machine_runs[1]),
+                                numpy_runs_gb_s=machine_runs[0], torch_runs_gb_s=machine_runs[1])
+        for p in points:
+            p.read_ratio_machine = p.read_gb_s / machine.numpy_gb_s
     finally:
         parent.send("stop")
         proc.join(30)
@@ -270,7 +358,7 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
             proc.join(5)
     return KvTransferResult(config=cfg, ucx_tls=os.environ.get("UCX_TLS", ""),
                             torch_threads=torch.get_num_threads(),
-                            cpu_count=os.cpu_count() or 0, points=points)
+                            cpu_count=os.cpu_count() or 0, machine=machine, points=points)
 
 
 def _size(n: int) -> str:
@@ -278,16 +366,22 @@ def _size(n: int) -> str:
 
 
 def markdown(res: KvTransferResult) -> str:
-    rows = ["| size | pattern | descriptors listed → moved | NIXL READ GB/s | NIXL WRITE GB/s | "
-            "READ µs | numpy memcpy GB/s | torch memcpy GB/s | READ / best memcpy | "
-            "WRITE / best memcpy | READ / numpy |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    m = res.machine
+    rows = [f"This machine's memcpy (2 x {_size(m.buffer_bytes)}, last-level cache "
+            f"{_size(m.last_level_cache_bytes)}): numpy (1 thread) {m.numpy_gb_s:.2f} GB/s, "
+            f"torch ({res.torch_threads} threads) {m.torch_gb_s:.2f} GB/s.",
+            "",
+            "| size | pattern | descriptors listed → moved | NIXL READ GB/s | NIXL WRITE GB/s | "
+            "READ µs | READ / machine memcpy | same-size numpy memcpy GB/s | same-size torch "
+            "memcpy GB/s | READ / same-size numpy | READ / same-size best | "
+            "WRITE / same-size best |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in res.points:
         rows.append(f"| {_size(p.bytes)} | {p.pattern} | {p.descriptors} → "
                     f"{p.merged_descriptors} | {p.read_gb_s:.2f} | "
-                    f"{p.write_gb_s:.2f} | {p.read_us:.0f} | {p.numpy_gb_s:.2f} | "
-                    f"{p.torch_gb_s:.2f} | {p.read_ratio:.2f} | {p.write_ratio:.2f} | "
-                    f"{p.read_ratio_1thread:.2f} |")
+                    f"{p.write_gb_s:.2f} | {p.read_us:.0f} | {p.read_ratio_machine:.2f} | "
+                    f"{p.numpy_gb_s:.2f} | {p.torch_gb_s:.2f} | {p.read_ratio_1thread:.2f} | "
+                    f"{p.read_ratio:.2f} | {p.write_ratio:.2f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -308,9 +402,13 @@ def plot(res: KvTransferResult, path: Path) -> None:
     base = [p for p in res.points if p.pattern == patterns[0]] if patterns else []
     xs = [p.bytes for p in base]
     ax.plot(xs, [p.numpy_gb_s for p in base], ":", marker=".", color="k",
-            label="memcpy, numpy (1 thread)")
+            label="same-size memcpy, numpy (1 thread)")
     ax.plot(xs, [p.torch_gb_s for p in base], ":", marker="x", color="0.5",
-            label="memcpy, torch (all threads)")
+            label="same-size memcpy, torch (all threads)")
+    ax.axhline(res.machine.numpy_gb_s, color="k", linewidth=1,
+               label=f"this machine's memcpy (1 thread, 2 x {_size(res.machine.buffer_bytes)})")
+    ax.axhline(res.machine.numpy_gb_s / 2, color="r", linewidth=1, linestyle="--",
+               label="half of it (the target)")
     ax.set_xscale("log", base=2)
     xs = sorted({p.bytes for p in res.points})
     ax.set_xticks(xs, [_size(x) for x in xs], rotation=45, fontsize=8)
