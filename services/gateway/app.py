@@ -63,6 +63,9 @@ class PreparedRequest:
     sampling: pb.SamplingParams
     stream: bool
     include_usage: bool
+    received_at: float
+    """time.perf_counter() when the gateway began handling the request (before tokenizing):
+    where TTFT and end-to-end latency start."""
 
 
 def _dumps(obj: Any) -> str:
@@ -153,6 +156,7 @@ class Gateway:
 
     async def prepare(self, req: CompletionRequest | ChatCompletionRequest, kind: Kind
                       ) -> PreparedRequest:
+        received_at = time.perf_counter()
         self._check_model(req.model)
         if (feature := req.unsupported()) is not None:
             raise invalid(f"`{feature}` is not supported by this server", param=feature,
@@ -190,7 +194,8 @@ class Gateway:
         return PreparedRequest(kind=kind, request_id=new_id(prefix), token_ids=ids,
                                sampling=sampling, stream=req.stream,
                                include_usage=bool(req.stream_options
-                                                  and req.stream_options.include_usage))
+                                                  and req.stream_options.include_usage),
+                               received_at=received_at)
 
     async def _completion_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -223,7 +228,7 @@ class Gateway:
         assert self.flow is not None
         route = f"/v1/{'chat/' if p.kind == 'chat' else ''}completions"
         result = GenerationResult()
-        start = time.perf_counter()
+        start = p.received_at
         texts: list[str] = []
 
         async def collect() -> None:
@@ -267,7 +272,7 @@ class Gateway:
         assert self.flow is not None
         route = f"/v1/{'chat/' if p.kind == 'chat' else ''}completions"
         result = GenerationResult()
-        start = time.perf_counter()
+        start = p.received_at
         chunks = self.flow.stream(p.request_id, p.token_ids, p.sampling, result)
         # Wait for the first chunk before answering, so routing and worker failures still get
         # a proper HTTP status instead of an error inside a 200 stream.
@@ -279,13 +284,16 @@ class Gateway:
             raise APIError(503, str(exc), type="service_unavailable") from None
         except ValueError as exc:
             raise invalid(str(exc)) from None
-        self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
+        ttft = self.metrics.ttft.labels(route)
+        if first is not None and first.token_ids:
+            ttft.observe(time.perf_counter() - start)
         sse = ChunkEncoder(p.request_id, now(), self.cfg.name, chat=p.kind == "chat",
                            include_usage=p.include_usage)
         itl = self.metrics.itl.labels(route)
 
         async def body() -> AsyncIterator[str]:
             last = time.perf_counter()
+            token_seen = first is not None and bool(first.token_ids)
             try:
                 if sse.chat:
                     yield sse.event([sse.choice("", None, role=True)])
@@ -299,7 +307,12 @@ class Gateway:
                     except StopAsyncIteration:
                         break
                     t = time.perf_counter()
-                    itl.observe(t - last)
+                    if not token_seen:  # no token yet: the first chunk carried none
+                        if pending[0].token_ids:
+                            ttft.observe(t - start)
+                            token_seen = True
+                    else:
+                        itl.observe(t - last)
                     last = t
                 if p.include_usage:
                     yield sse.event([], self._usage(result))

@@ -157,16 +157,21 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
                 await context.abort(*error)
             assert gw.flow is not None
             result = GenerationResult()
-            start = time.perf_counter()
+            start = prepared.received_at
             chunks = gw.flow.stream(prepared.request_id, prepared.token_ids, prepared.sampling,
                                     result)
-            first = True
+            ttft, itl = gw.metrics.ttft.labels(route), gw.metrics.itl.labels(route)
+            last: float | None = None  # the previous chunk's arrival; None until a token came
             finished = False
             try:
                 async for c in chunks:
-                    if first:
-                        gw.metrics.ttft.labels(route).observe(time.perf_counter() - start)
-                        first = False
+                    t = time.perf_counter()
+                    if last is not None:
+                        itl.observe(t - last)
+                        last = t
+                    elif c.token_ids:
+                        ttft.observe(t - start)
+                        last = t
                     out = ipb.CompletionChunk(id=prepared.request_id, token_ids=c.token_ids,
                                               text=c.text)
                     if c.finish_reason:

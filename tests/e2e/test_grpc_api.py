@@ -21,7 +21,7 @@ import splitserve_sdk as sdk
 from services.controller.gateway_process import GatewayProcess
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
-from tests.e2e.test_data_path import MAX_TOKENS, MODEL, worker_stats, workers
+from tests.e2e.test_data_path import MAX_TOKENS, MODEL, metric, worker_stats, workers
 from tests.support.cluster import RunningCluster
 
 pytestmark = pytest.mark.e2e
@@ -51,11 +51,25 @@ def test_ready_line_names_the_grpc_port(disagg: RunningCluster) -> None:
         assert h.serving and h.workers.get("prefill") == 1 and h.workers.get("decode") == 1
 
 
+def gateway_observations(cluster: RunningCluster, histogram: str, route: str) -> float:
+    """How many observations the gateway's histogram holds for a route (0 before the first)."""
+    try:
+        return metric(f"{cluster.http}/metrics", f"{histogram}_count", route=route)
+    except AssertionError:
+        return 0.0
+
+
 def test_greedy_chat_over_grpc_equals_http(disagg: RunningCluster) -> None:
     expected = http_chat(disagg, CHAT)
+    ttft, itl = ("splitserve_gateway_time_to_first_token_seconds",
+                 "splitserve_gateway_inter_token_latency_seconds")
+    before = [gateway_observations(disagg, h, "grpc:Chat") for h in (ttft, itl)]
     with grpc_client(disagg) as c:
         chunks = list(c.stream_chat(CHAT, max_tokens=MAX_TOKENS, temperature=0))
         whole = c.chat(CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    # the gateway timed both calls: a first token each, and the gaps between later chunks
+    assert gateway_observations(disagg, ttft, "grpc:Chat") == before[0] + 2
+    assert gateway_observations(disagg, itl, "grpc:Chat") - before[1] >= max(1, len(chunks) - 2)
     assert "".join(ch.text for ch in chunks) == expected == whole.text
     assert len(chunks) > 1 and chunks[-1].finish_reason in ("stop", "length")
     u = chunks[-1].usage

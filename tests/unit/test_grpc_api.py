@@ -5,6 +5,7 @@ RESOURCE_EXHAUSTED / 429, and cancelling a call unwinds the PD flow (which abort
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -86,7 +87,8 @@ class FakeGateway:
         sampling = wpb.SamplingParams(max_tokens=req.max_tokens or 4,
                                       ignore_eos=req.ignore_eos)
         return PreparedRequest(kind=kind, request_id="req-1", token_ids=[1, 2, 3],  # type: ignore
-                               sampling=sampling, stream=True, include_usage=False)
+                               sampling=sampling, stream=True, include_usage=False,
+                               received_at=time.perf_counter())
 
     def _record(self, route: str, result: Any) -> None:
         pass
@@ -118,6 +120,12 @@ async def test_stream_ends_with_finish_reason_and_usage(served) -> None:
     u = chunks[-1].usage
     assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (3, 3, 6)
     assert gw.admission.in_flight == 0
+    # the gateway timed it: the first token, the gaps between the next two, the whole
+    route = {"route": "grpc:Chat"}
+    for name, count in (("time_to_first_token_seconds", 1), ("inter_token_latency_seconds", 2),
+                        ("request_duration_seconds", 1)):
+        assert gw.metrics.registry.get_sample_value(
+            f"splitserve_gateway_{name}_count", route) == count, name
     models = await stub.ListModels(ipb.ListModelsRequest())
     assert [m.id for m in models.models] == ["fake-model"]
     health = await stub.Health(ipb.HealthRequest())
