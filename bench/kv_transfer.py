@@ -235,7 +235,7 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
     proc = ctx.Process(target=_prefill_side, args=(child, total, cfg.num_threads, cfg.split_threads),
                        daemon=True)
     proc.start()
-    points: list[Point] = []
+    measured: list[dict[str, Any]] = []  # each size and pattern, before the machine figure
     try:
         if not parent.poll(120):
             raise RuntimeError("the prefill agent did not start")
@@ -328,18 +328,17 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
                 check(n, lids, rids)
                 read_gb, read_s = _median_rate(n, lambda: wait("READ", handles["READ"]), cfg)
                 write_gb, _ = _median_rate(n, lambda: wait("WRITE", handles["WRITE"]), cfg)
-                p = Point(bytes=n, pattern=pattern, descriptors=listed,
-                          merged_descriptors=merged(handles["READ"], listed),
-                          read_gb_s=read_gb, write_gb_s=write_gb, read_us=read_s * 1e6,
-                          numpy_gb_s=np_gb, torch_gb_s=th_gb, read_ratio=read_gb / best,
-                          write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb,
-                          read_ratio_machine=0.0)
+                m = dict(bytes=n, pattern=pattern, descriptors=listed,
+                         merged_descriptors=merged(handles["READ"], listed),
+                         read_gb_s=read_gb, write_gb_s=write_gb, read_us=read_s * 1e6,
+                         numpy_gb_s=np_gb, torch_gb_s=th_gb, read_ratio=read_gb / best,
+                         write_ratio=write_gb / best, read_ratio_1thread=read_gb / np_gb)
                 for h in handles.values():
                     h.release()
-                points.append(p)
-                log(f"{_size(n):>8} {pattern:26} {listed:5d}->{p.merged_descriptors:<5d} "
+                measured.append(m)
+                log(f"{_size(n):>8} {pattern:26} {listed:5d}->{m['merged_descriptors']:<5d} "
                     f"READ {read_gb:6.2f} WRITE {write_gb:6.2f} numpy {np_gb:6.2f} "
-                    f"torch {th_gb:6.2f} GB/s  READ/memcpy {p.read_ratio:.2f}")
+                    f"torch {th_gb:6.2f} GB/s  READ/memcpy {read_gb / best:.2f}")
         if tables is not None:
             for t in tables:
                 t.release()
@@ -348,8 +347,9 @@ def run(cfg: KvTransferConfig, log: Callable[[str], None] = lambda _: None) -> K
         machine = MachineMemcpy(buffer_bytes=big, last_level_cache_bytes=llc,
                                 numpy_gb_s=max(machine_runs[0]), torch_gb_s=max(machine_runs[1]),
                                 numpy_runs_gb_s=machine_runs[0], torch_runs_gb_s=machine_runs[1])
-        for p in points:
-            p.read_ratio_machine = p.read_gb_s / machine.numpy_gb_s
+        # the machine figure is final only after its second measurement, so points come last
+        points = [Point(**m, read_ratio_machine=m["read_gb_s"] / machine.numpy_gb_s)
+                  for m in measured]
     finally:
         parent.send("stop")
         proc.join(30)
