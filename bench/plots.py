@@ -1,6 +1,7 @@
 """PNG plots of a benchmark report (matplotlib, Agg backend: no display needed).
 
-- ``PREFIX_latency.png``: TTFT and ITL p50/p99 vs concurrency, one line per target (sweeps),
+- ``PREFIX_latency.png``: TTFT, ITL and end-to-end p50/p99 vs concurrency, one line per target
+  (sweeps),
 - ``PREFIX_throughput.png``: output tokens/s vs concurrency, one line per target (sweeps),
 - ``PREFIX_distributions.png``: the TTFT empirical CDF and the ITL tail (fraction of gaps above
   x, log scale), one line per run (for a sweep, the runs at its highest concurrency; for a
@@ -8,6 +9,9 @@
 
 With paired rounds (`--rounds`), a target's figure at a concurrency is the median over its
 rounds, and its distributions pool the samples of every round.
+
+Redraw them from a saved report (`splitserve bench --json`) without running it again:
+``python -m bench.plots REPORT.json PREFIX``.
 """
 
 from __future__ import annotations
@@ -56,10 +60,19 @@ def _concurrency_axis(ax, runs: list[RunReport]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def plot_latency(report: BenchReport, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, title in ((axes[0], "ttft_ms", "time to first token"),
-                              (axes[1], "itl_ms", "inter-token latency")):
+LATENCY_PANELS: tuple[tuple[str, str], ...] = (
+    ("ttft_ms", "time to first token"),
+    ("itl_ms", "inter-token latency"),
+    ("e2e_ms", "end-to-end latency"),
+)
+"""The latency plot's panels: (report metric, title)."""
+
+
+def latency_figure(report: BenchReport):
+    """The latency-vs-concurrency figure: one panel per LATENCY_PANELS entry, p50 and p99 of
+    every target."""
+    fig, axes = plt.subplots(1, len(LATENCY_PANELS), figsize=(15, 4.2))
+    for ax, (metric, title) in zip(axes, LATENCY_PANELS):
         for i, (target, runs) in enumerate(_targets(report).items()):
             color = f"C{i}"
             for q, style in (("p50", "-"), ("p99", "--")):
@@ -71,6 +84,11 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_latency(report: BenchReport, path: Path) -> Path:
+    fig = latency_figure(report)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -157,3 +175,29 @@ def write_plots(report: BenchReport, prefix: str | Path) -> list[Path]:
         out.append(plot_throughput(report, base.with_name(base.name + "_throughput.png")))
     out.append(plot_distributions(report, base.with_name(base.name + "_distributions.png")))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw the plots of a saved report: ``python -m bench.plots REPORT.json PREFIX``."""
+    import argparse
+
+    from pydantic import ValidationError
+
+    p = argparse.ArgumentParser(prog="python -m bench.plots", description=main.__doc__)
+    p.add_argument("report", type=Path, help="a report written by `splitserve bench --json`")
+    p.add_argument("prefix", help="write PREFIX_<plot>.png")
+    ns = p.parse_args(argv)
+    try:
+        report = BenchReport.model_validate_json(ns.report.read_bytes())
+    except (OSError, ValidationError) as exc:
+        p.exit(2, f"python -m bench.plots: error: cannot read a report from {ns.report}: "
+                  f"{str(exc).splitlines()[0]}\n")
+    if not report.runs:
+        p.exit(2, f"python -m bench.plots: error: {ns.report} holds no runs\n")
+    for path in write_plots(report, ns.prefix):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -159,3 +159,45 @@ def test_open_loop_scenarios_are_not_throttled_by_default() -> None:
     assert cfg("--scenario", "mixed").sweep == [OPEN_LOOP_CONCURRENCY]
     assert cfg("--scenario", "mixed", "--concurrency", "4").sweep == [4]
     assert cfg("--scenario", "synthetic").sweep == [8]
+
+
+def test_latency_plot_has_ttft_itl_and_end_to_end_per_target() -> None:
+    import matplotlib.pyplot as plt
+
+    from bench.plots import LATENCY_PANELS, latency_figure
+
+    report = sweep_report()
+    fig = latency_figure(report)
+    try:
+        assert [ax.get_title() for ax in fig.axes] == [title for _, title in LATENCY_PANELS]
+        e2e = fig.axes[[m for m, _ in LATENCY_PANELS].index("e2e_ms")]
+        lines = {ln.get_label(): ln for ln in e2e.get_lines()}
+        assert set(lines) == {f"{t} {q}" for t in ("aggregated", "disaggregated")
+                              for q in ("p50", "p99")}
+        runs = sorted((r for r in report.runs if r.target == "disaggregated"),
+                      key=lambda r: r.concurrency or 0)
+        assert list(lines["disaggregated p99"].get_xdata()) == [1, 2, 4]
+        assert list(lines["disaggregated p99"].get_ydata()) == pytest.approx(
+            [r.metric("e2e_ms.p99") for r in runs])
+    finally:
+        plt.close(fig)
+
+
+def test_plots_redrawn_from_a_saved_report(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.plots import main
+
+    saved = tmp_path / "report.json"
+    saved.write_text(sweep_report().model_dump_json())
+    assert main([str(saved), str(tmp_path / "again")]) == 0
+    names = [Path(line).name for line in capsys.readouterr().out.split()]
+    assert names == ["again_latency.png", "again_throughput.png", "again_distributions.png"]
+    assert _png(tmp_path / "again_latency.png")[..., :3].std() > 0.05
+    # not a report: a CLI message and exit 2, no files
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": 3}')
+    with pytest.raises(SystemExit) as exc:
+        main([str(bad), str(tmp_path / "bad")])
+    assert exc.value.code == 2
+    assert "cannot read a report" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad_*.png"))
