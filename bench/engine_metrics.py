@@ -1,8 +1,10 @@
 """The engines' own counters, read from each live worker's Prometheus endpoint, and the
 cluster's prefix-cache hit rate computed from them.
 
-The live workers (and their `metrics_url` and role) come from the Redis worker registry. Every
-worker serves vLLM's metrics for its engine; bench reads, summed over each worker's label sets:
+The live workers (and their `metrics_url` and role) come from the Redis worker registry; vLLM's
+own server (the `--target vllm` baseline) is one engine that prefills and decodes, read at its
+`/metrics` as a `both` worker. Every worker serves vLLM's metrics for its engine; bench reads,
+summed over each worker's label sets:
 
 - `vllm:prompt_tokens_total`: prompt tokens of the requests the engine served,
 - `vllm:prompt_tokens_by_source_total{source=local_compute|local_cache_hit|external_kv_transfer}`:
@@ -33,6 +35,7 @@ the last prompt token; that token counts as computed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -89,45 +92,76 @@ class EngineSnapshot:
     errors: list[str] = field(default_factory=list)
 
 
-async def scrape(redis_url: str, namespace: str, timeout_s: float = 10.0) -> EngineSnapshot:
-    """Read the live workers from the registry and fetch each one's counters."""
-    from redis.asyncio import Redis
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """One engine's Prometheus endpoint and the role it serves in."""
 
-    from router.registry import WorkerRegistry
+    worker_id: str
+    role: str
+    metrics_url: str
 
-    redis = Redis.from_url(redis_url)
-    try:
-        workers = await WorkerRegistry(redis, namespace).live_workers()
-    finally:
-        await redis.aclose()
+
+EndpointSource = Callable[[], Awaitable[list[EngineEndpoint]]]
+"""Where a target's engines are: read anew at every scrape (workers come and go)."""
+
+
+def registry_endpoints(redis_url: str, namespace: str) -> EndpointSource:
+    """A splitserve cluster's live workers, from its Redis worker registry."""
+
+    async def endpoints() -> list[EngineEndpoint]:
+        from redis.asyncio import Redis
+
+        from router.registry import WorkerRegistry
+
+        redis = Redis.from_url(redis_url)
+        try:
+            workers = await WorkerRegistry(redis, namespace).live_workers()
+        finally:
+            await redis.aclose()
+        return [EngineEndpoint(w.worker_id, w.role.value, w.metrics_url or "") for w in workers]
+
+    return endpoints
+
+
+def server_endpoints(metrics_url: str, worker_id: str = "vllm") -> EndpointSource:
+    """A single engine that prefills and decodes (vLLM's own OpenAI server)."""
+
+    async def endpoints() -> list[EngineEndpoint]:
+        return [EngineEndpoint(worker_id, "both", metrics_url)]
+
+    return endpoints
+
+
+async def scrape(source: EndpointSource, timeout_s: float = 10.0) -> EngineSnapshot:
+    """Fetch every engine's counters."""
     snap = EngineSnapshot()
     async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as http:
-        async def one(w) -> None:
-            if not w.metrics_url:
-                snap.errors.append(f"{w.worker_id}: no metrics URL in the registry")
+        async def one(e: EngineEndpoint) -> None:
+            if not e.metrics_url:
+                snap.errors.append(f"{e.worker_id}: no metrics URL in the registry")
                 return
             try:
-                r = await http.get(w.metrics_url)
+                r = await http.get(e.metrics_url)
                 r.raise_for_status()
-                snap.workers[w.worker_id] = WorkerCounters(w.worker_id, w.role.value,
+                snap.workers[e.worker_id] = WorkerCounters(e.worker_id, e.role,
                                                            parse_counters(r.text))
             except httpx.HTTPError as exc:
-                snap.errors.append(f"{w.worker_id}: {type(exc).__name__}: {exc}")
+                snap.errors.append(f"{e.worker_id}: {type(exc).__name__}: {exc}")
 
-        await asyncio.gather(*(one(w) for w in workers))
+        await asyncio.gather(*(one(e) for e in await source()))
     return snap
 
 
-async def scrape_settled(redis_url: str, namespace: str, settle_s: float = 0.3,
+async def scrape_settled(source: EndpointSource, settle_s: float = 0.3,
                          max_wait_s: float = 5.0) -> EngineSnapshot:
     """Scrape until two consecutive snapshots agree (engines publish their last step's
     figures a moment after the stream ends), at most `max_wait_s`."""
-    snap = await scrape(redis_url, namespace)
+    snap = await scrape(source)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait_s
     while loop.time() < deadline:
         await asyncio.sleep(settle_s)
-        nxt = await scrape(redis_url, namespace)
+        nxt = await scrape(source)
         same = {k: v.values for k, v in nxt.workers.items()} == {
             k: v.values for k, v in snap.workers.items()}
         snap = nxt

@@ -37,8 +37,9 @@ from rich.markup import escape
 
 from bench.client import ClientConfig, run_workload, warm_up
 from bench.cpu_usage import cpu_seconds, usage
-from bench.engine_metrics import (KvTransferReport, PrefixCacheReport, kv_transfer_report,
-                                  prefix_cache_report, scrape_settled)
+from bench.engine_metrics import (EndpointSource, KvTransferReport, PrefixCacheReport,
+                                  kv_transfer_report, prefix_cache_report, registry_endpoints,
+                                  scrape_settled, server_endpoints)
 from bench.report import BenchReport, RunReport, make_report, progress
 from bench.stats import summarize
 from bench.workload import Workload, scenario_config
@@ -151,7 +152,7 @@ def _namespace(up_args: list[str], default: str) -> str:
     return default
 
 
-async def measure(label: str, base_url: str, redis_url: str | None, namespace: str,
+async def measure(label: str, base_url: str, engines: EndpointSource | None,
                   workload: Workload, cfg: BenchConfig, config: dict[str, Any],
                   console: Console, concurrency: int | None = None,
                   target: str = "", root_pid: int | None = None) -> RunReport:
@@ -160,8 +161,8 @@ async def measure(label: str, base_url: str, redis_url: str | None, namespace: s
     client = cfg.client(base_url, concurrency)
     await warm_up(client, cfg.warmup)
     before = None
-    if redis_url:
-        before = await scrape_settled(redis_url, namespace)
+    if engines is not None:
+        before = await scrape_settled(engines)
     cpu_before = cpu_seconds(root_pid) if root_pid else None
     t0 = time.perf_counter()
     with progress(console, label, len(workload.requests)) as on_result:
@@ -170,8 +171,8 @@ async def measure(label: str, base_url: str, redis_url: str | None, namespace: s
              if root_pid and cpu_before is not None else {})
     prefix: PrefixCacheReport | None = None
     kv: KvTransferReport | None = None
-    if redis_url and before is not None:
-        after = await scrape_settled(redis_url, namespace)
+    if engines is not None and before is not None:
+        after = await scrape_settled(engines)
         prefix = prefix_cache_report(before, after)
         kv = kv_transfer_report(before, after)
     stats = summarize(run)
@@ -210,7 +211,7 @@ def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
             pass
 
 
-def _measure_all(target: str, url: str, redis_url: str | None, namespace: str,
+def _measure_all(target: str, url: str, engines: EndpointSource | None,
                  workload: Workload, cfg: BenchConfig, config: dict[str, Any],
                  err: Console, root_pid: int | None = None) -> list[RunReport]:
     """One run per concurrency of the sweep against one target. Each step of a sweep sends
@@ -222,7 +223,7 @@ def _measure_all(target: str, url: str, redis_url: str | None, namespace: str,
         wl = workload if i == 0 else _workload_for_step(cfg, i)
         cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
         runs.append(asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
-                                        redis_url, namespace, wl, cfg, cfg_i, err, c, target,
+                                        engines, wl, cfg, cfg_i, err, c, target,
                                         root_pid)))
     return runs
 
@@ -244,7 +245,9 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     if cfg.url:
         label = cfg.label or "url"
         try:
-            runs += _measure_all(label, cfg.url, cfg.redis_url, cfg.namespace, workload, cfg,
+            engines = (registry_endpoints(cfg.redis_url, cfg.namespace) if cfg.redis_url
+                       else None)
+            runs += _measure_all(label, cfg.url, engines, workload, cfg,
                                  {**base, "target": cfg.url}, err)
         except Exception as exc:
             return make_report(runs), f"{label}: the run failed: {type(exc).__name__}: {exc}"
@@ -280,8 +283,9 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
             break
         try:
             err.print(f"[bold]{escape(label)}[/bold]: cluster ready at {cluster.http}")
-            runs += _measure_all(label, cluster.http, cluster.redis_url, namespace, workload,
-                                 cfg, {**base, **extra, "target": "cluster", "up_args": args},
+            runs += _measure_all(label, cluster.http,
+                                 registry_endpoints(cluster.redis_url, namespace), workload, cfg,
+                                 {**base, **extra, "target": "cluster", "up_args": args},
                                  err, cluster.proc.pid)
         except Exception as exc:
             failure = f"{label}: the run failed: {type(exc).__name__}: {exc}"
@@ -323,9 +327,11 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
             raise
         except (RuntimeError, TimeoutError) as exc:
             return f"{label}: the cluster did not start: {str(exc)[-2000:]}"
-        sides = [("vllm", server.url, None, server.proc.pid,
+        sides = [("vllm", server.url, server_endpoints(f"{server.url}/metrics"),
+                  server.proc.pid,
                   {**base, "target": "vllm", "vllm_args": server_args(eng, 0, "ipc://...")}),
-                 (label, cluster.http, cluster.redis_url, cluster.proc.pid,
+                 (label, cluster.http, registry_endpoints(cluster.redis_url, namespace),
+                  cluster.proc.pid,
                   {**base, **extra, "target": "cluster", "up_args": args})]
         sweep = cfg.sweep
         done: list[RunReport] = []
@@ -333,7 +339,7 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
             for k in range(cfg.rounds):
                 step = i * cfg.rounds + k  # every step and round sends prompts of its own
                 wl = workload if step == 0 else _workload_for_step(cfg, step)
-                for name, url, redis_url, pid, config in (sides if step % 2 == 0
+                for name, url, engines, pid, config in (sides if step % 2 == 0
                                                           else sides[::-1]):
                     cfg_i = config if step == 0 else {**config, **_workload_config(wl, cfg)}
                     run_label = name if len(sweep) == 1 else f"{name}@c{c}"
@@ -341,7 +347,7 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
                         run_label += f"#{k + 1}"
                     try:
                         report = asyncio.run(measure(
-                            run_label, url, redis_url, namespace, wl, cfg,
+                            run_label, url, engines, wl, cfg,
                             {**cfg_i, "order_in_step": (len(done) % 2)}, err, c, name, pid))
                         report.round = k + 1 if cfg.rounds > 1 else None
                         done.append(report)

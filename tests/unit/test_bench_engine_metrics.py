@@ -77,3 +77,39 @@ def test_aggregated_equals_engine_hit_rate_and_edge_cases() -> None:
     restarted = snap(a=("both", counters(100, 50, 50, 0)))
     big = snap(a=("both", counters(5000, 4000, 1000, 0)))
     assert prefix_cache_report(big, restarted).hit_rate == pytest.approx(0.5)
+
+
+def test_a_single_server_is_scraped_at_its_metrics_url_as_one_both_engine() -> None:
+    """vLLM's own server (the `--target vllm` baseline) has no registry: its one engine is read
+    at the URL it is given, over HTTP, and counts as a worker that prefills and decodes."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    from bench.engine_metrics import scrape_settled, server_endpoints
+    from services.ports import free_port
+
+    registry = CollectorRegistry()
+    prompt = Counter("vllm:prompt_tokens", "prompt tokens", ["engine"], registry=registry)
+    by_source = Counter("vllm:prompt_tokens_by_source", "by source", ["engine", "source"],
+                        registry=registry)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        before = asyncio.run(scrape_settled(server_endpoints(url), settle_s=0.05))
+        assert list(before.workers) == ["vllm"] and before.workers["vllm"].role == "both"
+        prompt.labels("0").inc(1000)
+        by_source.labels("0", "local_compute").inc(300)
+        by_source.labels("0", "local_cache_hit").inc(700)
+        after = asyncio.run(scrape_settled(server_endpoints(url), settle_s=0.05))
+        rep = prefix_cache_report(before, after)
+        assert rep.hit_rate == pytest.approx(0.7) and rep.errors == []
+        assert rep.by_role["both"].workers == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    # the server gone: an error in the report, not an exception
+    gone = asyncio.run(scrape_settled(server_endpoints(url), settle_s=0.05, max_wait_s=0.1))
+    assert gone.workers == {} and gone.errors and gone.errors[0].startswith("vllm: ")
