@@ -38,6 +38,7 @@ from router.registry import WorkerRegistry, WorkerRole
 from services.controller.config import ClusterConfig, PoolConfig
 from services.controller.healing import HealingConfig
 from services.controller.pool_sizes import PoolObservation
+from services.processes import kill_tree_leaving_trackers
 from services.worker.actor import WorkerActor, worker_pid_file
 from services.worker.config import WorkerConfig
 from services.worker.shm import segments_mapped_by, unlink_segments
@@ -107,7 +108,9 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
     started serving) and its PID file (written when the actor was created, so a worker that
     never finished starting is covered too). A PID now owned by a process created after the
     worker's actor is skipped (reused). The /dev/shm files its engine processes map at that
-    moment are removed once they are dead (none of them can). Returns the PIDs killed.
+    moment are removed once they are dead (none of them can). The actor's multiprocessing
+    resource tracker is left to unlink the named semaphores it registered (mapped by nobody)
+    before it is killed too. Returns the PIDs killed.
     """
     # pid -> the latest time the process it names was known to exist
     known: dict[int, float] = {}
@@ -138,12 +141,7 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
             continue
     # the actor is a Ray worker (it maps Ray's own files): only what is under it counts
     mapped = segments_mapped_by([p for pid, p in procs.items() if pid not in actors])
-    for p in procs.values():
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=5)
+    kill_tree_leaving_trackers(list(procs.values()))
     if removed := unlink_segments(mapped):
         log.info("removed %d shared-memory files of %s's engine", len(removed), w.cfg.worker_id)
     pid_file.unlink(missing_ok=True)
