@@ -28,7 +28,7 @@ from services.gateway.cluster_metrics import ClusterGauges
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, install_error_handlers, invalid
 from services.gateway.http_guard import GENERATION_PATHS, GuardMiddleware
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import GatewayMetrics, StreamTimer
 from services.gateway.pd_flow import GenerationResult, PDFlow, WorkerUnavailable
 from services.gateway.request_context import RequestContextMiddleware
 from services.gateway.sse import DONE, ChunkEncoder
@@ -284,16 +284,12 @@ class Gateway:
             raise APIError(503, str(exc), type="service_unavailable") from None
         except ValueError as exc:
             raise invalid(str(exc)) from None
-        ttft = self.metrics.ttft.labels(route)
-        if first is not None and first.token_ids:
-            ttft.observe(time.perf_counter() - start)
+        timer = StreamTimer(self.metrics, route, start)
+        timer.chunk(first is not None and bool(first.token_ids))
         sse = ChunkEncoder(p.request_id, now(), self.cfg.name, chat=p.kind == "chat",
                            include_usage=p.include_usage)
-        itl = self.metrics.itl.labels(route)
 
         async def body() -> AsyncIterator[str]:
-            last = time.perf_counter()
-            token_seen = first is not None and bool(first.token_ids)
             try:
                 if sse.chat:
                     yield sse.event([sse.choice("", None, role=True)])
@@ -306,14 +302,7 @@ class Gateway:
                         pending = [await chunks.__anext__()]
                     except StopAsyncIteration:
                         break
-                    t = time.perf_counter()
-                    if not token_seen:  # no token yet: the first chunk carried none
-                        if pending[0].token_ids:
-                            ttft.observe(t - start)
-                            token_seen = True
-                    else:
-                        itl.observe(t - last)
-                    last = t
+                    timer.chunk(bool(pending[0].token_ids))
                 if p.include_usage:
                     yield sse.event([], self._usage(result))
                 yield DONE

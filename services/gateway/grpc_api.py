@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from services.gateway.errors import APIError, _validation_error
+from services.gateway.metrics import StreamTimer
 from services.gateway.pd_flow import GenerationResult, WorkerUnavailable
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.grpc_context import ServerContextInterceptor
@@ -160,18 +161,11 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
             start = prepared.received_at
             chunks = gw.flow.stream(prepared.request_id, prepared.token_ids, prepared.sampling,
                                     result)
-            ttft, itl = gw.metrics.ttft.labels(route), gw.metrics.itl.labels(route)
-            last: float | None = None  # the previous chunk's arrival; None until a token came
+            timer = StreamTimer(gw.metrics, route, start)
             finished = False
             try:
                 async for c in chunks:
-                    t = time.perf_counter()
-                    if last is not None:
-                        itl.observe(t - last)
-                        last = t
-                    elif c.token_ids:
-                        ttft.observe(t - start)
-                        last = t
+                    timer.chunk(bool(c.token_ids))
                     out = ipb.CompletionChunk(id=prepared.request_id, token_ids=c.token_ids,
                                               text=c.text)
                     if c.finish_reason:

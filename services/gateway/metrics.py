@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class StreamTimer:
+    """One streamed request's TTFT and inter-token latency: TTFT at the first chunk that
+    carries a token (measured from `start`), ITL between each later chunk and the one before."""
+
+    def __init__(self, metrics: GatewayMetrics, route: str, start: float) -> None:
+        self._ttft = metrics.ttft.labels(route)
+        self._itl = metrics.itl.labels(route)
+        self._start = start
+        self._last: float | None = None  # the previous chunk's arrival; None until a token
+
+    def chunk(self, has_tokens: bool) -> None:
+        """A chunk arrived now."""
+        t = time.perf_counter()
+        if self._last is not None:
+            self._itl.observe(t - self._last)
+            self._last = t
+        elif has_tokens:
+            self._ttft.observe(t - self._start)
+            self._last = t
 
 
 class GatewayMetrics:
