@@ -75,7 +75,7 @@ def gateway_process(url: str) -> psutil.Process | None:
 
 
 async def sample(url: str, proc: psutil.Process | None, out: dict[str, Any],
-                 stop: asyncio.Event, every_s: float = 0.25) -> None:
+                 stop: asyncio.Event, every_s: float = 0.1) -> None:
     """Poll the in-flight gauge, RSS and open fds until `stop`."""
     async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as h:
         while not stop.is_set():

@@ -145,11 +145,14 @@ def test_bad_keys_file_stops_the_gateway(model_dir: Path, tmp_path: Path) -> Non
 
 
 def test_concurrent_streaming_clients_without_errors(disagg: RunningCluster) -> None:
-    ns = argparse.Namespace(url=disagg.http, clients=100, requests=100, isl=8, osl=16, seed=0,
+    # Streams long enough (128 tokens, seconds each with 100 in one decode batch) that all 100
+    # overlap at the gateway even when a loaded machine admits them over a second or two: with
+    # 16 tokens a request could end before the last one was admitted, and a CI run peaked at 29.
+    ns = argparse.Namespace(url=disagg.http, clients=100, requests=100, isl=8, osl=128, seed=0,
                             model=MODEL, api_key=None, max_seconds=240.0)
     report = asyncio.run(load_run(ns))
     assert report.errors == 0, report.error_samples
-    assert report.requests == 100 and report.output_tokens == 100 * 16
+    assert report.requests == 100 and report.output_tokens == 100 * 128
     assert report.gateway.peak_in_flight >= 50, report.gateway
     assert report.gateway.fds_peak is None or report.gateway.fds_peak >= 50
     assert sorted(w["role"] for w in workers(disagg)) == ["decode", "prefill"]
