@@ -25,6 +25,7 @@ _FLAGS: dict[str, str] = {
     "cooldown_up_s": "cooldown_up_s", "cooldown_down_s": "cooldown_down_s",
     "prefill_min": "prefill.min_replicas", "prefill_max": "prefill.max_replicas",
     "decode_min": "decode.min_replicas", "decode_max": "decode.max_replicas",
+    "both_min": "both.min_replicas", "both_max": "both.max_replicas",
     "metrics_source": "metrics_source", "prometheus_url": "prometheus_url",
     "kubeconfig": "kube.kubeconfig", "kube_context": "kube.context",
     "kube_namespace": "kube.namespace", "raycluster": "kube.raycluster",
@@ -36,7 +37,8 @@ _FLAGS: dict[str, str] = {
 def add_planner_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `planner` subcommand on the `splitserve` parser."""
     p = subparsers.add_parser("planner", help="SLA autoscaler: sizes the prefill and decode pools "
-                              "from TTFT/ITL targets (docs/planner.md)")
+                              "(or an aggregated cluster's pool) from TTFT/ITL targets "
+                              "(docs/planner.md)")
     p.add_argument("--config", help="PlannerConfig as a JSON or YAML file (flags override it)")
     p.add_argument("--redis-url", help="the cluster's Redis (required here or in --config)")
     p.add_argument("--namespace", help=f"Redis key namespace (default {DEFAULT_NAMESPACE})")
@@ -50,6 +52,8 @@ def add_planner_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prefill-max", type=int)
     p.add_argument("--decode-min", type=int)
     p.add_argument("--decode-max", type=int)
+    p.add_argument("--both-min", type=int, help="aggregated clusters: fewest workers of role both")
+    p.add_argument("--both-max", type=int, help="aggregated clusters: most workers of role both")
     p.add_argument("--metrics-source", choices=["direct", "prometheus"])
     p.add_argument("--prometheus-url")
     p.add_argument("--kube", action="store_true", help="scale a RayCluster, elect a leader via a "

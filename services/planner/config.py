@@ -48,7 +48,7 @@ class KubeConfig(BaseModel):
     namespace: str = Field("default", description="namespace of the RayCluster and the Lease")
     raycluster: str = Field("splitserve", description="name of the RayCluster to scale")
     group_names: dict[str, str] = Field(
-        default_factory=lambda: {"prefill": "prefill", "decode": "decode"},
+        default_factory=lambda: {"prefill": "prefill", "decode": "decode", "both": "both"},
         description="worker group name in the RayCluster for each pool")
     lease_name: str = Field("splitserve-planner", description="coordination.k8s.io Lease name")
     lease_duration_s: int = Field(15, ge=1, description=(
@@ -97,6 +97,8 @@ class PlannerConfig(BaseModel):
         "hysteresis: shrink only while every SLO figure is below this fraction of its target"))
     prefill: PoolLimits = Field(default_factory=PoolLimits, description="prefill pool bounds")
     decode: PoolLimits = Field(default_factory=PoolLimits, description="decode pool bounds")
+    both: PoolLimits = Field(default_factory=PoolLimits, description=(
+        "bounds of the pool of role both (aggregated clusters)"))
     capacity: CapacityConfig = Field(default_factory=CapacityConfig,
                                      description="capacity model figures (docs/planner.md)")
     metrics_source: Literal["direct", "prometheus"] = Field("direct", description=(
@@ -116,5 +118,5 @@ class PlannerConfig(BaseModel):
         return self
 
     def limits(self, pool: str) -> PoolLimits:
-        """Bounds of `pool` (prefill or decode)."""
-        return self.prefill if pool == "prefill" else self.decode
+        """Bounds of `pool` (prefill, decode or both)."""
+        return {"prefill": self.prefill, "decode": self.decode, "both": self.both}[pool]

@@ -80,7 +80,7 @@ class GroupReplicas:
 
 
 class RayClusterScaler:
-    """Reads and sets the replicas of a RayCluster's prefill and decode worker groups."""
+    """Reads and sets the replicas of a RayCluster's worker groups (one per pool)."""
 
     def __init__(self, api: k8s.ApiClient, cfg: KubeConfig,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:

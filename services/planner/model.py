@@ -2,9 +2,10 @@
 
 Two layers (formulas in docs/planner.md):
 
-1. **Estimate** (`prefill_estimate`, `decode_estimate`): how many workers a pool needs now — the
-   largest of a feed-forward term (offered load over one worker's capacity at the target
-   utilisation) and feedback terms (SLO figure over its target, queue depth, KV usage).
+1. **Estimate** (`prefill_estimate`, `decode_estimate`, `aggregated_estimate`): how many workers
+   a pool needs now — the largest of a feed-forward term (offered load over one worker's
+   capacity at the target utilisation) and feedback terms (SLO figure over its target, queue
+   depth, KV usage).
 2. **Decide** (`decide`): turn that estimate into the pool's next desired size, gently —
    scale up at once (at most once per `cooldown_up_s`), scale down by one worker at a time, only
    after the pool has wanted fewer workers for `cooldown_down_s`, not within `cooldown_down_s`
@@ -57,6 +58,14 @@ def _slo_term(serving: int, observed_s: float | None, target_s: float, max_facto
     return math.ceil(max(serving, 1) * min(observed_s / target_s, max_factor))
 
 
+def _kv_term(sig: PoolSignals, cap: CapacityConfig) -> int:
+    """Serving workers scaled by KV usage over its target when above it, else 0."""
+    if sig.kv_usage <= cap.kv_usage_target:
+        return 0
+    return math.ceil(max(sig.serving, 1) * min(sig.kv_usage / cap.kv_usage_target,
+                                               cap.max_scale_up_factor) - 1e-9)
+
+
 def prefill_estimate(sig: PoolSignals, ttft_target_s: float, cap: CapacityConfig) -> Estimate:
     """Prefill workers needed: compute load, TTFT breach, queue depth."""
     rate = sig.prompt_tokens_per_s or 0.0
@@ -71,14 +80,27 @@ def prefill_estimate(sig: PoolSignals, ttft_target_s: float, cap: CapacityConfig
 def decode_estimate(sig: PoolSignals, itl_target_s: float, cap: CapacityConfig) -> Estimate:
     """Decode workers needed: concurrent streams, ITL breach, KV usage, queue depth."""
     streams = sig.running + sig.waiting
-    kv = 0
-    if sig.kv_usage > cap.kv_usage_target:
-        kv = math.ceil(max(sig.serving, 1) * min(sig.kv_usage / cap.kv_usage_target,
-                                                 cap.max_scale_up_factor) - 1e-9)
     terms = {
         "load": math.ceil(streams / (cap.decode_concurrency * cap.target_utilisation) - 1e-9),
         "itl": _slo_term(sig.serving, sig.itl_p90_s, itl_target_s, cap.max_scale_up_factor),
-        "kv": kv,
+        "kv": _kv_term(sig, cap),
+        "queue": math.ceil(sig.waiting / cap.max_queue_per_worker - 1e-9),
+    }
+    return Estimate(max(terms.values()), terms)
+
+
+def aggregated_estimate(sig: PoolSignals, ttft_target_s: float, itl_target_s: float,
+                        cap: CapacityConfig) -> Estimate:
+    """Workers of role `both` needed: each engine prefills and decodes, so its prefill and
+    decode utilisations add up in the load term; every feedback term of both pools applies."""
+    rate = sig.prompt_tokens_per_s or 0.0
+    streams = sig.running + sig.waiting
+    busy = rate / cap.prefill_tokens_per_s + streams / cap.decode_concurrency
+    terms = {
+        "load": math.ceil(busy / cap.target_utilisation - 1e-9),
+        "ttft": _slo_term(sig.serving, sig.ttft_p90_s, ttft_target_s, cap.max_scale_up_factor),
+        "itl": _slo_term(sig.serving, sig.itl_p90_s, itl_target_s, cap.max_scale_up_factor),
+        "kv": _kv_term(sig, cap),
         "queue": math.ceil(sig.waiting / cap.max_queue_per_worker - 1e-9),
     }
     return Estimate(max(terms.values()), terms)

@@ -31,7 +31,8 @@ from services.controller.pool_sizes import PoolObservation, PoolSizes
 from services.planner.config import PlannerConfig
 from services.planner.kube import KubeError, LeaseElector, RayClusterScaler
 from services.planner.model import (Decision, Estimate, Gentleness, PoolSignals, PoolState,
-                                    decide, decode_estimate, prefill_estimate, slo_clear)
+                                    aggregated_estimate, decide, decode_estimate,
+                                    prefill_estimate, slo_clear)
 from services.planner.sources import (POOLS, DirectSource, MetricsSource, PoolFigures,
                                       PrometheusSource)
 from services.planner.telemetry import PlannerMetrics
@@ -132,21 +133,17 @@ class Planner:
 
         now = self.clock()
         desired = await self.pools.desired()
-        pre, dec = report.signals["prefill"], report.signals["decode"]
-        report.estimates = {
-            "prefill": prefill_estimate(pre, self.cfg.ttft_p90_ms / 1000, self.cfg.capacity),
-            "decode": decode_estimate(dec, self.cfg.itl_p90_ms / 1000, self.cfg.capacity)}
-        clear = slo_clear(pre.ttft_p90_s, dec.itl_p90_s, self.cfg.ttft_p90_ms / 1000,
-                          self.cfg.itl_p90_ms / 1000, self.cfg.scale_down_slo_ratio)
+        report.estimates = self._estimates(report.signals)
+        clear = self._slo_clear(report.signals)
         for pool in POOLS:
             if pool not in desired and pool not in observed:
-                continue  # the cluster has no such pool (aggregated, or no controller yet)
+                continue  # the cluster has no such pool (the other mode's, or no controller yet)
             state = self._states.get(pool)
             if state is None:
                 start = desired.get(pool, report.signals[pool].serving)
                 state = self._states[pool] = PoolState(target=start)
             d = decide(state, report.estimates[pool], report.signals[pool],
-                       self.cfg.limits(pool), self.rules, clear, now)
+                       self.cfg.limits(pool), self.rules, clear[pool], now)
             report.decisions[pool] = d
             self.metrics.decisions.labels(pool, d.direction, d.reason).inc()
             self.metrics.recommended.labels(pool).set(d.recommended)
@@ -156,6 +153,24 @@ class Planner:
                          report.estimates[pool].terms)
         await self._apply(report, desired, observed)
         return report
+
+    def _estimates(self, signals: dict[str, PoolSignals]) -> dict[str, Estimate]:
+        ttft_s, itl_s, cap = self.cfg.ttft_p90_ms / 1000, self.cfg.itl_p90_ms / 1000, \
+            self.cfg.capacity
+        return {"prefill": prefill_estimate(signals["prefill"], ttft_s, cap),
+                "decode": decode_estimate(signals["decode"], itl_s, cap),
+                "both": aggregated_estimate(signals["both"], ttft_s, itl_s, cap)}
+
+    def _slo_clear(self, signals: dict[str, PoolSignals]) -> dict[str, bool]:
+        """Per pool, whether the SLO figures allow shrinking it. The prefill and decode pools
+        serve the same requests, so they share one verdict: prefill TTFT and decode ITL."""
+        ttft_s, itl_s, ratio = (self.cfg.ttft_p90_ms / 1000, self.cfg.itl_p90_ms / 1000,
+                                self.cfg.scale_down_slo_ratio)
+        pd = slo_clear(signals["prefill"].ttft_p90_s, signals["decode"].itl_p90_s, ttft_s, itl_s,
+                       ratio)
+        both = slo_clear(signals["both"].ttft_p90_s, signals["both"].itl_p90_s, ttft_s, itl_s,
+                         ratio)
+        return {"prefill": pd, "decode": pd, "both": both}
 
     async def _apply(self, report: StepReport, desired: dict[str, int],
                      observed: dict[str, PoolObservation]) -> None:
@@ -190,8 +205,10 @@ class Planner:
 
     def _export_signals(self, signals: dict[str, PoolSignals]) -> None:
         m = self.metrics
-        m.ttft.set(_nan(signals["prefill"].ttft_p90_s))
-        m.itl.set(_nan(signals["decode"].itl_p90_s))
+        pre, dec, both = signals["prefill"], signals["decode"], signals["both"]
+        # the cluster's SLO figures: its prefill and decode pools', or (aggregated) its pool's
+        m.ttft.set(_nan(pre.ttft_p90_s if pre.serving or not both.serving else both.ttft_p90_s))
+        m.itl.set(_nan(dec.itl_p90_s if dec.serving or not both.serving else both.itl_p90_s))
         for pool, s in signals.items():
             m.prompt_rate.labels(pool).set(_nan(s.prompt_tokens_per_s))
             m.waiting.labels(pool).set(s.waiting)

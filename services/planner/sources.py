@@ -6,7 +6,8 @@
 - `PrometheusSource` asks a Prometheus server (`/api/v1/query`) with configurable PromQL.
 
 Both return `PoolFigures` per pool: TTFT p90 of the prefill pool's engines, ITL p90 of the
-decode pool's engines, prompt tokens per second each pool computed.
+decode pool's engines (an aggregated cluster's pool `both`: both figures), prompt tokens per
+second each pool computed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ ITL = "vllm:inter_token_latency_seconds"
 PROMPT_COMPUTED = 'vllm:prompt_tokens_by_source{source="local_compute"}'
 PROMPT_TOTAL = "vllm:prompt_tokens"
 QUANTILE = 0.9
-POOLS = ("prefill", "decode")
+POOLS = ("prefill", "decode", "both")
+TTFT_POOLS = ("prefill", "both")  # the pools whose engines compute first tokens
+ITL_POOLS = ("decode", "both")  # the pools whose engines decode
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,8 @@ class PrometheusSource:
         q = self.queries
         for pool in POOLS:
             try:
-                ttft = await self.query(self._render(q.ttft, pool)) if pool == "prefill" else None
-                itl = await self.query(self._render(q.itl, pool)) if pool == "decode" else None
+                ttft = await self.query(self._render(q.ttft, pool)) if pool in TTFT_POOLS else None
+                itl = await self.query(self._render(q.itl, pool)) if pool in ITL_POOLS else None
                 rate = await self.query(self._render(q.prompt_tokens_per_s, pool))
                 out[pool] = PoolFigures(ttft, itl, rate)
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:

@@ -311,6 +311,58 @@ async def test_scale_down_after_cooldown_drains_first(api, r, redis_srv, workers
         await planner.aclose()
 
 
+async def test_aggregated_cluster_sizes_its_pool_both(api, r, redis_srv, workers,
+                                                     tmp_path) -> None:
+    """An aggregated cluster runs one pool, `both`, in a RayCluster of one worker group: the
+    planner shrinks it drain-first when idle and grows it on an SLO breach of its own engines
+    (which compute first tokens and decode), and leaves the absent prefill/decode pools alone."""
+    handler, url = api
+    handler.objects[RAYCLUSTERS, KNS, "splitserve"] = {
+        "apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "metadata": {"name": "splitserve", "namespace": KNS, "resourceVersion": "0"},
+        "spec": {"headGroupSpec": {"rayStartParams": {}},
+                 "workerGroupSpecs": [{"groupName": "both", "replicas": 3, "minReplicas": 1,
+                                       "maxReplicas": 8}]}}
+    await PoolSizes(r, NS).set_desired({"both": 3}, by="controller")
+    await controller_sees(r, both=(3, 0, 0))
+    for i in range(3):
+        (await add_worker(r, workers, f"both-{i}", WorkerRole.BOTH)).observe(
+            ttft=[0.1] * 20, itl=[0.02] * 50)  # idle: one worker would do
+    clock = Clock()
+    planner = make_planner(r, redis_srv.url, kubeconfig(tmp_path, url), clock, "p-a",
+                           both=PoolLimits(min_replicas=1, max_replicas=6))
+    try:
+        report = await planner.step()
+        assert set(report.decisions) == {"both"} and not report.errors
+        sig = report.signals["both"]
+        assert sig.serving == 3 and sig.ttft_p90_s is not None and sig.itl_p90_s is not None
+        assert planner.metrics.itl._value.get() == sig.itl_p90_s  # the cluster's SLO figures
+        assert report.decisions["both"].recommended == 1  # clamped to min_replicas
+        assert report.decisions["both"].reason == "cooldown_down"
+        clock.t += 60
+        report = await planner.step()
+        assert (report.decisions["both"].direction, report.decisions["both"].target) == (
+            "down", 2)
+        assert await desired(r) == {"both": 2}
+        assert group_replicas(handler) == {"both": 3}  # pods stay until the worker drained
+        await controller_sees(r, both=(2, 0, 0))
+        await WorkerRegistry(r, NS).deregister("both-2")
+        await planner.step()
+        assert group_replicas(handler) == {"both": 2}
+
+        clock.t += 600
+        workers[0].observe(itl=[0.4] * 300)  # p90 ~0.4 s against 0.1 s
+        report = await planner.step()
+        d = report.decisions["both"]
+        # 2 serving x min(p90/target, max_scale_up_factor 2) = 4
+        assert (d.direction, d.reason, d.target) == ("up", "itl", 4)
+        assert group_replicas(handler) == {"both": 4}
+        assert await desired(r) == {"both": 4}
+        assert set(await desired(r)) == {"both"}  # no prefill/decode pool was written
+    finally:
+        await planner.aclose()
+
+
 async def test_two_planners_one_leader(api, r, redis_srv, workers, tmp_path) -> None:
     handler, url = api
     kcfg = kubeconfig(tmp_path, url)

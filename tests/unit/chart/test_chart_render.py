@@ -88,7 +88,12 @@ def test_aggregated_mode_renders_one_group_of_role_both() -> None:
     assert [g["groupName"] for g in groups] == ["both"]
     ns, _ = parse_up(head_argv(m))
     assert ns.mode == "aggregated" and ns.workers == 2
-    assert not m.has("Deployment", "-planner"), "the planner sizes prefill/decode pools only"
+    # the planner sizes the one pool, within the group's bounds
+    c = container(m.get("Deployment", "-planner")["spec"]["template"], "planner")
+    args = c["args"]
+    assert "--prefill-min" not in args and "--decode-min" not in args
+    assert (args[args.index("--both-min") + 1], args[args.index("--both-max") + 1]) == (
+        str(groups[0]["minReplicas"]), str(groups[0]["maxReplicas"]))
 
 
 @pytest.mark.parametrize("name", sorted(VALUES_FILES))

@@ -69,8 +69,11 @@ async def test_once_runs_one_step_alone_on_redis(redis_srv, r, capsys) -> None:
 
 
 async def test_pools_the_cluster_does_not_run_are_left_alone(redis_srv, r, capsys) -> None:
-    await PoolSizes(r, "splitserve").set_desired({"both": 2}, by="controller")  # aggregated
-    rc = await _main(config_from_args(_parse(["--redis-url", redis_srv.url, "--once"])),
-                     once=True)
-    assert rc == 0 and json.loads(capsys.readouterr().out)["decisions"] == {}
+    await PoolSizes(r, "splitserve").set_desired({"both": 3}, by="controller")  # aggregated
+    ns = _parse(["--redis-url", redis_srv.url, "--both-min", "1", "--both-max", "2", "--once"])
+    rc = await _main(config_from_args(ns), once=True)
+    decisions = json.loads(capsys.readouterr().out)["decisions"]
+    # the one pool it runs is sized (here brought within --both-max); prefill/decode: untouched
+    assert rc == 0 and set(decisions) == {"both"}
+    assert (decisions["both"]["target"], decisions["both"]["reason"]) == (2, "bounds")
     assert await PoolSizes(r, "splitserve").desired() == {"both": 2}

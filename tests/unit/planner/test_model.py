@@ -7,8 +7,9 @@ import math
 import pytest
 
 from services.planner.config import CapacityConfig, PoolLimits
-from services.planner.model import (Estimate, Gentleness, PoolSignals, PoolState, decide,
-                                    decode_estimate, prefill_estimate, slo_clear)
+from services.planner.model import (Estimate, Gentleness, PoolSignals, PoolState,
+                                    aggregated_estimate, decide, decode_estimate,
+                                    prefill_estimate, slo_clear)
 
 CAP = CapacityConfig(prefill_tokens_per_s=4000, decode_concurrency=16, target_utilisation=0.8,
                      max_queue_per_worker=4, kv_usage_target=0.8, max_scale_up_factor=2.0)
@@ -53,6 +54,33 @@ def test_decode_terms() -> None:
     # KV 96 % against 80 %: 2 x 1.2 = 2.4 -> 3
     assert decode_estimate(PoolSignals(serving=2, kv_usage=0.96), 0.1, CAP).terms["kv"] == 3
     assert decode_estimate(PoolSignals(serving=2, kv_usage=0.8), 0.1, CAP).terms["kv"] == 0
+
+
+def test_aggregated_load_adds_prefill_and_decode_utilisation() -> None:
+    # one engine prefills and decodes: 4000 tok/s (one worker's prefill capacity) + 24 streams
+    # (1.5 workers' decode) = 2.5 busy workers / 0.8 = 3.125 -> 4, where either pool's model
+    # alone would ask for 2
+    sig = PoolSignals(serving=2, prompt_tokens_per_s=4000, running=20, waiting=4)
+    est = aggregated_estimate(sig, 0.5, 0.1, CAP)
+    assert est.terms == {"load": 4, "ttft": 0, "itl": 0, "kv": 0, "queue": 1}
+    assert prefill_estimate(sig, 0.5, CAP).terms["load"] == 2
+    assert decode_estimate(sig, 0.1, CAP).terms["load"] == 2
+    # an idle pool needs none (decide clamps to min_replicas)
+    assert aggregated_estimate(PoolSignals(serving=2), 0.5, 0.1, CAP).replicas == 0
+
+
+def test_aggregated_feedback_terms_are_both_pools() -> None:
+    # TTFT 0.75 s against 0.5 s: 2 x 1.5 = 3; ITL 0.13 s against 0.1 s: 2 x 1.3 = 2.6 -> 3;
+    # KV 96 % against 80 %: 2 x 1.2 = 2.4 -> 3
+    est = aggregated_estimate(PoolSignals(serving=2, ttft_p90_s=0.75), 0.5, 0.1, CAP)
+    assert (est.terms["ttft"], est.reason) == (3, "ttft")
+    est = aggregated_estimate(PoolSignals(serving=2, itl_p90_s=0.13), 0.5, 0.1, CAP)
+    assert (est.terms["itl"], est.reason) == (3, "itl")
+    assert aggregated_estimate(PoolSignals(serving=2, kv_usage=0.96), 0.5, 0.1,
+                               CAP).terms["kv"] == 3
+    # a breach of 10x is capped at max_scale_up_factor 2
+    assert aggregated_estimate(PoolSignals(serving=2, ttft_p90_s=5.0, itl_p90_s=1.0), 0.5, 0.1,
+                               CAP).replicas == 4
 
 
 def test_slo_clear_uses_the_hysteresis_ratio() -> None:
