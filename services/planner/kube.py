@@ -3,7 +3,7 @@
 Both use the official `kubernetes` client (synchronous; called through `asyncio.to_thread`).
 
 - `RayClusterScaler` sets `spec.workerGroupSpecs[i].replicas` of the groups named for the
-  prefill and decode pools with a JSON patch whose `test` op pins the group's name at index
+  pools (`group_names`: prefill, decode, both) with a JSON patch whose `test` op pins the group's name at index
   `i`, so a concurrent edit that reorders the groups makes the patch fail (422) instead of
   scaling the wrong group. Rejected patches (409, 422, 429, 5xx, connection errors) are tried
   again after re-reading the object.
