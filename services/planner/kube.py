@@ -3,10 +3,10 @@
 Both use the official `kubernetes` client (synchronous; called through `asyncio.to_thread`).
 
 - `RayClusterScaler` sets `spec.workerGroupSpecs[i].replicas` of the groups named for the
-  pools (`group_names`: prefill, decode, both) with a JSON patch whose `test` op pins the group's name at index
-  `i`, so a concurrent edit that reorders the groups makes the patch fail (422) instead of
-  scaling the wrong group. Rejected patches (409, 422, 429, 5xx, connection errors) are tried
-  again after re-reading the object.
+  pools (`group_names`: prefill, decode, both) with a JSON patch whose `test` op pins the
+  group's name at index `i`, so a concurrent edit that reorders the groups makes the patch fail
+  (422) instead of scaling the wrong group. Rejected patches (409, 422, 429, 5xx, connection
+  errors) are tried again after re-reading the object.
 - `LeaseElector` is a step-driven take on client-go's Lease lock (`coordination.k8s.io/v1`):
   get → create, renew, or take over an expired lease with an update carrying the read
   `resourceVersion`, so of two planners racing for it the API server lets only one win (409

@@ -27,14 +27,13 @@ from typing import Callable
 from redis.asyncio import Redis
 
 from router.registry import WorkerInfo, WorkerRegistry
-from services.controller.pool_sizes import PoolObservation, PoolSizes
+from services.controller.pool_sizes import POOLS, PoolObservation, PoolSizes
 from services.planner.config import PlannerConfig
 from services.planner.kube import KubeError, LeaseElector, RayClusterScaler
 from services.planner.model import (Decision, Estimate, Gentleness, PoolSignals, PoolState,
                                     aggregated_estimate, decide, decode_estimate,
                                     prefill_estimate, slo_clear)
-from services.planner.sources import (POOLS, DirectSource, MetricsSource, PoolFigures,
-                                      PrometheusSource)
+from services.planner.sources import DirectSource, MetricsSource, PoolFigures, PrometheusSource
 from services.planner.telemetry import PlannerMetrics
 
 log = logging.getLogger(__name__)
@@ -97,6 +96,7 @@ class Planner:
         self.clock = clock
         self.identity = identity
         self.rules = Gentleness(cfg.cooldown_up_s, cfg.cooldown_down_s)
+        self.ttft_target_s, self.itl_target_s = cfg.ttft_p90_ms / 1000, cfg.itl_p90_ms / 1000
         self._states: dict[str, PoolState] = {}  # empty while not leading
 
     async def aclose(self) -> None:
@@ -155,8 +155,7 @@ class Planner:
         return report
 
     def _estimates(self, signals: dict[str, PoolSignals]) -> dict[str, Estimate]:
-        ttft_s, itl_s, cap = self.cfg.ttft_p90_ms / 1000, self.cfg.itl_p90_ms / 1000, \
-            self.cfg.capacity
+        ttft_s, itl_s, cap = self.ttft_target_s, self.itl_target_s, self.cfg.capacity
         return {"prefill": prefill_estimate(signals["prefill"], ttft_s, cap),
                 "decode": decode_estimate(signals["decode"], itl_s, cap),
                 "both": aggregated_estimate(signals["both"], ttft_s, itl_s, cap)}
@@ -164,8 +163,7 @@ class Planner:
     def _slo_clear(self, signals: dict[str, PoolSignals]) -> dict[str, bool]:
         """Per pool, whether the SLO figures allow shrinking it. The prefill and decode pools
         serve the same requests, so they share one verdict: prefill TTFT and decode ITL."""
-        ttft_s, itl_s, ratio = (self.cfg.ttft_p90_ms / 1000, self.cfg.itl_p90_ms / 1000,
-                                self.cfg.scale_down_slo_ratio)
+        ttft_s, itl_s, ratio = self.ttft_target_s, self.itl_target_s, self.cfg.scale_down_slo_ratio
         pd = slo_clear(signals["prefill"].ttft_p90_s, signals["decode"].itl_p90_s, ttft_s, itl_s,
                        ratio)
         both = slo_clear(signals["both"].ttft_p90_s, signals["both"].itl_p90_s, ttft_s, itl_s,

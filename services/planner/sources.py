@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 import httpx
 
 from router.registry import WorkerInfo
+from services.controller.pool_sizes import POOLS
 from services.planner.config import PrometheusQueries
 from services.planner.histogram import Histogram, Page, parse_page
 
@@ -34,7 +35,6 @@ ITL = "vllm:inter_token_latency_seconds"
 PROMPT_COMPUTED = 'vllm:prompt_tokens_by_source{source="local_compute"}'
 PROMPT_TOTAL = "vllm:prompt_tokens"
 QUANTILE = 0.9
-POOLS = ("prefill", "decode", "both")
 TTFT_POOLS = ("prefill", "both")  # the pools whose engines compute first tokens
 ITL_POOLS = ("decode", "both")  # the pools whose engines decode
 
