@@ -307,13 +307,14 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
     to the same core; the one not measured sits idle. Why it failed, or None."""
     from services.controller.launcher import start_cluster
 
-    from bench.vllm_server import engine_config, server_args, start_vllm_server
+    from bench.vllm_server import engine_config, planned_engines, server_args, start_vllm_server
 
     label, args, extra = cluster_spec
     eng = engine_config(cfg.up_args, cache_dir)
     err.print(f"[bold]vllm[/bold]: starting vLLM's OpenAI server (logs: {root / 'v'})")
     try:
-        server = start_vllm_server(eng, root / "v", cache_dir, cfg.cluster_timeout_s)
+        server = start_vllm_server(eng, root / "v", cache_dir, cfg.cluster_timeout_s,
+                                   planned_engines(cfg.up_args))
     except (RuntimeError, TimeoutError) as exc:
         return f"vllm: the server did not start: {str(exc)[-2000:]}"
     cluster = None

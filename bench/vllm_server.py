@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -39,22 +40,34 @@ READY_PATH = "/v1/models"
 
 def engine_config(up_args: list[str], cache_dir: Path) -> EngineConfig:
     """The engine settings `splitserve up UP_ARGS` gives its workers."""
-    from services.cli import build_parser
     from services.cli import engine_config as up_engine_config
 
-    return up_engine_config(build_parser().parse_args(["up", *up_args]), cache_dir)
+    return up_engine_config(_up_namespace(up_args), cache_dir)
+
+
+def planned_engines(up_args: list[str]) -> int:
+    """How many engines `splitserve up UP_ARGS` starts (their cores are shared out)."""
+    ns = _up_namespace(up_args)
+    return ns.workers if ns.mode == "aggregated" else ns.prefill + ns.decode
+
+
+def _up_namespace(up_args: list[str]) -> Any:
+    from services.cli import parse_args
+
+    return parse_args(["up", *up_args])
 
 
 def server_args(eng: EngineConfig, port: int, kv_events_endpoint: str,
                 host: str = "127.0.0.1") -> list[str]:
-    """`vllm.entrypoints.openai.api_server` flags for the same engine as a worker's."""
+    """`vllm.entrypoints.openai.api_server` flags for the same engine as a worker's: the
+    settings splitserve owns, then the worker's engine arguments as vLLM's own tokens."""
+    from services.worker.engine_args import cli_tokens
+
     args = ["--model", eng.model, "--served-model-name", eng.name, "--dtype", eng.dtype,
-            "--block-size", str(eng.block_size), "--max-num-seqs", str(eng.max_num_seqs),
-            "--seed", str(eng.seed), "--tensor-parallel-size", str(eng.tensor_parallel_size),
+            "--block-size", str(eng.block_size),
+            "--tensor-parallel-size", str(eng.tensor_parallel_size),
             "--pipeline-parallel-size", str(eng.pipeline_parallel_size),
             "--prefix-caching-hash-algo", eng.prefix_caching_hash_algo,
-            "--enable-prefix-caching" if eng.enable_prefix_caching
-            else "--no-enable-prefix-caching",
             "--kv-events-config", json.dumps({
                 "enable_kv_cache_events": True, "publisher": "zmq",
                 "endpoint": kv_events_endpoint, "topic": "kv"}),
@@ -64,38 +77,37 @@ def server_args(eng: EngineConfig, port: int, kv_events_endpoint: str,
         args += ["--tokenizer", eng.tokenizer]
     if eng.max_model_len is not None:
         args += ["--max-model-len", str(eng.max_model_len)]
+    args += cli_tokens(eng.engine_args)
     # Explicit, because vLLM's default depends on the caller: the API server's CPU default and
     # the worker's (an AsyncLLM, engine context: SchedulerConfig's) could differ.
-    args += ["--max-num-batched-tokens", str(max_num_batched_tokens(eng))]
-    if eng.enforce_eager:
-        args.append("--enforce-eager")
-    if eng.num_kv_blocks is not None:
-        args += ["--num-gpu-blocks-override", str(eng.num_kv_blocks)]
-    if eng.device == "cuda":
-        args += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
+    if "max_num_batched_tokens" not in eng.engine_args:
+        args += ["--max-num-batched-tokens", str(max_num_batched_tokens(eng))]
     return args
 
 
 def max_num_batched_tokens(eng: EngineConfig) -> int:
     """Tokens per engine step a worker's engine runs with (its setting, or vLLM's default for
     an engine created outside the API server)."""
-    if eng.max_num_batched_tokens is not None:
-        return eng.max_num_batched_tokens
+    if (given := eng.engine_args.get("max_num_batched_tokens")) is not None:
+        return int(given)
     from vllm.config.scheduler import SchedulerConfig
 
     return SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
-def server_env(eng: EngineConfig, run_dir: Path, cache_dir: Path) -> dict[str, str]:
-    """The environment of splitserve's first worker's engine (same core binding)."""
+def server_env(eng: EngineConfig, run_dir: Path, cache_dir: Path, engines: int = 1
+               ) -> dict[str, str]:
+    """The environment of the first worker's engine of a cluster of `engines` engines (same
+    core binding)."""
     from router.registry import WorkerRole
-    from services.controller.pools import _cpu_binding
+    from services.controller.pools import cpu_binding
     from services.worker.config import WorkerConfig
     from services.worker.environment import engine_environment
 
     wcfg = WorkerConfig(worker_id="vllm-baseline", role=WorkerRole.BOTH, engine=eng,
                         redis_url="redis://unused", run_dir=run_dir, cache_dir=cache_dir,
-                        cpu_threads_bind=_cpu_binding(0) if eng.device == "cpu" else "nobind")
+                        cpu_threads_bind=(cpu_binding(0, engines) if eng.device == "cpu"
+                                          else "nobind"))
     env = engine_environment(wcfg, nixl_side_channel_port=0)
     for k in ("VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NIXL_SIDE_CHANNEL_PORT"):
         env.pop(k, None)
@@ -128,14 +140,15 @@ class VllmServer:
 
 
 def start_vllm_server(eng: EngineConfig, run_dir: Path, cache_dir: Path,
-                      timeout_s: float = 600) -> VllmServer:
-    """Start vLLM's OpenAI server on a free loopback port and wait until it lists models."""
+                      timeout_s: float = 600, engines: int = 1) -> VllmServer:
+    """Start vLLM's OpenAI server on a free loopback port and wait until it lists models;
+    bound to the cores of the first engine of a cluster of `engines`."""
     from services.ports import free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(exist_ok=True)
     port = free_port()
-    env = {**os.environ, **server_env(eng, run_dir, cache_dir)}
+    env = {**os.environ, **server_env(eng, run_dir, cache_dir, engines)}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            *server_args(eng, port, f"ipc://{run_dir}/kv-events.sock")]
     log_path = run_dir / "vllm-server.log"

@@ -20,7 +20,8 @@ from services.logs import LogConfig  # noqa: E402
 from services.planner.config import (CapacityConfig, KubeConfig, PlannerConfig,  # noqa: E402
                                      PoolLimits, PrometheusQueries)
 from services.tracing import TracingConfig  # noqa: E402
-from services.worker.config import EngineConfig, WorkerConfig  # noqa: E402
+from services.worker.config import DEFAULT_ENGINE_ARGS, EngineConfig, WorkerConfig  # noqa: E402
+from services.worker.engine_args import OWNED, SAME_IN_EVERY_POOL  # noqa: E402
 
 MODELS: list[tuple[type[BaseModel], str]] = [
     (ClusterConfig, "A whole cluster, as `splitserve up` builds it from its flags."),
@@ -70,7 +71,54 @@ def render() -> str:
             out.append(f"| `{name}` | {_type(field)} | {_default(field)} | "
                        f"{field.description or ''} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + ENGINE_ARGS_INTRO + _engine_args_tables())
+
+
+ENGINE_ARGS_INTRO = """## Engine arguments
+
+Every vLLM engine argument (`python -m vllm.entrypoints.openai.api_server --help` lists them) can
+be set for every pool and per pool. They pass through to vLLM untouched: each value is parsed by
+vLLM's own argument parser, in `splitserve up` before anything starts (a bad one: a message
+naming it, exit 2) and again by the worker that hands it to its engine.
+
+- Command line: `--engine-arg KEY=VALUE` (every pool), `--prefill-engine-arg KEY=VALUE`,
+  `--decode-engine-arg KEY=VALUE`; repeatable; KEY is vLLM's name, with `_` or `-`; VALUE as
+  on vLLM's command line (`true`/`false` for switches, JSON for dict-valued arguments such as
+  `speculative_config`).
+- `splitserve up --config FILE` (YAML): any `up` flag by its name, plus `engine_args` (every
+  pool) and a section per pool, `prefill`, `decode` or `both` (aggregated), with `replicas`,
+  `resources` and `engine_args`. Flags typed on the command line win over the file; a pool's
+  map goes on top of the shared one.
+
+  ```yaml
+  mode: disaggregated
+  engine_args:
+    max_num_batched_tokens: 4096
+  prefill:
+    replicas: 2
+    engine_args: {enable_chunked_prefill: true}
+  decode:
+    engine_args: {max_num_seqs: 128, speculative_config: {method: ngram, num_speculative_tokens: 3}}
+  ```
+- Helm: `engine.engineArgs` (every pool) and `rayCluster.workerGroups.<pool>.engineArgs`; the
+  chart renders them into the controller's `--config` file (docs/kubernetes.md).
+- The CLI flags `--kv-blocks` (vLLM's `num_gpu_blocks_override`) and the defaults below are
+  engine arguments too; an explicit engine argument wins.
+""".splitlines()
+
+
+def _engine_args_tables() -> list[str]:
+    out = ["", "Where splitserve starts from vLLM's own defaults:", "",
+           "| argument | value |", "|---|---|"]
+    out += [f"| `{k}` | `{v!r}` |" for k, v in DEFAULT_ENGINE_ARGS.items()]
+    out += ["", "Refused anywhere: splitserve sets these itself, because prefill/decode "
+            "correctness or the router depends on them:", "",
+            "| argument | instead |", "|---|---|"]
+    out += [f"| `{k}` | {why} |" for k, why in OWNED.items()]
+    out += ["", "Allowed in the shared map only (every engine of a cluster must agree: "
+            + next(iter(SAME_IN_EVERY_POOL.values())) + "): "
+            + ", ".join(f"`{k}`" for k in SAME_IN_EVERY_POOL) + ".", ""]
+    return out
 
 
 def main() -> int:

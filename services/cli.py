@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from router.registry import DEFAULT_NAMESPACE
 
@@ -18,12 +18,52 @@ if TYPE_CHECKING:
     from services.worker.config import EngineConfig
 
 
+class UpArgsError(ValueError):
+    """`up` settings that cannot start a cluster (bad engine argument, bad config file)."""
+
+
+def engine_args_maps(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The vLLM engine arguments `up`'s flags and config file give: (every pool's, {pool: its
+    own}), checked and parsed by vLLM's parser for every pool of the cluster's mode, so that a
+    bad one stops `up` before anything starts."""
+    from services.worker.config import DEFAULT_ENGINE_ARGS
+    from services.worker.engine_args import (EngineArgsError, check_overrides, merged, parse,
+                                             parse_assignments)
+
+    try:
+        shared_given = {**getattr(ns, "file_engine_args", {}),
+                        **parse_assignments(ns.engine_arg, "--engine-arg")}
+        per_pool = {pool: dict(args) for pool, args in getattr(ns, "file_pool_engine_args",
+                                                               {}).items()}
+        for pool, flag in (("prefill", ns.prefill_engine_arg), ("decode", ns.decode_engine_arg)):
+            if flag:
+                per_pool.setdefault(pool, {}).update(
+                    parse_assignments(flag, f"--{pool}-engine-arg"))
+        check_overrides(shared_given, per_pool)
+        shared = dict(DEFAULT_ENGINE_ARGS)
+        if ns.kv_blocks is not None:  # --kv-blocks is vLLM's num_gpu_blocks_override
+            shared["num_gpu_blocks_override"] = ns.kv_blocks
+        shared.update(merged(shared_given, {}))
+        pools = ("both",) if ns.mode == "aggregated" else ("prefill", "decode")
+        if unused := sorted(set(per_pool) - set(pools)):
+            raise EngineArgsError(f"engine arguments for the {', '.join(unused)} pool, which a "
+                                  f"{ns.mode} cluster does not have")
+        parse(shared, "engine arguments of every pool")
+        for pool in pools:
+            if per_pool.get(pool):
+                parse(merged(shared, per_pool[pool]), f"{pool} engine arguments")
+    except EngineArgsError as exc:
+        raise UpArgsError(str(exc)) from None
+    return shared, per_pool
+
+
 def engine_config(ns: argparse.Namespace, cache_dir: Path) -> "EngineConfig":
     """The engine settings `splitserve up` gives its workers, from its parsed flags (the
-    built-in model, made on first use, when no --model is given)."""
+    built-in model, made on first use, when no --model is given). Raises UpArgsError."""
     from services.controller.builtin_model import ensure_builtin_model
     from services.worker.config import EngineConfig
 
+    shared, _ = engine_args_maps(ns)
     model, served = ns.model, ns.served_model_name
     if model is None:
         model = str(ensure_builtin_model(cache_dir, "tiny"))
@@ -35,7 +75,7 @@ def engine_config(ns: argparse.Namespace, cache_dir: Path) -> "EngineConfig":
                         cpu_kv_cache_space_gib=ns.kv_cache_gib,
                         tensor_parallel_size=ns.tensor_parallel_size,
                         pipeline_parallel_size=ns.pipeline_parallel_size,
-                        kv_lease_duration_s=ns.kv_lease_s, num_kv_blocks=ns.kv_blocks,
+                        kv_lease_duration_s=ns.kv_lease_s, engine_args=shared,
                         nixl_ordered_descriptors=ns.kv_descriptor_order == "local")
 
 
@@ -46,7 +86,12 @@ def _up(ns: argparse.Namespace) -> int:
     from router.policies import KVPolicyConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    engine = engine_config(ns, cache_dir)
+    try:
+        _, pool_args = engine_args_maps(ns)
+        engine = engine_config(ns, cache_dir)
+    except UpArgsError as exc:
+        print(f"splitserve up: {exc}", file=sys.stderr)
+        return 2
     device = engine.device
     # one engine spans tensor x pipeline parallel GPUs
     gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
@@ -57,11 +102,14 @@ def _up(ns: argparse.Namespace) -> int:
         max_body_bytes=ns.max_body_bytes, worker_streams=ns.worker_streams,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
-                           resources=ns.prefill_resources, placement_group=ns.placement_group),
+                           resources=ns.prefill_resources, placement_group=ns.placement_group,
+                           engine_args=pool_args.get("prefill", {})),
         decode=PoolConfig(replicas=ns.decode, num_cpus=cpus, num_gpus=gpus,
-                          resources=ns.decode_resources, placement_group=ns.placement_group),
+                          resources=ns.decode_resources, placement_group=ns.placement_group,
+                          engine_args=pool_args.get("decode", {})),
         workers=PoolConfig(replicas=ns.workers, num_cpus=cpus, num_gpus=gpus,
-                           resources=ns.workers_resources, placement_group=ns.placement_group),
+                           resources=ns.workers_resources, placement_group=ns.placement_group,
+                           engine_args=pool_args.get("both", {})),
         worker_host=ns.worker_host, worker_metrics_port=ns.worker_metrics_port,
         gateway=not ns.no_gateway,
         redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
@@ -71,6 +119,53 @@ def _up(ns: argparse.Namespace) -> int:
             temperature=ns.kv_temperature),
         migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s))
     return run_up(cfg)
+
+
+def _up_file_tokens(up: argparse.ArgumentParser, flags: dict[str, Any]) -> list[str]:
+    """A config file's `up` settings as command-line tokens, so that vLLM-independent flags
+    are checked (types, choices) exactly as when typed, and typed flags after them win."""
+    by_dest = {a.dest: a for a in up._actions if a.option_strings}
+    tokens: list[str] = []
+    for key, value in flags.items():
+        action = by_dest[key]
+        option = action.option_strings[0]
+        if action.nargs == 0:  # store_true
+            if value is True:
+                tokens.append(option)
+            elif value is not False:
+                raise UpArgsError(f"--config: `{key}` takes true or false, not {value!r}")
+        elif isinstance(value, (dict, list)):
+            tokens += [option, json.dumps(value)]
+        elif action.option_strings and value is not None:
+            tokens += [option, str(value)]
+    return tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `up --config FILE`'s settings under the flags typed."""
+    from services.controller import up_file
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(argv)
+    if ns.command != "up" or not ns.config:
+        return ns
+    up = _subparser(parser, "up")
+    try:
+        found = up_file.load(Path(ns.config), {a.dest for a in up._actions if a.option_strings})
+        tokens = _up_file_tokens(up, found.flags)
+    except (up_file.UpFileError, UpArgsError) as exc:
+        parser.exit(2, f"splitserve up: --config: {exc}\n")
+    at = argv.index("up") + 1
+    ns = parser.parse_args(argv[:at] + tokens + argv[at:])
+    ns.file_engine_args = found.engine_args
+    ns.file_pool_engine_args = found.pool_engine_args
+    return ns
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
 
 
 def _resources(text: str) -> dict[str, float]:
@@ -298,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: x32)")
     up.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: KV cache GiB per engine")
     up.add_argument("--kv-blocks", type=int, help="KV cache blocks per engine, overriding "
-                    "the memory settings (a small cache: eviction and block reuse sooner)")
+                    "the memory settings (a small cache: eviction and block reuse sooner; "
+                    "vLLM's num_gpu_blocks_override)")
     up.add_argument("--tensor-parallel-size", type=int, default=1)
     up.add_argument("--pipeline-parallel-size", type=int, default=1)
     up.add_argument("--kv-lease-s", type=int, default=30,
@@ -323,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not run a gateway (gateways deployed on their own)")
     up.add_argument("--prefill-timeout-s", type=float, default=120.0,
                     help="gateway: a slower prefill is abandoned, decode computes the prompt")
+    up.add_argument("--config", metavar="FILE", help="YAML file of these settings plus vLLM "
+                    "engine arguments shared and per pool (docs/settings.md, \"Engine "
+                    "arguments\"); flags typed here win over the file")
+    up.add_argument("--engine-arg", action="append", metavar="KEY=VALUE", help="a vLLM engine "
+                    "argument for every pool, by vLLM's name (e.g. max_num_batched_tokens=4096); "
+                    "repeatable; checked by vLLM's own parser before anything starts")
+    up.add_argument("--prefill-engine-arg", action="append", metavar="KEY=VALUE",
+                    help="a vLLM engine argument for the prefill pool only; repeatable")
+    up.add_argument("--decode-engine-arg", action="append", metavar="KEY=VALUE",
+                    help="a vLLM engine argument for the decode pool only; repeatable")
     _add_log_format_flag(up)
     up.set_defaults(func=_up)
 
@@ -386,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.logs import LogConfig, configure_logging
     from services.tracing import TracingConfig
 
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     if getattr(ns, "log_format", None):
         os.environ["SPLITSERVE_LOG_FORMAT"] = ns.log_format  # inherited by what it starts
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -38,6 +38,9 @@ class PoolConfig(BaseModel):
     placement_group: Literal["auto", "always", "never"] = Field("auto", description=(
         "reserve each worker's resources as a STRICT_PACK placement group (all its GPUs on "
         "one node, reserved before the engine starts); auto: for workers of more than 1 GPU"))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "vLLM engine arguments of this pool's engines, on top of EngineConfig.engine_args "
+        "(vLLM's names; keys every engine must share are refused here)"))
 
 
 class ClusterConfig(BaseModel):

@@ -40,7 +40,8 @@ from services.controller.healing import HealingConfig
 from services.controller.pool_sizes import PoolObservation
 from services.processes import kill_tree_leaving_trackers
 from services.worker.actor import WorkerActor, worker_pid_file
-from services.worker.config import WorkerConfig
+from services.worker.config import EngineConfig, WorkerConfig
+from services.worker.engine_args import merged
 from services.worker.shm import segments_mapped_by, unlink_segments
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,31 @@ class WorkerHandle:
     failed_checks: int = 0
 
 
-def _cpu_binding(index: int) -> str:
-    """Spread CPU engines over cores, one core each, wrapping around."""
-    cores = os.cpu_count() or 1
-    return str(index % cores)
+def cpu_binding(index: int, engines: int, cores: list[int] | None = None) -> str:
+    """The cores (VLLM_CPU_OMP_THREADS_BIND) of CPU engine `index` of `engines` on this host.
+
+    One engine: vLLM's own choice ("auto"), as vLLM's server makes it with its defaults (its
+    compute threads on the host's cores, less the ones it keeps for its scheduler). More: the
+    host's cores split into `engines` equal, contiguous shares, one per engine, wrapping
+    around when there are more engines than cores (engines started later, e.g. replacements
+    or a grown pool, take the shares in turn)."""
+    if engines <= 1:
+        return "auto"
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    share = max(1, len(cores) // engines)
+    slots = len(cores) // share
+    first = (index % slots) * share
+    mine = cores[first:first + share]
+    return str(mine[0]) if len(mine) == 1 else ",".join(str(c) for c in mine)
+
+
+def pool_engine(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
+    """The engine settings of one pool's workers: the pool's engine arguments over the
+    shared ones."""
+    if not pool.engine_args:
+        return engine
+    return engine.model_copy(update={"engine_args": merged(engine.engine_args,
+                                                           pool.engine_args)})
 
 
 def pool_roles(cfg: ClusterConfig) -> dict[str, tuple[WorkerRole, PoolConfig]]:
@@ -165,23 +187,25 @@ class WorkerPools:
         self._failures: dict[str, int] = {name: 0 for name in self.pools}
         self._next_start: dict[str, float] = {name: 0.0 for name in self.pools}
         self._launched = 0
+        self._planned_engines = sum(p.replicas for _, p in self.pools.values())
         self._pool_launches: dict[str, int] = {name: 0 for name in self.pools}
         self._remote_cls = ray.remote(WorkerActor)
 
     # --- starting -----------------------------------------------------------------------------
-    def worker_config(self, role: WorkerRole, index: int, global_index: int) -> WorkerConfig:
+    def worker_config(self, role: WorkerRole, pool: PoolConfig, index: int, global_index: int
+                      ) -> WorkerConfig:
         """The config of one worker."""
         return WorkerConfig(
             worker_id=f"{role.value}-{index}-{os.urandom(3).hex()}",
             role=role,
-            engine=self.cfg.engine,
+            engine=pool_engine(self.cfg.engine, pool),
             host=self.cfg.worker_host,
             redis_url=self.redis_url,
             namespace=self.cfg.namespace,
             run_dir=self.run_dir,
             cache_dir=self.cfg.cache_dir,
-            cpu_threads_bind=_cpu_binding(global_index) if self.cfg.engine.device == "cpu"
-            else "nobind",
+            cpu_threads_bind=(cpu_binding(global_index, self._planned_engines)
+                              if self.cfg.engine.device == "cpu" else "nobind"),
             metrics_port=self.cfg.worker_metrics_port,
         )
 
@@ -190,7 +214,7 @@ class WorkerPools:
         role, pool = self.pools[name]
         index = self._pool_launches[name]
         self._pool_launches[name] += 1
-        wcfg = self.worker_config(role, index, self._launched)
+        wcfg = self.worker_config(role, pool, index, self._launched)
         self._launched += 1
         options: dict[str, Any] = dict(
             name=f"splitserve-{wcfg.worker_id}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -20,6 +20,17 @@ NIXL_ORDERED_DESCRIPTORS_KEY = "ordered_descriptors"
 block pairs by local index so NIXL merges them (EngineConfig.nixl_ordered_descriptors)."""
 
 
+DEFAULT_ENGINE_ARGS: dict[str, Any] = {
+    "max_num_seqs": 64,
+    "enforce_eager": True,
+    "enable_prefix_caching": True,
+    "seed": 0,
+}
+"""Where splitserve's engines start from vLLM's defaults: a smaller batch for small hosts, no
+graph compilation (start-up in seconds), prefix caching on (the router's index) and a fixed
+default sampling seed."""
+
+
 class EngineConfig(BaseModel):
     """vLLM engine settings, shared by every worker of a pool."""
 
@@ -30,17 +41,9 @@ class EngineConfig(BaseModel):
     dtype: str = Field("float32", description="weights/activations dtype (float32 on CPU)")
     block_size: int = Field(32, description="KV cache block size in tokens (CPU: multiple of 32)")
     max_model_len: int | None = Field(2048, description="context length; None: model's own")
-    max_num_seqs: int = Field(64, description="max concurrent sequences per engine")
-    max_num_batched_tokens: int | None = Field(None, description="tokens per step; None: vLLM")
-    enforce_eager: bool = Field(True, description="skip torch.compile/graph capture (fast start)")
-    enable_prefix_caching: bool = Field(True, description="reuse KV of shared prompt prefixes")
     prefix_caching_hash_algo: str = Field("sha256", description="block hash algorithm")
     hash_seed: str = Field("0", description="PYTHONHASHSEED for engines and router (NONE_HASH)")
     cpu_kv_cache_space_gib: int = Field(1, description="CPU build: KV cache size in GiB")
-    num_kv_blocks: int | None = Field(None, ge=1, description=(
-        "KV cache blocks per engine, overriding what the memory settings give (vLLM's "
-        "num_gpu_blocks_override, on CPU too): a smaller cache for tests of eviction and reuse"))
-    gpu_memory_utilization: float = Field(0.9, description="CUDA build: GPU memory fraction")
     tensor_parallel_size: int = Field(1, description="GPUs per engine, tensor parallel")
     pipeline_parallel_size: int = Field(1, description="pipeline stages per engine")
     kv_lease_duration_s: int = Field(30, description="prefill holds KV blocks this long unread")
@@ -53,7 +56,11 @@ class EngineConfig(BaseModel):
         "that are neighbours on both engines move as one NIXL descriptor even when vLLM "
         "allocated them in descending order (services/worker/kv_descriptors.py)"))
     nixl_backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends")
-    seed: int = Field(0, description="engine default sampling seed")
+    engine_args: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ENGINE_ARGS),
+                                        description=(
+        "vLLM engine arguments for every pool, by vLLM's names (e.g. max_num_batched_tokens), "
+        "passed through untouched and validated by vLLM's own parser (docs/settings.md, "
+        "\"Engine arguments\"); a pool's own map (PoolConfig.engine_args) goes on top"))
     niceness: int = Field(0, ge=0, le=19, description=(
         "CPU niceness of worker actors and their engine processes (Ray's own default, 15, "
         "runs engines below every other process on the host)"))
@@ -80,7 +87,9 @@ class WorkerConfig(BaseModel):
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")
     run_dir: Path = Field(description="where sockets, caches and temp files of this run live")
     cache_dir: Path = Field(description="persistent cache (compiled kernels, models)")
-    cpu_threads_bind: str = Field("nobind", description="CPU build: OMP cores, e.g. '0' or '0-1'")
+    cpu_threads_bind: str = Field("nobind", description=(
+        "CPU build: the engine's compute cores (VLLM_CPU_OMP_THREADS_BIND), e.g. '0' or '0,1'; "
+        "'auto': vLLM's own choice"))
     registry_ttl_s: float = Field(15.0, description=(
         "liveness key TTL in the registry: a worker whose heartbeats stop for this long drops "
         "out of routing (the controller removes failed workers at once; this is the fallback, "

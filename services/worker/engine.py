@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from router.registry import WorkerLoad, WorkerRole
 from services.worker.config import (NIXL_ORDERED_DESCRIPTORS_KEY, NIXL_PROGRESS_THREAD_KEY,
                                     WorkerConfig)
+from services.worker.engine_args import parse as parse_engine_args
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -136,31 +137,23 @@ class EngineHost:
             replay_endpoint=self.kv_events_replay_endpoint,
             topic=KV_EVENTS_TOPIC,
         )
-        kwargs: dict[str, Any] = dict(
+        kwargs: dict[str, Any] = parse_engine_args(eng.engine_args,
+                                                   f"worker {self.cfg.worker_id} engine_args")
+        kwargs.update(
             model=eng.model,
             tokenizer=eng.tokenizer,
             served_model_name=[eng.name],
             dtype=eng.dtype,
             block_size=eng.block_size,
             max_model_len=eng.max_model_len,
-            max_num_seqs=eng.max_num_seqs,
-            enforce_eager=eng.enforce_eager,
-            enable_prefix_caching=eng.enable_prefix_caching,
             prefix_caching_hash_algo=eng.prefix_caching_hash_algo,
-            seed=eng.seed,
             tensor_parallel_size=eng.tensor_parallel_size,
             pipeline_parallel_size=eng.pipeline_parallel_size,
             kv_transfer_config=kv_transfer,
             kv_events_config=kv_events,
             disable_log_stats=False,
-            enable_log_requests=False,
         )
-        if eng.max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = eng.max_num_batched_tokens
-        if eng.num_kv_blocks is not None:
-            kwargs["num_gpu_blocks_override"] = eng.num_kv_blocks
-        if eng.device == "cuda":
-            kwargs["gpu_memory_utilization"] = eng.gpu_memory_utilization
+        kwargs.setdefault("enable_log_requests", False)
         return AsyncEngineArgs(**kwargs)
 
     async def start(self) -> None:

@@ -40,7 +40,6 @@ def engine_environment(cfg: WorkerConfig, nixl_side_channel_port: int) -> dict[s
                 # The default asks for 92% of a NUMA node; an empty value crashes start-up.
                 "VLLM_CPU_KVCACHE_SPACE": str(eng.cpu_kv_cache_space_gib),
                 "VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_threads_bind,
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 # Torch's libgomp (vLLM LD_PRELOADs it) parks its worker threads right after
                 # each parallel region instead of spinning through the gap between engine
                 # steps. Only a team of more than one thread has workers (a multi-core bind;
@@ -55,6 +54,10 @@ def engine_environment(cfg: WorkerConfig, nixl_side_channel_port: int) -> dict[s
                 "UCX_TLS": "self,sm,tcp",
             }
         )
+        if cfg.cpu_threads_bind != "auto":
+            # Cores given explicitly are all the engine's ("auto": vLLM keeps its own for
+            # its scheduler process, as its server does).
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return env
 
 

@@ -21,6 +21,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 + [i for i in items if not i.get_closest_marker("own_cluster")])
 
 
+DISAGG_KV_BLOCKS = {"prefill": 6000, "decode": 7000}
+"""KV cache blocks of the `disagg` cluster's engines, set per pool by engine arguments."""
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return ensure_builtin_model(cache_dir_for_tests(), "tiny")
@@ -46,8 +50,12 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str
 
 @pytest.fixture(scope="session")
 def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[RunningCluster]:
-    """Disaggregated: one prefill and one decode worker."""
-    yield from _cluster(tmp_path_factory, "disagg", ["--mode", "disaggregated"])
+    """Disaggregated: one prefill and one decode worker, each pool with an engine argument of
+    its own (KV cache sizes that differ, large enough to change nothing else)."""
+    yield from _cluster(tmp_path_factory, "disagg", [
+        "--mode", "disaggregated", "--engine-arg", "max_num_batched_tokens=2048",
+        "--prefill-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['prefill']}",
+        "--decode-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['decode']}"])
 
 
 @pytest.fixture(scope="session")

@@ -378,3 +378,17 @@ def test_models_health_metrics_status(disagg: RunningCluster) -> None:
     bad = subprocess.run([sys.executable, "-m", "services.cli", "status", "--redis-url",
                           "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "cannot read the registry" in bad.stderr
+
+
+def test_each_pool_runs_with_its_own_engine_arguments(disagg: RunningCluster) -> None:
+    """`--prefill-engine-arg` / `--decode-engine-arg` reach vLLM untouched: each engine reports
+    the KV cache size its pool was given (vLLM's cache_config_info)."""
+    from tests.e2e.conftest import DISAGG_KV_BLOCKS
+
+    seen = {}
+    for w in workers(disagg):
+        text = httpx.get(w["metrics_url"], timeout=10).text
+        info = next(line for line in text.splitlines()
+                    if line.startswith("vllm:cache_config_info{"))
+        seen[w["role"]] = re.search(r'num_gpu_blocks="(\d+)"', info).group(1)
+    assert seen == {pool: str(n) for pool, n in DISAGG_KV_BLOCKS.items()}

@@ -59,11 +59,18 @@ def test_vllm_parses_the_same_engine_args(tmp_path: Path) -> None:
 
 
 def test_environment_and_core_of_the_first_worker(tmp_path: Path) -> None:
-    from services.controller.pools import _cpu_binding
+    from bench.vllm_server import planned_engines
+    from services.controller.pools import cpu_binding
 
     eng = engine_config([*UP, "--model", str(tmp_path)], tmp_path)
-    env = server_env(eng, tmp_path / "run", tmp_path / "cache")
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == _cpu_binding(0) == "0"
+    assert planned_engines(UP) == 1
+    env = server_env(eng, tmp_path / "run", tmp_path / "cache", planned_engines(UP))
+    # one engine: vLLM's own core allotment, as its server makes it by default
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == cpu_binding(0, 1) == "auto"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+    two = server_env(eng, tmp_path / "run", tmp_path / "cache", 2)
+    assert two["VLLM_CPU_OMP_THREADS_BIND"] == cpu_binding(0, 2)
+    assert two["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["PYTHONHASHSEED"] == eng.hash_seed
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["HF_HUB_OFFLINE"] == "1"

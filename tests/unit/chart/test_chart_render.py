@@ -96,6 +96,59 @@ def test_aggregated_mode_renders_one_group_of_role_both() -> None:
         str(groups[0]["minReplicas"]), str(groups[0]["maxReplicas"]))
 
 
+def _up_with_chart_config(m: Manifests, tmp_path, monkeypatch) -> tuple[int, list]:
+    """The head's `splitserve up` command with the chart's --config file, as the controller
+    parses and checks it (its cluster start-up replaced by a recorder)."""
+    import services.controller.cluster as cluster
+    from services.cli import main
+
+    head = m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"]
+    mount = next(v for v in container(head, "ray-head")["volumeMounts"]
+                 if v["name"] == "up-config")
+    volume = next(v for v in head["spec"]["volumes"] if v["name"] == "up-config")
+    config_map = m.get("ConfigMap", volume["configMap"]["name"])
+    argv = head_argv(m)
+    path = argv[argv.index("--config") + 1]
+    assert path.startswith(mount["mountPath"] + "/")
+    local = tmp_path / path.rsplit("/", 1)[1]
+    local.write_text(config_map["data"][local.name])
+    argv[argv.index("--config") + 1] = str(local)
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    argv[argv.index("--model") + 1] = str(model)
+    argv[argv.index("--device") + 1] = "cpu"
+    seen: list = []
+    monkeypatch.setattr(cluster, "run_up", lambda cfg: seen.append(cfg) or 0)
+    return main(argv[1:] if argv[0] == "splitserve" else argv), seen
+
+
+def test_engine_arguments_reach_the_controller_per_pool(tmp_path, monkeypatch) -> None:
+    m = render(VALUES_FILES["cpu-dev"], (
+        "engine.engineArgs.max_num_batched_tokens=4096",
+        "rayCluster.workerGroups.prefill.engineArgs.enable_chunked_prefill=true",
+        "rayCluster.workerGroups.decode.engineArgs.max_num_seqs=128"))
+    code, seen = _up_with_chart_config(m, tmp_path, monkeypatch)
+    assert code == 0
+    cfg = seen[0]
+    assert cfg.engine.engine_args["max_num_batched_tokens"] == 4096
+    assert cfg.prefill.engine_args == {"enable_chunked_prefill": True}
+    assert cfg.decode.engine_args == {"max_num_seqs": 128}
+    # a changed file rolls the head: its hash is an annotation of the RayCluster
+    other = render(VALUES_FILES["cpu-dev"], ("engine.engineArgs.max_num_seqs=8",))
+    key = "splitserve.io/up-config"
+    assert (m.get("RayCluster", RAY)["metadata"]["annotations"][key]
+            != other.get("RayCluster", RAY)["metadata"]["annotations"][key])
+
+
+def test_a_bad_engine_argument_in_values_stops_the_controller(tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    m = render(VALUES_FILES["cpu-dev"], ("rayCluster.workerGroups.decode.engineArgs."
+                                         "kv_cache_dtype=fp8",))
+    code, seen = _up_with_chart_config(m, tmp_path, monkeypatch)
+    assert code == 2 and not seen
+    assert "kv_cache_dtype" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", sorted(VALUES_FILES))
 def test_worker_groups_place_one_engine_per_pod(name: str) -> None:
     m = render_named(name)
