@@ -43,6 +43,7 @@ from services.gateway.protocol import (
     ModelList,
     new_id,
     now,
+    vllm_request_defaults,
 )
 from services.gateway.tokenization import PromptBuilder
 from services.proto.v1 import worker_pb2 as pb
@@ -98,6 +99,8 @@ class Gateway:
         self._purge_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        for kind in ("chat", "completion"):  # vLLM's request models, imported once, now
+            vllm_request_defaults(kind)
         self.redis = Redis.from_url(self.cfg.redis_url)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
                                          self.cfg.worker_refresh_s,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +41,7 @@ class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="allow")
+    kind: ClassVar[str] = ""  # which vLLM request model: "chat" or "completion"
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -71,23 +73,66 @@ class _SamplingRequest(BaseModel):
         return stops
 
     def unsupported(self) -> str | None:
-        """Name of a requested feature this gateway does not serve, if any."""
+        """Name of a requested vLLM parameter this gateway does not honour, if any: any field
+        of vLLM's own request model given a value other than vLLM's default (or one that
+        means the same). Fields vLLM does not know either are ignored, as vLLM ignores them."""
         if self.n != 1:
             return "n"
-        extra = self.model_extra or {}
-        for name in ("logprobs", "top_logprobs", "tools", "functions", "best_of", "echo",
-                     "suffix", "logit_bias", "response_format", "tool_choice"):
-            value = extra.get(name)
-            if value not in (None, False, 0, [], {}) and not (
-                name == "response_format" and isinstance(value, dict)
-                and value.get("type") == "text"
-            ):
+        defaults = vllm_request_defaults(self.kind)
+        for name, value in (self.model_extra or {}).items():
+            if name in defaults and not _neutral(name, value, defaults[name]):
                 return name
         return None
 
 
+# Values that mean what vLLM's default means (vLLM's default is often None: "not given").
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
+    "top_k": (0, -1), "min_p": (0,), "stop_token_ids": ([],), "logit_bias": ({},),
+    "tools": ([],), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
+    "bad_words": ([],), "allowed_token_ids": (None,), "echo": (False,),
+    "include_stop_str_in_output": (False,), "min_tokens": (0,), "length_penalty": (1,),
+    "use_beam_search": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "priority": (0,),
+}
+
+
+def _neutral(name: str, value: Any, default: Any) -> bool:
+    if value is None or value == default:
+        return True
+    return any(value == v and type(value) is not bool or value is v
+               for v in _NEUTRAL.get(name, ()))
+
+
+@functools.lru_cache(maxsize=2)
+def vllm_request_defaults(kind: str) -> dict[str, Any]:
+    """{field: default} of vLLM's own request model for `chat` or `completion` (the pinned
+    vLLM's; imported on first use: Gateway.start warms it)."""
+    if kind == "chat":
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionRequest as VllmRequest)
+    else:
+        from vllm.entrypoints.openai.completion.protocol import (
+            CompletionRequest as VllmRequest)
+    out = {}
+    for name, field in VllmRequest.model_fields.items():
+        if name in HONOURED:
+            continue
+        out[name] = field.default_factory() if field.default_factory is not None else (
+            field.default)
+    return out
+
+
+HONOURED = frozenset({"model", "prompt", "messages", "max_tokens", "max_completion_tokens",
+                      "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
+                      "user", "ignore_eos"})
+"""vLLM request fields the gateway honours itself (the rest: vLLM's default or refused)."""
+
+
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
+
+    kind: ClassVar[str] = "completion"
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
@@ -116,6 +161,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
+
+    kind: ClassVar[str] = "chat"
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
