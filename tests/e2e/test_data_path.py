@@ -330,6 +330,11 @@ BAD_INPUTS = [
     ("/v1/chat/completions", json.dumps({"model": MODEL, "n": 3, "messages": [
         {"role": "user", "content": "hi"}]}).encode(), 400, "n"),
     ("/v1/chat/completions", json.dumps([1, 2, 3]).encode(), 400, None),
+    # vLLM parameters the gateway does not honour are refused, never ignored
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}
+                                   ).encode(), 400, "presence_penalty"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "top_k": 3, "messages": [
+        {"role": "user", "content": "hi"}]}).encode(), 400, "top_k"),
 ]
 
 
