@@ -140,9 +140,11 @@ class VllmServer:
 
 
 def start_vllm_server(eng: EngineConfig, run_dir: Path, cache_dir: Path,
-                      timeout_s: float = 600, engines: int = 1) -> VllmServer:
+                      timeout_s: float = 600, engines: int = 1,
+                      extra_args: list[str] | None = None) -> VllmServer:
     """Start vLLM's OpenAI server on a free loopback port and wait until it lists models;
-    bound to the cores of the first engine of a cluster of `engines`."""
+    bound to the cores of the first engine of a cluster of `engines`; `extra_args`: more
+    server flags (e.g. a tool-call parser)."""
     from services.ports import free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,7 @@ def start_vllm_server(eng: EngineConfig, run_dir: Path, cache_dir: Path,
     port = free_port()
     env = {**os.environ, **server_env(eng, run_dir, cache_dir, engines)}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-           *server_args(eng, port, f"ipc://{run_dir}/kv-events.sock")]
+           *server_args(eng, port, f"ipc://{run_dir}/kv-events.sock"), *(extra_args or [])]
     log_path = run_dir / "vllm-server.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

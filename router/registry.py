@@ -56,6 +56,9 @@ class WorkerInfo(BaseModel):
     address: str = Field(description="host:port of its gRPC worker API")
     stream_address: str = Field("", description=(
         "host:port of its framed GenerateStream (services/framed_stream.py); empty: none"))
+    link_address: str = Field("", description=(
+        "host:port of its engine link (services/link.py: vLLM engine-core requests and "
+        "outputs); empty: none"))
     model: str = Field(description="served model name")
     metrics_url: str = Field("", description="its Prometheus endpoint (vLLM's and ours)")
     block_size: int = Field(16, description="engine KV block size in tokens")

@@ -115,9 +115,10 @@ def _engine_args_tables() -> list[str]:
             "correctness or the router depends on them:", "",
             "| argument | instead |", "|---|---|"]
     out += [f"| `{k}` | {why} |" for k, why in OWNED.items()]
-    out += ["", "Allowed in the shared map only (every engine of a cluster must agree: "
-            + next(iter(SAME_IN_EVERY_POOL.values())) + "): "
-            + ", ".join(f"`{k}`" for k in SAME_IN_EVERY_POOL) + ".", ""]
+    out += ["", "Allowed in the shared map only (every engine of a cluster must agree):", "",
+            "| argument | why |", "|---|---|"]
+    out += [f"| `{k}` | {why} |" for k, why in SAME_IN_EVERY_POOL.items()]
+    out.append("")
     return out
 
 

@@ -57,6 +57,20 @@ def engine_args_maps(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     return shared, per_pool
 
 
+def frontend_args_map(ns: argparse.Namespace) -> dict[str, Any]:
+    """`--frontend-arg KEY=VALUE`s, checked by vLLM's own server parser."""
+    from services.worker.engine_args import EngineArgsError, parse, parse_assignments, server_parser
+
+    try:
+        args = parse_assignments(ns.frontend_arg, "--frontend-arg")
+        if args and ns.frontend != "vllm":
+            raise EngineArgsError("--frontend-arg sets vLLM's front end: add --frontend vllm")
+        parse(args, "--frontend-arg", parser=server_parser())
+    except EngineArgsError as exc:
+        raise UpArgsError(str(exc)) from None
+    return args
+
+
 def engine_config(ns: argparse.Namespace, cache_dir: Path) -> "EngineConfig":
     """The engine settings `splitserve up` gives its workers, from its parsed flags (the
     built-in model, made on first use, when no --model is given). Raises UpArgsError."""
@@ -89,6 +103,7 @@ def _up(ns: argparse.Namespace) -> int:
     try:
         _, pool_args = engine_args_maps(ns)
         engine = engine_config(ns, cache_dir)
+        frontend_args = frontend_args_map(ns)
     except UpArgsError as exc:
         print(f"splitserve up: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +132,8 @@ def _up(ns: argparse.Namespace) -> int:
         policy=ns.policy, kv_policy=KVPolicyConfig(
             load_weight=ns.kv_load_weight, local_prefill_tokens=ns.kv_local_prefill_tokens,
             temperature=ns.kv_temperature),
-        migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s))
+        migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s),
+        frontend=ns.frontend, frontend_args=frontend_args)
     return run_up(cfg)
 
 
@@ -327,11 +343,17 @@ def _gateway(ns: argparse.Namespace) -> int:
                                 port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len,
                                 max_in_flight_per_client=ns.max_in_flight_per_client,
                                 max_body_bytes=ns.max_body_bytes,
-                                api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams)
+                                api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams,
+                                frontend=ns.frontend)
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    serve(cfg)
+    if cfg.frontend == "vllm":
+        from services.gateway import vllm_frontend
+
+        vllm_frontend.serve(cfg)
+    else:
+        serve(cfg)
     return 0
 
 
@@ -417,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Prometheus port of every worker (0: a free one)")
     up.add_argument("--no-gateway", action="store_true",
                     help="do not run a gateway (gateways deployed on their own)")
+    up.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",
+                    help="gateway: splitserve's own OpenAI front end, or vLLM's own server over "
+                    "the cluster (the whole vLLM OpenAI API: tools, structured output, "
+                    "logprobs, n, /tokenize, /v1/responses; HTTP only)")
+    up.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="gateway, "
+                    "--frontend vllm: a vLLM server setting by vLLM's name (tool_call_parser="
+                    "hermes, enable_auto_tool_choice=true, chat_template=FILE, ...); repeatable")
     up.add_argument("--prefill-timeout-s", type=float, default=120.0,
                     help="gateway: a slower prefill is abandoned, decode computes the prompt")
     up.add_argument("--config", metavar="FILE", help="YAML file of these settings plus vLLM "
@@ -465,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)
+    gw.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",
+                    help="splitserve's own OpenAI front end, or vLLM's own server")
     _add_gateway_guard_flags(gw)
     _add_log_format_flag(gw)
     gw.set_defaults(func=_gateway)

@@ -65,6 +65,8 @@ class Cluster:
         cfg = self.cfg
         port = cfg.port or free_port(cfg.host)
         grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
+        if cfg.frontend == "vllm":
+            grpc_port = 0  # vLLM's front end serves HTTP only (docs/architecture.md)
         gcfg = GatewayConfig(
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
@@ -73,7 +75,8 @@ class Cluster:
             max_in_flight_per_client=cfg.max_in_flight_per_client,
             max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
             worker_streams=cfg.worker_streams,
-            migration=cfg.migration)
+            migration=cfg.migration, frontend=cfg.frontend,
+            engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
         self.gateway = GatewayProcess(gcfg, self.run_dir)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)

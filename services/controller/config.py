@@ -83,6 +83,10 @@ class ClusterConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "gateway: moving requests off failed workers"))
+    frontend: Literal["splitserve", "vllm"] = Field("splitserve", description=(
+        "gateway: splitserve's own OpenAI front end, or vLLM's own server over the cluster"))
+    frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "gateway, frontend vllm: vLLM server settings by vLLM's names"))
     healing: HealingConfig = Field(default_factory=HealingConfig,
                                      description="health checks, restarts, drains")
     local_ray_num_cpus: int | None = Field(None, description=(

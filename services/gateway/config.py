@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -55,6 +56,15 @@ class GatewayConfig(BaseModel):
         "on always uses per-request calls, each its own span)"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
+    frontend: Literal["splitserve", "vllm"] = Field("splitserve", description=(
+        "the OpenAI front end: splitserve's own (HTTP and gRPC), or vLLM's own server over the "
+        "cluster's engine links (the whole vLLM OpenAI API; docs/architecture.md)"))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm front end: the engines' shared vLLM engine arguments, mirrored so that requests "
+        "are checked against the engines' own configuration"))
+    frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm front end: vLLM's server settings by vLLM's names (tool_call_parser, "
+        "enable_auto_tool_choice, reasoning_parser, chat_template, ...)"))
 
     @property
     def name(self) -> str:

@@ -82,6 +82,9 @@ class WorkerConfig(BaseModel):
     grpc_port: int = Field(0, description="worker API port; 0 picks a free one")
     stream_port: int = Field(0, description=(
         "framed GenerateStream port (the gateway's token stream); 0 picks a free one"))
+    link_port: int = Field(0, description=(
+        "engine link port (services/link.py: the vLLM front end's engine-core requests); 0 "
+        "picks a free one"))
     metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one")
     redis_url: str = Field(description="registry and index Redis")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")

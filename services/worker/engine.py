@@ -99,6 +99,7 @@ class EngineHost:
         #: when `in_flight` last went from empty to non-empty (None while it is empty)
         self.busy_since: float | None = None
         self.metrics: WorkerMetrics | None = None  # set by the worker process
+        self.link: Any = None  # the worker's LinkServer, set by the worker process
         self._engine: AsyncLLM | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class EngineHost:
         """The load snapshot published to the registry."""
         c = self.counters
         return WorkerLoad(
-            in_flight=len(self.in_flight),
+            in_flight=len(self.in_flight) + (self.link.in_flight if self.link else 0),
             num_running_reqs=c.num_running_reqs,
             num_waiting_reqs=c.num_waiting_reqs,
             kv_cache_usage=c.kv_cache_usage,

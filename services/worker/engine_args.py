@@ -49,10 +49,15 @@ OWNED: dict[str, str] = {
 }
 """Engine arguments splitserve sets itself, with what to use instead."""
 
+_SAME_KV = "prefill's KV cache must be exactly what decode would have computed"
+_SAME_FRONT = "the gateway's front end checks and finishes requests with the same settings"
 SAME_IN_EVERY_POOL: dict[str, str] = {
-    key: "prefill's KV cache must be exactly what decode would have computed"
-    for key in ("revision", "code_revision", "tokenizer_revision", "quantization",
-                "kv_cache_dtype", "hf_overrides", "trust_remote_code", "load_format", "seed")
+    **{key: _SAME_KV for key in ("revision", "code_revision", "tokenizer_revision",
+                                 "quantization", "kv_cache_dtype", "hf_overrides",
+                                 "trust_remote_code", "load_format", "seed")},
+    **{key: _SAME_FRONT for key in ("max_logprobs", "logprobs_mode", "generation_config",
+                                    "override_generation_config", "tokenizer_mode",
+                                    "structured_outputs_config")},
 }
 """Engine arguments that every engine of a cluster must share: allowed in the shared map,
 refused in one pool's."""
@@ -111,20 +116,22 @@ def merged(shared: Mapping[str, Any], pool: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def parse(args: Mapping[str, Any], where: str = "engine_args") -> dict[str, Any]:
-    """Each argument parsed by vLLM's own parser: {vLLM attribute name: value as vLLM parses
-    it}, for `AsyncEngineArgs(**...)`. Raises EngineArgsError naming the first bad one."""
-    parser = _parser()
+def parse(args: Mapping[str, Any], where: str = "engine_args",
+          parser: "FlexibleArgumentParser | None" = None) -> dict[str, Any]:
+    """Each argument parsed by vLLM's own parser (the engine's, or `parser`): {vLLM attribute
+    name: value as vLLM parses it}, for `AsyncEngineArgs(**...)`. Raises EngineArgsError
+    naming the first bad one."""
+    parser = parser or engine_parser()
     out: dict[str, Any] = {}
     for key, value in args.items():
         name = dest(key)
         action = parser._option_string_actions.get("--" + name.replace("_", "-"))
         if action is None or action.dest != name:
-            raise EngineArgsError(f"{where}: `{key}` is not a vLLM engine argument (see "
+            raise EngineArgsError(f"{where}: `{key}` is not a vLLM argument here (see "
                                   "`python -m vllm.entrypoints.openai.api_server --help`)")
         try:
             ns = parser.parse_args(_tokens(action, value))
-        except _ParseError as exc:
+        except ParseError as exc:
             raise EngineArgsError(f"{where}: `{key}`={value!r}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise EngineArgsError(f"{where}: `{key}`={value!r}: {exc}") from None
@@ -132,19 +139,23 @@ def parse(args: Mapping[str, Any], where: str = "engine_args") -> dict[str, Any]
     return out
 
 
-def cli_tokens(args: Mapping[str, Any]) -> list[str]:
+def cli_tokens(args: Mapping[str, Any], parser: "FlexibleArgumentParser | None" = None
+               ) -> list[str]:
     """The same arguments as `vllm serve` command-line tokens (for vLLM's own server in
-    benchmarks: it gets exactly what the workers get)."""
-    parser = _parser()
+    benchmarks: it gets exactly what the workers get). Raises EngineArgsError for one that
+    is not an argument of `parser` (default: the engine's)."""
+    parser = parser or engine_parser()
     tokens: list[str] = []
     for key, value in args.items():
-        action = parser._option_string_actions["--" + dest(key).replace("_", "-")]
+        action = parser._option_string_actions.get("--" + dest(key).replace("_", "-"))
+        if action is None:
+            raise EngineArgsError(f"`{key}` is not a vLLM argument here")
         tokens += _tokens(action, value)
     return tokens
 
 
-class _ParseError(Exception):
-    """argparse's error, raised instead of exiting the process."""
+class ParseError(EngineArgsError):
+    """vLLM's parser refused the command line (argparse's error, raised instead of exiting)."""
 
 
 def _tokens(action: argparse.Action, value: Any) -> list[str]:
@@ -181,15 +192,30 @@ def _boolean(value: Any) -> bool:
     raise EngineArgsError(f"expected true or false, got {value!r}")
 
 
-@lru_cache(maxsize=1)
-def _parser() -> "FlexibleArgumentParser":
-    from vllm.engine.arg_utils import AsyncEngineArgs
+def _raising_parser() -> "FlexibleArgumentParser":
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     class Parser(FlexibleArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
-            raise _ParseError(message)
+            raise ParseError(message)
 
-    parser = Parser(add_help=False)
+    return Parser(add_help=False)
+
+
+@lru_cache(maxsize=1)
+def engine_parser() -> "FlexibleArgumentParser":
+    """vLLM's parser of engine arguments (`AsyncEngineArgs`), raising ParseError."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    parser = _raising_parser()
     AsyncEngineArgs.add_cli_args(parser)
     return parser
+
+
+@lru_cache(maxsize=1)
+def server_parser() -> "FlexibleArgumentParser":
+    """vLLM's OpenAI server parser (`vllm serve`: engine and front-end settings), raising
+    ParseError."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    return make_arg_parser(_raising_parser())

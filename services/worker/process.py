@@ -29,6 +29,7 @@ from services.grpc_options import server_options
 from services.worker.environment import engine_environment
 from services.worker.observability import setup_observability
 from services.worker.shm import segments_mapped_by_children, unlink_segments
+from services.worker.link_server import LinkServer
 from services.worker.stream_server import FramedStreamServer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class WorkerEndpoints(BaseModel):
     worker_id: str
     address: str
     stream_address: str = ""
+    link_address: str = ""
     metrics_url: str
     kv_events_endpoint: str
     nixl_side_channel_port: int
@@ -100,6 +102,7 @@ class WorkerProcess:
         self.host = None  # EngineHost, created in start() after the environment is set
         self._server: grpc.aio.Server | None = None
         self._stream_server: FramedStreamServer | None = None
+        self._link_server: LinkServer | None = None
         self._metrics_httpd = None
         self._redis: Redis | None = None
         self._registry: WorkerRegistry | None = None
@@ -137,6 +140,9 @@ class WorkerProcess:
         await self._server.start()
         self._stream_server = FramedStreamServer(service.chunks, cfg.host, cfg.stream_port)
         stream_port = await self._stream_server.start()
+        self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port)
+        link_port = await self._link_server.start()
+        self.host.link = self._link_server
 
         from prometheus_client import start_http_server
 
@@ -147,6 +153,7 @@ class WorkerProcess:
             worker_id=cfg.worker_id,
             address=f"{cfg.host}:{port}",
             stream_address=f"{cfg.host}:{stream_port}",
+            link_address=f"{cfg.host}:{link_port}",
             metrics_url=f"http://{cfg.host}:{metrics_port}/metrics",
             kv_events_endpoint=kv_events,
             nixl_side_channel_port=side_port,
@@ -173,6 +180,7 @@ class WorkerProcess:
             role=cfg.role,
             address=self.endpoints.address,
             stream_address=self.endpoints.stream_address,
+            link_address=self.endpoints.link_address,
             model=cfg.engine.name,
             metrics_url=self.endpoints.metrics_url,
             block_size=cfg.engine.block_size,
@@ -285,6 +293,8 @@ class WorkerProcess:
                                 exc_info=True)
             if self._stream_server is not None:
                 await self._stream_server.stop()
+            if self._link_server is not None:
+                await self._link_server.stop()
             if self._server is not None:
                 await self._server.stop(grace=2.0)
             if self._metrics_httpd is not None:

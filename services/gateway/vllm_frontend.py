@@ -1,0 +1,120 @@
+"""The gateway's vLLM front end (`GatewayConfig.frontend = "vllm"`): vLLM's own OpenAI server
+(its protocol models, chat templates, tool-call and reasoning parsers, structured-output
+checks, logprobs, `n`, /tokenize, /detokenize, /v1/responses, ...) over the cluster.
+
+vLLM's server runs an `AsyncLLM` whose engine-core client talks to one local engine-core
+process. Here the `AsyncLLM` is vLLM's own, with its front half (input processor, output
+processor with the incremental detokenizer, stop strings and logprobs) in the gateway, and its
+engine-core client replaced by services/gateway/remote_core.py, which routes each request and
+runs the prefill -> KV -> decode handoff over the workers' engine links. Its server settings
+are vLLM's server flags, by vLLM's names (`frontend_args`: tool_call_parser,
+enable_auto_tool_choice, reasoning_parser, chat_template, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
+
+from services.gateway.config import GatewayConfig
+from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from services.gateway.remote_core import RemoteEngineCore
+
+log = logging.getLogger(__name__)
+
+
+def server_args(cfg: GatewayConfig) -> argparse.Namespace:
+    """vLLM's server settings of this gateway: the engines' arguments (so that the front end
+    validates requests against the engines' own configuration), then the front-end ones."""
+    parser = server_parser()
+    tokens = ["--model", cfg.model, "--served-model-name", cfg.name,
+              "--max-model-len", str(cfg.max_model_len), "--host", cfg.host,
+              "--port", str(cfg.port), "--uvicorn-log-level", "warning",
+              "--disable-uvicorn-access-log"]
+    tokens += cli_tokens(cfg.engine_args) + cli_tokens(cfg.frontend_args, parser)
+    return parser.parse_args(tokens)
+
+
+def check_frontend_args(args: dict[str, Any]) -> None:
+    """Raise EngineArgsError naming the first vLLM server setting its parser refuses."""
+    from services.worker.engine_args import parse
+
+    parse(args, "frontend_args", parser=server_parser())
+
+
+@contextlib.contextmanager
+def _engine_core_client(core: "RemoteEngineCore") -> Iterator[None]:
+    """While constructing an AsyncLLM: its engine-core client is `core` (vLLM internals:
+    `EngineCoreClient.make_async_mp_client`; tests/unit/test_vllm_seam.py fails when
+    it changes)."""
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    original = EngineCoreClient.__dict__["make_async_mp_client"]
+    EngineCoreClient.make_async_mp_client = staticmethod(lambda **_: core)  # type: ignore
+    try:
+        yield
+    finally:
+        EngineCoreClient.make_async_mp_client = original  # type: ignore[assignment]
+
+
+def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "AsyncLLM":
+    """vLLM's AsyncLLM for these server settings, over the cluster."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.executor import Executor
+
+    vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+        UsageContext.OPENAI_API_SERVER)
+    with _engine_core_client(core):
+        return AsyncLLM(vllm_config, executor_class=Executor, log_stats=not args.disable_log_stats,
+                        usage_context=UsageContext.OPENAI_API_SERVER,
+                        log_requests=args.enable_log_requests)
+
+
+async def run(cfg: GatewayConfig) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    from services.gateway.app import Gateway
+    from services.gateway.remote_core import RemoteEngineCore
+
+    args = server_args(cfg)
+    gateway = Gateway(cfg)  # Redis, the worker directory and the routing policy
+    await gateway.start()
+    assert gateway.directory is not None and gateway.flow is not None
+    core = RemoteEngineCore(gateway.directory, gateway.flow,
+                            cfg.migration.prefill_timeout_s)
+    engine = remote_async_llm(args, core)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        shutdown = await build_and_serve(engine, listen_address, sock, args)
+        log.info("vLLM front end serving on %s", listen_address)
+        await shutdown
+    finally:
+        sock.close()
+        engine.shutdown()
+        await gateway.stop()
+
+
+def serve(cfg: GatewayConfig) -> None:
+    """Run the gateway's vLLM front end (blocks until SIGINT/SIGTERM)."""
+    from services import tracing
+    from services.logs import LogConfig, configure_logging
+    from services.tracing import TracingConfig
+
+    configure_logging(LogConfig(), component="gateway")
+    tracing.setup(TracingConfig(), "splitserve-gateway")
+    try:
+        server_args(cfg)
+    except EngineArgsError as exc:
+        raise SystemExit(f"splitserve gateway: {exc}") from None
+    asyncio.run(run(cfg))

@@ -1,0 +1,165 @@
+"""The worker's end of the engine link (services/link.py): engine-core requests from gateways go
+straight to this worker's engine core; its outputs for them go back, one message per engine
+step per gateway, without passing through the worker's own output processor (no
+detokenization here: the gateway's front end does it, once).
+
+The worker's `AsyncLLM` keeps serving the worker gRPC API; the link shares its engine core.
+Its output handler is restarted over a `get_output_async` that takes the link's requests'
+outputs out of each step first (`divert`); the rest (and the step's scheduler statistics) go
+on to the worker's output processor as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from services.link import ABORT, ADD, FAILED, OUTPUTS
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+class LinkServer:
+    """Serves the engine link of one worker on a TCP port."""
+
+    def __init__(self, engine: "AsyncLLM", host: str, port: int = 0) -> None:
+        from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
+        from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+        self._engine = engine
+        self._core = engine.engine_core
+        self._host, self._port = host, port
+        self._encoder = MsgpackEncoder()
+        self._decoder = MsgpackDecoder(EngineCoreRequest)
+        self._outputs_type = EngineCoreOutputs
+        self._owner: dict[str, bytes] = {}  # request id -> the gateway that sent it
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Link requests the engine is working on."""
+        return len(self._owner)
+
+    async def start(self) -> int:
+        """Bind, take over the engine's output stream, start reading; returns the port."""
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting gateway keeps its id
+        if self._port:
+            self._sock.bind(f"tcp://{self._host}:{self._port}")
+            port = self._port
+        else:
+            port = self._sock.bind_to_random_port(f"tcp://{self._host}")
+        divert(self._engine, self._forward)
+        self._reader = asyncio.create_task(self._read(), name="link-reader")
+        return port
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._owner:
+            ids = list(self._owner)
+            self._owner.clear()
+            try:
+                await self._core.abort_requests_async(ids)
+            except Exception:
+                log.warning("could not abort %d link requests", len(ids), exc_info=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            gateway, kind, body = frames[0].bytes, frames[1].bytes, frames[2:]
+            try:
+                if kind == ADD:
+                    await self._add(gateway, body)
+                elif kind == ABORT:
+                    ids = msgspec.msgpack.decode(body[0].bytes)
+                    for request_id in ids:
+                        self._owner.pop(request_id, None)
+                    await self._core.abort_requests_async(ids)
+                else:
+                    log.warning("engine link: unknown frame type %r from a gateway", kind)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine link: a message from a gateway failed")
+
+    async def _add(self, gateway: bytes, body: list[Any]) -> None:
+        request = self._decoder.decode(body)
+        if request.request_id in self._owner:
+            await self._fail(gateway, request.request_id, "request id already in flight")
+            return
+        if not request.abort_immediately:
+            self._owner[request.request_id] = gateway
+        try:
+            await self._core.add_request_async(request)
+        except Exception as exc:
+            self._owner.pop(request.request_id, None)
+            await self._fail(gateway, request.request_id, f"{type(exc).__name__}: {exc}")
+
+    async def _fail(self, gateway: bytes, request_id: str, message: str) -> None:
+        assert self._sock is not None
+        await self._sock.send_multipart(
+            [gateway, FAILED, msgspec.msgpack.encode([request_id, message])])
+
+    async def _forward(self, outputs: Any) -> None:
+        """Send the link's requests' outputs of one engine step to their gateways, and leave
+        the others in `outputs` for the worker's own output processor."""
+        if not self._owner or not outputs.outputs:
+            return
+        by_gateway: dict[bytes, list[Any]] = {}
+        rest = []
+        for out in outputs.outputs:
+            gateway = self._owner.get(out.request_id)
+            if gateway is None:
+                rest.append(out)
+                continue
+            by_gateway.setdefault(gateway, []).append(out)
+            if out.finish_reason is not None:
+                del self._owner[out.request_id]
+        if not by_gateway:
+            return
+        outputs.outputs = rest
+        assert self._sock is not None
+        for gateway, outs in by_gateway.items():
+            step = self._outputs_type(outputs=outs, timestamp=outputs.timestamp)
+            await self._sock.send_multipart([gateway, OUTPUTS, *self._encoder.encode(step)],
+                                            copy=False)
+
+
+def divert(engine: "AsyncLLM", forward: Any) -> None:
+    """Let `forward(outputs)` see (and take out) every engine step's outputs before the
+    engine's own output processor does: its output handler is restarted over a wrapped
+    `get_output_async` (vLLM internals: `AsyncLLM.output_handler`, `_run_output_handler`,
+    `engine_core.get_output_async`; tests/unit/test_vllm_seam.py fails when they
+    change)."""
+    core = engine.engine_core
+    original = core.get_output_async
+
+    async def get_output_async() -> Any:
+        outputs = await original()
+        await forward(outputs)
+        return outputs
+
+    handler = engine.output_handler
+    if handler is not None:
+        handler.cancel()  # it waits in original(); cancelling a queue get loses nothing
+        engine.output_handler = None
+    core.get_output_async = get_output_async
+    engine._run_output_handler()

@@ -1,0 +1,303 @@
+"""Conformance of the gateway's vLLM front end (`up --frontend vllm`): the same requests sent to
+vLLM's own OpenAI server and to splitserve clusters (disaggregated: the prompt's KV moves over
+NIXL; aggregated) on the built-in model give the same answers: text, token ids, logprobs,
+tool calls, finish reasons, usage; streamed and not. Bad input gets vLLM's own 400s, and the
+cluster keeps serving."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from bench.vllm_server import engine_config, start_vllm_server
+from tests.support.cluster import RunningCluster, cache_dir_for_tests, start_test_cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
+MODEL = "splitserve-tiny"
+TOOL_ARGS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+# JSON without free whitespace: a random-weights model otherwise fills its budget with blanks
+# (an engine argument every engine and the front end share)
+ENGINE_ARGS = ["--engine-arg", 'structured_outputs_config={"backend": "xgrammar", '
+               '"disable_any_whitespace": true}']
+LONG = " ".join(["The operator reads the dashboard before the pager rings."] * 12)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def _chat(content: str = "Hello! What does this module do?", **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 12, **kw}
+
+
+def _completion(prompt: str = "def fibonacci(n):", **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 12, **kw}
+
+
+# (name, path, body): each sent streamed and not (unless it says stream itself)
+CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("chat-greedy", "/v1/chat/completions", _chat(temperature=0)),
+    ("chat-long-prompt", "/v1/chat/completions", _chat(LONG, temperature=0)),
+    ("chat-seeded", "/v1/chat/completions", _chat(temperature=0.9, top_p=0.9, seed=11)),
+    ("chat-n2-seeded", "/v1/chat/completions", _chat(LONG, temperature=1.0, seed=3, n=2)),
+    ("chat-logprobs", "/v1/chat/completions",
+     _chat(temperature=0, logprobs=True, top_logprobs=3)),
+    ("chat-penalties", "/v1/chat/completions",
+     _chat(temperature=0, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)),
+    ("chat-topk-minp", "/v1/chat/completions",
+     _chat(temperature=1.0, seed=5, top_k=5, min_p=0.05)),
+    ("chat-stop", "/v1/chat/completions", _chat(temperature=0, stop=[" a", "e"],
+                                                 max_tokens=30)),
+    ("chat-logit-bias", "/v1/chat/completions", _chat(temperature=0, logit_bias={"42": 100})),
+    ("chat-json-schema", "/v1/chat/completions", _chat(
+        "Describe a person", temperature=0, max_tokens=80,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": SCHEMA}})),
+    ("chat-json-object", "/v1/chat/completions", _chat(
+        temperature=0, max_tokens=20, response_format={"type": "json_object"})),
+    ("chat-regex", "/v1/chat/completions", _chat(
+        temperature=0, max_tokens=20, structured_outputs={"regex": "(yes|no)-[0-9]{3}"})),
+    ("chat-tool-named", "/v1/chat/completions", _chat(
+        "Weather in Paris?", temperature=0, max_tokens=40, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})),
+    ("chat-tool-required", "/v1/chat/completions", _chat(
+        "Weather in Paris?", temperature=0, max_tokens=40, tools=[WEATHER],
+        tool_choice="required")),
+    ("completion-greedy", "/v1/completions", _completion(temperature=0)),
+    ("completion-long", "/v1/completions", _completion(LONG, temperature=0)),
+    ("completion-logprobs-echo", "/v1/completions",
+     _completion(temperature=0, logprobs=2, echo=True, max_tokens=5)),
+    ("completion-stop-ids", "/v1/completions",
+     _completion(temperature=0, stop_token_ids=[13, 29], min_tokens=2, max_tokens=30)),
+    ("completion-ignore-eos", "/v1/completions",
+     _completion(temperature=0.7, seed=9, ignore_eos=True, max_tokens=20)),
+]
+
+BAD: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/chat/completions", _chat(temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})),
+    ("/v1/chat/completions", _chat(tools=[WEATHER], tool_choice={
+        "type": "function", "function": {"name": "no_such_tool"}})),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=10 ** 6)),
+    ("/v1/completions", _completion(max_tokens=10 ** 6)),
+]
+
+
+def _normal(path: str, body: dict[str, Any], resp: httpx.Response) -> Any:
+    """What must match: the status and, for a 200, the answer without ids and times."""
+    if resp.status_code != 200:
+        return {"status": resp.status_code}
+    if body.get("stream"):
+        return {"status": 200, "stream": _from_stream(resp.text)}
+    data = resp.json()
+    return {"status": 200, "choices": [_choice(c) for c in data["choices"]],
+            "usage": {k: data["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+
+
+def _choice(c: dict[str, Any]) -> dict[str, Any]:
+    msg = c.get("message") or {}
+    calls = [{"name": t["function"]["name"], "arguments": json.loads(t["function"]["arguments"])}
+             for t in msg.get("tool_calls") or []]
+    return {"index": c["index"], "text": c.get("text", msg.get("content")),
+            "tool_calls": calls, "finish_reason": c["finish_reason"],
+            "stop_reason": c.get("stop_reason"), "logprobs": c.get("logprobs")}
+
+
+def _from_stream(text: str) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        for c in event.get("choices", []):
+            seen = out.setdefault(c["index"], {"text": "", "finish_reason": None})
+            delta = c.get("delta") or {}
+            seen["text"] += c.get("text") or delta.get("content") or ""
+            if c.get("finish_reason"):
+                seen["finish_reason"] = c["finish_reason"]
+    return out
+
+
+def _close(a: Any, b: Any, where: str = "") -> None:
+    """Equal, floats within 1e-3 (logprobs of float32 engines on different cores)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3), (where, a, b)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (where, a.keys(), b.keys())
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def _requests() -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for name, path, body in CASES:
+        out.append((name, path, body))
+        out.append((f"{name}-stream", path, {**body, "stream": True}))
+    return out
+
+
+def _send_all(url: str) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=120) as client:
+        return {name: _normal(path, body, client.post(path, json=body))
+                for name, path, body in _requests()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """vLLM's own server's answers, with the same engine settings as the clusters' workers."""
+    up_args = ["--mode", "aggregated", "--workers", "1", *ENGINE_ARGS]
+    eng = engine_config(up_args, cache_dir_for_tests())
+    run_dir = tmp_path_factory.mktemp("vllm-server")
+    from services.worker.engine_args import cli_tokens, server_parser
+
+    server = start_vllm_server(eng, run_dir, cache_dir_for_tests(),
+                               extra_args=cli_tokens(TOOL_ARGS, server_parser()))
+    try:
+        return _send_all(server.url)
+    finally:
+        server.stop()
+
+
+@dataclass
+class FrontendCluster:
+    mode: str
+    up: RunningCluster
+
+    @property
+    def http(self) -> str:
+        return self.up.http
+
+    @property
+    def redis_url(self) -> str:
+        return self.up.redis_url
+
+
+@pytest.fixture(scope="module", params=["disaggregated", "aggregated"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[FrontendCluster]:
+    """A cluster behind vLLM's front end, one mode at a time (the KV-aware policy with every
+    prompt sent to the prefill worker, so that KV moves for short prompts too)."""
+    mode = request.param
+    args = ["--frontend", "vllm", "--kv-local-prefill-tokens", "0", *ENGINE_ARGS,
+            *[f"--frontend-arg={k}={v}" for k, v in TOOL_ARGS.items()]]
+    args += ["--mode", "aggregated", "--workers", "1"] if mode == "aggregated" else [
+        "--mode", "disaggregated"]
+    run_dir = tmp_path_factory.mktemp(f"vllm-frontend-{mode}") / "run"
+    c = start_test_cluster(args, run_dir)
+    try:
+        yield FrontendCluster(mode, c)
+    finally:
+        assert c.stop() == 0
+        assert not c.alive_descendants(), "processes survived the cluster"
+
+
+@pytest.fixture(scope="module")
+def answers(cluster: FrontendCluster) -> dict[str, Any]:
+    return _send_all(cluster.http)
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in _requests()])
+def test_same_answer_as_vllms_own_server(reference: dict[str, Any], answers: dict[str, Any],
+                                         name: str) -> None:
+    assert reference[name]["status"] == 200, reference[name]
+    _close(answers[name], reference[name], name)
+
+
+def test_structured_outputs_and_tool_calls_are_well_formed(answers: dict[str, Any]) -> None:
+    assert answers["chat-json-schema"]["choices"][0]["finish_reason"] == "stop"
+    person = json.loads(answers["chat-json-schema"]["choices"][0]["text"])
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    assert len(person["name"]) <= 12
+    for name in ("chat-tool-named", "chat-tool-required"):
+        calls = answers[name]["choices"][0]["tool_calls"]
+        assert calls and calls[0]["name"] == "get_weather", answers[name]
+        assert isinstance(calls[0]["arguments"]["city"], str)
+    import re
+    assert re.fullmatch(r"(yes|no)-[0-9]{3}", answers["chat-regex"]["choices"][0]["text"])
+
+
+def test_tool_calls_through_the_openai_client(cluster: FrontendCluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER], tool_choice="required", max_tokens=40, temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert "city" in json.loads(call.function.arguments)
+
+
+def test_kv_moves_in_disaggregated_mode(cluster: FrontendCluster, answers: dict[str, Any]
+                                        ) -> None:
+    """The gateway's own vLLM metrics count the decode engines' prompt tokens by where they
+    came from: over NIXL when disaggregated, computed locally when aggregated."""
+    text = httpx.get(f"{cluster.http}/metrics", timeout=10).text
+    by_source = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total{"):
+            source = line.split('source="')[1].split('"')[0]
+            by_source[source] = float(line.rsplit(" ", 1)[1])
+    if cluster.mode == "disaggregated":
+        assert by_source["external_kv_transfer"] > 0, by_source
+    else:
+        assert by_source["external_kv_transfer"] == 0 and by_source["local_compute"] > 0
+
+
+@pytest.mark.parametrize("path,body", BAD)
+def test_bad_input_gets_vllms_400_and_the_cluster_serves_on(
+        cluster: FrontendCluster, path: str, body: dict[str, Any]) -> None:
+    r = httpx.post(cluster.http + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["code"] == 400
+    ok = httpx.post(cluster.http + "/v1/completions", json=_completion(temperature=0),
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_tokenize_detokenize_models_responses(cluster: FrontendCluster) -> None:
+    with httpx.Client(base_url=cluster.http, timeout=60) as c:
+        ids = c.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+        assert ids["count"] == len(ids["tokens"]) > 0
+        text = c.post("/detokenize", json={"model": MODEL, "tokens": ids["tokens"]}).json()
+        assert "Hello world" in text["prompt"]
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [MODEL]
+        r = c.post("/v1/responses", json={"model": MODEL, "input": "Hi",
+                                          "max_output_tokens": 6, "temperature": 0})
+        assert r.status_code == 200 and r.json()["output"], r.text
+
+
+def test_prefill_blocks_are_freed(cluster: FrontendCluster, answers: dict[str, Any]) -> None:
+    """After every request is done, no engine holds KV blocks for anyone (the prefill worker
+    freed what the decode worker read)."""
+    import subprocess
+    import sys
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json",
+                              "--redis-url", cluster.redis_url], capture_output=True,
+                             text=True, check=True, timeout=60)
+        loads = [w["load"] for w in json.loads(out.stdout)]
+        if all(w["kv_cache_usage"] == 0 and w["in_flight"] == 0 for w in loads):
+            return
+        assert time.monotonic() < deadline, loads
+        time.sleep(0.5)
+

@@ -1,0 +1,39 @@
+"""The two places the vLLM front end touches vLLM internals (docs/architecture.md, "The vLLM
+front end"): these fail when the pinned vLLM changes under them; the conformance suite
+(tests/e2e/test_vllm_frontend.py) shows they work."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def test_asyncllm_takes_its_engine_core_client_from_the_factory() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    assert isinstance(EngineCoreClient.__dict__["make_async_mp_client"], staticmethod)
+    assert "EngineCoreClient.make_async_mp_client(" in inspect.getsource(AsyncLLM.__init__)
+
+
+def test_asyncllm_output_handler_pulls_from_its_engine_core() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    source = inspect.getsource(AsyncLLM._run_output_handler)
+    assert "if self.output_handler is not None:" in source
+    assert "await engine_core.get_output_async()" in source
+    assert "self.output_handler = asyncio.create_task(" in source
+
+
+def test_what_the_remote_core_serves_is_all_asyncllm_asks_on_the_request_path() -> None:
+    """AsyncLLM's calls on its engine core along generate/abort/health are the remote core's."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from services.gateway.remote_core import RemoteEngineCore
+
+    used = {"add_request_async", "abort_requests_async", "get_output_async",
+            "get_supported_tasks_async"}
+    source = inspect.getsource(AsyncLLM)
+    for name in used:
+        assert f"engine_core.{name}(" in source, name
+        assert callable(getattr(RemoteEngineCore, name))
+    assert "self.engine_core.resources.engine_dead" in source
