@@ -100,12 +100,11 @@ def _detect_device() -> str:
 
 
 def _status(ns: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-
+    from router.redis_client import redis_client
     from router.registry import WorkerRegistry
 
     async def read() -> list:
-        redis = Redis.from_url(ns.redis_url)
+        redis = redis_client(ns.redis_url)
         try:
             return await WorkerRegistry(redis, ns.namespace).live_workers()
         finally:
@@ -147,8 +146,7 @@ def _scale(ns: argparse.Namespace) -> int:
     """Set desired pool sizes in Redis; with --wait, until the controller reaches them."""
     import time
 
-    from redis.asyncio import Redis
-
+    from router.redis_client import redis_client
     from services.controller.pool_sizes import PoolSizes
 
     wanted = {pool: n for pool, n in (("prefill", ns.prefill), ("decode", ns.decode),
@@ -165,7 +163,7 @@ def _scale(ns: argparse.Namespace) -> int:
             return 2
 
     async def run() -> int:
-        redis = Redis.from_url(ns.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        redis = redis_client(ns.redis_url)
         try:
             sizes = PoolSizes(redis, ns.namespace)
             observed, updated_at = await sizes.observed()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis
 
+from router.redis_client import sync_redis_client
 from services.ports import free_port
 
 
@@ -37,7 +38,7 @@ class RedisServer:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
-        client = redis.Redis(host=self.host, port=self.port)
+        client = sync_redis_client(self.url)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -1,5 +1,9 @@
 """The gateway's view of the live workers: a registry snapshot refreshed in the background,
-gRPC channels to each worker, and the gateway's own in-flight count per worker."""
+gRPC channels to each worker, and the gateway's own in-flight count per worker.
+
+With Redis away (down, or silent) the snapshot stays as it was and routing goes on with it;
+each refresh is bounded by `health.deadline_s` and its outcome tells `health` (shared with the
+request path's prefix-index lookups) whether Redis answers."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any, Iterator
 import grpc
 from redis.asyncio import Redis
 
+from router.redis_client import RedisHealth
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
 from services.controller.pool_sizes import PoolSizes
@@ -28,8 +33,9 @@ class WorkerDirectory:
     """Live workers by role, with stubs to reach them."""
 
     def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5,
-                 streams: WorkerStreams = "tcp") -> None:
+                 streams: WorkerStreams = "tcp", health: RedisHealth | None = None) -> None:
         self.registry = WorkerRegistry(redis, namespace)
+        self.health = health or RedisHealth(pause_s=2.0, deadline_s=1.0)
         self.pool_sizes = PoolSizes(redis, namespace)
         self.model = model
         self.refresh_s = refresh_s
@@ -55,8 +61,8 @@ class WorkerDirectory:
         self._channels.clear()
 
     async def refresh(self) -> None:
-        """Re-read the registry now."""
-        workers = await self.registry.live_workers()
+        """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
+        workers = await self.health.call(self.registry.live_workers, probe=True)
         self.workers = [w for w in workers if w.model == self.model]
         live = {w.address for w in self.workers}
         for addr in [a for a in self._streams if a not in live]:
@@ -71,16 +77,17 @@ class WorkerDirectory:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis away: keep routing on the last snapshot
-                log.warning("registry refresh failed; using last snapshot", exc_info=True)
+            except Exception as exc:  # Redis away: keep routing on the last snapshot
+                log.warning("registry refresh failed (%s: %s); using last snapshot",
+                            type(exc).__name__, exc)
             await asyncio.sleep(self.refresh_s)
 
     async def pools_healing(self) -> bool:
         """Whether the controller is bringing workers up (some pool has workers starting, or
         fewer serving than desired): worth waiting for, rather than failing at once."""
         try:
-            desired = await self.pool_sizes.desired()
-            observed, _ = await self.pool_sizes.observed()
+            desired = await self.health.call(self.pool_sizes.desired)
+            observed, _ = await self.health.call(self.pool_sizes.observed)
         except Exception:
             return False
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
