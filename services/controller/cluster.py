@@ -1,6 +1,7 @@
 """`splitserve up`: Redis, Ray, worker pools and a gateway, started and stopped together.
 
-Start order: run directory -> Redis (private unless --redis-url) -> Ray (local unless
+Start order: run directory -> Redis (private unless --redis-url; supervised: restarted on
+its port if it dies, see redis_server.py) -> Ray (local unless
 --ray-address) -> worker actors (engines load in parallel) -> gateway. Stop order is the
 reverse. Everything this process started is stopped by PID; a final sweep kills any
 descendant process still alive, so nothing is orphaned.
@@ -21,7 +22,7 @@ from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
 from services.controller.reconciler import PoolController
-from services.controller.redis_server import RedisServer
+from services.controller.redis_server import RedisServer, RedisSupervisor
 from services.controller.state_file import (ClusterState, process_started_at, remove_state,
                                               write_state)
 from services.gateway.config import GatewayConfig
@@ -39,6 +40,7 @@ class Cluster:
         self.cfg = cfg
         self.run_dir = cfg.run_dir or Path(tempfile.mkdtemp(prefix="splitserve-"))
         self.redis: RedisServer | None = None
+        self.redis_supervisor: RedisSupervisor | None = None
         self.redis_url = cfg.redis_url
         self.pools: WorkerPools | None = None
         self.controller: PoolController | None = None
@@ -54,6 +56,8 @@ class Cluster:
         if self.redis_url is None:
             self.redis = RedisServer(self.run_dir)
             self.redis_url = self.redis.start()
+            self.redis_supervisor = RedisSupervisor(self.redis)
+            self.redis_supervisor.start()
         self._start_ray()
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
@@ -131,6 +135,8 @@ class Cluster:
     def stop(self) -> None:
         """Stop everything, newest first; then make sure no descendant survives."""
         self._remember_descendants()
+        if self.redis_supervisor:
+            self.redis_supervisor.stop()  # from here on a dead Redis stays dead
         if self.gateway:
             self.gateway.stop()
         if self.controller:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -46,6 +47,7 @@ class WorkerDirectory:
         self._streams: dict[str, SharedGenerateStream] = {}
         self._task: asyncio.Task | None = None
         self._refreshed = asyncio.Event()
+        self._serving_seen_at = float("-inf")  # when a snapshot last had a serving worker
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -64,6 +66,8 @@ class WorkerDirectory:
         """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
         workers = await self.health.call(self.registry.live_workers, probe=True)
         self.workers = [w for w in workers if w.model == self.model]
+        if any(w.state == WorkerState.SERVING for w in self.workers):
+            self._serving_seen_at = time.monotonic()
         live = {w.address for w in self.workers}
         for addr in [a for a in self._streams if a not in live]:
             await self._streams.pop(addr).close()
@@ -82,14 +86,18 @@ class WorkerDirectory:
                             type(exc).__name__, exc)
             await asyncio.sleep(self.refresh_s)
 
-    async def pools_healing(self) -> bool:
+    async def pools_healing(self, lost_grace_s: float = 10.0) -> bool:
         """Whether the controller is bringing workers up (some pool has workers starting, or
-        fewer serving than desired): worth waiting for, rather than failing at once."""
+        fewer serving than desired): worth waiting for, rather than failing at once. Also
+        while Redis has lost its data (restarted empty: no desired sizes, and workers served a
+        moment ago): the workers register again on their next heartbeat."""
         try:
             desired = await self.health.call(self.pool_sizes.desired)
             observed, _ = await self.health.call(self.pool_sizes.observed)
         except Exception:
             return False
+        if not desired and time.monotonic() - self._serving_seen_at < lost_grace_s:
+            return True
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
                    for pool, o in observed.items())
 
