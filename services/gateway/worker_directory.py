@@ -89,14 +89,18 @@ class WorkerDirectory:
     async def pools_healing(self, lost_grace_s: float = 10.0) -> bool:
         """Whether the controller is bringing workers up (some pool has workers starting, or
         fewer serving than desired): worth waiting for, rather than failing at once. Also
-        while Redis has lost its data (restarted empty: no desired sizes, and workers served a
-        moment ago): the workers register again on their next heartbeat."""
+        while the registry lags behind (workers served a moment ago, and now Redis has no
+        desired sizes, i.e. it restarted empty, or the controller still counts serving decode
+        workers, e.g. their liveness keys expired while Redis was stopped): the workers
+        register again on their next heartbeat."""
         try:
             desired = await self.health.call(self.pool_sizes.desired)
             observed, _ = await self.health.call(self.pool_sizes.observed)
         except Exception:
             return False
-        if not desired and time.monotonic() - self._serving_seen_at < lost_grace_s:
+        if time.monotonic() - self._serving_seen_at < lost_grace_s and (
+                not desired or any(observed[p].serving > 0 for p in ("decode", "both")
+                                   if p in observed)):
             return True
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
                    for pool, o in observed.items())

@@ -162,3 +162,33 @@ async def test_registry_index_and_prefix_routing_come_back_after_redis_is_killed
             await directory.stop()
             await worker_client.aclose()
             await gateway_client.aclose()
+
+
+async def test_a_lagging_registry_is_worth_waiting_for(tmp_path: Path) -> None:
+    """No serving worker in the registry, but a moment ago there was one and the controller
+    still counts a serving decode worker (liveness keys that expired while Redis was stopped):
+    the gateway waits for the next heartbeat instead of failing. With the controller counting
+    and wanting none, it does not."""
+    from services.controller.pool_sizes import PoolObservation, PoolSizes
+
+    with supervised(tmp_path) as (server, _):
+        client = redis_client(server.url)
+        try:
+            sizes = PoolSizes(client, NS)
+            await sizes.set_desired({"both": 1}, by="test")
+            await sizes.publish_observed({"both": PoolObservation(serving=1)})
+            registry = WorkerRegistry(client, NS, ttl_s=5)
+            directory = WorkerDirectory(client, NS, "m")
+            assert not await directory.pools_healing()  # never saw a serving worker
+            await registry.register(_worker("w-a"))
+            await directory.refresh()
+            await registry.deregister("w-a")
+            await directory.refresh()
+            assert directory.workers == [] and await directory.pools_healing()
+            # the controller counts none, and wants none (scaled to 0): nothing is coming
+            await sizes.set_desired({"both": 0}, by="test")
+            await sizes.publish_observed({"both": PoolObservation(serving=0)})
+            assert not await directory.pools_healing()
+            assert not await directory.pools_healing(lost_grace_s=0.0)
+        finally:
+            await client.aclose()
