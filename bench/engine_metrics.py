@@ -109,10 +109,10 @@ def registry_endpoints(redis_url: str, namespace: str) -> EndpointSource:
     """A splitserve cluster's live workers, from its Redis worker registry."""
 
     async def endpoints() -> list[EngineEndpoint]:
-        from router.redis_client import redis_client
+        from router.redis_client import RedisClientConfig, redis_client
         from router.registry import WorkerRegistry
 
-        redis = redis_client(redis_url)
+        redis = redis_client(redis_url, RedisClientConfig().for_tools())
         try:
             workers = await WorkerRegistry(redis, namespace).live_workers()
         finally:

@@ -31,3 +31,11 @@ class RedisClientConfig(BaseSettings):
     outage_pause_s: float = Field(2.0, ge=0, description=(
         "gateway: after a Redis call failed, request-path lookups skip Redis (route on load "
         "only) this long; the registry refresh keeps probing and ends the pause when it answers"))
+    tool_timeout_s: float = Field(5.0, gt=0, description=(
+        "connect and reply timeout of the command-line tools (status, scale, bench), which "
+        "would rather wait on a busy Redis than fail"))
+
+    def for_tools(self) -> "RedisClientConfig":
+        """These settings with the tools' timeouts."""
+        return self.model_copy(update={"timeout_s": self.tool_timeout_s,
+                                       "connect_timeout_s": self.tool_timeout_s})

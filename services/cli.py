@@ -114,7 +114,7 @@ def _cluster_redis_url(ns: argparse.Namespace, command: str) -> str | None:
 
 
 def _status(ns: argparse.Namespace) -> int:
-    from router.redis_client import redis_client
+    from router.redis_client import RedisClientConfig, redis_client
     from router.registry import WorkerRegistry
 
     url = _cluster_redis_url(ns, "status")
@@ -122,7 +122,7 @@ def _status(ns: argparse.Namespace) -> int:
         return 2
 
     async def read() -> list:
-        redis = redis_client(url)
+        redis = redis_client(url, RedisClientConfig().for_tools())
         try:
             return await WorkerRegistry(redis, ns.namespace).live_workers()
         finally:
@@ -164,7 +164,7 @@ def _scale(ns: argparse.Namespace) -> int:
     """Set desired pool sizes in Redis; with --wait, until the controller reaches them."""
     import time
 
-    from router.redis_client import redis_client
+    from router.redis_client import RedisClientConfig, redis_client
     from services.controller.pool_sizes import PoolSizes
 
     wanted = {pool: n for pool, n in (("prefill", ns.prefill), ("decode", ns.decode),
@@ -184,7 +184,7 @@ def _scale(ns: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        redis = redis_client(url)
+        redis = redis_client(url, RedisClientConfig().for_tools())
         try:
             sizes = PoolSizes(redis, ns.namespace)
             observed, updated_at = await sizes.observed()

@@ -60,6 +60,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert pool.connection_kwargs["socket_connect_timeout"] == CFG.connect_timeout_s
     sync = sync_redis_client("redis://127.0.0.1:1/0", RedisClientConfig(max_connections=3))
     assert sync.connection_pool.max_connections == 3
+    tools = RedisClientConfig().for_tools()
+    assert tools.timeout_s == tools.connect_timeout_s == 5.0 and tools.max_connections == 7
     env = redis_env({"SPLITSERVE_REDIS_TIMEOUT_S": "0.3", "SPLITSERVE_LOG_FORMAT": "json"})
     assert env == {"SPLITSERVE_REDIS_TIMEOUT_S": "0.3"}
 
