@@ -109,11 +109,10 @@ def registry_endpoints(redis_url: str, namespace: str) -> EndpointSource:
     """A splitserve cluster's live workers, from its Redis worker registry."""
 
     async def endpoints() -> list[EngineEndpoint]:
-        from redis.asyncio import Redis
-
+        from router.redis_client import RedisClientConfig, redis_client
         from router.registry import WorkerRegistry
 
-        redis = Redis.from_url(redis_url)
+        redis = redis_client(redis_url, RedisClientConfig().for_tools())
         try:
             workers = await WorkerRegistry(redis, namespace).live_workers()
         finally:

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from router.block_hash import BlockHasher
 from router.policies import KVPolicy, RouteRequest
 from router.prefix_index import PrefixIndex
+from router.redis_client import RedisClientConfig, redis_client
 from router.registry import WorkerInfo, WorkerRole
 
 NS = "bench"
@@ -140,7 +141,7 @@ async def _measure(decide: Callable[[list[int]], Awaitable[None]], docs: list[li
 
 async def run(url: str, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
-    r = aioredis.Redis.from_url(url, max_connections=args.concurrency + 4)
+    r = redis_client(url, RedisClientConfig(max_connections=args.concurrency + 4).for_tools())
     await r.flushdb()
     idx = PrefixIndex(r, NS)
     hasher = BlockHasher(args.block_size, "sha256", hash_seed="0")

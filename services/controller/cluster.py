@@ -1,6 +1,7 @@
 """`splitserve up`: Redis, Ray, worker pools and a gateway, started and stopped together.
 
-Start order: run directory -> Redis (private unless --redis-url) -> Ray (local unless
+Start order: run directory -> Redis (private unless --redis-url; supervised: restarted on
+its port if it dies, see redis_server.py) -> Ray (local unless
 --ray-address) -> worker actors (engines load in parallel) -> gateway. Stop order is the
 reverse. Everything this process started is stopped by PID; a final sweep kills any
 descendant process still alive, so nothing is orphaned.
@@ -21,7 +22,9 @@ from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
 from services.controller.reconciler import PoolController
-from services.controller.redis_server import RedisServer
+from services.controller.redis_server import RedisServer, RedisSupervisor
+from services.controller.state_file import (ClusterState, process_started_at, remove_state,
+                                              write_state)
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
 from services.processes import kill_survivors
@@ -37,6 +40,7 @@ class Cluster:
         self.cfg = cfg
         self.run_dir = cfg.run_dir or Path(tempfile.mkdtemp(prefix="splitserve-"))
         self.redis: RedisServer | None = None
+        self.redis_supervisor: RedisSupervisor | None = None
         self.redis_url = cfg.redis_url
         self.pools: WorkerPools | None = None
         self.controller: PoolController | None = None
@@ -52,6 +56,8 @@ class Cluster:
         if self.redis_url is None:
             self.redis = RedisServer(self.run_dir)
             self.redis_url = self.redis.start()
+            self.redis_supervisor = RedisSupervisor(self.redis)
+            self.redis_supervisor.start()
         self._start_ray()
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
@@ -132,6 +138,8 @@ class Cluster:
     def stop(self) -> None:
         """Stop everything, newest first; then make sure no descendant survives."""
         self._remember_descendants()
+        if self.redis_supervisor:
+            self.redis_supervisor.stop()  # from here on a dead Redis stays dead
         if self.gateway:
             self.gateway.stop()
         if self.controller:
@@ -173,10 +181,29 @@ class Cluster:
             log.info("removed %d shared-memory segments left by stopped engines", len(removed))
 
 
+def _publish_state(cluster: Cluster, cfg: ClusterConfig) -> Path | None:
+    """Write the state file `status` and `scale` find this cluster by (state_file.py)."""
+    gw = cluster.gateway
+    assert cluster.redis_url is not None
+    state = ClusterState(
+        namespace=cfg.namespace, redis_url=cluster.redis_url,
+        private_redis=cluster.redis is not None, http=gw.url if gw else "",
+        grpc=f"{cfg.host}:{gw.cfg.grpc_port}" if gw and gw.cfg.grpc_port else "",
+        run_dir=str(cluster.run_dir), pid=os.getpid(),
+        pid_started_at=process_started_at(os.getpid()))
+    try:
+        return write_state(state)
+    except OSError as exc:  # a read-only home: serve anyway, status then needs --redis-url
+        log.warning("could not write the cluster state file (%s); `splitserve status` and "
+                    "`scale` will need --redis-url", exc)
+        return None
+
+
 def run_up(cfg: ClusterConfig) -> int:
     """Start a cluster, print where it serves, and run until SIGINT/SIGTERM."""
     cluster = Cluster(cfg)
     stop = threading.Event()
+    state_path: Path | None = None
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -199,6 +226,7 @@ def run_up(cfg: ClusterConfig) -> int:
         print(f"splitserve ready: http={gw.url if gw else 'off'}{grpc} mode={cfg.mode} "
               f"workers={pools} model={cfg.engine.name} redis={cluster.redis_url} "
               f"run_dir={cluster.run_dir}", flush=True)
+        state_path = _publish_state(cluster, cfg)
         stop.wait()
         return 0
     except KeyboardInterrupt:
@@ -207,5 +235,7 @@ def run_up(cfg: ClusterConfig) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         print("splitserve: stopping", flush=True)
+        if state_path is not None:
+            remove_state(state_path)
         cluster.stop()
         print("splitserve: stopped", flush=True)

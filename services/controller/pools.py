@@ -34,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from redis.asyncio import Redis
 
 from router.prefix_index import PrefixIndex
+from router.redis_client import redis_client, redis_env
 from router.registry import WorkerRegistry, WorkerRole
 from services.controller.config import ClusterConfig, PoolConfig
 from services.controller.healing import HealingConfig
@@ -228,6 +229,8 @@ class WorkerPools:
                 # (15) when it starts; the engine processes inherit it. Read from the
                 # worker's own environment, so this holds on any Ray cluster.
                 "RAY_worker_niceness": str(wcfg.engine.niceness),
+                # The Redis client settings of this process (router/redis_config.py).
+                **redis_env(),
             }},
         )
         group = None
@@ -447,7 +450,7 @@ class WorkerPools:
 
     async def _forget(self, worker_ids: list[str]) -> None:
         """Remove workers' registry and prefix-index entries (best effort: they also expire)."""
-        redis = Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = redis_client(self.redis_url)
         try:
             for worker_id in worker_ids:
                 await WorkerRegistry(redis, self.cfg.namespace).deregister(worker_id)

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import threading
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from router.redis_client import redis_client
 
 from services.controller.pool_sizes import PoolSizes
 from services.controller.pools import WorkerPools
@@ -46,7 +47,7 @@ class PoolController:
             self._thread.join(timeout_s)
 
     async def _run(self) -> None:
-        redis = Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = redis_client(self.redis_url)
         sizes = PoolSizes(redis, self.namespace)
         interval = self.pools.healing.reconcile_interval_s
         try:

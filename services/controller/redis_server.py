@@ -1,15 +1,28 @@
-"""A private Redis server for a cluster that was not given one (`up` without --redis-url)."""
+"""A private Redis server for a cluster that was not given one (`up` without --redis-url), and
+its supervisor: a private Redis that dies is started again on the same port and directory.
+
+It runs without persistence, so a restarted server is empty; the cluster fills it again by
+itself: each worker's next heartbeat registers it again (router/registry.py), each worker's
+index updater writes its engine's cached blocks back from its mirror (router/index_updater.py,
+an audit every 2 s), and the controller writes the desired pool sizes back
+(services/controller/reconciler.py).
+"""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import redis
 
+from router.redis_client import sync_redis_client
 from services.ports import free_port
+
+log = logging.getLogger(__name__)
 
 
 class RedisServer:
@@ -25,30 +38,39 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, timeout_s: float = 10.0) -> str:
-        """Start the server and wait until it answers PING; returns its URL."""
+        """Start the server (again, after it died: same port, same directory) and wait until
+        it answers PING; returns its URL."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run scripts/install.sh (Debian package)")
-        log = open(self.run_dir / "redis.log", "ab")
+        log_file = open(self.run_dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [binary, "--bind", self.host, "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--dir", str(self.run_dir), "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        log.close()
-        client = redis.Redis(host=self.host, port=self.port)
+        log_file.close()
+        client = sync_redis_client(self.url)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                client.close()
-                return self.url
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start; see {self.run_dir}/redis.log")
-                time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self.url
+                except redis.RedisError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(
+                            f"redis-server did not start; see {self.run_dir}/redis.log")
+                    time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 5 s)."""
@@ -60,3 +82,50 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class RedisSupervisor:
+    """Watches a private :class:`RedisServer` from a thread and starts it again when it dies
+    (same port and directory, so every client's URL stays valid). A server that fails to come
+    back is tried again with a backoff doubling up to ``max_backoff_s``."""
+
+    def __init__(self, server: RedisServer, interval_s: float = 0.5,
+                 max_backoff_s: float = 10.0) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="redis-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (before the server is stopped on purpose)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _loop(self) -> None:
+        backoff = self.interval_s
+        while not self._stop.wait(backoff if not self.server.running else self.interval_s):
+            proc = self.server.proc
+            if proc is None or proc.poll() is None:
+                backoff = self.interval_s
+                continue
+            log.error("the private redis-server (pid %d) exited with %s; starting it again on "
+                      "port %d (workers re-register and rebuild the prefix index from their "
+                      "mirrors)", proc.pid, proc.returncode, self.server.port)
+            try:
+                self.server.start()
+            except (RuntimeError, OSError) as exc:
+                backoff = min(self.max_backoff_s, backoff * 2)
+                log.error("could not start redis-server again (%s); next try in %.1fs", exc,
+                          backoff)
+                continue
+            self.restarts += 1
+            backoff = self.interval_s
+            log.warning("private redis-server running again (pid %d, restart %d)",
+                        self.server.proc.pid if self.server.proc else -1, self.restarts)

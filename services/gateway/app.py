@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
+from router.redis_client import RedisClientConfig, RedisHealth, redis_client
 from router.registry import WorkerRole
 from services import tracing
 from services.logs import LogConfig, configure_logging
@@ -101,10 +102,12 @@ class Gateway:
     async def start(self) -> None:
         for kind in ("chat", "completion"):  # vLLM's request models, imported once, now
             vllm_request_defaults(kind)
-        self.redis = Redis.from_url(self.cfg.redis_url)
+        redis_cfg = RedisClientConfig()
+        self.redis = redis_client(self.cfg.redis_url, redis_cfg)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
                                          self.cfg.worker_refresh_s,
-                                         streams=self.cfg.worker_streams)
+                                         streams=self.cfg.worker_streams,
+                                         health=RedisHealth.from_config(redis_cfg))
         try:
             await self.directory.refresh()
         except Exception:
@@ -461,7 +464,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
         "description": "Prometheus text format"}})
     async def metrics() -> Response:
-        await gw.cluster_gauges.observe(gw.directory, gw.redis, cfg.namespace)
+        await gw.cluster_gauges.observe(gw.directory, gw.redis, cfg.namespace,
+                                        gw.directory.health if gw.directory else None)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions", responses=_generation_responses(CompletionResponse,

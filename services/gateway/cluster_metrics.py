@@ -18,6 +18,8 @@ from services.gateway.metrics import GatewayMetrics
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from router.redis_client import RedisHealth
+
     from services.gateway.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,10 @@ class ClusterGauges:
         metrics.registry.register(self.pools)
 
     async def observe(self, directory: "WorkerDirectory | None", redis: "Redis | None",
-                      namespace: str) -> None:
+                      namespace: str, health: "RedisHealth | None" = None) -> None:
         """Refresh: live workers per role from the registry snapshot, desired/observed pool
-        sizes from Redis. With Redis away the last figures stay (their age grows)."""
+        sizes from Redis (through `health`, if given). With Redis away the last figures stay
+        (their age grows)."""
         if directory is not None:
             for role in WorkerRole:
                 self.live_workers.labels(role.value).set(len(directory.by_role(role)))
@@ -42,8 +45,12 @@ class ClusterGauges:
             return
         try:
             sizes = PoolSizes(redis, namespace)
-            desired = await sizes.desired()
-            observed, updated_at = await sizes.observed()
+            if health is None:
+                desired = await sizes.desired()
+                observed, updated_at = await sizes.observed()
+            else:  # bounded, and not tried while Redis is known to be away
+                desired = await health.call(sizes.desired)
+                observed, updated_at = await health.call(sizes.observed)
         except Exception as exc:
             log.warning("could not read pool sizes: %s", exc)
             return

@@ -62,7 +62,8 @@ class GatewayMetrics:
                                       buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                                                0.01, 0.025, 0.05, 0.1), registry=r)
         self.index_errors = Counter("splitserve_gateway_index_lookup_errors",
-                                    "Index lookups that failed (routed on load only)", registry=r)
+                                    "Index lookups that failed, or were skipped because Redis "
+                                    "failed lately (routed on load only)", registry=r)
         self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens served",
                                      registry=r)
         self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",

@@ -144,18 +144,25 @@ class PDFlow:
         scheme in use (normally one), one Redis round trip per scheme."""
         if self.index is None or not workers:
             return {}
+        health = self.directory.health
+        if not health.available:  # Redis failed lately: do not wait on it again
+            self.metrics.index_errors.inc()
+            return {}
         start = time.perf_counter()
         by_scheme: dict[tuple[int, str, str], list[str]] = {}
         for w in workers:
             by_scheme.setdefault((w.block_size, w.hash_algo, w.hash_seed), []).append(w.worker_id)
         cached: dict[str, int] = {}
+        index = self.index
         try:
             for scheme, ids in by_scheme.items():
                 hashes = self._hasher(scheme).block_hashes(token_ids)
                 if hashes:
-                    cached.update(await self.index.longest_prefixes(hashes, ids))
-        except Exception:  # Redis away: route on load alone (last registry snapshot)
-            log.warning("prefix index lookup failed; routing on load only", exc_info=True)
+                    cached.update(await health.call(
+                        lambda h=hashes, i=ids: index.longest_prefixes(h, i)))
+        except Exception as exc:  # Redis away: route on load alone (last registry snapshot)
+            log.warning("prefix index lookup failed (%s: %s); routing on load only",
+                        type(exc).__name__, exc)
             self.metrics.index_errors.inc()
             return {}
         self.metrics.index_lookup.observe(time.perf_counter() - start)

@@ -1,10 +1,15 @@
 """The gateway's view of the live workers: a registry snapshot refreshed in the background,
-gRPC channels to each worker, and the gateway's own in-flight count per worker."""
+gRPC channels to each worker, and the gateway's own in-flight count per worker.
+
+With Redis away (down, or silent) the snapshot stays as it was and routing goes on with it;
+each refresh is bounded by `health.deadline_s` and its outcome tells `health` (shared with the
+request path's prefix-index lookups) whether Redis answers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -12,6 +17,7 @@ from typing import Any, Iterator
 import grpc
 from redis.asyncio import Redis
 
+from router.redis_client import RedisHealth
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
 from services.controller.pool_sizes import PoolSizes
@@ -28,8 +34,9 @@ class WorkerDirectory:
     """Live workers by role, with stubs to reach them."""
 
     def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5,
-                 streams: WorkerStreams = "tcp") -> None:
+                 streams: WorkerStreams = "tcp", health: RedisHealth | None = None) -> None:
         self.registry = WorkerRegistry(redis, namespace)
+        self.health = health or RedisHealth(pause_s=2.0, deadline_s=1.0)
         self.pool_sizes = PoolSizes(redis, namespace)
         self.model = model
         self.refresh_s = refresh_s
@@ -40,6 +47,7 @@ class WorkerDirectory:
         self._streams: dict[str, SharedGenerateStream] = {}
         self._task: asyncio.Task | None = None
         self._refreshed = asyncio.Event()
+        self._serving_seen_at = float("-inf")  # when a snapshot last had a serving worker
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -55,9 +63,11 @@ class WorkerDirectory:
         self._channels.clear()
 
     async def refresh(self) -> None:
-        """Re-read the registry now."""
-        workers = await self.registry.live_workers()
+        """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
+        workers = await self.health.call(self.registry.live_workers, probe=True)
         self.workers = [w for w in workers if w.model == self.model]
+        if any(w.state == WorkerState.SERVING for w in self.workers):
+            self._serving_seen_at = time.monotonic()
         live = {w.address for w in self.workers}
         for addr in [a for a in self._streams if a not in live]:
             await self._streams.pop(addr).close()
@@ -71,18 +81,27 @@ class WorkerDirectory:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis away: keep routing on the last snapshot
-                log.warning("registry refresh failed; using last snapshot", exc_info=True)
+            except Exception as exc:  # Redis away: keep routing on the last snapshot
+                log.warning("registry refresh failed (%s: %s); using last snapshot",
+                            type(exc).__name__, exc)
             await asyncio.sleep(self.refresh_s)
 
-    async def pools_healing(self) -> bool:
+    async def pools_healing(self, lost_grace_s: float = 10.0) -> bool:
         """Whether the controller is bringing workers up (some pool has workers starting, or
-        fewer serving than desired): worth waiting for, rather than failing at once."""
+        fewer serving than desired): worth waiting for, rather than failing at once. Also
+        while the registry lags behind (workers served a moment ago, and now Redis has no
+        desired sizes, i.e. it restarted empty, or the controller still counts serving decode
+        workers, e.g. their liveness keys expired while Redis was stopped): the workers
+        register again on their next heartbeat."""
         try:
-            desired = await self.pool_sizes.desired()
-            observed, _ = await self.pool_sizes.observed()
+            desired = await self.health.call(self.pool_sizes.desired)
+            observed, _ = await self.health.call(self.pool_sizes.observed)
         except Exception:
             return False
+        if time.monotonic() - self._serving_seen_at < lost_grace_s and (
+                not desired or any(observed[p].serving > 0 for p in ("decode", "both")
+                                   if p in observed)):
+            return True
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
                    for pool, o in observed.items())
 

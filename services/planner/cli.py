@@ -108,8 +108,7 @@ def config_from_args(ns: argparse.Namespace):  # -> PlannerConfig
 
 
 async def _main(cfg, once: bool) -> int:
-    from redis.asyncio import Redis
-
+    from router.redis_client import redis_client
     from services.planner.kube import LeaseElector, RayClusterScaler, api_client, default_identity
     from services.planner.planner import Planner
     from services.planner.telemetry import PlannerMetrics
@@ -119,7 +118,7 @@ async def _main(cfg, once: bool) -> int:
     if cfg.kube.enabled:
         api = api_client(cfg.kube, user_agent=f"splitserve-planner/{identity}")
         scaler, elector = RayClusterScaler(api, cfg.kube), LeaseElector(api, cfg.kube, identity)
-    redis = Redis.from_url(cfg.redis_url)
+    redis = redis_client(cfg.redis_url)
     metrics = PlannerMetrics()
     server = None
     if cfg.metrics_port and not once:

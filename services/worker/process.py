@@ -20,6 +20,7 @@ from router.block_hash import BlockHasher
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import SubscriberConfig
 from router.prefix_index import PrefixIndex
+from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry, WorkerState
 from services.ports import free_port
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
@@ -162,7 +163,7 @@ class WorkerProcess:
             engine_pids=_child_pids(),
             shm_segments=sorted(str(p) for p in self._shm_segments),
         )
-        self._redis = Redis.from_url(cfg.redis_url)
+        self._redis = redis_client(cfg.redis_url)
         self._registry = WorkerRegistry(self._redis, cfg.namespace, ttl_s=cfg.registry_ttl_s)
         # Follow this engine's own KV events into the shared prefix index (cleared first:
         # entries of an earlier incarnation of this worker id would be stale).
@@ -212,8 +213,8 @@ class WorkerProcess:
                                 self.cfg.worker_id)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis briefly away: keep serving, try again next beat
-                log.warning("registry heartbeat failed", exc_info=True)
+            except Exception as exc:  # Redis away: keep serving, try again next beat
+                log.warning("registry heartbeat failed (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     async def drain(self, timeout_s: float, settle_s: float = 1.5) -> dict:

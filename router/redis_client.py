@@ -1,0 +1,132 @@
+"""The one place Redis clients are made: timeouts, a bounded connection pool, retries.
+
+Every splitserve process gets its clients from :func:`redis_client` (asyncio) or
+:func:`sync_redis_client`, configured by :class:`~router.redis_config.RedisClientConfig`
+(``SPLITSERVE_REDIS_*``). redis-py's own defaults (5 s socket timeouts, 10 retries with
+backoff, also on timeouts) would let one call to a silent Redis wait about a minute.
+
+:class:`RedisHealth` lets a caller on the request path skip Redis while it is known to be
+away, instead of paying a timeout on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry as SyncRetry
+
+from router.redis_config import RedisClientConfig
+
+__all__ = ["RedisClientConfig", "RedisHealth", "RedisUnavailable", "redis_client",
+           "redis_env", "sync_redis_client"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _kwargs(cfg: RedisClientConfig) -> dict:
+    return dict(socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.connect_timeout_s,
+                max_connections=cfg.max_connections, timeout=cfg.pool_timeout_s)
+
+
+def redis_client(url: str, config: RedisClientConfig | None = None, *,
+                 decode_responses: bool = False) -> aioredis.Redis:
+    """An asyncio client of ``url`` with ``config``'s timeouts and bounded pool (default:
+    ``RedisClientConfig()``, i.e. the environment). Close it with ``await client.aclose()``."""
+    cfg = config or RedisClientConfig()
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=decode_responses,
+        retry=AsyncRetry(NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)),
+        **_kwargs(cfg))
+    return aioredis.Redis.from_pool(pool)
+
+
+def sync_redis_client(url: str, config: RedisClientConfig | None = None, *,
+                      decode_responses: bool = False) -> redis.Redis:
+    """The blocking-API counterpart of :func:`redis_client`."""
+    cfg = config or RedisClientConfig()
+    pool = redis.BlockingConnectionPool.from_url(
+        url, decode_responses=decode_responses,
+        retry=SyncRetry(NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)),
+        **_kwargs(cfg))
+    return redis.Redis.from_pool(pool)
+
+
+def redis_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The SPLITSERVE_REDIS_* variables of ``environ`` (default: this process's), to pass on
+    to processes started elsewhere (Ray actors on other nodes)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    prefix = RedisClientConfig.model_config.get("env_prefix", "")
+    return {k: v for k, v in env.items() if k.upper().startswith(prefix)}
+
+
+class RedisUnavailable(RedisConnectionError):
+    """Redis failed a call lately: not tried (see :class:`RedisHealth`)."""
+
+
+class RedisHealth:
+    """Whether Redis answered lately, for callers that must not wait on a silent one.
+
+    A failed call makes :attr:`available` false for ``pause_s``; a successful one (e.g. the
+    gateway's registry refresh, which keeps probing) makes it true again at once. Calls made
+    through :meth:`call` are bounded by ``deadline_s`` in all (pool wait, connect, reply).
+    """
+
+    def __init__(self, pause_s: float, deadline_s: float) -> None:
+        self.pause_s = pause_s
+        self.deadline_s = deadline_s
+        self.failures = 0
+        self._down_until = 0.0
+        self._down = False
+
+    @classmethod
+    def from_config(cls, cfg: RedisClientConfig) -> "RedisHealth":
+        """Pause as configured; the deadline of a call: connect plus one reply."""
+        return cls(cfg.outage_pause_s, cfg.connect_timeout_s + cfg.timeout_s)
+
+    @property
+    def available(self) -> bool:
+        """False while in the pause after a failure."""
+        return time.monotonic() >= self._down_until
+
+    def failed(self, exc: BaseException | None = None) -> None:
+        """Record a failed call: pause."""
+        self.failures += 1
+        self._down_until = time.monotonic() + self.pause_s
+        if not self._down:
+            self._down = True
+            log.warning("Redis unavailable (%s): request-path lookups skip it for %.1fs at a "
+                        "time until it answers again", exc or "call failed", self.pause_s)
+
+    def succeeded(self) -> None:
+        """Record a successful call: end any pause."""
+        self._down_until = 0.0
+        if self._down:
+            self._down = False
+            log.warning("Redis answers again")
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, probe: bool = False) -> T:
+        """``await fn()`` within ``deadline_s``, recording the outcome. Raises
+        :class:`RedisUnavailable` without calling while paused, unless ``probe``."""
+        if not probe and not self.available:
+            raise RedisUnavailable("Redis failed a call lately; not tried")
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                result = await fn()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failed(exc)
+            raise
+        self.succeeded()
+        return result
