@@ -73,6 +73,8 @@ class WorkerEstimate:
     measured: bool
     prefill_tokens_per_s: float
     queued_tokens: float
+    pending_reqs: int
+    """requests on the worker waiting for their first token (they share its next steps)"""
     decoding_reqs: int
     unknown_reqs: int
     step_s: float
@@ -90,20 +92,23 @@ def estimate(w: WorkerInfo, own: OwnLoad | None, in_flight: Mapping[str, int],
     the caller keeps no ledger)."""
     load = w.load
     if load.prefill_tokens_per_s <= 0:
-        return WorkerEstimate(w, False, pool.prefill_tokens_per_s, 0.0, 0,
+        return WorkerEstimate(w, False, pool.prefill_tokens_per_s, 0.0, 0, 0,
                               queue_depth(w, in_flight), pool.step_s, pool.step_per_seq_s,
                               load.remote_kv_wait_s)
     if own is not None:
         others_tokens = max(load.pending_prompt_tokens - own.snapshot_pending_prompt_tokens, 0)
         others_decoding = max(load.decoding_reqs - own.snapshot_decoding_reqs, 0)
         queued = own.pending_uncached_tokens + others_tokens
+        pending = own.pending_reqs + max(load.pending_prefill_reqs - own.snapshot_pending_reqs, 0)
         decoding = own.decoding_reqs + others_decoding
         unknown = 0
     else:
         queued = load.pending_prompt_tokens
+        pending = load.pending_prefill_reqs
         decoding = load.decoding_reqs
         unknown = max(in_flight.get(w.worker_id, 0) - load.in_flight, 0)
-    return WorkerEstimate(w, True, load.prefill_tokens_per_s, float(queued), decoding, unknown,
+    return WorkerEstimate(w, True, load.prefill_tokens_per_s, float(queued), pending, decoding,
+                          unknown,
                           load.step_s, load.step_per_seq_s, load.remote_kv_wait_s)
 
 

@@ -163,7 +163,8 @@ class KVPolicyConfig(BaseModel):
         "stalls the decode worker's streams)"))
     seed: int | None = Field(None, description="seed of the sampling with temperature > 0")
     scorer_weights: dict[str, float] = Field(
-        default_factory=lambda: {"ttft": 1.0, "kv_pressure": 1.0, "cold_spread": 1.0},
+        default_factory=lambda: {"ttft": 1.0, "kv_pressure": 1.0, "cold_spread": 1.0,
+                                 "shared_step": 1.0},
         description=("scorers (router/scorers) and their weights; each prices a candidate in "
                      "seconds, the weighted sum is the candidate's cost"))
     max_kv_usage: float = Field(1.0, ge=0, le=1, description=(

@@ -135,7 +135,7 @@ def test_decode_worker_chosen_by_the_whole_route() -> None:
 
 
 def test_cold_long_prefill_avoids_the_worker_cached_requests_keep_coming_to() -> None:
-    policy = KVPolicy()  # default scorers: ttft + kv_pressure + cold_spread
+    policy = KVPolicy(KVPolicyConfig(scorer_weights={"ttft": 1.0, "cold_spread": 1.0}))
     for _ in range(20):
         policy.affinity.record("sticky")
     pool = [w("sticky"), w("other", pending=200)]
@@ -147,7 +147,7 @@ def test_cold_long_prefill_avoids_the_worker_cached_requests_keep_coming_to() ->
     hot = RouteRequest(num_tokens=N, cached_blocks={"sticky": HOT})
     assert policy.choose([], pool, hot).decode.worker_id == "sticky"
     # without cached traffic the cold prompt takes the quicker worker
-    fresh = KVPolicy()
+    fresh = KVPolicy(KVPolicyConfig(scorer_weights={"ttft": 1.0, "cold_spread": 1.0}))
     assert fresh.choose([], pool, cold).decode.worker_id == "sticky"
 
 
@@ -156,3 +156,21 @@ def test_scorer_weights_are_checked() -> None:
         KVPolicyConfig(scorer_weights={"telepathy": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         KVPolicyConfig(scorer_weights={"ttft": -1.0})
+
+
+def test_a_burst_onto_the_cached_worker_spreads_once_it_delays_the_waiting_ones() -> None:
+    """n requests of the burst already wait on "hot", 104 uncached tokens each. Their own TTFT
+    alone keeps the next one on "hot" while (104 n + 104) / 2000 + 6 ms < 0.506 s, n <= 8;
+    but they share its next prefill step, and the newcomer's 104 tokens delay each of them by
+    52 ms: with shared_step, "hot" wins while 0.104 n + 0.058 < 0.506, n <= 4."""
+    req_for = lambda n: RouteRequest(  # noqa: E731
+        num_tokens=N, cached_blocks={"hot": HOT},
+        own={"hot": OwnLoad(pending_reqs=n, pending_uncached_tokens=104 * n),
+             "cold": OwnLoad()})
+    pool = [w("hot"), w("cold")]
+    alone = KVPolicy(TTFT_ONLY)
+    shared = KVPolicy(KVPolicyConfig(scorer_weights={"ttft": 1.0, "shared_step": 1.0}))
+    for n, with_shared, without in [(4, "hot", "hot"), (5, "cold", "hot"), (8, "cold", "hot"),
+                                    (9, "cold", "cold")]:
+        assert shared.choose([], pool, req_for(n)).decode.worker_id == with_shared, n
+        assert alone.choose([], pool, req_for(n)).decode.worker_id == without, n
