@@ -2,8 +2,8 @@
 
 A policy sees the live workers (from the registry, with the gateway's own in-flight counts and
 dispatches), and, if it asks for them, every worker's longest cached prefix of the prompt from
-the prefix index. It returns a RouteDecision; `prefill=None` means the decode (or `both`) worker computes
-the prompt itself and no KV moves.
+the prefix index. It returns a RouteDecision; `prefill=None` means the decode (or `both`)
+worker computes the prompt itself and no KV moves.
 """
 
 from __future__ import annotations
