@@ -50,14 +50,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     wl = p.add_argument_group("workload")
     wl.add_argument("--scenario", default="prefix-reuse", choices=sorted(SCENARIOS),
                     help="prefix-reuse (multi-turn chats sharing long system prompts), "
-                    "synthetic (independent prompts, ISL/OSL ± spread) or mixed (a steady "
-                    "stream of chat turns while long prompts arrive); for NIXL transfer "
-                    "bandwidth see `python -m bench.kv_transfer`")
+                    "prefix-reuse-shared (the same with a few system prompts every worker "
+                    "caches), doc-qa (a few long shared documents, many short questions), "
+                    "many-tenants (many system prompts, little sharing), synthetic "
+                    "(independent prompts, ISL/OSL ± spread) or mixed (a steady stream of chat "
+                    "turns while long prompts arrive); for NIXL transfer bandwidth see "
+                    "`python -m bench.kv_transfer`")
     wl.add_argument("--seed", type=int, help="workload seed (default 0)")
-    wl.add_argument("--requests", type=int, help="synthetic: number of requests")
+    wl.add_argument("--requests", type=int, help="synthetic, many-tenants: number of requests")
     wl.add_argument("--conversations", type=int, help="prefix-reuse: conversations")
     wl.add_argument("--turns", type=int, help="prefix-reuse: turns per conversation")
-    wl.add_argument("--system-prompts", type=int, help="prefix-reuse: shared system prompts")
+    wl.add_argument("--system-prompts", type=int, help="prefix-reuse(-shared): shared system "
+                    "prompts")
     wl.add_argument("--isl", type=int, help="synthetic: mean prompt length (words)")
     wl.add_argument("--isl-spread", type=int, help="synthetic: prompt length spread (words)")
     wl.add_argument("--osl", type=int, help="output tokens per request")

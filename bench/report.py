@@ -30,6 +30,7 @@ from rich.text import Text
 
 from bench.client import RequestResult
 from bench.engine_metrics import KvTransferReport, PrefixCacheReport
+from bench.queue_timeline import QueueSample
 from bench.stats import Percentiles, RequestSample, RunStats, TagStats
 
 RATIO_METRICS: tuple[str, ...] = (
@@ -81,6 +82,10 @@ class RunReport(BaseModel):
     cores_used: dict[str, float] = Field(default_factory=dict, description=(
         "CPU cores the target's processes used during the run, per role (targets this "
         "benchmark started)"))
+    queue_timeline: list[QueueSample] = Field(default_factory=list, description=(
+        "every worker's published load, sampled from the registry during the run"))
+    queue_summary: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
+        "per worker: mean and peak prompt tokens waiting, share of samples in a burst"))
 
     @model_validator(mode="after")
     def _default_target(self) -> "RunReport":

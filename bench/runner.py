@@ -26,6 +26,7 @@ Every run sends the identical, seeded workload (same fingerprint in each run's c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ from bench.cpu_usage import cpu_seconds, usage
 from bench.engine_metrics import (EndpointSource, KvTransferReport, PrefixCacheReport,
                                   kv_transfer_report, prefix_cache_report, registry_endpoints,
                                   scrape_settled, server_endpoints)
+from bench.queue_timeline import sample_queues, summarize_timeline
 from bench.report import BenchReport, RunReport, make_report, progress
 from bench.stats import summarize
 from bench.workload import Workload, scenario_config
@@ -155,9 +157,12 @@ def _namespace(up_args: list[str], default: str) -> str:
 async def measure(label: str, base_url: str, engines: EndpointSource | None,
                   workload: Workload, cfg: BenchConfig, config: dict[str, Any],
                   console: Console, concurrency: int | None = None,
-                  target: str = "", root_pid: int | None = None) -> RunReport:
+                  target: str = "", root_pid: int | None = None,
+                  registry: tuple[str, str] | None = None) -> RunReport:
     """Warm up, snapshot the engines' counters (and the CPU time of the target's processes,
-    when this benchmark started it), run the workload, snapshot again."""
+    when this benchmark started it), run the workload, snapshot again. With `registry`
+    (Redis URL, namespace) every worker's published load is sampled during the run (the
+    per-worker queue timeline)."""
     client = cfg.client(base_url, concurrency)
     await warm_up(client, cfg.warmup)
     before = None
@@ -165,8 +170,11 @@ async def measure(label: str, base_url: str, engines: EndpointSource | None,
         before = await scrape_settled(engines)
     cpu_before = cpu_seconds(root_pid) if root_pid else None
     t0 = time.perf_counter()
-    with progress(console, label, len(workload.requests)) as on_result:
-        run = await run_workload(workload, client, on_result)
+    async with contextlib.AsyncExitStack() as stack:
+        timeline = (await stack.enter_async_context(sample_queues(*registry))
+                    if registry else None)
+        with progress(console, label, len(workload.requests)) as on_result:
+            run = await run_workload(workload, client, on_result)
     cores = (usage(cpu_before, cpu_seconds(root_pid), time.perf_counter() - t0)
              if root_pid and cpu_before is not None else {})
     prefix: PrefixCacheReport | None = None
@@ -180,6 +188,9 @@ async def measure(label: str, base_url: str, engines: EndpointSource | None,
     report = RunReport.build(label, config, stats, prefix, kv, target=target or label,
                              concurrency=client.concurrency)
     report.cores_used = cores
+    if timeline is not None:
+        report.queue_timeline = timeline
+        report.queue_summary = summarize_timeline(timeline)
     return report
 
 
@@ -213,7 +224,8 @@ def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
 
 def _measure_all(target: str, url: str, engines: EndpointSource | None,
                  workload: Workload, cfg: BenchConfig, config: dict[str, Any],
-                 err: Console, root_pid: int | None = None) -> list[RunReport]:
+                 err: Console, root_pid: int | None = None,
+                 registry: tuple[str, str] | None = None) -> list[RunReport]:
     """One run per concurrency of the sweep against one target. Each step of a sweep sends
     its own workload (seed + step), so no step finds the previous one's prompts in the prefix
     cache; every target gets the same workload at the same step."""
@@ -224,7 +236,7 @@ def _measure_all(target: str, url: str, engines: EndpointSource | None,
         cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
         runs.append(asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
                                         engines, wl, cfg, cfg_i, err, c, target,
-                                        root_pid)))
+                                        root_pid, registry)))
     return runs
 
 
@@ -248,7 +260,9 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
             engines = (registry_endpoints(cfg.redis_url, cfg.namespace) if cfg.redis_url
                        else None)
             runs += _measure_all(label, cfg.url, engines, workload, cfg,
-                                 {**base, "target": cfg.url}, err)
+                                 {**base, "target": cfg.url}, err,
+                                 registry=(cfg.redis_url, cfg.namespace) if cfg.redis_url
+                                 else None)
         except Exception as exc:
             return make_report(runs), f"{label}: the run failed: {type(exc).__name__}: {exc}"
         return make_report(runs), None
@@ -286,7 +300,7 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
             runs += _measure_all(label, cluster.http,
                                  registry_endpoints(cluster.redis_url, namespace), workload, cfg,
                                  {**base, **extra, "target": "cluster", "up_args": args},
-                                 err, cluster.proc.pid)
+                                 err, cluster.proc.pid, (cluster.redis_url, namespace))
         except Exception as exc:
             failure = f"{label}: the run failed: {type(exc).__name__}: {exc}"
         finally:

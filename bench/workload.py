@@ -314,6 +314,131 @@ class MixedConfig(ScenarioConfig):
             for i, (at, tag, text, osl) in enumerate(reqs)])
 
 
+CONTEXT_WORDS = 1500
+"""Default limit on a prompt's length in words for the routing scenarios below: the built-in
+model's context is 2,048 tokens, and these prompts come to about 1.2 tokens a word with its
+tokenizer and chat template (doc-qa's 1,281 words: 1,522 tokens), plus the output."""
+
+
+def _prompt_words(messages: tuple[tuple[str, str], ...]) -> int:
+    return sum(len(text.split()) for _, text in messages)
+
+
+def _check_context(reqs: list[BenchRequest], limit: int, name: str) -> None:
+    longest = max((_prompt_words(r.messages or ()) for r in reqs), default=0)
+    if longest > limit:
+        raise ValueError(f"{name}: the longest prompt has {longest} words, more than "
+                         f"max_prompt_words={limit} (the built-in model's context is 2,048 "
+                         "tokens; raise it for a model with a longer one)")
+
+
+@scenario
+class SharedPromptsConfig(PrefixReuseConfig):
+    """prefix-reuse with a few shared system prompts that fit every worker's cache: after
+    the first turns every worker holds every system prompt, and what a router can still win
+    is each conversation's own history (and the timing: not queueing cached turns behind
+    cold ones). The conversation count is not a multiple of 2 or 3 workers, so round robin
+    gets no accidental affinity."""
+
+    name: ClassVar[str] = "prefix-reuse-shared"
+
+    conversations: int = Field(13, ge=1, description="number of conversations")
+    turns: int = Field(4, ge=1, description="turns (requests) per conversation")
+    system_prompts: int = Field(2, ge=1, description="distinct shared system prompts")
+    max_prompt_words: int = Field(CONTEXT_WORDS, ge=1, description=(
+        "refuse a workload whose longest prompt is longer (in words)"))
+
+    def build(self) -> Workload:
+        w = super().build()
+        _check_context(list(w.requests), self.max_prompt_words, self.name)
+        return w
+
+
+@scenario
+class DocQAConfig(ScenarioConfig):
+    """Long-document Q&A: a few huge shared documents, many short questions about them.
+
+    Request `i` asks question `i` about document `d(i)`, drawn at random (seeded) with every
+    document equally likely; the document comes first in the prompt, so all questions about
+    one document share its whole length as a prefix, and the part each request must compute
+    is its question. Single-turn, independent requests.
+    """
+
+    name: ClassVar[str] = "doc-qa"
+
+    documents: int = Field(3, ge=1, description="distinct shared documents")
+    doc_words: int = Field(1200, ge=1, description="words per document (± 5%)")
+    questions: int = Field(48, ge=1, description="number of requests (one question each)")
+    question_words: int = Field(16, ge=1, description="words per question")
+    osl: int = Field(16, ge=1, description="output tokens per request")
+    max_prompt_words: int = Field(CONTEXT_WORDS, ge=1, description=(
+        "refuse a workload whose longest prompt is longer (in words)"))
+
+    def document(self, k: int) -> str:
+        """Document number `k`."""
+        rng = rng_for(self.seed, "doc", k)
+        spread = self.doc_words // 20
+        return f"Document {k}. " + words(rng, rng.randint(self.doc_words - spread,
+                                                          self.doc_words + spread))
+
+    def build(self) -> Workload:
+        docs = [self.document(k) for k in range(self.documents)]
+        pick = rng_for(self.seed, "doc-qa", "pick")
+        reqs = []
+        for i in range(self.questions):
+            d = pick.randrange(self.documents)
+            q = words(rng_for(self.seed, "question", i), self.question_words)
+            msgs = (("system", "Answer the question from the document."),
+                    ("user", f"{docs[d]}\n\nQuestion: {q}"))
+            reqs.append(BenchRequest(i, self.osl, messages=msgs, conversation=i))
+        _check_context(reqs, self.max_prompt_words, self.name)
+        return self._workload(reqs)
+
+
+@scenario
+class ManyTenantsConfig(ScenarioConfig):
+    """Many tenants, little sharing: each request comes from one of many tenants at random
+    (seeded), with that tenant's own system prompt and a fresh user message. With as many
+    tenants as requests / 2, a system prompt is reused about once: a router gains little from
+    the cache and must not lose on load."""
+
+    name: ClassVar[str] = "many-tenants"
+
+    tenants: int = Field(32, ge=1, description="distinct tenants (system prompts)")
+    requests: int = Field(64, ge=1, description="number of requests")
+    system_min_words: int = Field(200, ge=1, description="shortest system prompt, in words")
+    system_max_words: int = Field(400, ge=1, description="longest system prompt, in words")
+    user_words: int = Field(60, ge=1, description="words per user message")
+    osl: int = Field(16, ge=1, description="output tokens per request")
+    max_prompt_words: int = Field(CONTEXT_WORDS, ge=1, description=(
+        "refuse a workload whose longest prompt is longer (in words)"))
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "ManyTenantsConfig":
+        if self.system_min_words > self.system_max_words:
+            raise ValueError("system_min_words must not exceed system_max_words")
+        return self
+
+    def system_prompt(self, k: int) -> str:
+        """Tenant `k`'s system prompt."""
+        rng = rng_for(self.seed, "tenant", k)
+        n = rng.randint(self.system_min_words, self.system_max_words)
+        return f"You are the assistant of tenant {k}. " + words(rng, n)
+
+    def build(self) -> Workload:
+        pick = rng_for(self.seed, "many-tenants", "pick")
+        prompts: dict[int, str] = {}
+        reqs = []
+        for i in range(self.requests):
+            t = pick.randrange(self.tenants)
+            system = prompts.setdefault(t, self.system_prompt(t))
+            user = words(rng_for(self.seed, "tenant-user", i), self.user_words)
+            reqs.append(BenchRequest(i, self.osl, messages=(("system", system), ("user", user)),
+                                     conversation=i))
+        _check_context(reqs, self.max_prompt_words, self.name)
+        return self._workload(reqs)
+
+
 def scenario_config(name: str, params: dict[str, Any]) -> ScenarioConfig:
     """Validate `params` for scenario `name` (unknown names and fields raise ValueError)."""
     try:

@@ -1,9 +1,9 @@
 """Routing policies: which prefill and decode workers serve a request.
 
-A policy sees the live workers (from the registry, with the gateway's own in-flight counts),
-and, if it asks for them, every worker's longest cached prefix of the prompt from the prefix
-index. It returns a RouteDecision; `prefill=None` means the decode (or `both`) worker computes
-the prompt itself and no KV moves.
+A policy sees the live workers (from the registry, with the gateway's own in-flight counts and
+dispatches), and, if it asks for them, every worker's longest cached prefix of the prompt from
+the prefix index. It returns a RouteDecision; `prefill=None` means the decode (or `both`)
+worker computes the prompt itself and no KV moves.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from router.cost_model import PoolSpeed, estimate, queue_depth
+from router.dispatch_ledger import OwnLoad
+from router.filters import KVHeadroomFilter
+from router.plugins import Candidate, GreedyPicker, Pipeline, RouteContext, SoftmaxPicker
 from router.registry import WorkerInfo, WorkerRole
+from router.scorers import SCORERS
+from router.scorers.cold_spread import AffinityRate
 
 
 class NoWorkersError(RuntimeError):
@@ -33,6 +39,9 @@ class RouteRequest:
     """Worker id -> longest prefix of the prompt (in KV blocks) the worker holds."""
     in_flight: Mapping[str, int] = field(default_factory=dict)
     """Worker id -> requests this gateway has in flight on it."""
+    own: Mapping[str, OwnLoad] | None = None
+    """Worker id -> this gateway's own dispatches there (router/dispatch_ledger.py); None:
+    the caller keeps no ledger (the published figures and `in_flight` are all there is)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,9 @@ class RouteDecision:
     reason: str = ""
     predicted_cached_blocks: int = 0
     """Cached prefix (blocks) on the worker that will compute the prompt."""
+    cost: float | None = None
+    """kv policy: the route's estimated time to first token plus the other scorers' costs
+    (seconds once the workers have measured their speed)."""
 
     @property
     def outcome(self) -> str:
@@ -71,16 +83,6 @@ def decision_is_forced(prefill: Sequence[WorkerInfo], decode: Sequence[WorkerInf
 def _require(workers: Sequence[WorkerInfo], what: str) -> None:
     if not workers:
         raise NoWorkersError(f"no live {what} worker")
-
-
-def queue_depth(w: WorkerInfo, in_flight: Mapping[str, int]) -> int:
-    """Requests ahead on a worker: the largest of what its engine reports (running + waiting),
-    what its API has accepted (all gateways, as of its last heartbeat) and what this gateway
-    has in flight on it now (exact, but only this gateway's). Not their sum: the published
-    figures already include this gateway's requests, and counting them twice would push
-    requests away from the worker holding their cache."""
-    engine = w.load.num_running_reqs + w.load.num_waiting_reqs
-    return max(engine, w.load.in_flight, in_flight.get(w.worker_id, 0))
 
 
 class RoundRobinPolicy:
@@ -141,91 +143,139 @@ class LeastLoadedPolicy:
 
 
 class KVPolicyConfig(BaseModel):
-    """Weights of the KV-aware cost function (see docs/routing.md)."""
+    """The kv policy's cost model and plugins (see docs/routing.md)."""
 
     load_weight: float = Field(0.25, ge=0, description=(
-        "cost of one request queued on a worker, in units of one whole prompt's prefill: a "
-        "worker holding the entire prompt loses to an idle one holding none of it once it has "
-        "more than 1/load_weight requests more queued"))
+        "price of a request ahead whose size is unknown (a worker that has not measured its "
+        "speed yet, or requests known only as a count), in units of this prompt's whole "
+        "prefill: a worker holding the entire prompt loses to an idle one holding none of it "
+        "once it has more than 1/load_weight such requests more"))
     kv_usage_weight: float = Field(0.5, ge=0, description=(
-        "cost of a full KV cache (usage 1.0), same unit: steers away from workers near eviction"))
+        "kv_pressure scorer: cost of a full KV cache (usage 1.0) in units of this prompt's "
+        "whole prefill time: steers away from workers near eviction"))
     temperature: float = Field(0.0, ge=0, description=(
-        "0: always the cheapest worker; >0: sample with softmax(-cost / temperature)"))
+        "0: always the cheapest worker; >0: sample with softmax(-cost / (temperature x the "
+        "prompt's whole prefill time))"))
     local_prefill_tokens: int = Field(64, ge=0, description=(
-        "conditional disaggregation: when the prompt part not cached on the chosen decode "
-        "worker is at most this many tokens, the decode worker prefills it itself"))
+        "conditional disaggregation: a decode worker may prefill the prompt part it does not "
+        "hold itself when it is at most this many tokens (it does when the estimate says that "
+        "is no slower than a prefill worker plus the KV pull); above it, never (a long prefill "
+        "stalls the decode worker's streams)"))
     seed: int | None = Field(None, description="seed of the sampling with temperature > 0")
+    scorer_weights: dict[str, float] = Field(
+        default_factory=lambda: {"ttft": 1.0, "kv_pressure": 1.0, "cold_spread": 1.0,
+                                 "shared_step": 1.0},
+        description=("scorers (router/scorers) and their weights; each prices a candidate in "
+                     "seconds, the weighted sum is the candidate's cost"))
+    max_kv_usage: float = Field(1.0, ge=0, le=1, description=(
+        "kv_headroom filter: workers whose KV cache is fuller than this are not candidates "
+        "(unless all are); 1.0: off"))
+    step_tokens: int = Field(2048, ge=1, description=(
+        "tokens one engine step computes at most (vLLM's max_num_batched_tokens): a prefill "
+        "of more spans several steps, each with the running batch's decode"))
+    affinity_half_life_s: float = Field(5.0, gt=0, description=(
+        "cold_spread scorer: half-life of the rate of requests routed to a worker for its "
+        "cache"))
+
+    @field_validator("scorer_weights")
+    @classmethod
+    def _known_scorers(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(SCORERS))
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {unknown}; known: {sorted(SCORERS)}")
+        if any(x < 0 for x in v.values()):
+            raise ValueError("scorer weights must be >= 0")
+        return v
 
 
 class KVPolicy:
-    """Cached prefix weighed against load: the default policy.
+    """Each candidate's estimated time to first token: the default policy.
 
-    For a prompt of N tokens and a worker w holding the first c_w of its blocks (block size b):
-
-        uncached(w)     = max(N - c_w * b, 0) / N          fraction of the prompt w must compute
-        prefill_cost(w) = uncached(w) + load_weight * queue(w) + kv_usage_weight * kv_usage(w)
-        decode_cost(w)  =               load_weight * queue(w) + kv_usage_weight * kv_usage(w)
-
-    queue(w) is the requests ahead on w (see queue_depth). Aggregated workers (`both`) are
-    chosen by prefill_cost. In
-    disaggregated mode the decode worker is chosen by decode_cost (ties: more cached prefix
-    first); if the prompt part it does not hold is at most `local_prefill_tokens`, it prefills
-    locally and no KV moves, else the prefill worker is chosen by prefill_cost.
+    The cost model is router/cost_model.py; the plugins (filters, scorers in seconds, a
+    picker) are router/plugins.py and router/scorers/. Aggregated workers (`both`): the
+    cheapest worker computes the prompt. Disaggregated: the cheapest prefill worker, and for
+    each decode worker the cheaper of (that prefill worker's cost + the KV pull to it) and
+    (prefilling locally, when the part it does not hold is at most `local_prefill_tokens`);
+    the decode worker with the cheapest route wins, and its route is taken.
     """
 
     name = "kv"
     uses_prefix_index = True
 
     def __init__(self, config: KVPolicyConfig | None = None) -> None:
-        self.config = config or KVPolicyConfig()
-        self._rng = random.Random(self.config.seed)
-        self._ties: dict[WorkerRole, itertools.count] = {}
+        self.config = c = config or KVPolicyConfig()
+        scorers = []
+        for name, weight in c.scorer_weights.items():
+            cls = SCORERS[name]
+            scorers.append((cls(c.kv_usage_weight) if name == "kv_pressure" else cls(), weight))
+        picker = SoftmaxPicker(c.temperature, c.seed) if c.temperature > 0 else GreedyPicker()
+        filters = [KVHeadroomFilter(c.max_kv_usage)] if c.max_kv_usage < 1.0 else []
+        self.pipeline = Pipeline(scorers, filters, picker)
+        self.affinity = AffinityRate(c.affinity_half_life_s)
 
-    def _uncached_tokens(self, w: WorkerInfo, req: RouteRequest) -> int:
-        return max(req.num_tokens - req.cached_blocks.get(w.worker_id, 0) * w.block_size, 0)
-
-    def _load_cost(self, w: WorkerInfo, req: RouteRequest) -> float:
+    def _context(self, req: RouteRequest) -> RouteContext:
         c = self.config
-        return c.load_weight * queue_depth(w, req.in_flight) + c.kv_usage_weight * min(
-            max(w.load.kv_cache_usage, 0.0), 1.0)
+        return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate)
 
-    def prefill_cost(self, w: WorkerInfo, req: RouteRequest) -> float:
-        """Work to compute the prompt on w, plus what is queued ahead of it."""
-        return self._uncached_tokens(w, req) / max(req.num_tokens, 1) + self._load_cost(w, req)
+    def candidates(self, workers: Sequence[WorkerInfo], req: RouteRequest, pool: PoolSpeed,
+                   computes: bool) -> list[Candidate]:
+        """The workers as candidates of one part of the route, with fresh estimates."""
+        own = req.own or {}
+        return [Candidate(estimate(w, own.get(w.worker_id) if req.own is not None else None,
+                                   req.in_flight, pool),
+                          min(req.cached_blocks.get(w.worker_id, 0) * w.block_size,
+                              req.num_tokens), computes)
+                for w in workers]
 
-    def decode_cost(self, w: WorkerInfo, req: RouteRequest) -> float:
-        """Load of a worker that would only decode."""
-        return self._load_cost(w, req)
+    def _note_affinity(self, chosen: Candidate, others: Sequence[Candidate]) -> None:
+        rest = [o.cached_tokens for o in others if o.worker_id != chosen.worker_id]
+        if chosen.cached_tokens > max(rest, default=0):
+            self.affinity.record(chosen.worker_id)
 
-    def _pick(self, workers: Sequence[WorkerInfo], costs: Sequence[float],
-              prefer: Sequence[float]) -> WorkerInfo:
-        t = self.config.temperature
-        if t > 0:
-            lo = min(costs)
-            weights = [math.exp(-(c - lo) / t) for c in costs]
-            return self._rng.choices(list(workers), weights=weights)[0]
-        best = min(zip(costs, prefer))
-        ties = [w for w, c, p in zip(workers, costs, prefer) if (c, p) == best]
-        # spread exact ties over the pool instead of piling onto one worker
-        counter = self._ties.setdefault(workers[0].role, itertools.count())
-        return ties[next(counter) % len(ties)]
+    def _blocks(self, c: Candidate, req: RouteRequest) -> int:
+        return req.cached_blocks.get(c.worker_id, 0)
 
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
-        cached = [-req.cached_blocks.get(w.worker_id, 0) for w in decode]
+        pool = PoolSpeed.of([*prefill, *decode])
+        ctx = self._context(req)
+        pipe = self.pipeline
         if decode[0].role == WorkerRole.BOTH:
-            d = self._pick(decode, [self.prefill_cost(w, req) for w in decode], cached)
-            return RouteDecision(decode=d, reason="aggregated",
-                                 predicted_cached_blocks=req.cached_blocks.get(d.worker_id, 0))
-        d = self._pick(decode, [self.decode_cost(w, req) for w in decode], cached)
-        if self._uncached_tokens(d, req) <= self.config.local_prefill_tokens or not prefill:
+            cands = pipe.filter(self.candidates(decode, req, pool, True), ctx)
+            costs = [pipe.cost(x, ctx) for x in cands]
+            d = cands[pipe.pick(cands, costs, ctx)]
+            self._note_affinity(d, cands)
+            return RouteDecision(decode=d.estimate.worker, reason="aggregated",
+                                 predicted_cached_blocks=self._blocks(d, req),
+                                 cost=costs[cands.index(d)])
+        p: Candidate | None = None
+        p_cost = math.inf
+        pcands: list[Candidate] = []
+        if prefill:
+            pcands = pipe.filter(self.candidates(prefill, req, pool, True), ctx)
+            pcosts = [pipe.cost(x, ctx) for x in pcands]
+            i = pipe.pick(pcands, pcosts, ctx)
+            p, p_cost = pcands[i], pcosts[i]
+        local = pipe.filter(self.candidates(decode, req, pool, True), ctx)
+        remote = {x.worker_id: x for x in self.candidates(decode, req, pool, False)}
+        routes: list[tuple[float, bool]] = []  # (cost, prefill locally)
+        for x in local:
+            via_p = p_cost + pipe.cost(remote[x.worker_id], ctx) if p is not None else math.inf
+            here = math.inf
+            if p is None or ctx.uncached(x) <= self.config.local_prefill_tokens:
+                here = pipe.cost(x, ctx)
+            routes.append((here, True) if here <= via_p else (via_p, False))
+        j = pipe.pick(local, [r[0] for r in routes], ctx)
+        d, (cost, is_local) = local[j], routes[j]
+        if is_local:
+            self._note_affinity(d, [*local, *pcands])
             reason = "short_uncached_remainder" if prefill else "no_prefill_worker"
-            return RouteDecision(decode=d, reason=reason,
-                                 predicted_cached_blocks=req.cached_blocks.get(d.worker_id, 0))
-        p = self._pick(prefill, [self.prefill_cost(w, req) for w in prefill],
-                       [-req.cached_blocks.get(w.worker_id, 0) for w in prefill])
-        return RouteDecision(decode=d, prefill=p, reason="kv",
-                             predicted_cached_blocks=req.cached_blocks.get(p.worker_id, 0))
+            return RouteDecision(decode=d.estimate.worker, reason=reason,
+                                 predicted_cached_blocks=self._blocks(d, req), cost=cost)
+        assert p is not None
+        self._note_affinity(p, [*pcands, *local])
+        return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
+                             predicted_cached_blocks=self._blocks(p, req), cost=cost)
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (KVPolicy, RoundRobinPolicy, RandomPolicy,

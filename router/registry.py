@@ -38,6 +38,22 @@ class WorkerLoad(BaseModel):
     num_running_reqs: int = Field(0, description="engine scheduler: running requests")
     num_waiting_reqs: int = Field(0, description="engine scheduler: waiting requests")
     kv_cache_usage: float = Field(0.0, description="engine: fraction of KV blocks in use (0..1)")
+    pending_prefill_reqs: int = Field(0, description=(
+        "requests waiting for their first token that compute their prompt here"))
+    pending_prompt_tokens: int = Field(0, description=(
+        "prompt tokens of those requests (cached part included: the engine reports a cache hit "
+        "only once the prefill is done)"))
+    decoding_reqs: int = Field(0, description="requests past their first token (running batch)")
+    prefill_tokens_per_s: float = Field(0.0, description=(
+        "measured prefill speed: prompt tokens computed per second of prefill work (0: not "
+        "measured yet)"))
+    step_s: float = Field(0.0, description=(
+        "measured engine step time with no prefill in it, fixed part (0: not measured yet)"))
+    step_per_seq_s: float = Field(0.0, description=(
+        "measured engine step time added by each decoding request"))
+    remote_kv_wait_s: float = Field(0.0, description=(
+        "decode workers: measured time from a remotely prefilled request's arrival to its "
+        "first token (KV pull + first step; 0: not measured yet)"))
     updated_at: float = Field(0.0, description="unix time of this snapshot")
 
 

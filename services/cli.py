@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"], help="routing policy")
     up.add_argument("--kv-load-weight", type=float, default=0.25,
-                    help="kv policy: cost of one queued request (fraction of a prompt's prefill)")
+                    help="kv policy: price of a request ahead whose size is unknown (workers that "
+                    "have not measured their speed yet), as a fraction of the prompt's prefill")
     up.add_argument("--kv-local-prefill-tokens", type=int, default=64,
                     help="kv policy: decode prefills locally up to this uncached remainder")
     up.add_argument("--kv-temperature", type=float, default=0.0,

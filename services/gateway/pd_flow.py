@@ -184,7 +184,9 @@ class PDFlow:
         lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
         cached = await self._cached_blocks(token_ids, prefill + decode) if lookup else {}
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached,
-                           in_flight=dict(d.in_flight))
+                           in_flight=dict(d.in_flight), own=d.ledger.view(
+                               {w.worker_id: w.load.updated_at for w in prefill + decode})
+                           if lookup else None)
         try:
             decision = self.policy.choose(prefill, decode, req)
         except NoWorkersError as exc:
@@ -257,12 +259,20 @@ class PDFlow:
         kv_params = ""
         decode_started = False
         finished = False
+        decode_first = False
+        ledger = self.directory.ledger
+        computes = route.prefill or route.decode
+        uncached = max(len(token_ids) - route.predicted_cached_blocks * computes.block_size, 0)
+        for w in (route.prefill, route.decode):
+            if w is not None:
+                ledger.sent(request_id, w.worker_id, len(token_ids), uncached, w is computes)
         with self.directory.track(route.prefill, route.decode):
             try:
                 if route.prefill is not None:
                     touched.append(route.prefill)
                     try:
                         resp = await self._prefill(route.prefill, request_id, token_ids, sampling)
+                        ledger.finished(request_id, route.prefill.worker_id)
                         kv_params = resp.kv_transfer_params_json
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -286,6 +296,9 @@ class PDFlow:
                         async with asyncio.timeout(None) as watchdog:
                             with StallWatch(watchdog, self.migration.stall_timeout_s) as watch:
                                 async for chunk in self._read(call, watch):
+                                    if not decode_first:
+                                        decode_first = True
+                                        ledger.first_token(request_id, route.decode.worker_id)
                                     if chunk.num_prompt_tokens and first:
                                         result.num_cached_tokens = chunk.num_cached_tokens
                                     result.completion_tokens += len(chunk.token_ids)
@@ -305,6 +318,7 @@ class PDFlow:
                                         f"{exc.code().name}: {exc.details()}") from None
                 raise self._map_rpc_error(exc) from None
             finally:
+                ledger.finished(request_id)
                 if not finished:
                     self._cleanup(request_id, touched, route, kv_params, decode_started)
 

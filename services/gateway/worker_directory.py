@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import grpc
 from redis.asyncio import Redis
 
+from router.dispatch_ledger import DispatchLedger
 from router.redis_client import RedisHealth
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
@@ -42,6 +43,8 @@ class WorkerDirectory:
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
         self.in_flight: Counter[str] = Counter()
+        #: this gateway's dispatches since the workers' last heartbeats (the kv cost model)
+        self.ledger = DispatchLedger()
         self.streams = streams
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, SharedGenerateStream] = {}

@@ -20,6 +20,7 @@ from router.registry import WorkerLoad, WorkerRole
 from services.worker.config import (NIXL_ORDERED_DESCRIPTORS_KEY, NIXL_PROGRESS_THREAD_KEY,
                                     WorkerConfig)
 from services.worker.engine_args import parse as parse_engine_args
+from services.worker.engine_speed import EngineSpeed
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -95,6 +96,8 @@ class EngineHost:
         self.kv_events_endpoint = kv_events_endpoint
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.counters = EngineCounters()
+        #: prefill speed, step time and waiting prompt work, for the router's cost model
+        self.speed = EngineSpeed()
         self.in_flight: set[str] = set()
         #: when `in_flight` last went from empty to non-empty (None while it is empty)
         self.busy_since: float | None = None
@@ -178,7 +181,7 @@ class EngineHost:
             def record(self, scheduler_stats: Any, iteration_stats: Any,
                        mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
                 if scheduler_stats is not None:
-                    host._on_scheduler_stats(scheduler_stats)
+                    host._on_scheduler_stats(scheduler_stats, iteration_stats)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -197,7 +200,8 @@ class EngineHost:
             raise RuntimeError("engine not started")
         return self._engine
 
-    def _on_scheduler_stats(self, stats: Any) -> None:
+    def _on_scheduler_stats(self, stats: Any, iteration_stats: Any = None) -> None:
+        self.speed.step(stats.num_running_reqs, stats.num_waiting_reqs, iteration_stats)
         c = self.counters
         c.num_running_reqs = stats.num_running_reqs
         c.num_waiting_reqs = stats.num_waiting_reqs
@@ -219,6 +223,7 @@ class EngineHost:
             num_waiting_reqs=c.num_waiting_reqs,
             kv_cache_usage=c.kv_cache_usage,
             updated_at=time.time(),
+            **self.speed.figures(),
         )
 
     # --- requests --------------------------------------------------------------------------
@@ -304,14 +309,22 @@ class EngineHost:
             self.busy_since = time.time()
         self.in_flight.add(request_id)
         self.counters.requests_total += 1
+        kv_params = (params.extra_args or {}).get("kv_transfer_params") or {}
+        self.speed.started(request_id, len(token_ids),
+                           remote=bool(kv_params.get("do_remote_prefill")))
         finished = False
+        first = True
         try:
             async for out in self.engine.generate(
                 TokensPrompt(prompt_token_ids=token_ids), params, request_id
             ):
+                if first:
+                    self.speed.first_output(request_id)
+                    first = False
                 finished = out.finished
                 yield out
         finally:
+            self.speed.ended(request_id)
             self.in_flight.discard(request_id)
             if not self.in_flight:
                 self.busy_since = None

@@ -1,0 +1,127 @@
+"""A gateway's own dispatches, for the load its workers have not reported yet.
+
+A worker publishes its load with every heartbeat, so the registry's figures are up to a
+heartbeat plus a registry refresh old (about 1 s). What the gateway itself sent since is known
+here, exactly and at once: for each worker, the requests this gateway has there that have not
+produced their first token yet (and the prompt tokens each will compute, as the router
+predicted them), and those decoding.
+
+The worker's published figures include this gateway's requests too. To count each request
+once, :meth:`DispatchLedger.view` also says how much of this gateway's own work was pending
+at the moment of the worker's snapshot (its `updated_at`): the rest of the published figure
+is other gateways' work (see router/cost_model.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+
+@dataclass(frozen=True)
+class OwnLoad:
+    """This gateway's requests on one worker, now and at the worker's last snapshot."""
+
+    pending_reqs: int = 0
+    """requests waiting for their first token"""
+    pending_uncached_tokens: int = 0
+    """prompt tokens they compute there, as predicted (cached prefix left out)"""
+    decoding_reqs: int = 0
+    """requests past their first token"""
+    snapshot_pending_reqs: int = 0
+    """requests that were waiting for their first token at the worker's snapshot"""
+    snapshot_pending_prompt_tokens: int = 0
+    """their prompt tokens (whole prompts: the figure the worker publishes)"""
+    snapshot_decoding_reqs: int = 0
+    """requests that were decoding at the worker's snapshot"""
+
+
+@dataclass
+class _Entry:
+    worker_id: str
+    prompt_tokens: int
+    uncached_tokens: int
+    prefills: bool
+    sent_at: float
+    first_at: float | None = None
+    done_at: float | None = None
+
+
+class DispatchLedger:
+    """Requests this gateway has sent to each worker, with the times of their first token
+    and end; ended ones are kept `history_s` so that a snapshot that old can be matched."""
+
+    def __init__(self, history_s: float = 3.0, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._history_s = history_s
+        self._open: dict[str, list[_Entry]] = {}
+        self._closed: deque[_Entry] = deque()
+
+    def sent(self, request_id: str, worker_id: str, prompt_tokens: int, uncached_tokens: int,
+             prefills: bool) -> None:
+        """`request_id` went to `worker_id`; `prefills`: the worker computes the prompt there
+        (`uncached_tokens` of it); otherwise it receives the KV from a prefill worker."""
+        self._open.setdefault(request_id, []).append(_Entry(
+            worker_id, prompt_tokens, uncached_tokens if prefills else 0, prefills,
+            self._clock()))
+
+    def first_token(self, request_id: str, worker_id: str) -> None:
+        """The request's first token (or, on a prefill worker, its prefill) is done there."""
+        for e in self._open.get(request_id, ()):
+            if e.worker_id == worker_id and e.first_at is None:
+                e.first_at = self._clock()
+
+    def finished(self, request_id: str, worker_id: str | None = None) -> None:
+        """The request ended on `worker_id` (None: on every worker it was sent to)."""
+        entries = self._open.get(request_id, [])
+        now = self._clock()
+        keep = []
+        for e in entries:
+            if worker_id is None or e.worker_id == worker_id:
+                e.done_at = now
+                if e.first_at is None:
+                    e.first_at = now
+                self._closed.append(e)
+            else:
+                keep.append(e)
+        if keep:
+            self._open[request_id] = keep
+        else:
+            self._open.pop(request_id, None)
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._closed and self._closed[0].done_at is not None and \
+                now - self._closed[0].done_at > self._history_s:
+            self._closed.popleft()
+
+    def view(self, snapshots: dict[str, float]) -> dict[str, OwnLoad]:
+        """Worker id -> this gateway's load there; `snapshots`: worker id -> the time of its
+        published figures (WorkerLoad.updated_at)."""
+        if snapshots:  # ended before every snapshot: no snapshot can count them any more
+            oldest = min(snapshots.values())
+            while self._closed and (self._closed[0].done_at or 0.0) < oldest:
+                self._closed.popleft()
+        acc: dict[str, list[int]] = {w: [0] * 6 for w in snapshots}
+        entries: Iterable[_Entry] = (e for es in self._open.values() for e in es)
+        for e in [*entries, *self._closed]:
+            a = acc.get(e.worker_id)
+            if a is None:
+                continue
+            if e.done_at is None:
+                if e.first_at is None:
+                    a[0] += 1
+                    a[1] += e.uncached_tokens
+                else:
+                    a[2] += 1
+            t = snapshots[e.worker_id]
+            if e.sent_at <= t and (e.done_at is None or e.done_at > t):
+                if e.first_at is None or e.first_at > t:
+                    if e.prefills:
+                        a[3] += 1
+                        a[4] += e.prompt_tokens
+                else:
+                    a[5] += 1
+        return {w: OwnLoad(*a) for w, a in acc.items()}

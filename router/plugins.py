@@ -1,0 +1,122 @@
+"""The routing-policy plugin interface: filters drop candidates, scorers price each candidate,
+a picker chooses.
+
+A candidate is one worker in one part of a request's route: it either `computes` the prompt
+(a prefill worker, an aggregated worker, or a decode worker prefilling locally) or receives
+its KV from a prefill worker. Every scorer returns a cost in **seconds** (of time to first
+token, or time it makes other requests wait), so the pipeline can add them with plain
+weights; the picker takes the cheapest. A new scorer is a class with a `name` and a `cost`
+method, registered in `router.scorers.SCORERS`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from router.cost_model import WorkerEstimate
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One worker considered for one part of a route."""
+
+    estimate: WorkerEstimate
+    cached_tokens: int
+    """prompt tokens the worker holds (its longest cached prefix)"""
+    computes: bool
+    """True: it computes the uncached part; False: it receives the KV from a prefill worker"""
+
+    @property
+    def worker_id(self) -> str:
+        return self.estimate.worker.worker_id
+
+
+@dataclass
+class RouteContext:
+    """What every plugin knows of the request being routed."""
+
+    prompt_tokens: int
+    load_weight: float = 0.25
+    step_tokens: int = 2048
+    affinity_rate: Callable[[str], float] = field(default=lambda worker_id: 0.0)
+    """requests per second recently routed to a worker for its cache (see AffinityRate)"""
+
+    def uncached(self, c: Candidate) -> int:
+        return max(self.prompt_tokens - c.cached_tokens, 0) if c.computes else 0
+
+
+class Filter(Protocol):
+    """Drops candidates that must not serve the request."""
+
+    name: str
+
+    def keep(self, c: Candidate, ctx: RouteContext) -> bool: ...
+
+
+class Scorer(Protocol):
+    """Prices a candidate, in seconds."""
+
+    name: str
+
+    def cost(self, c: Candidate, ctx: RouteContext) -> float: ...
+
+
+class GreedyPicker:
+    """The cheapest candidate; ties: the one holding more of the prompt, then round robin."""
+
+    def __init__(self) -> None:
+        self._ties: dict[tuple[str, ...], itertools.count] = {}
+
+    def pick(self, cands: Sequence[Candidate], costs: Sequence[float],
+             ctx: RouteContext) -> int:
+        best = min(zip(costs, (-c.cached_tokens for c in cands)))
+        ties = [i for i, c in enumerate(cands) if (costs[i], -c.cached_tokens) == best]
+        key = tuple(c.worker_id for c in cands)
+        return ties[next(self._ties.setdefault(key, itertools.count())) % len(ties)]
+
+
+class SoftmaxPicker:
+    """Samples with softmax(-cost / (temperature * the prompt's whole prefill time))."""
+
+    def __init__(self, temperature: float, seed: int | None = None) -> None:
+        self.temperature = temperature
+        self._rng = random.Random(seed)
+
+    def pick(self, cands: Sequence[Candidate], costs: Sequence[float],
+             ctx: RouteContext) -> int:
+        r = min(c.estimate.prefill_tokens_per_s for c in cands)
+        unit = max(ctx.prompt_tokens, 1) / r
+        lo = min(costs)
+        weights = [math.exp(-(x - lo) / (self.temperature * unit)) for x in costs]
+        return self._rng.choices(range(len(cands)), weights=weights)[0]
+
+
+class Pipeline:
+    """Filters, then weighted scorers, then a picker."""
+
+    def __init__(self, scorers: Sequence[tuple[Scorer, float]],
+                 filters: Sequence[Filter] = (), picker: GreedyPicker | SoftmaxPicker | None
+                 = None) -> None:
+        self.scorers = list(scorers)
+        self.filters = list(filters)
+        self.picker = picker or GreedyPicker()
+
+    def filter(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[Candidate]:
+        """Candidates every filter keeps; all of them if that would leave none."""
+        kept = [c for c in cands if all(f.keep(c, ctx) for f in self.filters)]
+        return kept or list(cands)
+
+    def cost(self, c: Candidate, ctx: RouteContext) -> float:
+        return sum(weight * s.cost(c, ctx) for s, weight in self.scorers if weight)
+
+    def breakdown(self, c: Candidate, ctx: RouteContext) -> dict[str, float]:
+        """Each scorer's weighted cost of `c` (for logs and tests)."""
+        return {s.name: weight * s.cost(c, ctx) for s, weight in self.scorers}
+
+    def pick(self, cands: Sequence[Candidate], costs: Sequence[float],
+             ctx: RouteContext) -> int:
+        return self.picker.pick(cands, costs, ctx)

@@ -1,0 +1,66 @@
+"""The gateway's ledger of its own dispatches: fresh load now, and its part of a worker's
+published snapshot."""
+
+from __future__ import annotations
+
+from router.dispatch_ledger import DispatchLedger, OwnLoad
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_pending_then_decoding_then_gone() -> None:
+    clock = Clock()
+    ledger = DispatchLedger(clock=clock)
+    ledger.sent("r1", "p0", prompt_tokens=1000, uncached_tokens=300, prefills=True)
+    ledger.sent("r1", "d0", prompt_tokens=1000, uncached_tokens=300, prefills=False)
+    clock.t = 101.0
+    v = ledger.view({"p0": 200.0, "d0": 200.0})
+    assert v["p0"] == OwnLoad(pending_reqs=1, pending_uncached_tokens=300,
+                              snapshot_pending_reqs=1, snapshot_pending_prompt_tokens=1000)
+    # the decode worker receives the KV: pending there, but no prompt work and not in its
+    # published pending prefill figures
+    assert v["d0"].pending_reqs == 1 and v["d0"].pending_uncached_tokens == 0
+    assert v["d0"].snapshot_pending_prompt_tokens == 0
+    ledger.finished("r1", "p0")  # prefill done
+    clock.t = 102.0
+    ledger.first_token("r1", "d0")
+    v = ledger.view({"p0": 200.0, "d0": 200.0})
+    assert v["p0"] == OwnLoad()
+    assert v["d0"].decoding_reqs == 1 and v["d0"].snapshot_decoding_reqs == 1
+    ledger.finished("r1")
+    assert ledger.view({"d0": 200.0})["d0"] == OwnLoad()
+
+
+def test_snapshot_sees_what_was_pending_at_its_time() -> None:
+    clock = Clock()
+    ledger = DispatchLedger(clock=clock)
+    ledger.sent("old", "b0", 800, 800, True)           # at 100
+    clock.t = 100.5
+    ledger.first_token("old", "b0")                     # first token at 100.5
+    clock.t = 101.0
+    ledger.sent("new", "b0", 600, 100, True)            # at 101, after the snapshot at 100.7
+    v = ledger.view({"b0": 100.7})["b0"]
+    # at 100.7 "old" was decoding and "new" not sent: the snapshot holds none of ours pending
+    assert v.snapshot_pending_prompt_tokens == 0 and v.snapshot_decoding_reqs == 1
+    # now: "new" pending with its predicted 100 uncached tokens, "old" decoding
+    assert (v.pending_reqs, v.pending_uncached_tokens, v.decoding_reqs) == (1, 100, 1)
+    v = ledger.view({"b0": 100.2})["b0"]  # an older snapshot: "old" was still prefilling
+    assert v.snapshot_pending_prompt_tokens == 800 and v.snapshot_decoding_reqs == 0
+
+
+def test_ended_requests_are_forgotten_once_no_snapshot_can_hold_them() -> None:
+    clock = Clock()
+    ledger = DispatchLedger(history_s=3.0, clock=clock)
+    for i in range(100):
+        ledger.sent(f"r{i}", "b0", 10, 10, True)
+        ledger.finished(f"r{i}")
+    assert len(ledger._closed) == 100
+    clock.t = 101.0
+    ledger.view({"b0": 100.5})  # every snapshot is later than their end
+    assert len(ledger._closed) == 0
