@@ -22,7 +22,7 @@ from router.kv_events import SubscriberConfig
 from router.prefix_index import PrefixIndex
 from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry, WorkerState
-from services.ports import free_port
+from services.ports import port_outside_ephemeral_range
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
 from services.grpc_context import ServerContextInterceptor
@@ -118,7 +118,7 @@ class WorkerProcess:
             self.cfg = self.cfg.model_copy(update={"host": node_address()})
         cfg = self.cfg
         (cfg.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        side_port = free_port(cfg.host)
+        side_port = port_outside_ephemeral_range(cfg.host)
         os.environ.update(engine_environment(cfg, side_port))
         metrics = setup_observability(cfg)  # logs (ours and vLLM's), tracing, metrics
         _check_niceness(cfg.engine.niceness)

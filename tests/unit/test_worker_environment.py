@@ -32,3 +32,19 @@ def test_cuda_environment_has_no_cpu_knobs(tmp_path: Path) -> None:
     env = engine_environment(cfg(tmp_path, device="cuda", model="org/some-model"), 5601)
     assert not any(k.startswith("VLLM_CPU_") for k in env)
     assert "HF_HUB_OFFLINE" not in env  # a hub id may be downloaded on GPU nodes
+
+
+def test_the_side_channel_port_is_outside_the_ephemeral_range() -> None:
+    """vLLM binds the NIXL side channel long after the worker picks its port: a port from the
+    kernel's ephemeral range may be taken by any connection meanwhile."""
+    import socket
+
+    from services.ports import _ephemeral_low, port_outside_ephemeral_range
+
+    low = _ephemeral_low()
+    ports = {port_outside_ephemeral_range() for _ in range(20)}
+    if low > 20001:  # (a kernel whose ephemeral range starts lower: any free port is taken)
+        assert all(20000 <= p < low for p in ports), (ports, low)
+    for p in list(ports)[:3]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free
