@@ -95,20 +95,6 @@ if #out > 0 then redis.call('INCR', KEYS[2]) end
 return out
 """
 
-# KEYS: one bucket. ARGV: retired epoch ids. Removes their members; returns how many.
-_SWEEP_LUA: Final = """
-local dead = {}
-for i = 1, #ARGV do dead[ARGV[i]] = true end
-local gone = {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if dead[string.sub(m, 17)] then gone[#gone + 1] = m end
-end
-for i = 1, #gone, 1000 do
-  redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 999, #gone)))
-end
-return #gone
-"""
-
 # KEYS: ids, alive_1..alive_n, bucket_1..bucket_m. ARGV: n, worker_1..worker_n, hex hashes.
 # Returns {worker, prefix_blocks, ...} for every live candidate.
 _LOOKUP_LUA: Final = """
@@ -208,7 +194,6 @@ class PrefixIndex:
         self.retired_key = f"{meta}:retired"
         self._epoch_script = redis.register_script(_EPOCH_LUA)
         self._retire_script = redis.register_script(_RETIRE_LUA)
-        self._sweep_script = redis.register_script(_SWEEP_LUA)
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
         self._own: dict[str, str] = {}  # writer side: worker -> epoch id it writes under
         self._epochs: dict[str, str] | None = None  # reader side (cluster): worker -> epoch id
@@ -366,31 +351,33 @@ class PrefixIndex:
     async def sweep(self) -> int:
         """Remove the members of every retired epoch from the buckets; returns how many.
 
-        One SCAN over every primary and one small script per bucket, pipelined by
-        ``clear_chunk`` keys. Epochs retired while the sweep runs wait for the next one.
+        One SCAN over every primary; buckets are read and cleaned ``clear_chunk`` at a time
+        (two pipelines). Epochs retired while the sweep runs wait for the next one.
         """
         retired = [_text(c) for c in await self.redis.zrange(self.retired_key, 0, -1)]
         if not retired:
             return 0
+        dead = set(retired)
         removed = 0
         batch: list[Any] = []
 
         async def flush() -> None:
+            # read the buckets, then delete the retired epochs' members: a retired epoch is
+            # never written again, so nothing between the two steps can make a removal wrong
             nonlocal removed
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in batch:
-                    pipe.evalsha(self._sweep_script.sha, 1, key, *retired)
-                try:
-                    res = await pipe.execute()
-                except Exception as exc:  # NOSCRIPT on a node that lost its script cache
-                    if "NOSCRIPT" not in str(exc):
-                        raise
-                    await self.redis.script_load(_SWEEP_LUA)
-                    res = [await self._sweep_script(keys=[k], args=retired) for k in batch]
-            removed += sum(int(x) for x in res)
+                    pipe.zrange(key, 0, -1)
+                contents = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, members in zip(batch, contents):
+                    gone = [m for m in members if _text(m)[16:] in dead]
+                    for i in range(0, len(gone), self.max_ops_per_call):
+                        pipe.zrem(key, *gone[i:i + self.max_ops_per_call])
+                    removed += len(gone)
+                await pipe.execute()
             batch.clear()
 
-        await self.redis.script_load(_SWEEP_LUA)
         async for key in self.redis.scan_iter(match=self.bucket_pattern(), count=1000):
             batch.append(key)
             if len(batch) >= self.clear_chunk:
