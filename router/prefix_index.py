@@ -53,6 +53,7 @@ can be seen up to ``liveness_cache_s`` late.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -199,6 +200,7 @@ class PrefixIndex:
         self._epochs: dict[str, str] | None = None  # reader side (cluster): worker -> epoch id
         self._epochs_ver: bytes | str | None = None
         self._lease: dict[str, float] = {}  # reader side (cluster): worker -> alive until
+        self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: "host:port" -> client
 
     # -- keyspace ------------------------------------------------------------------------------
 
@@ -286,18 +288,24 @@ class PrefixIndex:
         for h, stored in final.items():
             (adds if stored else rems).setdefault(self.block_key(h), []).append(f"{h:016x}{cid}")
         step = self.max_ops_per_call
-        async with self.redis.pipeline(transaction=False) as pipe:
-            signs: list[int] = []
-            for groups, sign in ((adds, 1), (rems, -1)):
-                for key, members in groups.items():
-                    for i in range(0, len(members), step):
-                        chunk = members[i:i + step]
-                        if sign > 0:
-                            pipe.zadd(key, dict.fromkeys(chunk, 0))
-                        else:
-                            pipe.zrem(key, *chunk)
-                        signs.append(sign)
-            counts = await pipe.execute()
+        cmds: list[tuple] = []
+        signs: list[int] = []
+        for groups, sign in ((adds, 1), (rems, -1)):
+            for key, members in groups.items():
+                for i in range(0, len(members), step):
+                    chunk = members[i:i + step]
+                    if sign > 0:
+                        cmds.append(("ZADD", key, *[x for m in chunk for x in (0, m)]))
+                    else:
+                        cmds.append(("ZREM", key, *chunk))
+                    signs.append(sign)
+        if self.clustered:
+            counts = await self._per_node(cmds)  # ZADD/ZREM are idempotent: safe to re-run
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for c in cmds:
+                    pipe.execute_command(*c)
+                counts = await pipe.execute()
         delta = sum(s * int(c) for s, c in zip(signs, counts))
         if delta:
             await self.redis.incrby(self.count_key(worker_id), delta)
@@ -419,16 +427,12 @@ class PrefixIndex:
         cache_s = self.liveness_cache_s
         check = [w for w in names if self._lease.get(w, 0.0) <= sent] if cache_s > 0 else names
         hexes = [f"{h:016x}" for h in block_hashes]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.ver_key)
-            for w in check:
-                if cache_s > 0:
-                    pipe.pttl(self.alive_key(w))
-                else:
-                    pipe.exists(self.alive_key(w))
-            for h, hx in zip(block_hashes, hexes):
-                pipe.zrangebylex(self.block_key(h), "(" + hx, "(" + hx + ":")
-            res = await pipe.execute()
+        cmds: list[tuple] = [("GET", self.ver_key)]
+        op = "PTTL" if cache_s > 0 else "EXISTS"
+        cmds.extend((op, self.alive_key(w)) for w in check)
+        cmds.extend(("ZRANGEBYLEX", self.block_key(h), "(" + hx, "(" + hx + ":")
+                    for h, hx in zip(block_hashes, hexes))
+        res = await self._per_node(cmds)
         ver, states, holders = res[0], res[1:1 + len(check)], res[1 + len(check):]
         if cache_s > 0:
             for w, ttl_ms in zip(check, states):
@@ -465,6 +469,59 @@ class PrefixIndex:
                     depth[w] = n
             active = still
         return depth
+
+    async def _per_node(self, cmds: list[tuple]) -> list[Any]:
+        """Run idempotent single-key commands on a cluster in one round trip per node, in parallel.
+
+        The slot map of the cluster client routes them, and each node's share goes out as one
+        plain pipeline (much less client CPU than redis-py's cluster pipeline). On any error
+        (a MOVED after a failover, a node away) the cluster pipeline runs them instead: it
+        follows redirections and refreshes the slot map.
+        """
+        rc = self.redis
+        try:
+            groups: dict[str, list[int]] = {}
+            for i, c in enumerate(cmds):
+                groups.setdefault(rc.get_node_from_key(c[1]).name, []).append(i)
+            out: list[Any] = [None] * len(cmds)
+
+            async def run(name: str, idxs: list[int]) -> None:
+                client = self._node_clients.get(name)
+                if client is None:
+                    host, port = name.rsplit(":", 1)
+                    client = self._node_clients[name] = aioredis.Redis(
+                        host=host, port=int(port), **self._node_kwargs())
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in idxs:
+                        pipe.execute_command(*cmds[i])
+                    for i, v in zip(idxs, await pipe.execute()):
+                        out[i] = v
+
+            await asyncio.gather(*[run(n, ix) for n, ix in groups.items()])
+            return out
+        except Exception:
+            logger.debug("per-node lookup failed; using the cluster pipeline", exc_info=True)
+            for c in self._node_clients.values():
+                await c.aclose()
+            self._node_clients.clear()
+        async with rc.pipeline(transaction=False) as pipe:
+            for c in cmds:
+                pipe.execute_command(*c)
+            return await pipe.execute()
+
+    def _node_kwargs(self) -> dict[str, Any]:
+        """Connection settings of the cluster client, for its per-node plain clients."""
+        kw = self.redis.get_connection_kwargs()
+        keep = ("username", "password", "socket_timeout", "socket_connect_timeout",
+                "decode_responses", "encoding", "ssl", "ssl_ca_certs", "ssl_certfile",
+                "ssl_keyfile", "retry", "health_check_interval")
+        return {k: kw[k] for k in keep if k in kw}
+
+    async def aclose(self) -> None:
+        """Close the per-node connections a cluster lookup opened (the client is the caller's)."""
+        for c in self._node_clients.values():
+            await c.aclose()
+        self._node_clients.clear()
 
     async def worker_block_count(self, worker_id: str) -> int:
         """How many blocks the index attributes to ``worker_id``'s current epoch."""

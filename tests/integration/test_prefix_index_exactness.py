@@ -191,6 +191,8 @@ async def test_lookups_match_a_brute_force_oracle(kind: str, single: RedisServer
         for k in keys:
             total += await r.zcard(k)
         assert total == sum(len(oracle.held[w]) for w in WORKERS if oracle.alive[w])
+        for x in (writer, *readers):
+            await x.aclose()
 
 
 async def test_liveness_cache_drops_an_expired_worker_on_time(cluster: RedisClusterServer) -> None:
@@ -204,8 +206,11 @@ async def test_liveness_cache_drops_an_expired_worker_on_time(cluster: RedisClus
         for w in ("a", "b"):
             await writer.add_blocks(w, [1, 2, 3])
         assert await reader.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3, "b": 3}
+        assert reader._node_clients  # the lookup went out as plain per-node pipelines
         await asyncio.sleep(0.5)
         assert await reader.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3}
         # a clear anywhere bumps the epoch map's version: the reader re-reads it at once
         await writer.clear_worker("a", [1, 2, 3])
         assert await reader.longest_prefixes([1, 2, 3], ["a"]) == {"a": 0}
+        await reader.aclose()
+        await writer.aclose()
