@@ -61,6 +61,8 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from router.registry import DEFAULT_NAMESPACE
@@ -300,7 +302,7 @@ class PrefixIndex:
                         cmds.append(("ZREM", key, *chunk))
                     signs.append(sign)
         if self.clustered:
-            counts = await self._per_node(cmds)  # ZADD/ZREM are idempotent: safe to re-run
+            counts = await self._per_node(cmds, writes=True)  # ZADD/ZREM: idempotent
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for c in cmds:
@@ -470,13 +472,15 @@ class PrefixIndex:
             active = still
         return depth
 
-    async def _per_node(self, cmds: list[tuple]) -> list[Any]:
+    async def _per_node(self, cmds: list[tuple], writes: bool = False) -> list[Any]:
         """Run idempotent single-key commands on a cluster in one round trip per node, in parallel.
 
         The slot map of the cluster client routes them, and each node's share goes out as one
         plain pipeline (much less client CPU than redis-py's cluster pipeline). On any error
         (a MOVED after a failover, a node away) the cluster pipeline runs them instead: it
-        follows redirections and refreshes the slot map.
+        follows redirections and refreshes the slot map. For ``writes``, a lost connection is
+        raised instead (after a primary's crash its writer must rebuild under a new epoch: the
+        promoted replica may lack acknowledged writes or keep removed members).
         """
         rc = self.redis
         try:
@@ -499,11 +503,13 @@ class PrefixIndex:
 
             await asyncio.gather(*[run(n, ix) for n, ix in groups.items()])
             return out
-        except Exception:
-            logger.debug("per-node lookup failed; using the cluster pipeline", exc_info=True)
+        except Exception as exc:
+            logger.debug("per-node pipeline failed; using the cluster pipeline", exc_info=True)
             for c in self._node_clients.values():
                 await c.aclose()
             self._node_clients.clear()
+            if writes and isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+                raise
         async with rc.pipeline(transaction=False) as pipe:
             for c in cmds:
                 pipe.execute_command(*c)
