@@ -8,7 +8,7 @@ depth); 10% of prompts are cold.
 
 Two implementations run in the same invocation, on the same Redis and workload:
 - `lua`:   the production path, one EVALSHA per decision (router/prefix_index.py);
-- `naive`: the baseline, one pipelined SMEMBERS per block and the prefix matched in Python.
+- `naive`: the baseline, one pipelined ZRANGEBYLEX per block and the prefix matched in Python.
 
 Each is timed with one decision in flight (latency p50/p99) and with `--concurrency` in flight
 (throughput of one router process = one core). Prints a table and writes JSON (`--json`) with the
@@ -41,20 +41,22 @@ Lookup = Callable[[Sequence[int]], Awaitable[dict[str, int]]]
 
 
 def _naive_lookup(r: aioredis.Redis, idx: PrefixIndex, workers: list[str]) -> Lookup:
-    """Baseline: fetch each block's holders (pipelined), match the prefix client-side."""
+    """Baseline: fetch each block's members (pipelined), match the prefix client-side."""
 
     async def lookup(hashes: Sequence[int]) -> dict[str, int]:
         async with r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(idx.ids_key)
             for w in workers:
                 pipe.exists(idx.alive_key(w))
             for h in hashes:
-                pipe.smembers(idx.block_key(h))
+                pipe.zrangebylex(idx.block_key(h), f"({h:016x}", f"({h:016x}:")
             res = await pipe.execute()
-        live = {w for w, alive in zip(workers, res[: len(workers)]) if alive}
+        epochs = {v.decode(): k.decode() for k, v in res[0].items()}
+        live = {w for w, alive in zip(workers, res[1: 1 + len(workers)]) if alive}
         depth = {w: 0 for w in live}
         candidates = set(live)
-        for i, holders in enumerate(res[len(workers):]):
-            names = {x.decode() if isinstance(x, bytes) else x for x in holders}
+        for i, members in enumerate(res[1 + len(workers):]):
+            names = {epochs.get(m.decode()[16:]) for m in members}
             candidates &= names
             if not candidates:
                 break

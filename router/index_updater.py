@@ -155,21 +155,22 @@ class IndexUpdater:
 
     async def rebuild(self) -> None:
         """Replace the worker's index entries with the mirror of what its engine holds."""
-        await self.index.clear_worker(self.config.worker_id)
+        await self.index.clear_worker(self.config.worker_id, self.blocks)
         if self.blocks:
             await self.index.add_blocks(self.config.worker_id, list(self.blocks))
         self.stats.rebuilds += 1
 
     async def _audit_loop(self) -> None:
-        """Rebuild the worker's entries when Redis no longer holds as many as the mirror."""
+        """Rebuild the worker's entries when Redis no longer holds as many as the mirror, or
+        when its epoch is no longer current (another process cleared or purged it)."""
         await self.ready.wait()
-        key = self.index.worker_blocks_key(self.config.worker_id)
         while True:
             await asyncio.sleep(self.config.audit_interval_s)
             async with self._lock:
                 try:
-                    held = int(await self.index.redis.scard(key))
-                    if held != len(self.blocks):
+                    held = await self.index.worker_block_count(self.config.worker_id)
+                    current = await self.index.epoch_is_current(self.config.worker_id)
+                    if held != len(self.blocks) or not current:
                         logger.warning("worker %s: index holds %d of its %d blocks; rebuilding",
                                        self.config.worker_id, held, len(self.blocks))
                         await self.rebuild()
@@ -178,6 +179,10 @@ class IndexUpdater:
 
     async def _rebuild_with_retry(self) -> None:
         await self._clear_with_retry(rebuild=True)
+
+    async def clear_entries(self) -> None:
+        """Delete the worker's index entries (its epoch and every block of the mirror)."""
+        await self.index.clear_worker(self.config.worker_id, self.blocks)
 
     async def _clear_with_retry(self, rebuild: bool = False) -> None:
         delay = self.config.retry_backoff_s
@@ -199,24 +204,33 @@ class IndexUpdater:
         """Apply one subscriber item to the index."""
         if isinstance(item, Resync):
             self.stats.resyncs += 1
+            known = set(self.blocks)
             self.blocks.clear()  # events were lost: what the engine holds is unknown
-            await self.index.clear_worker(self.config.worker_id)
+            await self.index.clear_worker(self.config.worker_id, known)
             return
         events = item.events
         if self.config.mediums is not None:
             kept = [e for e in events if not isinstance(e, (BlockStored, BlockRemoved)) or e.medium in self.config.mediums]
             self.stats.skipped_events += len(events) - len(kept)
             events = kept
-        for event in events:
+        held = set(self.blocks)  # what the index may hold for this worker before the batch
+        after_clear = 0
+        for i, event in enumerate(events):
             if isinstance(event, BlockStored):
                 self.blocks.update(event.block_hashes)  # type: ignore[arg-type]
+                held.update(event.block_hashes)  # type: ignore[arg-type]
                 if self.hasher is not None:
                     self._maybe_verify(event)
             elif isinstance(event, BlockRemoved):
                 self.blocks.difference_update(event.block_hashes)  # type: ignore[arg-type]
             elif isinstance(event, AllBlocksCleared):
                 self.blocks.clear()
-        await self.index.apply(self.config.worker_id, events)
+                after_clear = i + 1
+        if after_clear:
+            # one clear that also deletes every block the index may hold (nothing left for
+            # the sweep), then what came after the last AllBlocksCleared
+            await self.index.clear_worker(self.config.worker_id, held)
+        await self.index.apply(self.config.worker_id, events[after_clear:])
         self.stats.batches += 1
         self.stats.events += len(events)
 

@@ -288,7 +288,7 @@ class WorkerProcess:
             if self._index_updater is not None:
                 await self._index_updater.stop()
                 try:
-                    await self._index_updater.index.clear_worker(self.cfg.worker_id)
+                    await self._index_updater.clear_entries()
                 except Exception:
                     log.warning("could not clear index entries of %s", self.cfg.worker_id,
                                 exc_info=True)

@@ -72,6 +72,6 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
         client = redis.Redis.from_url(external.url)
         assert client.ping(), "up stopped a Redis it did not start"
         assert client.keys("splitserve:worker:*") == [], "workers left registry entries behind"
-        assert client.keys("splitserve:kv:worker:*") == [], "workers left index entries behind"
-        assert client.keys("splitserve:kv:block:*") == [], "workers left index entries behind"
+        assert client.keys("splitserve:kv:n:*") == [], "workers left index entries behind"
+        assert client.keys("splitserve:kv:b:*") == [], "workers left index entries behind"
         client.close()

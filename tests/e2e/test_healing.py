@@ -90,7 +90,7 @@ def healing(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         if leftovers:
             cluster.kill()
         client = redis.Redis.from_url(h.redis.url)
-        published = client.keys("splitserve:worker:*") + client.keys("splitserve:kv:worker:*")
+        published = client.keys("splitserve:worker:*") + client.keys("splitserve:kv:n:*")
         client.close()
         h.redis.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
@@ -321,7 +321,7 @@ def test_hung_prefill_worker_falls_back_to_decode_prefill(healing: Healing,
 def test_redis_restart_keeps_requests_flowing_and_rebuilds_state(healing: Healing) -> None:
     ws = wait_pools(healing, {"prefill": 1, "decode": 2})
     r = redis.Redis.from_url(healing.redis.url, decode_responses=True)
-    held_before = {w["worker_id"]: r.scard(f"splitserve:kv:worker:{w['worker_id']}")
+    held_before = {w["worker_id"]: int(r.get(f"splitserve:kv:n:{{{w['worker_id']}}}") or 0)
                    for w in ws}
     r.close()
     assert any(held_before.values()), "no worker had indexed blocks to lose"
@@ -345,7 +345,7 @@ def test_redis_restart_keeps_requests_flowing_and_rebuilds_state(healing: Healin
 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            held = {w["worker_id"]: r.scard(f"splitserve:kv:worker:{w['worker_id']}")
+            held = {w["worker_id"]: int(r.get(f"splitserve:kv:n:{{{w['worker_id']}}}") or 0)
                     for w in ws}
             if rebuilt():
                 break
@@ -479,6 +479,6 @@ def test_chaos_kill_engines_and_actors_of_both_pools(healing: Healing) -> None:
         assert int(observed["decode.restarts"]) >= 2 and int(observed["prefill.restarts"]) >= 2
         for wid in killed:  # gone from the registry and from the prefix index
             assert not r.exists(f"splitserve:worker:{wid}")
-            assert not r.exists(f"splitserve:kv:worker:{wid}")
+            assert not r.exists(f"splitserve:kv:n:{{{wid}}}")
     finally:
         r.close()

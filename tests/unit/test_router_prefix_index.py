@@ -31,11 +31,16 @@ async def test_stored_removed_cleared(r: aioredis.Redis) -> None:
     assert await idx.workers_holding(2) == {"w1"}
     await idx.apply("w1", [BlockRemoved(block_hashes=[2])])
     assert await idx.workers_holding(2) == set()
-    assert await r.exists(idx.block_key(2)) == 0  # empty reverse sets disappear
+    assert await r.zcard(idx.block_key(2)) == 2  # 1, 2 and 3 share a bucket; 2's member is gone
     assert await idx.worker_block_count("w1") == 2
     await idx.apply("w1", [AllBlocksCleared()])
     assert await idx.worker_block_count("w1") == 0
-    assert [k async for k in r.scan_iter(f"{NS}:kv:*")] == []
+    assert await idx.longest_prefixes([1]) == {"w1": 0}
+    # the retired epoch's members stay until a sweep; then no bucket is left
+    assert [k async for k in r.scan_iter(idx.bucket_pattern())] != []
+    assert await idx.purge_dead() == []  # w1 is alive: nothing to retire, but the sweep runs
+    assert [k async for k in r.scan_iter(idx.bucket_pattern())] == []
+    assert await r.zcard(idx.retired_key) == 0
 
 
 async def test_events_apply_in_order(r: aioredis.Redis) -> None:
@@ -122,12 +127,18 @@ async def test_lookup_is_one_round_trip(r: aioredis.Redis, redis_srv: RedisServe
 
         task = asyncio.create_task(reader())
         await asyncio.sleep(0.1)
-        assert await idx.longest_prefixes(prompt) == warm
+        # with the candidates given (as the gateway does); None reads the registry set first
+        assert await idx.longest_prefixes(prompt, [f"w{i}" for i in range(8)]) == warm
         await asyncio.sleep(0.2)
         task.cancel()
     await monitor_client.aclose()
     from_client = [c["command"].split()[0].upper() for c in seen if c["client_type"] != "lua"]
     assert from_client == ["EVALSHA"], seen[:5]
+    # every key the script touches is declared (a Redis Cluster routes on them)
+    evalsha = next(c["command"] for c in seen if c["client_type"] != "lua").split()
+    declared = {a.strip('"') for a in evalsha[3:3 + int(evalsha[2].strip('"'))]}
+    touched = {c["command"].split()[1].strip('"') for c in seen if c["client_type"] == "lua"}
+    assert touched and touched <= declared, touched - declared
     assert any(c["client_type"] == "lua" for c in seen)  # the work happened server-side
 
 
@@ -142,9 +153,40 @@ async def test_clear_worker_in_chunks_keeps_others(r: aioredis.Redis) -> None:
     await idx.clear_worker("big")
     assert await idx.worker_block_count("big") == 0
     assert await idx.longest_prefixes(hashes[:64]) == {"big": 0, "other": 10}
-    assert await r.sismember(idx.indexed_key, "big") == 0
-    keys = [k async for k in r.scan_iter(f"{NS}:kv:block:*", count=1000)]
-    assert len(keys) == 10
+    assert await r.hexists(idx.ids_key, "big") == 0
+    await idx.sweep()
+    members = [m for k in [k async for k in r.scan_iter(idx.bucket_pattern(), count=1000)]
+               for m in await r.zrange(k, 0, -1)]
+    assert len(members) == 10
+
+
+async def test_clear_with_known_blocks_deletes_them_at_once(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r, bucket_bits=4)
+    await register(r, "w")
+    hashes = [(i << 58) | i for i in range(40)]  # spread over the 16 buckets
+    await idx.add_blocks("w", hashes)
+    assert await idx.worker_block_count("w") == 40
+    await idx.clear_worker("w", hashes)
+    assert [k async for k in r.scan_iter(idx.bucket_pattern())] == []
+    assert await idx.worker_block_count("w") == 0
+    await idx.add_blocks("w", hashes[:3])  # a new epoch
+    assert await idx.longest_prefixes(hashes) == {"w": 3}
+    assert await idx.longest_prefixes(hashes[3:]) == {"w": 0}
+
+
+async def test_bytes_per_pair_is_small(r: aioredis.Redis) -> None:
+    """The layout's memory per (block, worker) pair, measured by MEMORY USAGE: the issue's
+    budget is 64 bytes; listpack buckets of ~100 members are ~25."""
+    idx = PrefixIndex(r, bucket_bits=6)
+    await register(r, "a", "b")
+    import random
+    rng = random.Random(0)
+    hashes = [rng.getrandbits(64) for _ in range(4000)]
+    await idx.add_blocks("a", hashes)
+    await idx.add_blocks("b", hashes[:2000])
+    keys = [k async for k in r.scan_iter(idx.bucket_pattern())]
+    used = sum([await r.memory_usage(k, samples=0) for k in keys])
+    assert used / 6000 <= 64, used / 6000
 
 
 async def test_namespaces_are_isolated_and_decode_responses(redis_srv: RedisServer) -> None:
