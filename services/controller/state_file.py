@@ -28,7 +28,7 @@ class ClusterState(BaseModel):
     grpc: str = Field("", description="gateway public gRPC address; empty: off")
     run_dir: str = Field(description="the run directory (logs, sockets)")
     pid: int = Field(description="process id of `splitserve up`")
-    pid_started_at: float = Field(description="that process's start time (guards PID reuse)")
+    pid_started_at: float = Field(description="that process's start (process_started_at: guards PID reuse)")
     written_at: float = Field(default_factory=time.time, description="unix time written")
 
 
@@ -50,7 +50,18 @@ def _clusters_dir(directory: Path | None) -> Path:
 
 
 def process_started_at(pid: int) -> float:
-    """Start time of a process (psutil's create_time); 0 if it does not exist."""
+    """When a process started, as a value that identifies it with its PID; 0 if it does not
+    exist. On Linux its start in clock ticks since boot (/proc/PID/stat): psutil's
+    create_time adds the boot time, which moves when the wall clock is stepped (seen: a
+    running `up` taken for gone a minute after it wrote its state file)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name (field 2) may hold spaces: the fields after its ')' are fixed
+            return float(f.read().rsplit(")", 1)[1].split()[19])
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, IndexError, ValueError):
+        pass
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -60,7 +71,7 @@ def process_started_at(pid: int) -> float:
 def is_running(state: ClusterState) -> bool:
     """Whether the `up` process that wrote ``state`` still runs (same PID, same start)."""
     started = process_started_at(state.pid)
-    return started > 0 and abs(started - state.pid_started_at) < 1.0
+    return started > 0 and started == state.pid_started_at
 
 
 def write_state(state: ClusterState, directory: Path | None = None) -> Path:
