@@ -71,13 +71,15 @@ def frontend_args_map(ns: argparse.Namespace) -> dict[str, Any]:
     return args
 
 
-def engine_config(ns: argparse.Namespace, cache_dir: Path) -> "EngineConfig":
+def engine_config(ns: argparse.Namespace, cache_dir: Path,
+                  shared: dict[str, Any] | None = None) -> "EngineConfig":
     """The engine settings `splitserve up` gives its workers, from its parsed flags (the
     built-in model, made on first use, when no --model is given). Raises UpArgsError."""
     from services.controller.builtin_model import ensure_builtin_model
     from services.worker.config import EngineConfig
 
-    shared, _ = engine_args_maps(ns)
+    if shared is None:
+        shared, _ = engine_args_maps(ns)
     model, served = ns.model, ns.served_model_name
     if model is None:
         model = str(ensure_builtin_model(cache_dir, "tiny"))
@@ -101,8 +103,8 @@ def _up(ns: argparse.Namespace) -> int:
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
     try:
-        _, pool_args = engine_args_maps(ns)
-        engine = engine_config(ns, cache_dir)
+        shared, pool_args = engine_args_maps(ns)
+        engine = engine_config(ns, cache_dir, shared)
         frontend_args = frontend_args_map(ns)
     except UpArgsError as exc:
         print(f"splitserve up: {exc}", file=sys.stderr)
