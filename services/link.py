@@ -9,7 +9,13 @@ sends one message per engine step per gateway with the outputs of all that gatew
 
 Frames (multipart), gateway -> worker: `ADD` + the encoded `EngineCoreRequest`, or `ABORT` +
 a msgpack list of request ids. Worker -> gateway: `OUTPUTS` + the encoded `EngineCoreOutputs`,
-or `FAILED` + msgpack `[request_id, message]` when a request could not be added.
+`FAILED` + msgpack `[request_id, message]` when a request could not be added (the request's
+fault: it is not retried), or `LOST` + msgpack `[request_ids, message]` when the worker's
+engine died under those requests (the gateway continues them on another worker).
+
+A worker that dies outright sends nothing: the gateway's socket sees the connection drop
+(ZeroMQ's socket monitor), or the link's heartbeats time out (`HEARTBEAT_IVL_MS`,
+`HEARTBEAT_TIMEOUT_MS`) for a host or process that stops answering.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ ADD = b"A"
 ABORT = b"X"
 OUTPUTS = b"O"
 FAILED = b"F"
+LOST = b"L"
 
+HEARTBEAT_IVL_MS = 2000
+"""ZMTP heartbeats on the link (answered by ZeroMQ's I/O thread, not by Python: a busy
+engine step does not miss them)"""
+HEARTBEAT_TIMEOUT_MS = 10000
+"""a peer silent this long is disconnected (its requests move to another worker)"""
 
-class LinkError(RuntimeError):
-    """The link to a worker broke, or the worker refused a request."""
-
-    def __init__(self, worker_id: str, reason: str) -> None:
-        super().__init__(f"worker {worker_id}: {reason}")
-        self.worker_id = worker_id

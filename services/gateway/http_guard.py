@@ -13,7 +13,7 @@ completely sent. /health, /metrics and the OpenAPI document stay open.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from starlette.datastructures import Headers
 
@@ -37,14 +37,18 @@ async def _refuse(err: APIError, scope: Any, receive: Any, send: Any,
 
 
 class GuardMiddleware:
-    """Authentication, admission and body limits for one gateway's HTTP app."""
+    """Authentication, admission and body limits for one gateway's HTTP app (by default the
+    splitserve front end's paths; the vLLM front end names its own)."""
 
     def __init__(self, app: Any, admission: Admission, api_keys: ApiKeys | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, generation_paths: frozenset[str] = GENERATION_PATHS,
+                 authenticated: Callable[[str], bool] = needs_key) -> None:
         self.app = app
         self.admission = admission
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
+        self.generation_paths = generation_paths
+        self.needs_key = authenticated
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,13 +57,13 @@ class GuardMiddleware:
         path = scope.get("path", "")
         headers = Headers(scope=scope)
         client = (scope.get("client") or ("",))[0] or ""
-        if self.api_keys is not None and needs_key(path):
+        if self.api_keys is not None and self.needs_key(path):
             try:
                 client = self.api_keys.client_of(headers.get("authorization"))
             except APIError as err:
                 await _refuse(err, scope, receive, send, {"WWW-Authenticate": "Bearer"})
                 return
-        if path not in GENERATION_PATHS:
+        if path not in self.generation_paths:
             await self._limited_body(scope, receive, send, headers, path)
             return
         if (refusal := self.admission.admit(client)) is not None:
@@ -103,7 +107,7 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(parts)
-        if body and needs_key(path):
+        if body and self.needs_key(path):
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -14,8 +14,18 @@ n > 1) in the gateway.
     abort_requests_async(ids)   aborts on whichever worker holds the request; a request
                                 between P and D frees P's blocks through D's connector
 
-A worker that fails or leaves the registry under a request ends it with vLLM's ERROR finish
-reason (the client sees a 500); moving it to another worker is the migrate stage's job.
+A decode worker that fails under a request (its engine dies, its link drops, it leaves the
+registry, or it goes silent for `stall_timeout_s`) does not end the request: it continues on
+another worker as the prompt plus the tokens generated so far, for the tokens still wanted
+(`max_migrations` times at most). The front end holds the text, stop strings, logprobs and
+usage, so the client sees one stream. A request whose continuation would not be the same
+request ends with vLLM's ERROR finish reason instead (the client sees a 500): seeded sampling,
+structured output (the grammar's state stays on the dead worker), presence or frequency
+penalties, bad words, a thinking budget and repetition detection (they look at the tokens
+generated so far, which move into the prompt), watermarking, and prompt embeddings or
+multimodal input. A request that had produced no token yet
+starts over whatever its parameters. A failed prefill worker makes the decode worker compute
+the prompt itself.
 """
 
 from __future__ import annotations
@@ -48,28 +58,55 @@ class _Flight:
     """One front-end request on its way through the cluster."""
 
     request: "EngineCoreRequest"
+    wire_id: str = ""  # its id on the worker: the request's own, `.mN` after N migrations
     task: asyncio.Task | None = None
     decode: WorkerInfo | None = None
     prefill: WorkerInfo | None = None
     prefill_done: asyncio.Future | None = None
     kv_params: dict[str, Any] | None = None
     counted: bool = False
+    generated: list[int] = field(default_factory=list)
+    migrations: int = 0
+    failed: set[str] = field(default_factory=set)  # workers it failed on
+    last_output: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
+
+
+def cannot_move(request: "EngineCoreRequest") -> str | None:
+    """Why a request that has produced tokens cannot continue on another worker as the same
+    request (None: it can)."""
+    sp = request.sampling_params
+    if sp is None or request.prompt_token_ids is None or request.mm_features:
+        return "its input is not token ids alone"
+    if sp.structured_outputs is not None:
+        return "structured output (the grammar's state is lost with the worker)"
+    if sp.temperature > 0 and sp.seed is not None:
+        return "seeded sampling (the sampler's state is lost with the worker)"
+    if sp.presence_penalty or sp.frequency_penalty:
+        return "presence or frequency penalties (they count the tokens generated so far)"
+    if sp.bad_words:
+        return "bad words (they look at the tokens generated so far)"
+    if sp.thinking_token_budget is not None or sp.repetition_detection:
+        return "a thinking budget or repetition detection (they count the tokens so far)"
+    if sp.watermarking:
+        return "watermarking (its state is lost with the worker)"
+    return None
 
 
 class RemoteEngineCore:
     """What vLLM's AsyncLLM needs of an engine-core client, served by the cluster."""
 
-    def __init__(self, directory: WorkerDirectory, flow: PDFlow,
-                 prefill_timeout_s: float = 120.0) -> None:
+    def __init__(self, directory: WorkerDirectory, flow: PDFlow) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
         self._directory = directory
         self._flow = flow
-        self._prefill_timeout_s = prefill_timeout_s
+        self._migration = flow.migration
+        self._metrics = flow.metrics
         self._ctx = zmq.asyncio.Context()
         self._links: dict[str, LinkClient] = {}
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, _Flight] = {}  # by the front end's request id
+        self._by_wire_id: dict[str, _Flight] = {}  # by the id on the decode worker
         self._by_prefill_id: dict[str, _Flight] = {}
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._output_type, self._outputs_type = EngineCoreOutput, EngineCoreOutputs
@@ -81,8 +118,9 @@ class RemoteEngineCore:
 
     # --- the engine-core client contract ------------------------------------------------------
     async def add_request_async(self, request: "EngineCoreRequest") -> None:
-        flight = _Flight(request)
+        flight = _Flight(request, wire_id=request.request_id)
         self._flights[request.request_id] = flight
+        self._by_wire_id[flight.wire_id] = flight
         flight.task = asyncio.create_task(self._dispatch(flight),
                                           name=f"dispatch-{request.request_id}")
 
@@ -95,11 +133,12 @@ class RemoteEngineCore:
             flight = self._flights.pop(request_id, None)
             if flight is None:
                 continue
+            self._by_wire_id.pop(flight.wire_id, None)
             if flight.task is not None and not flight.task.done():
                 flight.task.cancel()  # still routing or prefilling: _dispatch cleans up
             elif flight.decode is not None:
                 self._count(flight, -1)
-                by_worker.setdefault(flight.decode.worker_id, []).append(request_id)
+                by_worker.setdefault(flight.decode.worker_id, []).append(flight.wire_id)
         for worker_id, ids in by_worker.items():
             if (link := self._links.get(worker_id)) is not None:
                 await link.abort(ids)
@@ -124,19 +163,21 @@ class RemoteEngineCore:
 
     # --- the handoff -------------------------------------------------------------------------
     async def _dispatch(self, flight: _Flight) -> None:
-        request = flight.request
+        request = self._attempt_request(flight)
         try:
-            route = await self._flow.route(request.prompt_token_ids or [])
+            route = await self._flow.route(request.prompt_token_ids or [],
+                                           frozenset(flight.failed))
         except WorkerUnavailable as exc:
-            self._finish_with_error(request.request_id, str(exc))
+            self._finish_with_error(flight.request.request_id, str(exc))
             return
         flight.decode = route.decode
+        flight.last_output = time.monotonic()
         kv_params = None
         self._count(flight, +1)
         try:
             with self._directory.track(route.prefill):
                 if route.prefill is not None:
-                    kv_params = await self._prefill(flight, route.prefill)
+                    kv_params = await self._prefill(flight, request, route.prefill)
                 decode_request = request
                 if kv_params is not None:
                     params = request.sampling_params.clone()
@@ -146,6 +187,8 @@ class RemoteEngineCore:
                     flight.kv_params = kv_params
                 await self._link(route.decode).add(decode_request)
                 kv_params = None  # D owns the KV now
+            if route.decode.worker_id in flight.failed:  # it failed while we handed off
+                self._fail_over(flight, route.decode.worker_id, "it failed during the hand-off")
         except asyncio.CancelledError:
             self._count(flight, -1)
             if kv_params is not None:  # prefilled, never decoded: P frees its blocks via D
@@ -153,14 +196,33 @@ class RemoteEngineCore:
             raise
         except Exception as exc:
             log.exception("request %s: dispatch failed", request.request_id)
-            self._finish_with_error(request.request_id, f"{type(exc).__name__}: {exc}")
+            self._finish_with_error(flight.request.request_id, f"{type(exc).__name__}: {exc}")
 
-    async def _prefill(self, flight: _Flight, worker: WorkerInfo) -> dict[str, Any] | None:
+    @staticmethod
+    def _attempt_request(flight: _Flight) -> "EngineCoreRequest":
+        """What the next worker gets: the request itself, or after a failure the prompt plus
+        the tokens generated so far, for the tokens still wanted, under a new id (the dead
+        worker's engine may still know the old one)."""
+        request = flight.request
+        if not flight.migrations:
+            return request
+        n = len(flight.generated)
+        params = request.sampling_params.clone()
+        if params.max_tokens is not None:
+            params.max_tokens -= n
+        params.min_tokens = max(0, params.min_tokens - n)
+        if n:
+            params.prompt_logprobs = None  # the client has them from the first worker
+        return msgspec.structs.replace(
+            request, request_id=flight.wire_id, sampling_params=params,
+            prompt_token_ids=[*(request.prompt_token_ids or []), *flight.generated])
+
+    async def _prefill(self, flight: _Flight, request: "EngineCoreRequest",
+                       worker: WorkerInfo) -> dict[str, Any] | None:
         """The KV transfer parameters of the prompt prefilled on `worker`, or None when the
         prefill failed (the decode worker then computes the prompt itself)."""
         from vllm.sampling_params import RequestOutputKind
 
-        request = flight.request
         params = request.sampling_params.clone()
         params.max_tokens, params.min_tokens, params.n = 1, 0, 1
         params.logprobs = params.prompt_logprobs = None
@@ -178,13 +240,15 @@ class RemoteEngineCore:
         try:
             await link.add(prefill_request)
             return await asyncio.wait_for(asyncio.shield(flight.prefill_done),
-                                          self._prefill_timeout_s)
+                                          self._migration.prefill_timeout_s)
         except asyncio.CancelledError:
             await link.abort([prefill_id])
             raise
         except Exception as exc:
+            self._metrics.prefill_fallbacks.inc()
             log.warning("request %s: prefill on %s failed (%s); the decode worker computes "
-                        "the prompt", request.request_id, worker.worker_id, exc)
+                        "the prompt", request.request_id, worker.worker_id,
+                        exc or type(exc).__name__)
             await link.abort([prefill_id])
             return None
         finally:
@@ -230,12 +294,13 @@ class RemoteEngineCore:
             if not worker.link_address:
                 raise WorkerUnavailable(f"worker {worker.worker_id} serves no engine link")
             link = LinkClient(self._ctx, worker.worker_id, worker.link_address,
-                              self._on_outputs, self._on_failed)
+                              self._on_outputs, self._on_failed, self._on_lost)
             self._links[worker.worker_id] = link
         return link
 
     def _on_outputs(self, worker_id: str, outputs: "EngineCoreOutputs") -> None:
         forward = []
+        now = time.monotonic()
         for out in outputs.outputs:
             flight = self._by_prefill_id.get(out.request_id)
             if flight is not None:  # a prefill's one token: only its KV parameters matter
@@ -246,11 +311,16 @@ class RemoteEngineCore:
                         flight.prefill_done.set_exception(
                             RuntimeError("the prefill returned no kv_transfer_params"))
                 continue
-            if (flight := self._flights.get(out.request_id)) is not None:
-                forward.append(out)
-                if out.finish_reason is not None:
-                    del self._flights[out.request_id]
-                    self._count(flight, -1)
+            flight = self._by_wire_id.get(out.request_id)
+            if flight is None or flight.decode is None or flight.decode.worker_id != worker_id:
+                continue  # aborted, or from a worker the request has left
+            flight.generated.extend(out.new_token_ids)
+            flight.last_output = now
+            out.request_id = flight.request.request_id
+            forward.append(out)
+            if out.finish_reason is not None:
+                self._forget(flight)
+                self._count(flight, -1)
         if forward:
             # this process's clock: vLLM's front end times requests against it
             self._outputs.put_nowait(self._outputs_type(outputs=forward,
@@ -262,13 +332,76 @@ class RemoteEngineCore:
             if not flight.prefill_done.done():
                 flight.prefill_done.set_exception(RuntimeError(message))
             return
+        if (flight := self._by_wire_id.get(request_id)) is None:
+            return
         log.warning("request %s: worker %s refused it: %s", request_id, worker_id, message)
-        self._finish_with_error(request_id, message)
+        self._finish_with_error(flight.request.request_id, message)
+
+    def _on_lost(self, worker_id: str, request_ids: list[str] | None, reason: str) -> None:
+        """Requests on `worker_id` that it will not finish (None: all of them) move on."""
+        if request_ids is None:
+            lost = [f for f in self._flights.values()
+                    if (f.decode is not None and f.decode.worker_id == worker_id)
+                    or (f.prefill is not None and f.prefill.worker_id == worker_id)]
+        else:
+            lost = [f for i in request_ids
+                    if (f := self._by_wire_id.get(i) or self._by_prefill_id.get(i)) is not None]
+        for flight in lost:
+            self._fail_over(flight, worker_id, reason)
+
+    def _fail_over(self, flight: _Flight, worker_id: str, reason: str) -> None:
+        """`worker_id` failed under `flight`: a prefill falls back to the decode worker; a
+        decode continues on another worker, or ends with an error when it cannot."""
+        if (flight.prefill is not None and flight.prefill.worker_id == worker_id
+                and flight.prefill_done is not None and not flight.prefill_done.done()):
+            flight.prefill_done.set_exception(RuntimeError(f"worker {worker_id}: {reason}"))
+            return
+        if flight.decode is None or flight.decode.worker_id != worker_id:
+            return
+        if (flight.task is not None and not flight.task.done()
+                and flight.task is not asyncio.current_task()):
+            flight.failed.add(worker_id)  # still being handed to it: the hand-off moves it
+            return
+        request_id = flight.request.request_id
+        why = cannot_move(flight.request) if flight.generated else None
+        if why is None and flight.migrations >= self._migration.max_migrations:
+            why = f"it already moved {flight.migrations} times"
+        if why is not None:
+            self._finish_with_error(request_id, f"worker {worker_id} failed ({reason}) "
+                                    f"after {len(flight.generated)} tokens and the request "
+                                    f"cannot move: {why}")
+            return
+        self._count(flight, -1)
+        self._by_wire_id.pop(flight.wire_id, None)
+        if (link := self._links.get(worker_id)) is not None:  # in case it lives on (a stall)
+            asyncio.create_task(self._abort_quietly(link, flight.wire_id))
+        flight.failed.add(worker_id)
+        flight.migrations += 1
+        flight.wire_id = f"{request_id}.m{flight.migrations}"
+        self._by_wire_id[flight.wire_id] = flight
+        flight.decode = None
+        self._metrics.migrations.inc()
+        log.warning("request %s: decode worker %s failed after %d tokens (%s); continuing on "
+                    "another worker", request_id, worker_id, len(flight.generated), reason)
+        flight.task = asyncio.create_task(self._dispatch(flight),
+                                          name=f"dispatch-{flight.wire_id}")
+
+    @staticmethod
+    async def _abort_quietly(link: LinkClient, wire_id: str) -> None:
+        try:
+            await link.abort([wire_id])
+        except Exception:  # the link is gone with its worker: nothing to abort
+            pass
+
+    def _forget(self, flight: _Flight) -> None:
+        self._flights.pop(flight.request.request_id, None)
+        self._by_wire_id.pop(flight.wire_id, None)
 
     def _finish_with_error(self, request_id: str, reason: str) -> None:
         """End a request with vLLM's ERROR finish reason (the front end answers 500)."""
-        if (flight := self._flights.pop(request_id, None)) is None:
+        if (flight := self._flights.get(request_id)) is None:
             return
+        self._forget(flight)
         self._count(flight, -1)
         log.warning("request %s failed: %s", request_id, reason)
         self._outputs.put_nowait(self._outputs_type(
@@ -277,14 +410,19 @@ class RemoteEngineCore:
             timestamp=time.monotonic()))
 
     async def _watch_workers(self) -> None:
-        """Requests on a worker that left the registry (died, or was replaced) end in an
-        error instead of waiting for outputs that will never come."""
+        """Requests on a worker that left the registry (died, or was replaced), or whose
+        decode worker has been silent for `stall_timeout_s`, move on instead of waiting for
+        outputs that will never come."""
         while True:
             await asyncio.sleep(0.5)
             live = {w.worker_id for w in self._directory.workers}
             for worker_id in [w for w in self._links if w not in live]:
                 self._links.pop(worker_id).close()
-                for request_id, flight in list(self._flights.items()):
-                    if flight.decode is not None and flight.decode.worker_id == worker_id:
-                        self._finish_with_error(request_id, f"worker {worker_id} is gone")
+                self._on_lost(worker_id, None, "it left the registry")
+            stalled = time.monotonic() - self._migration.stall_timeout_s
+            for flight in list(self._flights.values()):
+                if (flight.decode is not None and flight.last_output < stalled
+                        and flight.task is not None and flight.task.done()):
+                    self._fail_over(flight, flight.decode.worker_id,
+                                    f"no output for {self._migration.stall_timeout_s:g} s")
 

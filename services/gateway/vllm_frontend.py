@@ -17,17 +17,51 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
+from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
+from services.gateway.http_guard import GuardMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from services.gateway.app import Gateway
     from services.gateway.remote_core import RemoteEngineCore
 
 log = logging.getLogger(__name__)
+
+# what vLLM's server generates on (each counted by the admission limits)
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses",
+                              "/v1/messages", "/inference/v1/generate"})
+# what stays open with API keys on: probes and metrics
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+
+
+def needs_key(path: str) -> bool:
+    """With API keys on, every path of vLLM's server but the probes and metrics needs one
+    (/tokenize and /detokenize too: they are not under /v1 there)."""
+    return path not in OPEN_PATHS and not path.startswith("/metrics/")
+
+
+class FrontendGuard(GuardMiddleware):
+    """The gateway's API keys, admission limits and body limits (services/gateway/http_guard.py)
+    in front of vLLM's server, through vLLM's own `--middleware` setting, which makes a
+    middleware class with the app alone: the serving gateway is a class attribute, set
+    before the app is built."""
+
+    gateway: ClassVar["Gateway | None"] = None
+
+    def __init__(self, app: Any) -> None:
+        gw = FrontendGuard.gateway
+        if gw is None:
+            raise RuntimeError("FrontendGuard needs the serving gateway (set by run())")
+        super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
+                         GENERATION_PATHS, needs_key)
+
+
+GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"
 
 
 def server_args(cfg: GatewayConfig) -> argparse.Namespace:
@@ -39,7 +73,9 @@ def server_args(cfg: GatewayConfig) -> argparse.Namespace:
               "--port", str(cfg.port), "--uvicorn-log-level", "warning",
               "--disable-uvicorn-access-log"]
     tokens += cli_tokens(cfg.engine_args) + cli_tokens(cfg.frontend_args, parser)
-    return parser.parse_args(tokens)
+    args = parser.parse_args(tokens)
+    args.middleware = [*(args.middleware or []), GUARD]
+    return args
 
 
 def check_frontend_args(args: dict[str, Any]) -> None:
@@ -81,6 +117,7 @@ def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "Asy
 
 async def run(cfg: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
+    import prometheus_client
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
 
@@ -88,11 +125,16 @@ async def run(cfg: GatewayConfig) -> None:
     from services.gateway.remote_core import RemoteEngineCore
 
     args = server_args(cfg)
-    gateway = Gateway(cfg)  # Redis, the worker directory and the routing policy
+    gateway = Gateway(cfg)  # Redis, the worker directory, the routing policy, API keys
+    keys = gateway.api_keys
+    log.info("API keys: %s", f"on ({len(keys)} accepted)" if keys else
+             "off (any client is served; see docs/operations.md)")
     await gateway.start()
+    FrontendGuard.gateway = gateway
     assert gateway.directory is not None and gateway.flow is not None
-    core = RemoteEngineCore(gateway.directory, gateway.flow,
-                            cfg.migration.prefill_timeout_s)
+    core = RemoteEngineCore(gateway.directory, gateway.flow)
+    # the gateway's own metrics (routes, migrations, fallbacks) beside vLLM's on /metrics
+    prometheus_client.REGISTRY.register(gateway.metrics.registry)
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
@@ -102,6 +144,7 @@ async def run(cfg: GatewayConfig) -> None:
     finally:
         sock.close()
         engine.shutdown()
+        prometheus_client.REGISTRY.unregister(gateway.metrics.registry)
         await gateway.stop()
 
 
@@ -115,6 +158,6 @@ def serve(cfg: GatewayConfig) -> None:
     tracing.setup(TracingConfig(), "splitserve-gateway")
     try:
         server_args(cfg)
-    except EngineArgsError as exc:
+        asyncio.run(run(cfg))
+    except (EngineArgsError, ApiKeyError) as exc:
         raise SystemExit(f"splitserve gateway: {exc}") from None
-    asyncio.run(run(cfg))

@@ -170,6 +170,8 @@ def _tokens(action: argparse.Action, value: Any) -> list[str]:
         return [negative]
     if action.nargs in ("+", "*") and isinstance(value, (list, tuple)):
         return [option, *(_scalar(v) for v in value)]
+    if isinstance(action, argparse._AppendAction) and isinstance(value, (list, tuple)):
+        return [t for v in value for t in (option, _scalar(v))]  # repeated: --middleware X
     return [option, _scalar(value)]
 
 

@@ -19,7 +19,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from services.link import ABORT, ADD, FAILED, OUTPUTS
+from services.link import (ABORT, ADD, FAILED, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LOST,
+                           OUTPUTS)
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -56,12 +57,14 @@ class LinkServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting gateway keeps its id
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self._port:
             self._sock.bind(f"tcp://{self._host}:{self._port}")
             port = self._port
         else:
             port = self._sock.bind_to_random_port(f"tcp://{self._host}")
-        divert(self._engine, self._forward)
+        divert(self._engine, self._forward, self._engine_failed)
         self._reader = asyncio.create_task(self._read(), name="link-reader")
         return port
 
@@ -118,6 +121,22 @@ class LinkServer:
         await self._sock.send_multipart(
             [gateway, FAILED, msgspec.msgpack.encode([request_id, message])])
 
+    async def _engine_failed(self, exc: BaseException) -> None:
+        """The engine core died: every gateway learns at once which of its requests are lost
+        (they continue on other workers) instead of waiting for outputs that never come."""
+        if not self._owner or self._sock is None:
+            return
+        by_gateway: dict[bytes, list[str]] = {}
+        for request_id, gateway in self._owner.items():
+            by_gateway.setdefault(gateway, []).append(request_id)
+        self._owner.clear()
+        message = f"the worker's engine failed: {type(exc).__name__}: {exc}"
+        log.error("engine failed under %d link requests: %s", sum(map(len, by_gateway.values())),
+                  message)
+        for gateway, ids in by_gateway.items():
+            await self._sock.send_multipart(
+                [gateway, LOST, msgspec.msgpack.encode([ids, message])])
+
     async def _forward(self, outputs: Any) -> None:
         """Send the link's requests' outputs of one engine step to their gateways, and leave
         the others in `outputs` for the worker's own output processor."""
@@ -143,17 +162,24 @@ class LinkServer:
                                             copy=False)
 
 
-def divert(engine: "AsyncLLM", forward: Any) -> None:
+def divert(engine: "AsyncLLM", forward: Any, failed: Any = None) -> None:
     """Let `forward(outputs)` see (and take out) every engine step's outputs before the
-    engine's own output processor does: its output handler is restarted over a wrapped
-    `get_output_async` (vLLM internals: `AsyncLLM.output_handler`, `_run_output_handler`,
-    `engine_core.get_output_async`; tests/unit/test_vllm_seam.py fails when they
-    change)."""
+    engine's own output processor does, and `failed(exc)` learn that the engine core died:
+    its output handler is restarted over a wrapped `get_output_async` (vLLM internals:
+    `AsyncLLM.output_handler`, `_run_output_handler`, `engine_core.get_output_async`;
+    tests/unit/test_vllm_seam.py fails when they change)."""
     core = engine.engine_core
     original = core.get_output_async
 
     async def get_output_async() -> Any:
-        outputs = await original()
+        try:
+            outputs = await original()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # EngineDeadError: the engine-core process is gone
+            if failed is not None:
+                await failed(exc)
+            raise
         await forward(outputs)
         return outputs
 

@@ -116,6 +116,62 @@ def test_per_client_limit(guarded: GatewayProcess) -> None:
     assert r.status_code == 200, r.text
 
 
+@pytest.fixture(scope="module")
+def guarded_vllm(disagg: RunningCluster, model_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway with vLLM's front end on the disagg cluster, with API keys and one request
+    per client: the same guard as the splitserve front end's, in front of vLLM's server."""
+    run_dir = tmp_path_factory.mktemp("guarded-vllm")
+    keys = run_dir / "keys"
+    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
+    gw = GatewayProcess(GatewayConfig(
+        model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
+        port=free_port(), grpc_port=0, frontend="vllm", api_keys_file=keys,
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir)
+    gw.start()
+    try:
+        gw.wait_ready(timeout_s=240)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayProcess) -> None:
+    url = guarded_vllm.url
+    for path, body in [("/v1/chat/completions", {"model": MODEL, "messages": HELLO}),
+                       ("/tokenize", {"model": MODEL, "prompt": "Hello"})]:
+        r = httpx.post(f"{url}{path}", json=body, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(guarded_vllm, "sk-not-one-of-ours").models.list()
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    metrics = httpx.get(f"{url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "splitserve_gateway_routing_decisions_total" in metrics.text
+    out = openai_client(guarded_vllm, KEY_A).completions.create(
+        model=MODEL, prompt="x", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 5
+
+    body = {"model": MODEL, "prompt": "Stream for a long while. " * 20, "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    a = {"authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{url}/v1/completions", json=body, headers=a) as held:
+            assert held.status_code == 200
+            first = next(held.iter_lines())  # streaming: the one slot of key A is taken
+            assert first.startswith("data: {") and '"error"' not in first, first
+            r = h.post(f"{url}/v1/completions", headers=a,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert "this client" in r.json()["error"]["message"]
+            other = openai_client(guarded_vllm, KEY_B).completions.create(
+                model=MODEL, prompt="x", max_tokens=2)
+            assert other.usage.completion_tokens == 2
+    log = (guarded_vllm.run_dir / "gateway.log").read_text(errors="replace")
+    assert "API keys: on (2 accepted)" in log
+    assert KEY_A not in log and KEY_B not in log
+
+
 def test_body_limits_on_the_real_server(disagg: RunningCluster) -> None:
     big = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode()
     r = httpx.post(f"{disagg.http}/v1/completions", content=big, timeout=30,

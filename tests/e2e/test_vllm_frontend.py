@@ -147,6 +147,27 @@ def _close(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def json_tool_calls() -> Iterator[None]:
+    """Named and required tool choices as vLLM's JSON-schema constraint, not the hermes
+    structural tag (vLLM's VLLM_ENFORCE_STRICT_TOOL_CALLING=0, for vLLM's server and the
+    clusters alike): the structural tag's grammar admits free whitespace and, without
+    `strict`, any JSON value as arguments, so a random-weights model may fill max_tokens with
+    blanks or digits (seen: one install wrote a call, the next one 80 tokens of digits). The
+    JSON-schema path follows the engines' `disable_any_whitespace`, so each call ends."""
+    import os
+
+    old = os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING")
+    os.environ["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENFORCE_STRICT_TOOL_CALLING", None)
+        else:
+            os.environ["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = old
+
+
 def _requests() -> list[tuple[str, str, dict[str, Any]]]:
     out = []
     for name, path, body in CASES:
@@ -200,7 +221,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     args = ["--frontend", "vllm", "--kv-local-prefill-tokens", "0", *ENGINE_ARGS,
             *[f"--frontend-arg={k}={v}" for k, v in TOOL_ARGS.items()]]
     args += ["--mode", "aggregated", "--workers", "1"] if mode == "aggregated" else [
-        "--mode", "disaggregated"]
+        "--mode", "disaggregated", "--decode", "2"]  # two: a request has somewhere to move
     run_dir = tmp_path_factory.mktemp(f"vllm-frontend-{mode}") / "run"
     c = start_test_cluster(args, run_dir)
     try:
@@ -305,3 +326,151 @@ def test_prefill_blocks_are_freed(cluster: FrontendCluster, answers: dict[str, A
         assert time.monotonic() < deadline, loads
         time.sleep(0.5)
 
+
+
+# --- migration ----------------------------------------------------------------------------------
+
+MOVE_TOKENS = 600
+
+
+def _status(cluster: FrontendCluster) -> list[dict[str, Any]]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json",
+                          "--redis-url", cluster.redis_url], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def _gateway_metric(cluster: FrontendCluster, name: str) -> float:
+    text = httpx.get(f"{cluster.http}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+class _Stream:
+    """One streamed completion in a thread: its text, logprobs, finish reason or error."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        import threading
+
+        self.body = body
+        self.text, self.logprobs, self.tokens, self.error = "", [], 0, None
+        self.finish_reason: str | None = None
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=300,
+                              json={**self.body, "stream": True}) as resp:
+                assert resp.status_code == 200, resp.read()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        self.error = chunk["error"]
+                        continue
+                    for c in chunk["choices"]:
+                        self.text += c["text"]
+                        if c.get("logprobs"):
+                            self.logprobs += c["logprobs"]["token_logprobs"]
+                            self.tokens += len(c["logprobs"]["token_logprobs"])
+                        self.finish_reason = c.get("finish_reason") or self.finish_reason
+                    self.started.set()
+        except Exception as exc:  # recorded, and the test says so
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.started.set()
+
+    def join(self) -> None:
+        self._thread.join(300)
+        assert not self._thread.is_alive(), "a stream never ended"
+
+
+def _decode_in_flight(cluster: FrontendCluster) -> dict[str, int]:
+    """Every decode worker's requests in flight, as it last published them (every 0.5 s)."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from router.registry import WorkerRegistry
+
+    async def read() -> dict[str, int]:
+        redis = Redis.from_url(cluster.redis_url)
+        try:
+            return {w.worker_id: w.load.in_flight
+                    for w in await WorkerRegistry(redis).live_workers()
+                    if w.role.value == "decode"}
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(read())
+
+
+def test_requests_move_off_a_killed_decode_worker(cluster: FrontendCluster) -> None:
+    """A decode worker's process is SIGKILLed under streaming requests: greedy requests (with
+    logprobs) continue on the other decode worker and equal, token for token and logprob for
+    logprob, what the cluster answered before; a seeded-sampling request that had produced
+    tokens cannot continue as the same request and ends with a clean error, not a wrong
+    output. The gateway counts the migrations."""
+    import signal
+    import time
+
+    import psutil
+
+    if cluster.mode != "disaggregated":
+        pytest.skip("one decode worker: nowhere to move (the disaggregated cluster has two)")
+    decode = {w["worker_id"]: w for w in _status(cluster) if w["role"] == "decode"}
+    assert len(decode) == 2, decode
+    greedy = [{"model": MODEL, "prompt": f"Worker {k} fails under request {k}: " + LONG[:80],
+               "max_tokens": MOVE_TOKENS, "temperature": 0, "ignore_eos": True,
+               "logprobs": 1} for k in range(6)]
+    seeded = {"model": MODEL, "prompt": "A seeded request cannot move: " + LONG[:80],
+              "max_tokens": MOVE_TOKENS, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    reference = [_Stream(cluster.http, body) for body in greedy]
+    for r in reference:
+        r.join()
+        assert r.error is None and r.tokens == MOVE_TOKENS, r.error
+    moved_before = _gateway_metric(cluster, "splitserve_gateway_request_migrations_total")
+
+    # the seeded request alone first, so that its worker is known: that worker is the victim
+    s = _Stream(cluster.http, seeded)
+    deadline = time.monotonic() + 60
+    while sum((load := _decode_in_flight(cluster)).values()) != 1:
+        assert time.monotonic() < deadline and s.error is None, (load, s.error)
+        time.sleep(0.1)
+    victim = decode[next(w for w, n in load.items() if n == 1)]
+    # greedy requests until at least one of them runs on the victim too
+    streams: list[_Stream] = []
+    for body in greedy:
+        streams.append(_Stream(cluster.http, body))
+        deadline = time.monotonic() + 3
+        while (on_victim := _decode_in_flight(cluster)[victim["worker_id"]]) < 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if on_victim >= 2:
+            break
+    assert on_victim >= 2, "no greedy request ran on the victim beside the seeded one"
+    assert s.finish_reason is None and not any(st.finish_reason for st in streams), \
+        "streams ended before the kill: make them longer"
+    psutil.Process(victim["pid"]).send_signal(signal.SIGKILL)
+    for st in [s, *streams]:
+        st.join()
+    for k, st in enumerate(streams):
+        assert st.error is None, (k, st.error)
+        assert st.finish_reason == "length" and st.tokens == MOVE_TOKENS, (k, st.tokens)
+        assert st.text == reference[k].text, f"request {k} differs after the move"
+        _close(st.logprobs, reference[k].logprobs, f"greedy[{k}].logprobs")
+    assert s.error is not None and s.finish_reason != "length", \
+        "the seeded request went on elsewhere as if nothing happened"
+    moved = _gateway_metric(cluster, "splitserve_gateway_request_migrations_total")
+    assert moved - moved_before >= 1, "no request moved: the test did not test migration"
+    # the cluster serves on (the other decode worker; the controller replaces the victim)
+    with httpx.Client(base_url=cluster.http, timeout=300) as c:
+        r = c.post("/v1/completions", json={**greedy[0], "max_tokens": 8, "logprobs": None})
+        assert r.status_code == 200, r.text
+        assert reference[0].text.startswith(r.json()["choices"][0]["text"])

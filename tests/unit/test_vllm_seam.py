@@ -37,3 +37,26 @@ def test_what_the_remote_core_serves_is_all_asyncllm_asks_on_the_request_path() 
         assert f"engine_core.{name}(" in source, name
         assert callable(getattr(RemoteEngineCore, name))
     assert "self.engine_core.resources.engine_dead" in source
+
+
+def test_vllms_server_makes_middleware_classes_with_the_app_alone() -> None:
+    """The gateway's guard (API keys, admission, body limits) goes in through vLLM's
+    `--middleware` setting, which adds a class with no arguments: FrontendGuard takes its
+    gateway from a class attribute for that reason."""
+    from vllm.entrypoints.serve.middleware import register
+
+    source = inspect.getsource(register.init_entrypoints_middleware)
+    assert "for middleware in args.middleware:" in source
+    assert "app.add_middleware(imported)" in source
+
+
+def test_server_args_add_the_guard_to_vllms_middleware() -> None:
+    from services.gateway.config import GatewayConfig
+    from services.gateway.vllm_frontend import GUARD, FrontendGuard, needs_key, server_args
+
+    args = server_args(GatewayConfig(model="m", redis_url="redis://127.0.0.1:1/0",
+                                     frontend="vllm", frontend_args={"middleware": ["a.b.C"]}))
+    assert args.middleware == ["a.b.C", GUARD]
+    assert GUARD.rsplit(".", 1)[1] == FrontendGuard.__name__
+    assert needs_key("/tokenize") and needs_key("/v1/models") and needs_key("/pause")
+    assert not needs_key("/health") and not needs_key("/metrics")
