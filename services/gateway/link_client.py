@@ -1,5 +1,6 @@
 """The gateway's end of the engine link (services/link.py) to one worker: one DEALER socket,
-shared by every request this gateway sends that worker."""
+shared by every request this gateway sends that worker, a CURVE client with the cluster's
+link keys (services/link.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from services.link import ABORT, ADD, FAILED, OUTPUTS
+from services.link import ABORT, ADD, FAILED, OUTPUTS, LinkKeys
 
 if TYPE_CHECKING:
     from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
@@ -27,7 +28,7 @@ class LinkClient:
     `on_outputs(worker_id, outputs)`, `on_failed(worker_id, request_id, message)`."""
 
     def __init__(self, ctx: zmq.asyncio.Context, worker_id: str, address: str,
-                 on_outputs: OnOutputs, on_failed: OnFailed) -> None:
+                 on_outputs: OnOutputs, on_failed: OnFailed, keys: LinkKeys) -> None:
         from vllm.v1.engine import EngineCoreOutputs
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -38,6 +39,7 @@ class LinkClient:
         self._on_outputs, self._on_failed = on_outputs, on_failed
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        keys.secure_client(self._sock)
         self._sock.connect(f"tcp://{address}")
         self._reader = asyncio.create_task(self._read(), name=f"link-{worker_id}")
 
