@@ -59,6 +59,10 @@ def require_curve() -> None:
             "libsodium)")
 
 
+ZAP_DOMAIN = "splitserve-link"
+"""The ZAP domain of a worker's link socket (its authenticator answers for it)."""
+
+
 @dataclass(frozen=True)
 class LinkKeys:
     """CURVE keypairs (Z85 text, as libzmq takes them) of both ends of the link."""
@@ -94,8 +98,6 @@ class LinkKeys:
         sock.curve_publickey = self.client_public
         sock.curve_serverkey = self.server_public
 
-
-ZAP_DOMAIN = "splitserve-link"
 
 
 class LinkAuthenticator:

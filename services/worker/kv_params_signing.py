@@ -112,7 +112,7 @@ PREFILL_ORDER: dict[str, Any] = {"do_remote_decode": True}
 point the engine at nothing remote and are not signed."""
 
 
-def admit(signer: KVParamsSigner, request_id: str, params: dict[str, Any] | None,
+def admit(signer: KVParamsSigner, request_id: str, params: Any,
           on_refused: Callable[[Reason], None], *, release: bool = False,
           log: Any = None) -> dict[str, Any] | None:
     """What a worker hands its engine for a request that came with `params`: the verified
@@ -122,6 +122,8 @@ def admit(signer: KVParamsSigner, request_id: str, params: dict[str, Any] | None
     if not params or params == PREFILL_ORDER:
         return params or None
     try:
+        if not isinstance(params, dict):
+            raise KVParamsRefused("forged", f"not a mapping: {type(params).__name__}")
         return signer.verify(params, consume=not release, check_expiry=not release)
     except KVParamsRefused as exc:
         on_refused(exc.reason)

@@ -142,9 +142,8 @@ class LinkServer:
         kv = extra.get("kv_transfer_params")
         if not kv:
             return
-        admitted = admit(self._signer, request.request_id,
-                         kv if isinstance(kv, dict) else {"not a mapping": True},
-                         self._on_refused, release=bool(request.abort_immediately), log=log)
+        admitted = admit(self._signer, request.request_id, kv, self._on_refused,
+                         release=bool(request.abort_immediately), log=log)
         rest = {k: v for k, v in extra.items() if k != "kv_transfer_params"}
         if admitted is not None:
             rest["kv_transfer_params"] = admitted

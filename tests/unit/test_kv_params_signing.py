@@ -107,3 +107,9 @@ def test_admit_drops_refused_params_and_counts_them() -> None:
     assert admit(late, "p-release", release, refused.append, release=True) == PARAMS
     assert admit(late, "p-release", dict(PARAMS), refused.append, release=True) is None
     assert refused[-1] == "unsigned"
+
+
+def test_params_that_are_not_a_mapping_are_forged() -> None:
+    refused: list[str] = []
+    assert admit(signer(), "d", ["remote", "blocks"], refused.append) is None
+    assert refused == ["forged"]
