@@ -75,7 +75,28 @@ def render() -> str:
             out.append(f"| `{name}` | {_type(field)} | {_default(field)} | "
                        f"{field.description or ''} |")
         out.append("")
-    return "\n".join(out + ENGINE_ARGS_INTRO + _engine_args_tables())
+    return "\n".join(out + CLUSTER_SECRET + ENGINE_ARGS_INTRO
+                     + _engine_args_tables())
+
+
+CLUSTER_SECRET = """## Cluster secret
+
+What every internal caller proves to a worker (docs/security.md, "Internal authentication").
+Not a field of any model above (models travel as JSON on command lines and through Ray), but
+read from the environment by each process (services/cluster_secret.py), first match wins:
+
+| variable | meaning |
+|---|---|
+| `SPLITSERVE_CLUSTER_SECRET` | the secret itself (at least 16 bytes; surrounding whitespace ignored) |
+| `SPLITSERVE_CLUSTER_SECRET_FILE` | a file holding it (the Helm chart mounts its Secret there) |
+
+`splitserve up` takes `--cluster-secret-file` (ClusterConfig.cluster_secret_file) before both,
+and generates a secret when none is given; it writes the one it uses to
+`<run_dir>/cluster-secret` (mode 0600), hands the gateway that file and its worker actors the
+variable. `splitserve gateway` and every worker refuse to start without one (exit 2 / a failed
+start), never serving unauthenticated.
+
+""".splitlines()
 
 
 ENGINE_ARGS_INTRO = """## Engine arguments

@@ -118,6 +118,8 @@ def _up(ns: argparse.Namespace) -> int:
         max_in_flight=ns.max_in_flight, max_in_flight_per_client=ns.max_in_flight_per_client,
         max_body_bytes=ns.max_body_bytes, worker_streams=ns.worker_streams,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
+        cluster_secret_file=(Path(ns.cluster_secret_file).resolve()
+                             if ns.cluster_secret_file else None),
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
                            resources=ns.prefill_resources, placement_group=ns.placement_group,
                            engine_args=pool_args.get("prefill", {})),
@@ -369,6 +371,13 @@ def _gateway(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    from services.cluster_secret import ClusterSecret, ClusterSecretError
+
+    try:
+        ClusterSecret.required("splitserve gateway")
+    except ClusterSecretError as exc:
+        print(f"splitserve gateway: {exc}", file=sys.stderr)
+        return 2
     if cfg.frontend == "vllm":
         from services.gateway import vllm_frontend
 
@@ -459,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address workers bind and advertise; 'auto': each worker's node IP")
     up.add_argument("--worker-metrics-port", type=int, default=0,
                     help="Prometheus port of every worker (0: a free one)")
+    up.add_argument("--cluster-secret-file", help="file holding the cluster secret that "
+                    "gateways and controllers prove to workers (default: "
+                    "$SPLITSERVE_CLUSTER_SECRET, $SPLITSERVE_CLUSTER_SECRET_FILE, else a new "
+                    "one in run_dir/cluster-secret; docs/security.md)")
     up.add_argument("--no-gateway", action="store_true",
                     help="do not run a gateway (gateways deployed on their own)")
     up.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",

@@ -8,7 +8,9 @@ message exchanged, against ~0.1 ms for the same bytes over an asyncio socket; on
 gateway CPU per token -15% and worker actor -12%; docs/benchmarks.md). A worker therefore also
 serves GenerateStream on a TCP port of its own, with the same protobuf messages, framed:
 
-    gateway -> worker   PREAMBLE, then frames of splitserve.worker.v1.GenerateStreamRequest
+    gateway -> worker   PREAMBLE, the stream token (TOKEN_BYTES, derived from the cluster
+                        secret: ClusterSecret.stream_token), then frames of
+                        splitserve.worker.v1.GenerateStreamRequest
     worker -> gateway   frames of splitserve.worker.v1.GenerateStreamBatch
     frame               4-byte big-endian payload length, then the serialized message
 
@@ -28,6 +30,10 @@ from google.protobuf.message import Message
 
 PREAMBLE = b"splitserve.worker.v1.GenerateStream/1\n"
 """What a client sends first; a worker closes a connection that starts otherwise."""
+
+TOKEN_BYTES = 32
+"""Length of the stream token that follows the preamble; a worker closes a connection whose
+token is not its cluster's (compared in constant time)."""
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest message either side accepts (as the worker's gRPC server)."""

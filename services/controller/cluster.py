@@ -1,8 +1,9 @@
 """`splitserve up`: Redis, Ray, worker pools and a gateway, started and stopped together.
 
-Start order: run directory -> Redis (private unless --redis-url; supervised: restarted on
-its port if it dies, see redis_server.py) -> Ray (local unless
---ray-address) -> worker actors (engines load in parallel) -> gateway. Stop order is the
+Start order: run directory and cluster secret (given, else generated; kept in
+run_dir/cluster-secret, mode 0600, for the gateway; docs/security.md) -> Redis (private
+unless --redis-url; supervised: restarted on its port if it dies, see redis_server.py) ->
+Ray (local unless --ray-address) -> worker actors (engines load in parallel) -> gateway. Stop order is the
 reverse. Everything this process started is stopped by PID; a final sweep kills any
 descendant process still alive, so nothing is orphaned.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from services.cluster_secret import FILE_NAME, ClusterSecret
 from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
@@ -42,6 +44,8 @@ class Cluster:
         self.redis: RedisServer | None = None
         self.redis_supervisor: RedisSupervisor | None = None
         self.redis_url = cfg.redis_url
+        self.secret: ClusterSecret | None = None
+        self.secret_file: Path | None = None
         self.pools: WorkerPools | None = None
         self.controller: PoolController | None = None
         self.gateway: GatewayProcess | None = None
@@ -53,13 +57,16 @@ class Cluster:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.secret = (ClusterSecret.read(cfg.cluster_secret_file) if cfg.cluster_secret_file
+                       else ClusterSecret.from_environment() or ClusterSecret.generate())
+        self.secret_file = self.secret.write(self.run_dir / FILE_NAME)
         if self.redis_url is None:
             self.redis = RedisServer(self.run_dir)
             self.redis_url = self.redis.start()
             self.redis_supervisor = RedisSupervisor(self.redis)
             self.redis_supervisor.start()
         self._start_ray()
-        self.pools = WorkerPools(cfg, self.redis_url, self.run_dir)
+        self.pools = WorkerPools(cfg, self.redis_url, self.run_dir, self.secret)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
         self.controller = PoolController(self.pools, self.redis_url, cfg.namespace)
         self.controller.start()
@@ -83,7 +90,8 @@ class Cluster:
             worker_streams=cfg.worker_streams,
             migration=cfg.migration, frontend=cfg.frontend,
             engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
-        self.gateway = GatewayProcess(gcfg, self.run_dir)
+        assert self.secret_file is not None
+        self.gateway = GatewayProcess(gcfg, self.run_dir, self.secret_file)
         self.gateway.start()
         self.gateway.wait_ready(timeout_s=120)
 

@@ -64,6 +64,9 @@ class ClusterConfig(BaseModel):
     worker_streams: WorkerStreams = Field("tcp", description=(
         "gateway -> worker transport: tcp (one framed GenerateStream per worker), grpc (the "
         "same stream over gRPC) or per-request (a gRPC Generate call per request)"))
+    cluster_secret_file: Path | None = Field(None, description=(
+        "file holding the cluster secret every internal caller of a worker proves "
+        "(docs/security.md); None: $SPLITSERVE_CLUSTER_SECRET(_FILE), else a generated one"))
     api_keys_file: Path | None = Field(None, description=(
         "gateway API keys, one per line (also $SPLITSERVE_API_KEYS); none: no authentication"))
     worker_host: str = Field("127.0.0.1", description=(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -9,15 +10,18 @@ from pathlib import Path
 
 import httpx
 
+from services.cluster_secret import ENV, FILE_ENV
 from services.gateway.config import GatewayConfig
 
 
 class GatewayProcess:
-    """`splitserve gateway` in a subprocess, logging to the run directory."""
+    """`splitserve gateway` in a subprocess, logging to the run directory; it reads the
+    cluster secret from `secret_file` (mode 0600; never on its command line)."""
 
-    def __init__(self, cfg: GatewayConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: GatewayConfig, run_dir: Path, secret_file: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.secret_file = secret_file
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -26,10 +30,12 @@ class GatewayProcess:
 
     def start(self) -> None:
         log = open(self.run_dir / "gateway.log", "ab")
+        env = {k: v for k, v in os.environ.items() if k != ENV}
+        env[FILE_ENV] = str(self.secret_file)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "gateway", "--config-json",
              self.cfg.model_dump_json()],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
 

@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from router.prefix_index import PrefixIndex
 from router.redis_client import redis_client, redis_env
+from services.cluster_secret import ClusterSecret
 from router.registry import WorkerRegistry, WorkerRole
 from services.controller.config import ClusterConfig, PoolConfig
 from services.controller.healing import HealingConfig
@@ -175,8 +176,9 @@ class WorkerPools:
     """Creates, watches, replaces, drains and stops the worker actors of a cluster."""
 
     def __init__(self, cfg: ClusterConfig, redis_url: str, run_dir: Path,
-                 healing: HealingConfig | None = None) -> None:
+                 secret: ClusterSecret, healing: HealingConfig | None = None) -> None:
         self.cfg = cfg
+        self.secret = secret  # handed to every worker actor in its environment
         self.redis_url = redis_url
         self.run_dir = run_dir
         self.healing = healing or cfg.healing
@@ -231,6 +233,8 @@ class WorkerPools:
                 "RAY_worker_niceness": str(wcfg.engine.niceness),
                 # The Redis client settings of this process (router/redis_config.py).
                 **redis_env(),
+                # What every caller of the worker's ports must prove (docs/security.md).
+                **self.secret.environment(),
             }},
         )
         group = None

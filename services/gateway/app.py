@@ -21,6 +21,7 @@ from router.prefix_index import PrefixIndex
 from router.redis_client import RedisClientConfig, RedisHealth, redis_client
 from router.registry import WorkerRole
 from services import tracing
+from services.cluster_secret import ClusterSecret, ClusterSecretError
 from services.logs import LogConfig, configure_logging
 from services.tracing import TracingConfig
 from services.gateway.admission import Admission
@@ -90,6 +91,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.api_keys = ApiKeys.load(cfg.api_keys_file, cfg.api_keys_env)
+        self.secret = ClusterSecret.required("the gateway")  # its credential with workers
         self.metrics = GatewayMetrics()
         self.cluster_gauges = ClusterGauges(self.metrics)
         self.admission = Admission(cfg.max_in_flight, cfg.max_in_flight_per_client)
@@ -105,7 +107,7 @@ class Gateway:
         redis_cfg = RedisClientConfig()
         self.redis = redis_client(self.cfg.redis_url, redis_cfg)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
-                                         self.cfg.worker_refresh_s,
+                                         self.secret, self.cfg.worker_refresh_s,
                                          streams=self.cfg.worker_streams,
                                          health=RedisHealth.from_config(redis_cfg))
         try:
@@ -492,7 +494,7 @@ def serve(cfg: GatewayConfig) -> None:
     tracing.setup(TracingConfig(), "splitserve-gateway")
     try:
         app = create_app(cfg)
-    except ApiKeyError as exc:
+    except (ApiKeyError, ClusterSecretError) as exc:
         raise SystemExit(f"splitserve gateway: {exc}") from None
     keys = app.state.gateway.api_keys
     log.info("API keys: %s", f"on ({len(keys)} accepted)" if keys else

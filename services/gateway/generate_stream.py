@@ -108,8 +108,11 @@ class FramedStreamCall:
 
     CONNECT_TIMEOUT_S = 10.0
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, token: bytes) -> None:
+        """`token`: the cluster's stream token (ClusterSecret.stream_token), sent after the
+        preamble."""
         self.address = f"{host}:{port}"
+        self._token = token
         self._connection = asyncio.ensure_future(self._connect(host, port))
         self._streams_ready: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
@@ -118,7 +121,7 @@ class FramedStreamCall:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                 self.CONNECT_TIMEOUT_S)
         tune_socket(writer)
-        writer.write(PREAMBLE)
+        writer.write(PREAMBLE + self._token)
         return reader, writer
 
     async def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -182,10 +185,11 @@ class SharedGenerateStream:
         return cls(stub.GenerateStream, address)
 
     @classmethod
-    def over_tcp(cls, stream_address: str) -> "SharedGenerateStream":
-        """The stream on the worker's framed GenerateStream port (services/framed_stream.py)."""
+    def over_tcp(cls, stream_address: str, token: bytes) -> "SharedGenerateStream":
+        """The stream on the worker's framed GenerateStream port (services/framed_stream.py),
+        opened with the cluster's stream token."""
         host, port = split_address(stream_address)
-        return cls(lambda: FramedStreamCall(host, port), stream_address)
+        return cls(lambda: FramedStreamCall(host, port, token), stream_address)
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None) -> StreamedCall:
         """A call-like handle for one request (sent on its first `read()`)."""

@@ -1,5 +1,6 @@
 """The gateway's end of the engine link (services/link.py) to one worker: one DEALER socket,
-shared by every request this gateway sends that worker."""
+shared by every request this gateway sends that worker, a CURVE client with the cluster's
+link keys (services/link.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from services.link import (ABORT, ADD, FAILED, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LOST,
-                           OUTPUTS)
+                           OUTPUTS, LinkKeys)
 
 if TYPE_CHECKING:
     from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
@@ -33,7 +34,8 @@ class LinkClient:
     and every request sent on it is lost)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, worker_id: str, address: str,
-                 on_outputs: OnOutputs, on_failed: OnFailed, on_lost: OnLost) -> None:
+                 on_outputs: OnOutputs, on_failed: OnFailed, on_lost: OnLost,
+                 keys: LinkKeys) -> None:
         from vllm.v1.engine import EngineCoreOutputs
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -47,6 +49,7 @@ class LinkClient:
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        keys.secure_client(self._sock)
         self._sock.connect(f"tcp://{address}")
         self._reader = asyncio.create_task(self._read(), name=f"link-{worker_id}")
         self._watcher = asyncio.create_task(self._watch(), name=f"link-watch-{worker_id}")

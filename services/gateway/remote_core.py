@@ -42,6 +42,7 @@ import zmq.asyncio
 
 from router.registry import WorkerInfo
 from services.gateway.link_client import LinkClient
+from services.link import LinkKeys
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
 from services.gateway.worker_directory import WorkerDirectory
 
@@ -105,6 +106,7 @@ class RemoteEngineCore:
         self._metrics = flow.metrics
         self._ctx = zmq.asyncio.Context()
         self._links: dict[str, LinkClient] = {}
+        self._link_keys = LinkKeys.derive(directory.secret)  # CURVE, from the cluster secret
         self._flights: dict[str, _Flight] = {}  # by the front end's request id
         self._by_wire_id: dict[str, _Flight] = {}  # by the id on the decode worker
         self._by_prefill_id: dict[str, _Flight] = {}
@@ -294,7 +296,8 @@ class RemoteEngineCore:
             if not worker.link_address:
                 raise WorkerUnavailable(f"worker {worker.worker_id} serves no engine link")
             link = LinkClient(self._ctx, worker.worker_id, worker.link_address,
-                              self._on_outputs, self._on_failed, self._on_lost)
+                              self._on_outputs, self._on_failed, self._on_lost,
+                              self._link_keys)
             self._links[worker.worker_id] = link
         return link
 

@@ -21,8 +21,10 @@ from router.dispatch_ledger import DispatchLedger
 from router.redis_client import RedisHealth
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
+from services.cluster_secret import ClusterSecret
 from services.controller.pool_sizes import PoolSizes
 from services.gateway.generate_stream import SharedGenerateStream, WorkerStreams
+from services.grpc_auth import client_interceptors as auth_interceptors
 from services.grpc_context import client_interceptors
 from services.grpc_options import channel_options
 from services.proto.v1 import worker_pb2 as pb
@@ -34,8 +36,11 @@ log = logging.getLogger(__name__)
 class WorkerDirectory:
     """Live workers by role, with stubs to reach them."""
 
-    def __init__(self, redis: Redis, namespace: str, model: str, refresh_s: float = 0.5,
-                 streams: WorkerStreams = "tcp", health: RedisHealth | None = None) -> None:
+    def __init__(self, redis: Redis, namespace: str, model: str, secret: ClusterSecret,
+                 refresh_s: float = 0.5, streams: WorkerStreams = "tcp",
+                 health: RedisHealth | None = None) -> None:
+        #: the cluster secret: every call and stream to a worker carries a credential from it
+        self.secret = secret
         self.registry = WorkerRegistry(redis, namespace)
         self.health = health or RedisHealth(pause_s=2.0, deadline_s=1.0)
         self.pool_sizes = PoolSizes(redis, namespace)
@@ -122,7 +127,9 @@ class WorkerDirectory:
     def stub(self, worker: WorkerInfo) -> pb_grpc.WorkerStub:
         ch = self._channels.get(worker.address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(worker.address, interceptors=client_interceptors(),
+            ch = grpc.aio.insecure_channel(worker.address,
+                                           interceptors=[*auth_interceptors(self.secret),
+                                                         *client_interceptors()],
                                            options=channel_options(64 * 1024 * 1024))
             self._channels[worker.address] = ch
         return pb_grpc.WorkerStub(ch)
@@ -138,7 +145,8 @@ class WorkerDirectory:
         stream = self._streams.get(worker.address)
         if stream is None:
             if self.streams == "tcp" and worker.stream_address:
-                stream = SharedGenerateStream.over_tcp(worker.stream_address)
+                stream = SharedGenerateStream.over_tcp(worker.stream_address,
+                                                       self.secret.stream_token)
             else:
                 stream = SharedGenerateStream.over_grpc(self.stub(worker), worker.address)
             self._streams[worker.address] = stream

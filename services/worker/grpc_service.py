@@ -12,6 +12,7 @@ from services import request_id as request_ids
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.engine import EngineHost, Sampling, dumps_params, loads_params
+from services.worker.kv_params_signing import KVParamsSigner, Reason, admit
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,14 @@ def sampling_from_pb(msg: pb.SamplingParams) -> Sampling:
 class WorkerService(pb_grpc.WorkerServicer):
     """Serves one worker's engine."""
 
-    def __init__(self, host: EngineHost) -> None:
+    def __init__(self, host: EngineHost, signer: KVParamsSigner) -> None:
         self.host = host
+        self.signer = signer  # signs what Prefill hands out, verifies what decode is given
+
+    def kv_params_refused(self, reason: Reason) -> None:
+        """Count KV transfer parameters this worker refused (forged, expired, replayed)."""
+        if (metrics := getattr(self.host, "metrics", None)) is not None:
+            metrics.kv_params_refused.labels(reason).inc()
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PrefillResponse:
@@ -49,6 +56,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         log.info("prefill %s: %d prompt tokens, %d cached; KV held for decode",
                  request.request_id, len(request.prompt_token_ids), cached,
                  extra={"engine_request_id": request.request_id})
+        params = self.signer.sign(request.request_id, params)
         return pb.PrefillResponse(kv_transfer_params_json=dumps_params(params),
                                   num_cached_tokens=cached)
 
@@ -65,15 +73,23 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         """One request's chunks, from the engine (Generate and GenerateStream alike)."""
+        try:
+            kv_params = loads_params(request.kv_transfer_params_json)
+        except ValueError:
+            raise ValueError("kv_transfer_params_json is not JSON") from None
+        if kv_params is not None and not isinstance(kv_params, dict):
+            raise ValueError("kv_transfer_params_json is not a JSON object")
+        kv_params = admit(self.signer, request.request_id, kv_params, self.kv_params_refused,
+                          log=log)
         log.info("generate %s: %d prompt tokens, KV %s", request.request_id,
                  len(request.prompt_token_ids),
-                 "from a prefill worker" if request.kv_transfer_params_json else "computed here",
+                 "from a prefill worker" if kv_params else "computed here",
                  extra={"engine_request_id": request.request_id})
         stream = self.host.generate(
             request.request_id,
             list(request.prompt_token_ids),
             sampling_from_pb(request.sampling),
-            loads_params(request.kv_transfer_params_json),
+            kv_params,
         )
         async for chunk in stream:
             yield pb.GenerateChunk(
@@ -94,9 +110,18 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ReleaseResponse:
-        params = loads_params(request.kv_transfer_params_json)
-        if not params:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_transfer_params_json empty")
+        try:
+            params = loads_params(request.kv_transfer_params_json)
+        except ValueError:
+            params = None
+        if not params or not isinstance(params, dict):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "kv_transfer_params_json empty or not a JSON object")
+        params = admit(self.signer, request.request_id, params, self.kv_params_refused,
+                       release=True, log=log)
+        if params is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "kv_transfer_params not signed by this cluster")
         try:
             await self.host.release(request.request_id, params)
         except ValueError as exc:

@@ -3,6 +3,11 @@ straight to this worker's engine core; its outputs for them go back, one message
 step per gateway, without passing through the worker's own output processor (no
 detokenization here: the gateway's front end does it, once).
 
+Only gateways holding the cluster secret get through (CURVE, services/link.py). The KV transfer
+parameters a prefill hands out are signed here, and those a decode request brings are verified
+here before the engine sees them (services/worker/kv_params_signing.py); refused ones are
+dropped, and the engine computes the prompt itself.
+
 The worker's `AsyncLLM` keeps serving the worker gRPC API; the link shares its engine core.
 Its output handler is restarted over a `get_output_async` that takes the link's requests'
 outputs out of each step first (`divert`); the rest (and the step's scheduler statistics) go
@@ -13,14 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from services.link import (ABORT, ADD, FAILED, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LOST,
-                           OUTPUTS)
+                           OUTPUTS, LinkAuthenticator, LinkKeys)
+from services.worker.kv_params_signing import KVParamsSigner, Reason, admit
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -31,7 +37,9 @@ log = logging.getLogger(__name__)
 class LinkServer:
     """Serves the engine link of one worker on a TCP port."""
 
-    def __init__(self, engine: "AsyncLLM", host: str, port: int = 0) -> None:
+    def __init__(self, engine: "AsyncLLM", host: str, port: int, keys: LinkKeys,
+                 signer: KVParamsSigner,
+                 on_refused: Callable[[Reason], None] = lambda reason: None) -> None:
         from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -45,6 +53,13 @@ class LinkServer:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
+        self._keys, self._signer, self._on_refused = keys, signer, on_refused
+        self._auth: LinkAuthenticator | None = None
+
+    @property
+    def refused_clients(self) -> int:
+        """Connections refused for not holding the cluster's link key."""
+        return self._auth.refused if self._auth is not None else 0
 
     @property
     def in_flight(self) -> int:
@@ -54,7 +69,10 @@ class LinkServer:
     async def start(self) -> int:
         """Bind, take over the engine's output stream, start reading; returns the port."""
         self._ctx = zmq.asyncio.Context()
+        self._auth = LinkAuthenticator(self._ctx, self._keys)
+        self._auth.start()  # before the bind: no connection is ever let in unchecked
         self._sock = self._ctx.socket(zmq.ROUTER)
+        self._keys.secure_server(self._sock)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting gateway keeps its id
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -80,6 +98,8 @@ class LinkServer:
                 log.warning("could not abort %d link requests", len(ids), exc_info=True)
         if self._sock is not None:
             self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         if self._ctx is not None:
             self._ctx.term()
 
@@ -105,6 +125,7 @@ class LinkServer:
 
     async def _add(self, gateway: bytes, body: list[Any]) -> None:
         request = self._decoder.decode(body)
+        self._admit_kv_params(request)
         if request.request_id in self._owner:
             await self._fail(gateway, request.request_id, "request id already in flight")
             return
@@ -115,6 +136,21 @@ class LinkServer:
         except Exception as exc:
             self._owner.pop(request.request_id, None)
             await self._fail(gateway, request.request_id, f"{type(exc).__name__}: {exc}")
+
+    def _admit_kv_params(self, request: Any) -> None:
+        """Verify the KV transfer parameters a request brings; drop refused ones (the engine
+        then computes the prompt itself)."""
+        params = request.sampling_params
+        extra = getattr(params, "extra_args", None) or {}
+        kv = extra.get("kv_transfer_params")
+        if not kv:
+            return
+        admitted = admit(self._signer, request.request_id, kv, self._on_refused,
+                         release=bool(request.abort_immediately), log=log)
+        rest = {k: v for k, v in extra.items() if k != "kv_transfer_params"}
+        if admitted is not None:
+            rest["kv_transfer_params"] = admitted
+        params.extra_args = rest or None
 
     async def _fail(self, gateway: bytes, request_id: str, message: str) -> None:
         assert self._sock is not None
@@ -150,6 +186,9 @@ class LinkServer:
                 rest.append(out)
                 continue
             by_gateway.setdefault(gateway, []).append(out)
+            if out.kv_transfer_params:  # a prefill's: where its KV is held, signed
+                out.kv_transfer_params = self._signer.sign(out.request_id,
+                                                           dict(out.kv_transfer_params))
             if out.finish_reason is not None:
                 del self._owner[out.request_id]
         if not by_gateway:

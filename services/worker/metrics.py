@@ -46,6 +46,11 @@ class WorkerMetrics:
             "splitserve_worker_kv_lease_expired",
             "Requests whose held KV blocks expired unread (counted on prefill workers)",
             registry=registry)
+        self.kv_params_refused = Counter(
+            "splitserve_worker_kv_params_refused",
+            "KV transfer parameters refused by this (decode) worker, by reason: unsigned, "
+            "forged, expired, replayed (the prompt was computed here instead; "
+            "docs/security.md)", ["reason"], registry=registry)
 
     def observe_connector_stats(self, data: Mapping[str, Any]) -> None:
         """Record one step's KV connector statistics (vLLM's KVConnectorStats data: lists of

@@ -24,7 +24,11 @@ from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry, WorkerState
 from services.ports import port_outside_ephemeral_range
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
+from services.cluster_secret import ClusterSecret
+from services.grpc_auth import TokenAuthInterceptor
+from services.link import LinkKeys
 from services.worker.config import WorkerConfig
+from services.worker.kv_params_signing import KVParamsSigner
 from services.grpc_context import ServerContextInterceptor
 from services.grpc_options import server_options
 from services.worker.environment import engine_environment
@@ -117,6 +121,10 @@ class WorkerProcess:
         if self.cfg.host == "auto":  # bind and advertise this node's address (a pod's IP)
             self.cfg = self.cfg.model_copy(update={"host": node_address()})
         cfg = self.cfg
+        # Every port below takes only callers holding the cluster secret (docs/security.md):
+        # no secret (or a pyzmq without CURVE for the link) fails the start, never opens them.
+        secret = ClusterSecret.required(f"worker {cfg.worker_id}")
+        link_keys = LinkKeys.derive(secret)
         (cfg.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         side_port = port_outside_ephemeral_range(cfg.host)
         os.environ.update(engine_environment(cfg, side_port))
@@ -133,15 +141,19 @@ class WorkerProcess:
         await self.host.start()
         self._shm_segments = segments_mapped_by_children()
 
-        self._server = grpc.aio.server(interceptors=[ServerContextInterceptor()],
-                                       options=server_options(64 * 1024 * 1024))
-        service = WorkerService(self.host)
+        self._server = grpc.aio.server(
+            interceptors=[TokenAuthInterceptor(secret), ServerContextInterceptor()],
+            options=server_options(64 * 1024 * 1024))
+        signer = KVParamsSigner(secret, ttl_s=cfg.engine.kv_lease_duration_s)
+        service = WorkerService(self.host, signer)
         pb_grpc.add_WorkerServicer_to_server(service, self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await self._server.start()
-        self._stream_server = FramedStreamServer(service.chunks, cfg.host, cfg.stream_port)
+        self._stream_server = FramedStreamServer(service.chunks, cfg.host, cfg.stream_port,
+                                                 secret)
         stream_port = await self._stream_server.start()
-        self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port)
+        self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port, link_keys,
+                                       signer, service.kv_params_refused)
         link_port = await self._link_server.start()
         self.host.link = self._link_server
 

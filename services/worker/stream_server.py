@@ -3,17 +3,20 @@
 Each accepted connection is served exactly like a gRPC GenerateStream call, by the same
 `serve_generate_stream` (services/worker/grpc_service.py): the frames read are its request
 iterator, its batches are written as frames. A connection that does not start with the
-protocol's preamble, sends a frame that is not one, or goes away ends its stream; the engine
-aborts the requests that were on it.
+protocol's preamble and the cluster's stream token (services/framed_stream.py), sends a frame
+that is not one, or goes away ends its stream; the engine aborts the requests that were on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import AsyncIterator
 
-from services.framed_stream import PREAMBLE, FrameError, frame, read_frame, tune_socket
+from services.cluster_secret import ClusterSecret
+from services.framed_stream import (PREAMBLE, TOKEN_BYTES, FrameError, frame, read_frame,
+                                    tune_socket)
 from services.proto.v1 import worker_pb2 as pb
 from services.worker.grpc_service import ChunkSource, serve_generate_stream
 
@@ -36,8 +39,11 @@ class _FrameWriter:
 class FramedStreamServer:
     """Serves GenerateStream on host:port for one worker's engine."""
 
-    def __init__(self, chunks: ChunkSource, host: str, port: int = 0) -> None:
+    def __init__(self, chunks: ChunkSource, host: str, port: int, secret: ClusterSecret
+                 ) -> None:
         self._chunks = chunks
+        self._token = secret.stream_token
+        self.refused = 0  # connections without the cluster's token
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -68,12 +74,19 @@ class FramedStreamServer:
         try:
             tune_socket(writer)
             try:
-                hello = await asyncio.wait_for(reader.readexactly(len(PREAMBLE)),
-                                               PREAMBLE_TIMEOUT_S)
+                hello = await asyncio.wait_for(
+                    reader.readexactly(len(PREAMBLE) + TOKEN_BYTES), PREAMBLE_TIMEOUT_S)
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                self.refused += 1
                 return
-            if hello != PREAMBLE:
+            if hello[:len(PREAMBLE)] != PREAMBLE:
+                self.refused += 1
                 log.warning("GenerateStream connection from %s: not this protocol; closed", peer)
+                return
+            if not hmac.compare_digest(hello[len(PREAMBLE):], self._token):
+                self.refused += 1
+                log.warning("GenerateStream connection from %s: not the cluster's token; "
+                            "closed", peer)
                 return
             self.streams_served += 1
             await serve_generate_stream(self._requests(reader, task), _FrameWriter(writer),

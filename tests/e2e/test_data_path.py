@@ -18,7 +18,7 @@ import pytest
 
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
-from tests.support.cluster import RunningCluster
+from tests.support.cluster import RunningCluster, cluster_secret, worker_channel
 
 pytestmark = pytest.mark.e2e
 MODEL = "splitserve-tiny"
@@ -71,8 +71,8 @@ def metric(url: str, name: str, **labels: str) -> float:
     raise AssertionError(f"metric {name}{labels} not found at {url}")
 
 
-async def worker_stats(address: str) -> pb.StatsResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+async def worker_stats(cluster: RunningCluster, address: str) -> pb.StatsResponse:
+    async with worker_channel(cluster_secret(cluster), address) as ch:
         return await pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10)
 
 
@@ -154,8 +154,9 @@ def test_cached_tokens_are_the_prefill_workers_cache_hits(disagg: RunningCluster
 
     async def prefill_only() -> None:
         """The prompt into the prefill worker's cache only (its blocks then released)."""
-        async with grpc.aio.insecure_channel(prefill["address"]) as pch, \
-                grpc.aio.insecure_channel(decode["address"]) as dch:
+        secret = cluster_secret(disagg)
+        async with worker_channel(secret, prefill["address"]) as pch, \
+                worker_channel(secret, decode["address"]) as dch:
             resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
                 request_id="seed-cache", prompt_token_ids=ids,
                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
@@ -216,7 +217,7 @@ def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Pat
 
     async def on_worker() -> tuple[list[int], str]:
         ids, text = [], ""
-        async with grpc.aio.insecure_channel(decode["address"]) as ch:
+        async with worker_channel(cluster_secret(disagg), decode["address"]) as ch:
             async for chunk in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
                     request_id="partial-char", prompt_token_ids=prompt,
                     sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
@@ -271,7 +272,7 @@ def test_sampling_parameters(disagg: RunningCluster) -> None:
 def test_client_disconnect_aborts_on_both_workers(disagg: RunningCluster) -> None:
     ws = workers(disagg)
     addrs = {w["role"]: w["address"] for w in ws}
-    before = {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+    before = {r: asyncio.run(worker_stats(disagg, a)) for r, a in addrs.items()}
     body = {"model": MODEL, "prompt": "Stream for a long while. " * 20, "max_tokens": 1500,
             "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as h:
@@ -285,7 +286,7 @@ def test_client_disconnect_aborts_on_both_workers(disagg: RunningCluster) -> Non
                     break  # the client goes away mid-stream
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        after = {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+        after = {r: asyncio.run(worker_stats(disagg, a)) for r, a in addrs.items()}
         d, p = after["decode"], after["prefill"]
         if (d.requests_aborted > before["decode"].requests_aborted and d.in_flight == 0
                 and d.num_running_reqs == 0 and p.in_flight == 0 and p.num_running_reqs == 0
@@ -397,3 +398,165 @@ def test_each_pool_runs_with_its_own_engine_arguments(disagg: RunningCluster) ->
                     if line.startswith("vllm:cache_config_info{"))
         seen[w["role"]] = re.search(r'num_gpu_blocks="(\d+)"', info).group(1)
     assert seen == {pool: str(n) for pool, n in DISAGG_KV_BLOCKS.items()}
+
+
+def test_worker_ports_refuse_callers_without_the_cluster_secret(disagg: RunningCluster) -> None:
+    """Worker gRPC, the framed stream port and the engine link take nobody without the
+    cluster secret `up` generated; with it (the control calls) they serve."""
+    import zmq
+    import zmq.asyncio
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    from services.cluster_secret import ClusterSecret
+    from services.framed_stream import PREAMBLE, frame
+    from services.gateway.link_client import LinkClient
+    from services.grpc_auth import call_metadata
+    from services.link import ADD, LinkKeys
+
+    secret, stranger = cluster_secret(disagg), ClusterSecret.generate()
+    decode = next(w for w in workers(disagg) if w["role"] == "decode")
+    assert (disagg.run_dir / "cluster-secret").stat().st_mode & 0o777 == 0o600
+
+    def link_request(rid: str) -> EngineCoreRequest:
+        return EngineCoreRequest(
+            request_id=rid, prompt_token_ids=[5, 6, 7, 8], mm_features=None,
+            sampling_params=SamplingParams(max_tokens=2, ignore_eos=True),
+            pooling_params=None, arrival_time=time.time(), lora_request=None,
+            cache_salt=None, data_parallel_rank=None)
+
+    async def probe() -> None:
+        # gRPC: no token, another cluster's token -> UNAUTHENTICATED, nothing served
+        async with grpc.aio.insecure_channel(decode["address"]) as ch:
+            for metadata in (None, call_metadata(stranger)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10,
+                                                       metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
+                            request_id=f"stranger-{len(str(metadata))}",
+                            prompt_token_ids=[5, 6, 7],
+                            sampling=pb.SamplingParams(max_tokens=2)), timeout=10,
+                            metadata=metadata):
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        before = await worker_stats(disagg, decode["address"])
+        # the stream port: a stranger's token -> closed, nothing generated
+        host, port = decode["stream_address"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(PREAMBLE + stranger.stream_token + frame(pb.GenerateStreamRequest(
+            start=pb.GenerateRequest(request_id="stranger-stream", prompt_token_ids=[5, 6],
+                                     sampling=pb.SamplingParams(max_tokens=2)))))
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+        writer.close()
+        # the engine link: a plain DEALER and one with another cluster's keys get nothing
+        # through; the cluster's own keys do (the control)
+        ctx = zmq.asyncio.Context()
+        got: dict[str, list] = {"outputs": [], "failed": []}
+
+        def on_outputs(worker_id: str, outputs) -> None:
+            got["outputs"] += [o.request_id for o in outputs.outputs]
+
+        def on_failed(worker_id: str, rid: str, message: str) -> None:
+            got["failed"].append(rid)
+
+        plain = ctx.socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(f"tcp://{decode['link_address']}")
+        from vllm.v1.serial_utils import MsgpackEncoder
+        await plain.send_multipart([ADD, *MsgpackEncoder().encode(link_request("plain"))])
+        other = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed,
+                           LinkKeys.derive(stranger))
+        await other.add(link_request("other-cluster"))
+        await asyncio.sleep(2.0)
+        assert got == {"outputs": [], "failed": []}
+        assert not await asyncio.wait_for(plain.poll(100), 1)  # and nothing came back
+        own = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed,
+                         LinkKeys.derive(secret))
+        await own.add(link_request("own-cluster"))
+        deadline = time.monotonic() + 60
+        while "own-cluster" not in got["outputs"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert set(got["outputs"]) == {"own-cluster"} and not got["failed"], got
+        for c in (own, other):
+            c.close()
+        plain.close(linger=0)
+        ctx.term()
+        after = await worker_stats(disagg, decode["address"])
+        # the stranger's stream request never reached the engine (the link's own request
+        # goes to the engine core directly, not through the worker's request counter)
+        assert after.requests_total == before.requests_total
+
+    asyncio.run(probe())
+
+
+def test_decode_worker_refuses_forged_expired_and_replayed_kv_params(
+        disagg: RunningCluster) -> None:
+    """KV transfer parameters that the prefill worker did not sign (or changed, expired, or
+    already used) are refused by the decode worker, which computes the prompt itself: the
+    request still completes, with the same tokens as a correct KV transfer."""
+    from services.worker.kv_params_signing import KVParamsSigner
+
+    secret = cluster_secret(disagg)
+    ws = workers(disagg)
+    prefill = next(w for w in ws if w["role"] == "prefill")
+    decode = next(w for w in ws if w["role"] == "decode")
+    prompt_ids = [7 + (time.time_ns() + i) % 900 for i in range(80)]  # unseen by any engine
+    sampling = pb.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    refused = "splitserve_worker_kv_params_refused_total"
+
+    def refusals(reason: str) -> float:
+        try:
+            return metric(decode["metrics_url"], refused, reason=reason)
+        except AssertionError:  # a reason not seen yet has no series
+            return 0.0
+
+    async def scenario() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        async with worker_channel(secret, prefill["address"]) as pch, \
+                worker_channel(secret, decode["address"]) as dch:
+            async def generate(rid: str, kv_json: str) -> list[int]:
+                ids: list[int] = []
+                async for chunk in pb_grpc.WorkerStub(dch).Generate(pb.GenerateRequest(
+                        request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
+                        kv_transfer_params_json=kv_json), timeout=120):
+                    ids.extend(chunk.token_ids)
+                return ids
+
+            resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
+                request_id="signed", prompt_token_ids=prompt_ids, sampling=sampling),
+                timeout=60)
+            signed = json.loads(resp.kv_transfer_params_json)
+            assert signed["splitserve_signature"]
+            forged = {**signed, "remote_block_ids": [[b + 1 for b in group] for group in
+                                                     signed["remote_block_ids"]]} if isinstance(
+                signed["remote_block_ids"][0], list) else {
+                **signed, "remote_block_ids": [b + 1 for b in signed["remote_block_ids"]]}
+            unsigned = {k: v for k, v in signed.items() if not k.startswith("splitserve_")}
+            stale = KVParamsSigner(secret, ttl_s=-5).sign("stale", unsigned)
+            out["signed"] = await generate("signed", resp.kv_transfer_params_json)
+            out["forged"] = await generate("forged", json.dumps(forged))
+            out["unsigned"] = await generate("unsigned", json.dumps(unsigned))
+            out["expired"] = await generate("expired", json.dumps(stale))
+            out["replayed"] = await generate("replayed", resp.kv_transfer_params_json)
+            out["local"] = await generate("local", "")
+        return out
+
+    src = "vllm:prompt_tokens_by_source_total"
+    moved_before = metric(decode["metrics_url"], src, source="external_kv_transfer")
+    before = {r: refusals(r) for r in ("forged", "unsigned", "expired", "replayed")}
+    out = asyncio.run(scenario())
+    # every request completed with the tokens of the one whose KV was read from the prefill
+    # worker (and of one computed on the decode worker alone)
+    assert len(out["local"]) == 10 and all(v == out["local"] for v in out.values()), out
+    after = {r: refusals(r) for r in before}
+    assert {r: after[r] - before[r] for r in before} == {
+        "forged": 1, "unsigned": 1, "expired": 1, "replayed": 1}
+    # the signed parameters were taken: the prompt's KV came over NIXL (the refused requests
+    # found it in the decode worker's own cache afterwards)
+    deadline = time.monotonic() + 10
+    while (moved := metric(decode["metrics_url"], src, source="external_kv_transfer")
+           - moved_before) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert moved >= 64, moved

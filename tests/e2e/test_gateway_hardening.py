@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,11 +22,12 @@ import pytest
 
 import splitserve_sdk as sdk
 from bench.gateway_load import run as load_run
+from services import cluster_secret
 from services.controller.gateway_process import GatewayProcess
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
 from tests.e2e.test_data_path import MODEL, chat, workers
-from tests.support.cluster import RunningCluster
+from tests.support.cluster import TEST_SECRET, RunningCluster
 
 pytestmark = pytest.mark.e2e
 KEY_A = "sk-e2e-alpha-5c1f0a9b77"
@@ -43,7 +45,8 @@ def guarded(disagg: RunningCluster, model_dir: Path, tmp_path_factory: pytest.Te
     gw = GatewayProcess(GatewayConfig(
         model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
         port=free_port(), grpc_port=free_port(), api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir)
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir,
+        disagg.run_dir / cluster_secret.FILE_NAME)
     gw.start()
     try:
         gw.wait_ready(timeout_s=120)
@@ -194,10 +197,17 @@ def test_body_limits_on_the_real_server(disagg: RunningCluster) -> None:
 def test_bad_keys_file_stops_the_gateway(model_dir: Path, tmp_path: Path) -> None:
     cfg = GatewayConfig(model=str(model_dir), redis_url="redis://127.0.0.1:1/0",
                         port=free_port(), api_keys_file=tmp_path / "missing")
-    out = subprocess.run([sys.executable, "-m", "services.cli", "gateway", "--config-json",
-                          cfg.model_dump_json()], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_secret.ENV)}
+    argv = [sys.executable, "-m", "services.cli", "gateway", "--config-json",
+            cfg.model_dump_json()]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                         env={**env, cluster_secret.ENV: TEST_SECRET.text})
     assert out.returncode != 0
     assert "cannot read the API keys file" in out.stderr and "Traceback" not in out.stderr
+    # and a gateway without the cluster secret does not start at all (exit 2, no traceback)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "needs the cluster secret" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_concurrent_streaming_clients_without_errors(disagg: RunningCluster) -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 import splitserve_sdk as sdk
+from services.cluster_secret import FILE_NAME
 from services.controller.gateway_process import GatewayProcess
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
@@ -113,10 +114,10 @@ def test_invalid_prompts(disagg: RunningCluster) -> None:
             c.chat([])
 
 
-def _wait_aborted(addrs: dict[str, str], before: dict) -> dict:
+def _wait_aborted(cluster: RunningCluster, addrs: dict[str, str], before: dict) -> dict:
     deadline = time.monotonic() + 20
     while True:
-        after = {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+        after = {r: asyncio.run(worker_stats(cluster, a)) for r, a in addrs.items()}
         d, p = after["decode"], after["prefill"]
         done = (d.requests_aborted > before["decode"].requests_aborted and d.in_flight == 0
                 and d.num_running_reqs == 0 and p.in_flight == 0 and p.num_running_reqs == 0)
@@ -127,7 +128,7 @@ def _wait_aborted(addrs: dict[str, str], before: dict) -> dict:
 
 def _stats(cluster: RunningCluster) -> tuple[dict[str, str], dict]:
     addrs = {w["role"]: w["address"] for w in workers(cluster)}
-    return addrs, {r: asyncio.run(worker_stats(a)) for r, a in addrs.items()}
+    return addrs, {r: asyncio.run(worker_stats(cluster, a)) for r, a in addrs.items()}
 
 
 def test_cancelling_the_call_aborts_on_the_workers(disagg: RunningCluster) -> None:
@@ -137,7 +138,7 @@ def test_cancelling_the_call_aborts_on_the_workers(disagg: RunningCluster) -> No
         got = [next(it) for _ in range(5)]
         it.close()  # cancels the call mid-stream
     assert all(ch.finish_reason is None for ch in got)
-    after = _wait_aborted(addrs, before)
+    after = _wait_aborted(disagg, addrs, before)
     d, p = after["decode"], after["prefill"]
     assert d.requests_aborted == before["decode"].requests_aborted + 1, "decode not aborted"
     assert d.in_flight == 0 and d.num_running_reqs == 0
@@ -152,7 +153,7 @@ def test_deadline_exceeded_aborts_on_the_workers(disagg: RunningCluster) -> None
         with pytest.raises(sdk.DeadlineExceeded):
             c.generate(LONG, max_tokens=1500, temperature=0, ignore_eos=True, timeout=1.5)
         assert time.monotonic() - start < 10
-    after = _wait_aborted(addrs, before)
+    after = _wait_aborted(disagg, addrs, before)
     assert after["decode"].requests_aborted == before["decode"].requests_aborted + 1
     assert after["decode"].in_flight == 0 and after["prefill"].in_flight == 0
 
@@ -163,13 +164,15 @@ def side_gateways(disagg: RunningCluster, model_dir: Path, tmp_path_factory
     """Two more gateways on the disagg cluster's Redis: one admitting a single request at a
     time, one looking at a namespace without workers."""
     run_dir = tmp_path_factory.mktemp("side-gateways")
+    secret_file = disagg.run_dir / FILE_NAME
     base = dict(model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
                 max_model_len=2048)
     gws = {
         "limited": GatewayProcess(GatewayConfig(**base, port=free_port(), grpc_port=free_port(),
-                                                max_in_flight=1), run_dir),
+                                                max_in_flight=1), run_dir, secret_file),
         "empty": GatewayProcess(GatewayConfig(**base, port=free_port(), grpc_port=free_port(),
-                                              namespace="splitserve-no-workers"), run_dir),
+                                              namespace="splitserve-no-workers"), run_dir,
+                                secret_file),
     }
     try:
         for g in gws.values():

@@ -32,7 +32,8 @@ from services.controller.redis_server import RedisServer
 from services.proto.v1 import worker_pb2 as pb
 from services.worker.shm import segments_mapped_by_children
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
-from tests.support.cluster import RunningCluster, start_test_cluster
+from tests.support.cluster import (RunningCluster, cluster_secret, start_test_cluster,
+                                   worker_channel)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 MODEL = "splitserve-tiny"
@@ -248,8 +249,9 @@ def test_expired_kv_lease_is_recomputed_not_read(healing: Healing) -> None:
     src = "vllm:prompt_tokens_by_source_total"
 
     async def run(delay_s: float, rid: str) -> list[int]:
-        async with grpc.aio.insecure_channel(prefill["address"]) as pch, \
-                grpc.aio.insecure_channel(decode["address"]) as dch:
+        secret = cluster_secret(healing.cluster)
+        async with worker_channel(secret, prefill["address"]) as pch, \
+                worker_channel(secret, decode["address"]) as dch:
             resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
                 request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling), timeout=60)
             await asyncio.sleep(delay_s)

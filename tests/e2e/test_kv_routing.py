@@ -3,6 +3,7 @@ by gateways through Redis, and decides between remote and local prefill."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from services.cluster_secret import FILE_ENV, FILE_NAME
 from services.ports import free_port
 from tests.support.cluster import RunningCluster
 
@@ -34,7 +36,8 @@ def second_gateway(aggregated: RunningCluster, model_dir: Path) -> Iterator[str]
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "gateway", "--model", str(model_dir),
          "--served-model-name", MODEL, "--redis-url", aggregated.redis_url, "--port", str(port),
-         "--policy", "kv"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+         "--policy", "kv"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, FILE_ENV: str(aggregated.run_dir / FILE_NAME)})
     log.close()
     base = f"http://127.0.0.1:{port}"
     try:

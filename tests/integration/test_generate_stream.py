@@ -10,12 +10,16 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
+from services.cluster_secret import ClusterSecret
 from services.gateway.generate_stream import SharedGenerateStream
 from services.gateway.pd_flow import _RETRYABLE
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.grpc_service import RequestFailed, serve_generate_stream
 from services.worker.stream_server import FramedStreamServer
+from tests.support.cluster import TEST_SECRET
+
+TOKEN = TEST_SECRET.stream_token
 
 BAD, FAIL, STALL = 1, 2, 3  # prompt[0]: what the fake engine does with a request
 
@@ -28,6 +32,7 @@ class Engine(pb_grpc.WorkerServicer):
         self.grpc_streams = 0
         self.framed: FramedStreamServer | None = None
         self.cancelled: list[str] = []
+        self.started: list[str] = []
 
     async def GenerateStream(self, request_iterator, context) -> None:
         self.grpc_streams += 1
@@ -39,6 +44,7 @@ class Engine(pb_grpc.WorkerServicer):
         return self.framed.streams_served if self.framed is not None else self.grpc_streams
 
     async def chunks(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        self.started.append(request.request_id)
         kind, n = request.prompt_token_ids[0], request.prompt_token_ids[1]
         if kind == BAD:
             raise ValueError("prompt too long")
@@ -61,7 +67,7 @@ class TcpWorker:
     """The same engine behind a framed TCP GenerateStream server (services/framed_stream.py)."""
 
     def __init__(self, engine: Engine) -> None:
-        self.framed = FramedStreamServer(engine.chunks, "127.0.0.1")
+        self.framed = FramedStreamServer(engine.chunks, "127.0.0.1", 0, TEST_SECRET)
         engine.framed = self.framed
 
     async def stop(self, grace: float | None) -> None:
@@ -82,7 +88,7 @@ async def worker(request: pytest.FixtureRequest):
     if request.param == "tcp":
         tcp = TcpWorker(engine)
         tcp_port = await tcp.framed.start()
-        stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{tcp_port}")
+        stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{tcp_port}", TOKEN)
     else:
         stream = SharedGenerateStream.over_grpc(pb_grpc.WorkerStub(channel),
                                                 f"127.0.0.1:{port}")
@@ -204,9 +210,10 @@ async def test_an_idle_stream_survives_the_gateways_keepalive(server_accepts_pin
 
 
 async def test_the_framed_port_closes_strangers_and_aborts_what_a_vanished_gateway_left() -> None:
-    """The worker's framed GenerateStream port: a connection not speaking the protocol, or
-    sending an oversized frame, is closed without touching other streams; a gateway whose
-    connection goes away leaves nothing running in the engine."""
+    """The worker's framed GenerateStream port: a connection not speaking the protocol,
+    without the cluster's stream token, or sending an oversized frame, is closed without
+    touching other streams; a gateway whose connection goes away leaves nothing running in
+    the engine."""
     from services.framed_stream import MAX_FRAME_BYTES, PREAMBLE, frame
 
     engine = Engine()
@@ -215,14 +222,30 @@ async def test_the_framed_port_closes_strangers_and_aborts_what_a_vanished_gatew
     try:
         # an HTTP probe, then a client announcing a frame over the limit
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b" " * len(PREAMBLE))
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + b" " * (len(PREAMBLE) + len(TOKEN)))
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(PREAMBLE + (MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
+        writer.write(PREAMBLE + TOKEN + (MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
         assert await asyncio.wait_for(reader.read(), 5) == b""
+        # a client that speaks the protocol but has another cluster's token (or none): its
+        # request never reaches the engine
+        assert tcp.framed.refused == 1
+        for hello in (PREAMBLE + ClusterSecret.generate().stream_token, PREAMBLE):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(hello + frame(pb.GenerateStreamRequest(start=request("x", 0, 1))))
+            assert await asyncio.wait_for(reader.read(), 15) == b""
+        assert tcp.framed.refused == 3 and engine.started == []
+        wrong = SharedGenerateStream.over_tcp(f"127.0.0.1:{port}",
+                                              ClusterSecret.generate().stream_token)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(wrong.generate(request("y", 0, 1), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await wrong.close()
         # a gateway starts a request that runs until cancelled, then its connection drops
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(PREAMBLE + frame(pb.GenerateStreamRequest(start=request("gone", STALL, 1))))
+        writer.write(PREAMBLE + TOKEN + frame(pb.GenerateStreamRequest(
+            start=request("gone", STALL, 1))))
         first = pb.GenerateStreamBatch.FromString(
             await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big")))
         assert first.items[0].request_id == "gone"
@@ -233,7 +256,7 @@ async def test_the_framed_port_closes_strangers_and_aborts_what_a_vanished_gatew
             await asyncio.sleep(0.02)
         assert engine.cancelled == ["gone"]
         # and the port still serves a well-behaved gateway
-        stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{port}")
+        stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{port}", TOKEN)
         assert await collect(stream.generate(request("ok", 0, 5), timeout=10)) == [
             5000 + i for i in range(8)]
         await stream.close()
@@ -244,7 +267,7 @@ async def test_the_framed_port_closes_strangers_and_aborts_what_a_vanished_gatew
 async def test_a_worker_that_is_not_there_fails_the_request_as_retryable() -> None:
     from services.ports import free_port
 
-    stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{free_port('127.0.0.1')}")
+    stream = SharedGenerateStream.over_tcp(f"127.0.0.1:{free_port('127.0.0.1')}", TOKEN)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stream.generate(request("x", 0, 1), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.code() in _RETRYABLE

@@ -19,10 +19,12 @@ from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import GenerationResult, MigrationConfig, PDFlow
 from services.gateway.worker_directory import WorkerDirectory
+from services.grpc_auth import TokenAuthInterceptor
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.grpc_service import RequestFailed, serve_generate_stream
 from services.worker.stream_server import FramedStreamServer
+from tests.support.cluster import TEST_SECRET
 
 NS = "mig"
 STREAMS = "tcp"  # set per test by the `transport` fixture
@@ -128,12 +130,12 @@ async def cluster(r: Redis):
 
     async def add(worker_id: str, role: WorkerRole, script: Script) -> Script:
         worker = FakeWorker(script)
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[TokenAuthInterceptor(TEST_SECRET)])
         pb_grpc.add_WorkerServicer_to_server(worker, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
-        framed = FramedStreamServer(worker.stream_chunks, "127.0.0.1")
+        framed = FramedStreamServer(worker.stream_chunks, "127.0.0.1", 0, TEST_SECRET)
         stream_port = await framed.start()
         stream_servers.append(framed)
         await registry.register(WorkerInfo(worker_id=worker_id, role=role,
@@ -151,7 +153,7 @@ async def cluster(r: Redis):
 
 
 async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[int], PDFlow]:
-    directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
+    directory = WorkerDirectory(r, NS, "m", TEST_SECRET, streams=STREAMS)
     await directory.refresh()
     metrics = GatewayMetrics()
     flow = PDFlow(directory, make_policy("least_loaded"), None, metrics, timeout_s=30,
@@ -169,7 +171,7 @@ async def run_flow(r: Redis, max_tokens: int, **migration: float) -> tuple[list[
 async def run_text(r: Redis, max_tokens: int, stop: list[str]
                    ) -> tuple[str, GenerationResult, PDFlow]:
     """Like run_flow, for the text a client is sent."""
-    directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
+    directory = WorkerDirectory(r, NS, "m", TEST_SECRET, streams=STREAMS)
     await directory.refresh()
     flow = PDFlow(directory, make_policy("least_loaded"), None, GatewayMetrics(), timeout_s=30)
     result, text = GenerationResult(), ""
@@ -274,7 +276,7 @@ async def test_the_kv_policy_asks_the_index_only_when_there_is_a_choice(r: Redis
 
     async def lookups(n: int) -> float:
         """Prefix-index lookups the gateway made for n requests."""
-        directory = WorkerDirectory(r, NS, "m", streams=STREAMS)
+        directory = WorkerDirectory(r, NS, "m", TEST_SECRET, streams=STREAMS)
         await directory.refresh()
         flow = PDFlow(directory, make_policy("kv"), PrefixIndex(r, NS), GatewayMetrics(),
                       timeout_s=30)

@@ -25,7 +25,8 @@ from services.gateway.grpc_api import peer_address, start_grpc_server
 from services.ports import free_port
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
-from tests.support.cluster import cache_dir_for_tests
+from services import cluster_secret
+from tests.support.cluster import TEST_SECRET, cache_dir_for_tests
 from tests.support.fake_flow import FakeFlow
 
 KEY_A = "sk-test-alpha-0123456789"
@@ -45,6 +46,7 @@ Factory = Callable[..., Gateway]
 def make_gateway(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Factory:
     """A gateway app (not started: no Redis) whose PD flow is a stand-in."""
     monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(cluster_secret.ENV, TEST_SECRET.text)
 
     def make(keys: list[str] | None = None, **cfg: Any) -> Gateway:
         if keys:

@@ -25,6 +25,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import PDFlow
 from services.gateway.worker_directory import WorkerDirectory
 from tests.support.redis import RedisServer, redis_server
+from tests.support.cluster import TEST_SECRET
 
 CFG = RedisClientConfig()  # the defaults: 0.5 s connect, 0.5 s reply, 64 connections
 # A call to a silent Redis may take: a free connection (pool), a connect with its handshake
@@ -146,7 +147,7 @@ async def test_gateway_routes_on_load_only_while_redis_is_silent(
     prompt = list(range(1, 97))  # 6 blocks of 16
     await index.add_blocks("w-b", BlockHasher(16, "sha256", "0").block_hashes(prompt))
     health = RedisHealth.from_config(CFG)
-    directory = WorkerDirectory(client, ns, "m", refresh_s=0.2, health=health)
+    directory = WorkerDirectory(client, ns, "m", TEST_SECRET, refresh_s=0.2, health=health)
     metrics = GatewayMetrics()
     flow = PDFlow(directory, make_policy("kv"), index, metrics, timeout_s=30)
     beat_client = redis_client(own_redis.url)  # a worker's own client

@@ -29,6 +29,7 @@ from services.gateway.pd_flow import PDFlow
 from services.gateway.worker_directory import WorkerDirectory
 
 import vllm.distributed.kv_events as vkv  # noqa: E402  (the engine's real publisher)
+from tests.support.cluster import TEST_SECRET
 
 NS = "sup"
 
@@ -123,7 +124,7 @@ async def test_registry_index_and_prefix_routing_come_back_after_redis_is_killed
             worker_id="w-b", subscriber=SubscriberConfig(endpoint=f"ipc://{tmp_path}/kv.sock",
                                                          topic="kv"), audit_interval_s=0.5))
         updater.start()
-        directory = WorkerDirectory(gateway_client, NS, "m", refresh_s=0.2)
+        directory = WorkerDirectory(gateway_client, NS, "m", TEST_SECRET, refresh_s=0.2)
         flow = PDFlow(directory, make_policy("kv"), PrefixIndex(gateway_client, NS),
                       GatewayMetrics(), timeout_s=30)
         try:
@@ -178,7 +179,7 @@ async def test_a_lagging_registry_is_worth_waiting_for(tmp_path: Path) -> None:
             await sizes.set_desired({"both": 1}, by="test")
             await sizes.publish_observed({"both": PoolObservation(serving=1)})
             registry = WorkerRegistry(client, NS, ttl_s=5)
-            directory = WorkerDirectory(client, NS, "m")
+            directory = WorkerDirectory(client, NS, "m", TEST_SECRET)
             assert not await directory.pools_healing()  # never saw a serving worker
             await registry.register(_worker("w-a"))
             await directory.refresh()

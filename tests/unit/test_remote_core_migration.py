@@ -18,19 +18,25 @@ import zmq.asyncio
 
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import MigrationConfig, WorkerUnavailable
-from services.link import ADD, LOST, OUTPUTS
+from services.link import ADD, LOST, OUTPUTS, LinkAuthenticator, LinkKeys
+from tests.support.cluster import TEST_SECRET
 
 
 class ScriptedWorker:
     """The worker end of one engine link: records the requests it gets, sends what it is told."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, worker_id: str) -> None:
+    def __init__(self, worker_id: str) -> None:
         from vllm.v1.engine import EngineCoreRequest
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
         self.info = SimpleNamespace(worker_id=worker_id, link_address="")
+        keys = LinkKeys.derive(TEST_SECRET)  # the real link's CURVE and ZAP check
+        self.ctx = ctx = zmq.asyncio.Context()  # one ZAP handler per context, as on a worker
+        self.auth = LinkAuthenticator(ctx, keys)
+        self.auth.start()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        keys.secure_server(self.sock)
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.info.link_address = f"127.0.0.1:{port}"
         self.requests: asyncio.Queue = asyncio.Queue()
@@ -68,6 +74,11 @@ class ScriptedWorker:
         self._reader.cancel()
         self.sock.close(linger=0)
 
+    def stop(self) -> None:
+        self.die()
+        self.auth.stop()
+        self.ctx.term()
+
 
 class OneAtATime:
     """The route stage: the first worker not excluded, decode only (no prefill)."""
@@ -87,6 +98,7 @@ class OneAtATime:
 class Directory:
     def __init__(self, workers: list[ScriptedWorker]) -> None:
         self.all = workers
+        self.secret = TEST_SECRET
         self.in_flight: dict[str, int] = defaultdict(int)
 
     @property
@@ -125,8 +137,7 @@ async def outputs_until_finished(core: Any, request_id: str) -> tuple[list[int],
 async def cluster(n: int, **migration: Any):
     from services.gateway.remote_core import RemoteEngineCore
 
-    ctx = zmq.asyncio.Context()
-    workers = [ScriptedWorker(ctx, f"decode-{k}") for k in range(n)]
+    workers = [ScriptedWorker(f"decode-{k}") for k in range(n)]
     flow = OneAtATime(workers, MigrationConfig(**migration))
     directory = Directory(workers)
     core = RemoteEngineCore(directory, flow)  # type: ignore[arg-type]
@@ -136,8 +147,7 @@ async def cluster(n: int, **migration: Any):
         core.shutdown()
         for w in workers:
             with contextlib.suppress(Exception):
-                w.die()
-        ctx.term()
+                w.stop()
 
 
 def migrations(flow: OneAtATime) -> float:

@@ -273,6 +273,48 @@ def test_gateway_api_keys_come_from_a_secret_file() -> None:
     assert json.loads(c["args"][2])["max_in_flight_per_client"] == 64
 
 
+@pytest.mark.parametrize("name", ["default", "gpu-production"])
+def test_cluster_secret_reaches_gateway_controller_and_workers_as_a_file(name: str) -> None:
+    """Every container that talks to workers, or is one, reads the cluster secret from one
+    Secret mounted as a file (docs/security.md); the chart generates that Secret."""
+    import base64
+
+    from services.cluster_secret import FILE_ENV, ClusterSecret
+
+    def secret_users(m: Manifests) -> dict[str, str]:
+        """owner/container -> the Secret its cluster-secret volume mounts."""
+        out = {}
+        for owner, tpl in m.pod_templates():
+            spec = tpl["spec"]
+            for c in spec["containers"]:
+                if c["name"] not in ("gateway", "ray-head", "ray-worker"):
+                    continue
+                path = env_of(c)[FILE_ENV]
+                mount = next(v for v in c["volumeMounts"] if v["name"] == "cluster-secret")
+                assert mount["readOnly"] and path.startswith(mount["mountPath"] + "/")
+                vol = next(v for v in spec["volumes"] if v["name"] == "cluster-secret")
+                key = path.rsplit("/", 1)[1]
+                assert vol["secret"]["items"] == [{"key": "cluster-secret", "path": key}]
+                assert vol["secret"]["defaultMode"] == 0o440
+                assert "SPLITSERVE_CLUSTER_SECRET" not in env_of(c)  # never the value itself
+                out[f"{owner}/{c['name']}"] = vol["secret"]["secretName"]
+        return out
+
+    m = render_named(name)
+    users = secret_users(m)
+    kinds = {k.rsplit("/", 1)[1] for k in users}
+    assert kinds == {"gateway", "ray-head", "ray-worker"}, users
+    assert set(users.values()) == {f"{FULL}-cluster-secret"}
+    generated = m.get("Secret", "-cluster-secret")
+    assert generated["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    value = base64.b64decode(generated["data"]["cluster-secret"]).decode()
+    assert len(value) == 48 and ClusterSecret.from_text(value).grpc_token
+    # the operator's own Secret: used everywhere, none generated
+    own = render(VALUES_FILES[name], ("clusterSecret.existingSecret=ops-cluster-secret",))
+    assert set(secret_users(own).values()) == {"ops-cluster-secret"}
+    assert not own.has("Secret", "-cluster-secret")
+
+
 # --- Redis ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["default", "cpu-dev", "gpu-production"])

@@ -112,6 +112,35 @@ URL and Kubernetes expands it from the container's environment. */}}
   value: {{ include "splitserve.redisUrl" . | quote }}
 {{- end }}
 
+{{/* Cluster secret ------------------------------------------------------------------------------ */}}
+
+{{/* The Secret holding the cluster secret: the operator's, else the chart's own. */}}
+{{- define "splitserve.clusterSecretName" -}}
+{{- default (printf "%s-cluster-secret" (include "splitserve.fullname" .)) .Values.clusterSecret.existingSecret -}}
+{{- end }}
+
+{{/* Where a container finds the cluster secret (a file: never in the environment). */}}
+{{- define "splitserve.clusterSecretEnv" -}}
+- name: SPLITSERVE_CLUSTER_SECRET_FILE
+  value: /var/run/secrets/splitserve/cluster/secret
+{{- end }}
+
+{{- define "splitserve.clusterSecretMount" -}}
+- name: cluster-secret
+  mountPath: /var/run/secrets/splitserve/cluster
+  readOnly: true
+{{- end }}
+
+{{- define "splitserve.clusterSecretVolume" -}}
+- name: cluster-secret
+  secret:
+    secretName: {{ include "splitserve.clusterSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.clusterSecret.key }}
+        path: secret
+{{- end }}
+
 {{/* Model --------------------------------------------------------------------------------------- */}}
 
 {{/* What --model gets: a directory in the pod, or a hub id. */}}
