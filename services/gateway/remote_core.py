@@ -31,6 +31,7 @@ import msgspec
 import zmq.asyncio
 
 from router.registry import WorkerInfo
+from services.gateway.audit_ticket import AuditTicket
 from services.gateway.link_client import LinkClient
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
 from services.gateway.worker_directory import WorkerDirectory
@@ -54,6 +55,7 @@ class _Flight:
     prefill_done: asyncio.Future | None = None
     kv_params: dict[str, Any] | None = None
     counted: bool = False
+    audit: AuditTicket | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -131,6 +133,8 @@ class RemoteEngineCore:
             self._finish_with_error(request.request_id, str(exc))
             return
         flight.decode = route.decode
+        flight.audit = self._flow.audit_ticket(route, request.request_id, announce=True,
+                                               trace_headers=request.trace_headers)
         kv_params = None
         self._count(flight, +1)
         try:
@@ -239,6 +243,8 @@ class RemoteEngineCore:
         for out in outputs.outputs:
             flight = self._by_prefill_id.get(out.request_id)
             if flight is not None:  # a prefill's one token: only its KV parameters matter
+                if flight.audit is not None:
+                    flight.audit.offer_output(worker_id, out)
                 if out.finish_reason is not None and not flight.prefill_done.done():
                     if out.kv_transfer_params:
                         flight.prefill_done.set_result(dict(out.kv_transfer_params))
@@ -247,6 +253,8 @@ class RemoteEngineCore:
                             RuntimeError("the prefill returned no kv_transfer_params"))
                 continue
             if (flight := self._flights.get(out.request_id)) is not None:
+                if flight.audit is not None:
+                    flight.audit.offer_output(worker_id, out)
                 forward.append(out)
                 if out.finish_reason is not None:
                     del self._flights[out.request_id]

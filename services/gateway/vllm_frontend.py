@@ -23,6 +23,7 @@ from services.gateway.config import GatewayConfig
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from services.gateway.remote_core import RemoteEngineCore
@@ -79,6 +80,14 @@ def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "Asy
                         log_requests=args.enable_log_requests)
 
 
+def serve_gateway_metrics(registry: "CollectorRegistry") -> None:
+    """The gateway's own metrics (routing, the routing audit, ...) on vLLM's /metrics, next to
+    vLLM's: vLLM's server serves the registry vLLM's metrics live in."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    get_prometheus_registry().register(registry)
+
+
 async def run(cfg: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
@@ -93,6 +102,7 @@ async def run(cfg: GatewayConfig) -> None:
     assert gateway.directory is not None and gateway.flow is not None
     core = RemoteEngineCore(gateway.directory, gateway.flow,
                             cfg.migration.prefill_timeout_s)
+    serve_gateway_metrics(gateway.metrics.registry)
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
