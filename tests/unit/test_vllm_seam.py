@@ -37,3 +37,18 @@ def test_what_the_remote_core_serves_is_all_asyncllm_asks_on_the_request_path() 
         assert f"engine_core.{name}(" in source, name
         assert callable(getattr(RemoteEngineCore, name))
     assert "self.engine_core.resources.engine_dead" in source
+
+
+def test_the_first_output_carries_the_engines_own_prefix_cache_hit() -> None:
+    """The routing audit reads `EngineCoreOutput.prefill_stats.num_local_cached_tokens` of
+    the computing worker's first output (services/gateway/audit_ticket.py), and vLLM's
+    metrics serve the registry the vLLM front end adds the gateway's metrics to."""
+    import dataclasses
+
+    from vllm.v1.engine import EngineCoreOutput
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+    from vllm.v1.metrics.stats import PrefillStats
+
+    assert "prefill_stats" in EngineCoreOutput.__struct_fields__
+    assert "num_local_cached_tokens" in {f.name for f in dataclasses.fields(PrefillStats)}
+    assert callable(get_prometheus_registry)
