@@ -121,6 +121,10 @@ def serve(cfg: GatewayConfig) -> None:
     from services.logs import LogConfig, configure_logging
     from services.tracing import TracingConfig
 
+    with contextlib.suppress(ImportError):
+        # vLLM's server imports it, and at import it sets the root logger (and its handlers)
+        # to ERROR, silencing every splitserve line of this process: let it, then configure.
+        import model_hosting_container_standards.logging_config  # noqa: F401
     configure_logging(LogConfig(), component="gateway")
     tracing.setup(TracingConfig(), "splitserve-gateway")
     try:
