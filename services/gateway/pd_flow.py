@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
