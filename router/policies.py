@@ -53,6 +53,10 @@ class RouteDecision:
     reason: str = ""
     predicted_cached_blocks: int = 0
     """Cached prefix (blocks) on the worker that will compute the prompt."""
+    predicted_cached_tokens: int | None = None
+    """The same in prompt tokens as the engine can hit them (router/route_audit.py), set by
+    the gateway when the route was chosen with the prefix index; None: no prediction was made
+    (a policy that ignores the index, a forced route, or the index unreachable)."""
     cost: float | None = None
     """kv policy: the route's estimated time to first token plus the other scorers' costs
     (seconds once the workers have measured their speed)."""
@@ -61,6 +65,11 @@ class RouteDecision:
     def outcome(self) -> str:
         """`remote_prefill` (KV moves) or `local_prefill`."""
         return "remote_prefill" if self.prefill is not None else "local_prefill"
+
+    @property
+    def computes(self) -> WorkerInfo:
+        """The worker that computes the prompt (the one the prediction is about)."""
+        return self.prefill or self.decode
 
 
 class RoutingPolicy(Protocol):

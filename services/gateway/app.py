@@ -80,9 +80,14 @@ def route_headers(result: GenerationResult) -> dict[str, str]:
     r = result.route
     if r is None:
         return {}
-    return {"x-splitserve-decode-worker": r.decode.worker_id,
-            "x-splitserve-prefill-worker": r.prefill.worker_id if r.prefill else "local",
-            "x-splitserve-route-reason": r.reason}
+    headers = {"x-splitserve-decode-worker": r.decode.worker_id,
+               "x-splitserve-prefill-worker": r.prefill.worker_id if r.prefill else "local",
+               "x-splitserve-route-reason": r.reason}
+    if result.audit is not None and result.audit.record is not None:
+        rec = result.audit.record  # the routing audit (docs/routing.md)
+        headers["x-splitserve-predicted-cached-tokens"] = str(rec.predicted)
+        headers["x-splitserve-reported-cached-tokens"] = str(rec.reported)
+    return headers
 
 
 class Gateway:
@@ -92,7 +97,7 @@ class Gateway:
         self.cfg = cfg
         self.api_keys = ApiKeys.load(cfg.api_keys_file, cfg.api_keys_env)
         self.secret = ClusterSecret.required("the gateway")  # its credential with workers
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(cfg.route_audit_window)
         self.cluster_gauges = ClusterGauges(self.metrics)
         self.admission = Admission(cfg.max_in_flight, cfg.max_in_flight_per_client)
         self.builder = PromptBuilder(cfg.model)

@@ -45,6 +45,9 @@ class GatewayConfig(BaseModel):
     policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
+    route_audit_window: int = Field(1000, ge=1, description=(
+        "routing audit: the hit precision and recall gauges are over this many last audited "
+        "requests (docs/routing.md)"))
     request_timeout_s: float = Field(600.0, description="upper bound on one request's duration")
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))

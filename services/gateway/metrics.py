@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from router.route_audit import DEFAULT_WINDOW, RouteAudit
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -34,9 +36,10 @@ class StreamTimer:
 class GatewayMetrics:
     """Metric families, in a registry of their own (one per gateway app)."""
 
-    def __init__(self) -> None:
+    def __init__(self, audit_window: int = DEFAULT_WINDOW) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.route_audit = RouteAudit(r, audit_window)
         self.requests = Counter("splitserve_gateway_requests", "Requests by route and HTTP status",
                                 ["route", "status"], registry=r)
         self.in_flight = Gauge("splitserve_gateway_requests_in_flight",

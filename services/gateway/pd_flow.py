@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from router.block_hash import BlockHasher
 from router.policies import (NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy,
                              decision_is_forced)
 from router.prefix_index import PrefixIndex
+from router.route_audit import predicted_tokens
 from router.registry import WorkerInfo, WorkerRole
+from services.gateway.audit_ticket import AuditTicket
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.stop_strings import StopStrings
 from services.gateway.worker_directory import WorkerDirectory
@@ -79,6 +82,8 @@ class GenerationResult:
     completion_tokens: int = 0
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    audit: AuditTicket | None = None
+    """The routing audit of the first route (None: it predicted nothing)."""
 
 
 class StallWatch:
@@ -139,15 +144,16 @@ class PDFlow:
         return self._hashers[scheme]
 
     async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo]
-                             ) -> dict[str, int]:
+                             ) -> dict[str, int] | None:
         """Every worker's longest cached prefix of the prompt: one hash pass per hashing
-        scheme in use (normally one), one Redis round trip per scheme."""
+        scheme in use (normally one), one Redis round trip per scheme. None: no index, or
+        it could not be asked."""
         if self.index is None or not workers:
-            return {}
+            return None
         health = self.directory.health
         if not health.available:  # Redis failed lately: do not wait on it again
             self.metrics.index_errors.inc()
-            return {}
+            return None
         start = time.perf_counter()
         by_scheme: dict[tuple[int, str, str], list[str]] = {}
         for w in workers:
@@ -164,7 +170,7 @@ class PDFlow:
             log.warning("prefix index lookup failed (%s: %s); routing on load only",
                         type(exc).__name__, exc)
             self.metrics.index_errors.inc()
-            return {}
+            return None
         self.metrics.index_lookup.observe(time.perf_counter() - start)
         return cached
 
@@ -182,8 +188,8 @@ class PDFlow:
                 break  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
         lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
-        cached = await self._cached_blocks(token_ids, prefill + decode) if lookup else {}
-        req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached,
+        cached = await self._cached_blocks(token_ids, prefill + decode) if lookup else None
+        req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached or {},
                            in_flight=dict(d.in_flight), own=d.ledger.view(
                                {w.worker_id: w.load.updated_at for w in prefill + decode})
                            if lookup else None)
@@ -194,7 +200,16 @@ class PDFlow:
         self.metrics.routes.labels(self.policy.name, decision.outcome).inc()
         if lookup:
             self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
+        if cached is not None:  # chosen with the index: the prediction can be audited
+            decision = dataclasses.replace(decision, predicted_cached_tokens=predicted_tokens(
+                decision.predicted_cached_blocks, decision.computes.block_size, len(token_ids)))
         return decision
+
+    def audit_ticket(self, route: RouteDecision, request_id: str = "", **kw: Any
+                     ) -> AuditTicket | None:
+        """The routing audit of a request on `route` (None when the route predicted
+        nothing); see services/gateway/audit_ticket.py."""
+        return AuditTicket.of(self.metrics.route_audit, route, request_id=request_id, **kw)
 
     async def stream(self, request_id: str, token_ids: list[int], sampling: pb.SamplingParams,
                      result: GenerationResult) -> AsyncIterator[pb.GenerateChunk]:
@@ -221,6 +236,7 @@ class PDFlow:
             route = await self.route(prompt, frozenset(failed))
             if attempt == 0:
                 result.route = route
+                result.audit = self.audit_ticket(route, request_id)
             sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
             try:
                 async with contextlib.aclosing(self._attempt(
@@ -274,6 +290,8 @@ class PDFlow:
                         resp = await self._prefill(route.prefill, request_id, token_ids, sampling)
                         ledger.finished(request_id, route.prefill.worker_id)
                         kv_params = resp.kv_transfer_params_json
+                        if first and result.audit is not None:
+                            result.audit.offer(route.prefill.worker_id, resp.num_cached_tokens)
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                             raise
@@ -301,6 +319,9 @@ class PDFlow:
                                         ledger.first_token(request_id, route.decode.worker_id)
                                     if chunk.num_prompt_tokens and first:
                                         result.num_cached_tokens = chunk.num_cached_tokens
+                                        if result.audit is not None:
+                                            result.audit.offer(route.decode.worker_id,
+                                                               chunk.num_cached_tokens)
                                     result.completion_tokens += len(chunk.token_ids)
                                     result.token_ids.extend(chunk.token_ids)
                                     if chunk.finish_reason:

@@ -41,6 +41,7 @@ import msgspec
 import zmq.asyncio
 
 from router.registry import WorkerInfo
+from services.gateway.audit_ticket import AuditTicket
 from services.gateway.link_client import LinkClient
 from services.link import LinkKeys
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
@@ -70,6 +71,7 @@ class _Flight:
     migrations: int = 0
     failed: set[str] = field(default_factory=set)  # workers it failed on
     last_output: float = field(default_factory=time.monotonic)
+    audit: AuditTicket | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -174,6 +176,9 @@ class RemoteEngineCore:
             return
         flight.decode = route.decode
         flight.last_output = time.monotonic()
+        if not flight.migrations:  # the audit is of the first route (a move is no prediction)
+            flight.audit = self._flow.audit_ticket(route, request.request_id, announce=True,
+                                                   trace_headers=request.trace_headers)
         kv_params = None
         self._count(flight, +1)
         try:
@@ -307,6 +312,8 @@ class RemoteEngineCore:
         for out in outputs.outputs:
             flight = self._by_prefill_id.get(out.request_id)
             if flight is not None:  # a prefill's one token: only its KV parameters matter
+                if flight.audit is not None:
+                    flight.audit.offer_output(worker_id, out)
                 if out.finish_reason is not None and not flight.prefill_done.done():
                     if out.kv_transfer_params:
                         flight.prefill_done.set_result(dict(out.kv_transfer_params))
@@ -317,6 +324,8 @@ class RemoteEngineCore:
             flight = self._by_wire_id.get(out.request_id)
             if flight is None or flight.decode is None or flight.decode.worker_id != worker_id:
                 continue  # aborted, or from a worker the request has left
+            if flight.audit is not None:
+                flight.audit.offer_output(worker_id, out)
             flight.generated.extend(out.new_token_ids)
             flight.last_output = now
             out.request_id = flight.request.request_id

@@ -24,7 +24,10 @@ log = logging.getLogger("splitserve.access")
 # Polled endpoints: logged at DEBUG so scrapes and probes do not drown requests.
 QUIET_PATHS = frozenset({"/metrics", "/health"})
 ROUTE_HEADERS = ("x-splitserve-decode-worker", "x-splitserve-prefill-worker",
-                 "x-splitserve-route-reason")
+                 "x-splitserve-route-reason", "x-splitserve-predicted-cached-tokens",
+                 "x-splitserve-reported-cached-tokens")
+_COUNT_HEADERS = frozenset({"x-splitserve-predicted-cached-tokens",
+                            "x-splitserve-reported-cached-tokens"})
 
 
 class RequestContextMiddleware:
@@ -60,7 +63,9 @@ class RequestContextMiddleware:
                     name = k.decode("latin-1").lower()
                     if name in ROUTE_HEADERS:
                         field = name.removeprefix("x-splitserve-").replace("-", "_")
-                        state["route"][field] = v.decode("latin-1")
+                        value = v.decode("latin-1")
+                        state["route"][field] = (int(value) if name in _COUNT_HEADERS
+                                                 and value.isdigit() else value)
                 out.append((request_id.HEADER.encode(), rid.encode()))
                 message = {**message, "headers": out}
             await send(message)

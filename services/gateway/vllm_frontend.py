@@ -25,6 +25,7 @@ from services.gateway.http_guard import GuardMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from services.gateway.app import Gateway
@@ -115,9 +116,16 @@ def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "Asy
                         log_requests=args.enable_log_requests)
 
 
+def serve_gateway_metrics(registry: "CollectorRegistry") -> None:
+    """The gateway's own metrics (routing, the routing audit, ...) on vLLM's /metrics, next to
+    vLLM's: vLLM's server serves the registry vLLM's metrics live in."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    get_prometheus_registry().register(registry)
+
+
 async def run(cfg: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
-    import prometheus_client
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
 
@@ -133,8 +141,7 @@ async def run(cfg: GatewayConfig) -> None:
     FrontendGuard.gateway = gateway
     assert gateway.directory is not None and gateway.flow is not None
     core = RemoteEngineCore(gateway.directory, gateway.flow)
-    # the gateway's own metrics (routes, migrations, fallbacks) beside vLLM's on /metrics
-    prometheus_client.REGISTRY.register(gateway.metrics.registry)
+    serve_gateway_metrics(gateway.metrics.registry)
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
@@ -144,7 +151,6 @@ async def run(cfg: GatewayConfig) -> None:
     finally:
         sock.close()
         engine.shutdown()
-        prometheus_client.REGISTRY.unregister(gateway.metrics.registry)
         await gateway.stop()
 
 
@@ -154,6 +160,10 @@ def serve(cfg: GatewayConfig) -> None:
     from services.logs import LogConfig, configure_logging
     from services.tracing import TracingConfig
 
+    with contextlib.suppress(ImportError):
+        # vLLM's server imports it, and at import it sets the root logger (and its handlers)
+        # to ERROR, silencing every splitserve line of this process: let it, then configure.
+        import model_hosting_container_standards.logging_config  # noqa: F401
     configure_logging(LogConfig(), component="gateway")
     tracing.setup(TracingConfig(), "splitserve-gateway")
     try:

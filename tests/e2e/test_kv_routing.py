@@ -3,16 +3,22 @@ by gateways through Redis, and decides between remote and local prefill."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
 
+from router.block_hash import BlockHasher
+from router.prefix_index import PrefixIndex, hash_hex
+from router.redis_client import redis_client
+from router.registry import WorkerInfo, WorkerRegistry
 from services.cluster_secret import FILE_ENV, FILE_NAME
 from services.ports import free_port
 from tests.support.cluster import RunningCluster
@@ -21,7 +27,7 @@ pytestmark = pytest.mark.e2e
 MODEL = "splitserve-tiny"
 
 
-def post(base: str, prompt: str, max_tokens: int = 4) -> httpx.Response:
+def post(base: str, prompt: str | list[int], max_tokens: int = 4) -> httpx.Response:
     r = httpx.post(f"{base}/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -94,3 +100,116 @@ def test_conditional_disaggregation(disagg: RunningCluster) -> None:
     assert again.headers["x-splitserve-prefill-worker"] == "local"
     assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+
+
+AUDIT = ("audited_requests", "predicted_cached_tokens", "reported_cached_tokens",
+         "matched_cached_tokens")
+
+
+def audit_metrics(base: str) -> dict[str, float]:
+    """The gateway's routing-audit series: counters without `_total`, mispredictions as
+    `mispredictions:<direction>`, the gauges by name."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("splitserve_gateway_route_") and "_created" not in line:
+            name, val = line.rsplit(" ", 1)
+            name = name.removeprefix("splitserve_gateway_route_").replace("_total", "")
+            out[name.replace('{direction="', ":").rstrip('"}')] = float(val)
+    return out
+
+
+def test_routing_audit_compares_the_prediction_with_the_engines_hit(
+        aggregated: RunningCluster) -> None:
+    """Predicted == reported when the index knows the prefix; a prefix the index holds for a
+    worker whose engine does not (what an eviction whose BlockRemoved never reached Redis
+    leaves, e.g. after a Redis failover) is an `over` misprediction; blocks the index lost
+    while the engine kept them, an `under` one. The index's members are edited in Redis
+    directly, behind the workers' backs: the engines' KV events report real evictions (a small
+    KV cache alone would not fool the index), and an edit through the index's write path would
+    move the worker's block count, which its updater audits every 2 s and repairs."""
+    async def redis_call(fn: Any) -> Any:
+        client = redis_client(aggregated.redis_url)
+        try:
+            return await fn(client)
+        finally:
+            await client.aclose()
+
+    workers: list[WorkerInfo] = asyncio.run(redis_call(
+        lambda c: WorkerRegistry(c).live_workers()))
+    assert len(workers) == 2
+    bs = workers[0].block_size
+    hasher = BlockHasher(bs, workers[0].hash_algo, workers[0].hash_seed)
+    rng = random.Random(16)
+
+    def fresh(blocks: int) -> list[int]:  # token ids no earlier request used
+        return [rng.randrange(5, 8192) for _ in range(blocks * bs + 5)]
+
+    def edit(worker_id: str, hashes: list[int], add: bool) -> None:
+        async def run(c: Any) -> None:
+            index = PrefixIndex(c)
+            cid = await index.epoch(worker_id)
+            for h in hashes:
+                member = hash_hex(h) + cid
+                await (c.zadd(index.block_key(h), {member: 0}) if add
+                       else c.zrem(index.block_key(h), member))
+        asyncio.run(redis_call(run))
+
+    def index_holds(worker_id: str, ids: list[int]) -> int:
+        return asyncio.run(redis_call(lambda c: PrefixIndex(c).longest_prefixes(
+            hasher.block_hashes(ids), [worker_id])))[worker_id]
+
+    def wait_indexed(worker_id: str, ids: list[int], blocks: int) -> None:
+        deadline = time.monotonic() + 15
+        while index_holds(worker_id, ids) < blocks:  # the engine's BlockStored, applied
+            assert time.monotonic() < deadline, "the index never learnt the prompt"
+            time.sleep(0.1)
+
+    def audited(r: httpx.Response) -> tuple[int, int]:
+        return (int(r.headers["x-splitserve-predicted-cached-tokens"]),
+                int(r.headers["x-splitserve-reported-cached-tokens"]))
+
+    # 1. The index knows the prefix: the prediction is the engine's hit, to the token.
+    known = fresh(8)
+    owner = post(aggregated.http, known, max_tokens=2).headers["x-splitserve-decode-worker"]
+    wait_indexed(owner, known, 8)
+    before = audit_metrics(aggregated.http)
+    r = post(aggregated.http, known + [7, 8, 9, 10, 11, 12, 13], max_tokens=2)
+    assert r.headers["x-splitserve-decode-worker"] == owner, "did not follow the cache"
+    assert audited(r) == (8 * bs, 8 * bs)
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 8 * bs
+    after = audit_metrics(aggregated.http)
+    for name in AUDIT[1:]:
+        assert after[name] - before[name] == 8 * bs, name
+    assert after["audited_requests"] - before["audited_requests"] == 1
+    assert (after["mispredictions:over"], after["mispredictions:under"]) == (
+        before["mispredictions:over"], before["mispredictions:under"])
+
+    # 2. Blocks the index holds for a worker whose engine does not: over-predicted.
+    other = next(w.worker_id for w in workers if w.worker_id != owner)
+    ghost = fresh(6)
+    edit(other, hasher.block_hashes(ghost), add=True)
+    assert index_holds(other, ghost) == 6
+    r = post(aggregated.http, ghost, max_tokens=2)
+    assert r.headers["x-splitserve-decode-worker"] == other, "did not follow the (false) cache"
+    assert audited(r) == (6 * bs, 0)
+    over = audit_metrics(aggregated.http)
+    assert over["mispredictions:over"] == after["mispredictions:over"] + 1
+    assert over["mispredictions:under"] == after["mispredictions:under"]
+    assert over["predicted_cached_tokens"] - after["predicted_cached_tokens"] == 6 * bs
+    assert over["reported_cached_tokens"] == after["reported_cached_tokens"]
+    assert over["hit_precision"] < 1.0
+
+    # 3. The engine holds blocks the index lost: under-predicted.
+    lost = fresh(8)
+    holder = post(aggregated.http, lost, max_tokens=2).headers["x-splitserve-decode-worker"]
+    wait_indexed(holder, lost, 8)
+    edit(holder, hasher.block_hashes(lost)[3:], add=False)
+    assert index_holds(holder, lost) == 3
+    under_before = audit_metrics(aggregated.http)
+    r = post(aggregated.http, lost + [7, 8, 9], max_tokens=2)
+    assert r.headers["x-splitserve-decode-worker"] == holder
+    assert audited(r) == (3 * bs, 8 * bs)
+    under = audit_metrics(aggregated.http)
+    assert under["mispredictions:under"] == under_before["mispredictions:under"] + 1
+    assert under["mispredictions:over"] == under_before["mispredictions:over"]
+    assert under["hit_recall"] < 1.0

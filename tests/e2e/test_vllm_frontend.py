@@ -327,6 +327,48 @@ def test_prefill_blocks_are_freed(cluster: FrontendCluster, answers: dict[str, A
         time.sleep(0.5)
 
 
+def _audit(url: str) -> dict[str, float]:
+    """The gateway's routing-audit counters, as vLLM's /metrics serves them."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("splitserve_gateway_route_") and "_total" in line:
+            name, val = line.rsplit(" ", 1)
+            out[name.removeprefix("splitserve_gateway_route_")] = float(val)
+    return out
+
+
+def test_routing_audit_through_vllms_front_end(cluster: FrontendCluster) -> None:
+    """The same prompt twice: the second time the prefill worker (every prompt goes there)
+    holds its prefix, and the index's prediction is the prefill engine's own hit, in the
+    counters on vLLM's /metrics and in the gateway's log line. Aggregated with one worker the
+    route is forced: no lookup, nothing audited."""
+    import random
+    import time
+
+    bs = 32  # `up`'s default block size
+    ids = [random.Random(16).randrange(5, 8192) for _ in range(6 * bs + 5)]
+    before = _audit(cluster.http)
+    assert "audited_requests_total" in before, "gateway metrics missing from vLLM's /metrics"
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 2, "temperature": 0}
+    assert httpx.post(f"{cluster.http}/v1/completions", json=body, timeout=60).status_code == 200
+    time.sleep(1.5)  # the prefill engine's BlockStored events reach the index
+    mid = _audit(cluster.http)
+    assert httpx.post(f"{cluster.http}/v1/completions", json=body, timeout=60).status_code == 200
+    after = _audit(cluster.http)
+    delta = {k: after[k] - mid[k] for k in after}
+    if cluster.mode == "aggregated":
+        assert after == before, "a forced route was audited"
+        return
+    assert mid["audited_requests_total"] - before["audited_requests_total"] == 1
+    assert delta["audited_requests_total"] == 1
+    assert delta["predicted_cached_tokens_total"] == 6 * bs
+    assert delta["reported_cached_tokens_total"] == 6 * bs
+    assert delta["matched_cached_tokens_total"] == 6 * bs
+    assert delta['mispredictions_total{direction="over"}'] == 0
+    assert delta['mispredictions_total{direction="under"}'] == 0
+    logs = "".join(p.read_text() for p in cluster.up.run_dir.rglob("gateway.log"))
+    assert f"predicted {6 * bs} cached tokens, engine reported {6 * bs} (hit)" in logs
+
 
 # --- migration ----------------------------------------------------------------------------------
 

@@ -156,6 +156,8 @@ async def test_gateway_routes_on_load_only_while_redis_is_silent(
         await directory.start()
         before = await flow.route(prompt)
         assert (before.decode.worker_id, before.predicted_cached_blocks) == ("w-b", 6)
+        # audited as the engine can hit it: 96 tokens, the last one is always computed
+        assert before.predicted_cached_tokens == 80
         with silenced(own_redis):
             durations = []
             deadline = time.monotonic() + 3.0
@@ -164,6 +166,7 @@ async def test_gateway_routes_on_load_only_while_redis_is_silent(
                 decision = await flow.route(prompt)
                 durations.append(time.monotonic() - start)
                 assert decision.predicted_cached_blocks == 0  # load only
+                assert decision.predicted_cached_tokens is None  # nothing to audit
                 assert decision.decode.worker_id in ("w-a", "w-b")  # the last snapshot
                 await asyncio.sleep(0.05)
             assert max(durations) < BOUND_S, f"slowest route {max(durations):.2f}s"

@@ -60,3 +60,18 @@ def test_server_args_add_the_guard_to_vllms_middleware() -> None:
     assert GUARD.rsplit(".", 1)[1] == FrontendGuard.__name__
     assert needs_key("/tokenize") and needs_key("/v1/models") and needs_key("/pause")
     assert not needs_key("/health") and not needs_key("/metrics")
+
+
+def test_the_first_output_carries_the_engines_own_prefix_cache_hit() -> None:
+    """The routing audit reads `EngineCoreOutput.prefill_stats.num_local_cached_tokens` of
+    the computing worker's first output (services/gateway/audit_ticket.py), and vLLM's
+    metrics serve the registry the vLLM front end adds the gateway's metrics to."""
+    import dataclasses
+
+    from vllm.v1.engine import EngineCoreOutput
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+    from vllm.v1.metrics.stats import PrefillStats
+
+    assert "prefill_stats" in EngineCoreOutput.__struct_fields__
+    assert "num_local_cached_tokens" in {f.name for f in dataclasses.fields(PrefillStats)}
+    assert callable(get_prometheus_registry)

@@ -560,10 +560,15 @@ def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     assert set(alerts) == {"SplitserveTTFTHigh", "SplitserveITLHigh", "SplitserveErrorRateHigh",
                            "SplitserveNoLiveWorkers", "SplitserveWorkerDown",
-                           "SplitserveGatewayDown"}
+                           "SplitserveGatewayDown", "SplitserveRoutingPrecisionLow",
+                           "SplitserveRoutingRecallLow"}
     assert re.search(r"> 1(\.0)?$", alerts["SplitserveTTFTHigh"]["expr"].strip())
     assert "> 0.05" in alerts["SplitserveITLHigh"]["expr"]
     assert "> 0.01" in alerts["SplitserveErrorRateHigh"]["expr"]
+    assert "< 0.8\n" in alerts["SplitserveRoutingPrecisionLow"]["expr"]
+    assert ">= 20" in alerts["SplitserveRoutingPrecisionLow"]["expr"]
+    assert alerts["SplitserveRoutingPrecisionLow"]["for"] == "10m"
+    assert "< 0.5\n" in alerts["SplitserveRoutingRecallLow"]["expr"]
     series_re = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
     for name, r in alerts.items():
         used = series_re.findall(r["expr"])
