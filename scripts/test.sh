@@ -9,4 +9,4 @@ SPLITSERVE_INSTALL=full "$repo/scripts/install.sh"
 cd "$repo"
 export PYTHONHASHSEED=0
 if [ "$#" -eq 0 ]; then set -- tests; fi
-exec "${SPLITSERVE_VENV:-$repo/.venv}/bin/python" -m pytest -p no:cacheprovider -ra "$@"
+exec "${SPLITSERVE_VENV:-$repo/.venv}/bin/python" -m pytest -p no:cacheprovider -ra --durations=40 "$@"

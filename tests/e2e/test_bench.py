@@ -20,7 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 def bench(cluster: RunningCluster, out: Path, *args: str) -> dict:
     cmd = [sys.executable, "-m", "services.cli", "bench", "--url", cluster.http,
            "--redis-url", cluster.redis_url, "--json", str(out), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:  # say where it was, not only that it hung
+        raise AssertionError(f"bench ran past 300 s; it printed:\n{exc.stdout}\n{exc.stderr}"
+                             ) from None
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "splitserve bench" in proc.stdout  # the table
     return json.loads(out.read_text())
@@ -52,7 +56,8 @@ def test_prefix_reuse_report(disagg: RunningCluster, tmp_path: Path) -> None:
 
 def test_failed_requests_are_counted(disagg: RunningCluster, tmp_path: Path) -> None:
     doc = bench(disagg, tmp_path / "bad.json", "--scenario", "synthetic", "--requests", "3",
-                "--osl", "4", "--model", "no-such-model", "--warmup", "0")
+                "--osl", "4", "--model", "no-such-model", "--warmup", "0",
+                "--max-seconds", "60")
     (run,) = doc["runs"]
     assert run["requests"] == 3 and run["errors"] == 3
     assert "404" in run["error_samples"][0]

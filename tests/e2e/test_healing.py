@@ -238,6 +238,24 @@ def gateway_metric(h: Healing, name: str) -> float:
 
 # --- tests --------------------------------------------------------------------------------------
 
+BASE = {"prefill": 1, "decode": 2}
+
+
+@pytest.fixture(autouse=True)
+def base_sizes(healing: Healing) -> None:
+    """Each test starts on the base pool sizes, whatever the test before it left (a failed
+    test must not fail the ones after it)."""
+    r = redis.Redis.from_url(healing.redis.url, decode_responses=True)
+    try:
+        desired = {k: int(v) for k, v in r.hgetall("splitserve:pools:desired").items()}
+    except redis.RedisError:
+        desired = {}
+    finally:
+        r.close()
+    if desired and desired != BASE:
+        _scale(healing, **BASE)
+
+
 def test_expired_kv_lease_is_recomputed_not_read(healing: Healing) -> None:
     """A decode that arrives after the prefill worker's lease window computes the prompt
     itself (and releases the prefill worker's blocks), with the right output."""
@@ -367,18 +385,55 @@ def _scale(h: Healing, **sizes: int) -> None:
     assert out.returncode == 0, out.stderr
 
 
+def _streams_on(h: Healing, workers: list[dict], max_tokens: int
+                ) -> tuple[threading.Thread, list]:
+    """One long greedy stream straight to each worker's gRPC Generate (so every worker has a
+    request in flight whatever the router would choose); the token counts each got."""
+    got: list = []
+
+    async def one(w: dict, k: int) -> int:
+        async with worker_channel(cluster_secret(h.cluster), w["address"]) as ch:
+            n = 0
+            async for chunk in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
+                    request_id=f"drain-{k}", prompt_token_ids=list(range(7 + k, 40 + k)),
+                    sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                               ignore_eos=True)), timeout=300):
+                n += len(chunk.token_ids)
+            return n
+
+    async def all_() -> None:
+        got.extend(await asyncio.gather(*(one(w, k) for k, w in enumerate(workers)),
+                                        return_exceptions=True))
+
+    t = threading.Thread(target=lambda: asyncio.run(all_()), daemon=True)
+    t.start()
+    return t, got
+
+
 def test_scale_up_and_drain_down_under_load(healing: Healing) -> None:
     """`splitserve scale` grows the decode pool and shrinks it again while requests stream:
     the drained workers finish what they have and leave the registry; nothing is lost."""
     before = {w["worker_id"] for w in wait_pools(healing, {"prefill": 1, "decode": 2})}
+    drain_tokens = 1500
     with Traffic(healing, clients=4) as traffic:
         _scale(healing, decode=3)
-        grown = {w["worker_id"] for w in wait_pools(healing, {"prefill": 1, "decode": 3})}
+        ws = wait_pools(healing, {"prefill": 1, "decode": 3})
+        grown = {w["worker_id"] for w in ws}
         assert before < grown
         time.sleep(3)  # the new worker takes traffic
+        # every decode worker has a long request in flight when the pool shrinks, so the
+        # drained ones have requests to finish whichever the controller picks
+        streams, got = _streams_on(healing, [w for w in ws if w["role"] == "decode"],
+                                   drain_tokens)
+        deadline = time.monotonic() + 60
+        while not all(w["load"]["in_flight"] > 0 for w in live(healing) if w["role"] == "decode"):
+            assert time.monotonic() < deadline, "the direct streams never started"
+            time.sleep(0.2)
         _scale(healing, decode=1)
         shrunk = wait_pools(healing, {"prefill": 1, "decode": 1})
+        streams.join(300)
     traffic.check(minimum=4)
+    assert got == [drain_tokens] * 3, f"streams on draining workers were cut: {got}"
     assert {w["worker_id"] for w in shrunk} < grown
     log = (healing.cluster.log_path).read_text(errors="replace")
     assert log.count("drained: {") >= 2, "workers were stopped without draining"
@@ -386,8 +441,6 @@ def test_scale_up_and_drain_down_under_load(healing: Healing) -> None:
     assert not [d for d in drains if "'unfinished': 0" not in d], drains
     assert any("'in_flight_at_start': 0" not in d for d in drains), \
         f"no drained worker had requests to finish: the test did not test drain: {drains}"
-    _scale(healing, decode=2)
-    wait_pools(healing, {"prefill": 1, "decode": 2})
 
 
 def test_planner_desired_sizes_reach_the_controller(healing: Healing) -> None:
