@@ -62,6 +62,9 @@ class LinkClient:
             await self._sock.send_multipart([ABORT, msgspec.msgpack.encode(request_ids)])
 
     def close(self) -> None:
+        """Idempotent: vLLM's server shuts its engine client down, then the gateway does."""
+        if self._sock.closed:
+            return
         self._reader.cancel()
         self._watcher.cancel()
         self._sock.disable_monitor()

@@ -157,6 +157,9 @@ class RemoteEngineCore:
         return {}
 
     def shutdown(self, timeout: float | None = None) -> None:
+        """Idempotent: vLLM's server shuts its engine client down, then the gateway does."""
+        if self._ctx.closed:
+            return
         self._watch.cancel()
         for flight in self._flights.values():
             if flight.task is not None:

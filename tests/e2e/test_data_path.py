@@ -461,18 +461,21 @@ def test_worker_ports_refuse_callers_without_the_cluster_secret(disagg: RunningC
         def on_failed(worker_id: str, rid: str, message: str) -> None:
             got["failed"].append(rid)
 
+        def on_lost(worker_id: str, rids: list[str] | None, reason: str) -> None:
+            got["failed"] += rids or ["*"]
+
         plain = ctx.socket(zmq.DEALER)
         plain.setsockopt(zmq.LINGER, 0)
         plain.connect(f"tcp://{decode['link_address']}")
         from vllm.v1.serial_utils import MsgpackEncoder
         await plain.send_multipart([ADD, *MsgpackEncoder().encode(link_request("plain"))])
-        other = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed,
+        other = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed, on_lost,
                            LinkKeys.derive(stranger))
         await other.add(link_request("other-cluster"))
         await asyncio.sleep(2.0)
         assert got == {"outputs": [], "failed": []}
         assert not await asyncio.wait_for(plain.poll(100), 1)  # and nothing came back
-        own = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed,
+        own = LinkClient(ctx, "d", decode["link_address"], on_outputs, on_failed, on_lost,
                          LinkKeys.derive(secret))
         await own.add(link_request("own-cluster"))
         deadline = time.monotonic() + 60

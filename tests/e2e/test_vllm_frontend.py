@@ -147,27 +147,6 @@ def _close(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def json_tool_calls() -> Iterator[None]:
-    """Named and required tool choices as vLLM's JSON-schema constraint, not the hermes
-    structural tag (vLLM's VLLM_ENFORCE_STRICT_TOOL_CALLING=0, for vLLM's server and the
-    clusters alike): the structural tag's grammar admits free whitespace and, without
-    `strict`, any JSON value as arguments, so a random-weights model may fill max_tokens with
-    blanks or digits (seen: one install wrote a call, the next one 80 tokens of digits). The
-    JSON-schema path follows the engines' `disable_any_whitespace`, so each call ends."""
-    import os
-
-    old = os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING")
-    os.environ["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENFORCE_STRICT_TOOL_CALLING", None)
-        else:
-            os.environ["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = old
-
-
 def _requests() -> list[tuple[str, str, dict[str, Any]]]:
     out = []
     for name, path, body in CASES:

@@ -88,6 +88,9 @@ class OneAtATime:
         self.migration = migration
         self.metrics = GatewayMetrics()
 
+    def audit_ticket(self, route: Any, request_id: str, **_: Any) -> None:
+        return None  # no prefix index here: nothing predicted, nothing to audit
+
     async def route(self, token_ids: list[int], exclude: frozenset[str] = frozenset()) -> Any:
         for w in self.workers:
             if w.info.worker_id not in exclude:
