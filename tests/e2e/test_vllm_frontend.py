@@ -230,8 +230,15 @@ def test_structured_outputs_and_tool_calls_are_well_formed(answers: dict[str, An
     # vLLM's hermes parser turns the constrained output into tool calls; what the arguments
     # hold is the random-weights model's (vLLM's own server gives the same: see above)
     for name in ("chat-tool-named", "chat-tool-required"):
-        calls = answers[name]["choices"][0]["tool_calls"]
-        assert calls and all(c["name"] == "get_weather" for c in calls), answers[name]
+        choice = answers[name]["choices"][0]
+        if choice["tool_calls"]:
+            assert all(c["name"] == "get_weather" for c in choice["tool_calls"]), choice
+        else:
+            # The call's envelope and name are forced; its arguments are whatever a
+            # random-weights model writes, which on some CPUs never ends (digits, blanks)
+            # within max_tokens: then the constrained call is cut, not missing.
+            assert choice["finish_reason"] == "length", choice
+            assert choice["text"].startswith('<tool_call>{"name": "get_weather"'), choice
     import re
     assert re.fullmatch(r"(yes|no)-[0-9]{3}", answers["chat-regex"]["choices"][0]["text"])
 
