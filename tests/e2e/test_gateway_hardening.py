@@ -130,7 +130,8 @@ def guarded_vllm(disagg: RunningCluster, model_dir: Path,
     gw = GatewayProcess(GatewayConfig(
         model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
         port=free_port(), grpc_port=0, frontend="vllm", api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir)
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir,
+        disagg.run_dir / cluster_secret.FILE_NAME)
     gw.start()
     try:
         gw.wait_ready(timeout_s=240)
