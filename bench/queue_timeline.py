@@ -40,6 +40,7 @@ async def sample_queues(redis_url: str, namespace: str, interval_s: float = 0.25
     fills as it goes (complete once the block has exited)."""
     from redis.asyncio import Redis
 
+    from router.redis_client import stop_task
     from router.registry import WorkerRegistry
 
     out: list[QueueSample] = []
@@ -70,9 +71,7 @@ async def sample_queues(redis_url: str, namespace: str, interval_s: float = 0.25
     try:
         yield out
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
         await redis.aclose()
 
 

@@ -15,7 +15,6 @@ PYTHONHASHSEED, algorithm or block size would make every lookup miss).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from router.kv_events import (
     SubscriberConfig,
 )
 from router.prefix_index import PrefixIndex
+from router.redis_client import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +115,10 @@ class IndexUpdater:
 
     async def stop(self) -> None:
         """Cancel the background task and close the socket."""
-        if self._audit_task is not None:
-            self._audit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._audit_task
-            self._audit_task = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._audit_task, self._task):
+            if task is not None and not await stop_task(task):
+                logger.warning("task %s did not stop", task.get_name())
+        self._audit_task = self._task = None
         self.subscriber.close()
 
     async def run(self) -> None:

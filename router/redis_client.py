@@ -27,7 +27,7 @@ from redis.retry import Retry as SyncRetry
 from router.redis_config import RedisClientConfig
 
 __all__ = ["RedisClientConfig", "RedisHealth", "RedisUnavailable", "redis_client",
-           "redis_env", "sync_redis_client"]
+           "redis_env", "stop_task", "sync_redis_client"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,24 @@ def redis_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     prefix = RedisClientConfig.model_config.get("env_prefix", "")
     return {k: v for k, v in env.items() if k.upper().startswith(prefix)}
+
+
+async def stop_task(task: "asyncio.Task[object]", timeout_s: float = 5.0) -> bool:
+    """Cancel a background task that calls Redis and wait until it has ended, at most
+    `timeout_s`; whether it ended. A cancellation that lands while a redis-py call completes
+    can be swallowed (asyncio.wait_for in Python 3.11), and a polling loop then goes on
+    forever: cancel again until it ends."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait([task], timeout=min(0.5, left))
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("stopped task %s had failed", task.get_name(), exc_info=task.exception())
+    return True
 
 
 class RedisUnavailable(RedisConnectionError):

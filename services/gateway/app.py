@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
-from router.redis_client import RedisClientConfig, RedisHealth, redis_client
+from router.redis_client import RedisClientConfig, RedisHealth, redis_client, stop_task
 from router.registry import WorkerRole
 from services import tracing
 from services.cluster_secret import ClusterSecret, ClusterSecretError
@@ -140,7 +140,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._purge_task is not None:
-            self._purge_task.cancel()
+            await stop_task(self._purge_task)
         if self.directory:
             await self.directory.stop()
         if self.redis:

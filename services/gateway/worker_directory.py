@@ -18,7 +18,7 @@ import grpc
 from redis.asyncio import Redis
 
 from router.dispatch_ledger import DispatchLedger
-from router.redis_client import RedisHealth
+from router.redis_client import RedisHealth, stop_task
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
 from services import tracing
 from services.cluster_secret import ClusterSecret
@@ -62,7 +62,7 @@ class WorkerDirectory:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
+            await stop_task(self._task)
         for stream in self._streams.values():
             await stream.close()
         self._streams.clear()

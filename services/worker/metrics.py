@@ -12,9 +12,11 @@ these grow on decode workers.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from services.worker.kv_params_signing import Reason
 
 # 16 KiB .. 16 GiB, x4 steps (one KV block of a small model is tens of KiB; a long prompt of a
 # large model, GiBs)
@@ -51,6 +53,8 @@ class WorkerMetrics:
             "KV transfer parameters refused by this (decode) worker, by reason: unsigned, "
             "forged, expired, replayed (the prompt was computed here instead; "
             "docs/security.md)", ["reason"], registry=registry)
+        for reason in get_args(Reason):  # every reason shows, at 0 until it happens
+            self.kv_params_refused.labels(reason)
 
     def observe_connector_stats(self, data: Mapping[str, Any]) -> None:
         """Record one step's KV connector statistics (vLLM's KVConnectorStats data: lists of

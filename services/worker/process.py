@@ -20,7 +20,7 @@ from router.block_hash import BlockHasher
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import SubscriberConfig
 from router.prefix_index import PrefixIndex
-from router.redis_client import redis_client
+from router.redis_client import redis_client, stop_task
 from router.registry import WorkerInfo, WorkerRegistry, WorkerState
 from services.ports import port_outside_ephemeral_range
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
@@ -289,9 +289,8 @@ class WorkerProcess:
         log.info("stopping worker %s", self.cfg.worker_id)
         try:
             if self._heartbeat is not None:
-                self._heartbeat.cancel()
                 # a beat stuck in a Redis call must not keep the worker registered
-                await asyncio.wait([self._heartbeat], timeout=5.0)
+                await stop_task(self._heartbeat)
             if self._registry is not None:
                 try:
                     await self._registry.deregister(self.cfg.worker_id)

@@ -162,7 +162,10 @@ def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayPr
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", f"{url}/v1/completions", json=body, headers=a) as held:
             assert held.status_code == 200
-            first = next(held.iter_lines())  # streaming: the one slot of key A is taken
+            # Keep the line iterator: a dropped one is collected at once, and closing it
+            # closes the connection (the server then aborts the request, freeing the slot).
+            lines = held.iter_lines()
+            first = next(lines)  # streaming: the one slot of key A is taken
             assert first.startswith("data: {") and '"error"' not in first, first
             r = h.post(f"{url}/v1/completions", headers=a,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2})
@@ -171,6 +174,7 @@ def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayPr
             other = openai_client(guarded_vllm, KEY_B).completions.create(
                 model=MODEL, prompt="x", max_tokens=2)
             assert other.usage.completion_tokens == 2
+            assert next(x for x in lines if x).startswith("data: {")  # the held stream goes on
     log = (guarded_vllm.run_dir / "gateway.log").read_text(errors="replace")
     assert "API keys: on (2 accepted)" in log
     assert KEY_A not in log and KEY_B not in log

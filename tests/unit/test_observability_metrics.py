@@ -51,6 +51,10 @@ def test_worker_kv_transfer_metrics_from_nixl_stats() -> None:
     assert got[("splitserve_worker_kv_transfer_seconds_bucket", (("le", "0.0025"),))] == 2
     assert got[("splitserve_worker_kv_transfer_failures_total", ())] == 1
     assert got[("splitserve_worker_kv_lease_expired_total", ())] == 1
+    # every refusal reason is there at 0 before the first refusal (a rate() over a series
+    # that does not exist yet is no rate at all)
+    for reason in ("unsigned", "forged", "expired", "replayed"):
+        assert got[("splitserve_worker_kv_params_refused_total", (("reason", reason),))] == 0
 
 
 @pytest.fixture

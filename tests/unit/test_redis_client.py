@@ -19,7 +19,7 @@ from router.block_hash import BlockHasher
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
 from router.redis_client import (RedisClientConfig, RedisHealth, RedisUnavailable,
-                                 redis_client, redis_env, sync_redis_client)
+                                 redis_client, redis_env, stop_task, sync_redis_client)
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pd_flow import PDFlow
@@ -193,3 +193,38 @@ async def test_gateway_routes_on_load_only_while_redis_is_silent(
         await directory.stop()
         await client.aclose()
         await beat_client.aclose()
+
+
+def test_stop_task_ends_a_loop_that_swallowed_its_cancellation() -> None:
+    """A polling loop whose Redis call ate the cancellation (the bench's queue sampler hung
+    a CI run so) is cancelled again until it ends; one that never ends is given up on."""
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass  # as a redis-py call completing at the moment of the cancel
+        while True:
+            await asyncio.sleep(0.05)
+
+    released = asyncio.Event()
+
+    async def never_ends() -> None:  # until the test lets it
+        while not released.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+    async def main() -> tuple[bool, bool, bool]:
+        a = asyncio.create_task(swallows_once())
+        b = asyncio.create_task(never_ends())
+        await asyncio.sleep(0.01)
+        ended_a = await stop_task(a, timeout_s=3)
+        ended_b = await stop_task(b, timeout_s=0.3)
+        done_b = b.done()
+        released.set()
+        b.cancel()
+        await b
+        return ended_a and a.cancelled(), ended_b, done_b
+
+    assert asyncio.run(main()) == (True, False, False)
