@@ -118,6 +118,8 @@ def _up(ns: argparse.Namespace) -> int:
         max_in_flight=ns.max_in_flight, max_in_flight_per_client=ns.max_in_flight_per_client,
         max_body_bytes=ns.max_body_bytes, worker_streams=ns.worker_streams,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
+        tenant_isolation=ns.tenant_isolation, slow_client_timeout_s=ns.slow_client_timeout,
+        route_headers=ns.route_headers,
         cluster_secret_file=(Path(ns.cluster_secret_file).resolve()
                              if ns.cluster_secret_file else None),
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
@@ -367,7 +369,9 @@ def _gateway(ns: argparse.Namespace) -> int:
                                 max_in_flight_per_client=ns.max_in_flight_per_client,
                                 max_body_bytes=ns.max_body_bytes,
                                 api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams,
-                                frontend=ns.frontend)
+                                frontend=ns.frontend, tenant_isolation=ns.tenant_isolation,
+                                slow_client_timeout_s=ns.slow_client_timeout,
+                                route_headers=ns.route_headers)
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -406,6 +410,13 @@ def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
                    "call (grpc), or a gRPC Generate call per request (per-request)")
     p.add_argument("--api-keys-file", help="gateway: accepted API keys, one per line (also "
                    "$SPLITSERVE_API_KEYS); /v1 and gRPC then need `Bearer <key>`")
+    p.add_argument("--tenant-isolation", action="store_true",
+                   help="gateway, --frontend vllm: a prefix cache per API-key tenant")
+    p.add_argument("--slow-client-timeout", type=float, default=30.0,
+                   help="gateway: seconds a stream's client may take no data before the "
+                   "response is cut and the request aborted (0: never)")
+    p.add_argument("--route-headers", action="store_true",
+                   help="gateway: answer with x-splitserve-* route headers (which workers, why)")
 
 
 def build_parser() -> argparse.ArgumentParser:

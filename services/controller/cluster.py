@@ -87,6 +87,8 @@ class Cluster:
             policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight,
             max_in_flight_per_client=cfg.max_in_flight_per_client,
             max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
+            tenant_isolation=cfg.tenant_isolation,
+            slow_client_timeout_s=cfg.slow_client_timeout_s, route_headers=cfg.route_headers,
             worker_streams=cfg.worker_streams,
             migration=cfg.migration, frontend=cfg.frontend,
             engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)

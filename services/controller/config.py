@@ -69,6 +69,12 @@ class ClusterConfig(BaseModel):
         "(docs/security.md); None: $SPLITSERVE_CLUSTER_SECRET(_FILE), else a generated one"))
     api_keys_file: Path | None = Field(None, description=(
         "gateway API keys, one per line (also $SPLITSERVE_API_KEYS); none: no authentication"))
+    tenant_isolation: bool = Field(False, description=(
+        "gateway, frontend vllm: a prefix cache per API-key tenant (docs/security.md)"))
+    slow_client_timeout_s: float = Field(30.0, ge=0, description=(
+        "gateway: a stream whose client took no data this long is cut and aborted; 0: never"))
+    route_headers: bool = Field(False, description=(
+        "gateway: answer with x-splitserve-* route headers (which workers served, why)"))
     worker_host: str = Field("127.0.0.1", description=(
         "address workers bind and advertise; 'auto': each worker's node IP (Kubernetes)"))
     worker_metrics_port: int = Field(0, ge=0, le=65535, description=(
@@ -102,4 +108,6 @@ class ClusterConfig(BaseModel):
             raise ValueError("disaggregated mode needs at least 1 prefill and 1 decode worker")
         if self.mode == "aggregated" and self.workers.replicas < 1:
             raise ValueError("aggregated mode needs at least 1 worker")
+        if self.tenant_isolation and self.frontend != "vllm":
+            raise ValueError("tenant_isolation needs frontend: vllm")
         return self

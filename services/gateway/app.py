@@ -9,7 +9,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -52,6 +52,7 @@ from services.proto.v1 import worker_pb2 as pb
 from services.gateway.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Kind = Literal["completion", "chat"]
 
@@ -252,15 +253,8 @@ class Gateway:
                     first = False
                 texts.append(chunk.text)
 
-        task = asyncio.create_task(collect())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
         try:
-            task.result()
-        except asyncio.CancelledError:
-            raise APIError(499, "client closed the request") from None
+            await _unless_disconnected(collect(), request)
         except WorkerUnavailable as exc:
             raise APIError(503, str(exc), type="service_unavailable") from None
         except ValueError as exc:
@@ -280,7 +274,7 @@ class Gateway:
                              "model": self.cfg.name, "choices": [choice],
                              "usage": self._usage(result)}, headers=route_headers(result))
 
-    async def stream(self, p: PreparedRequest) -> StreamingResponse:
+    async def stream(self, p: PreparedRequest, request: Request) -> StreamingResponse:
         """Streaming: server-sent events, OpenAI's chunk format, `data: [DONE]` at the end."""
         assert self.flow is not None
         route = f"/v1/{'chat/' if p.kind == 'chat' else ''}completions"
@@ -289,14 +283,21 @@ class Gateway:
         chunks = self.flow.stream(p.request_id, p.token_ids, p.sampling, result)
         # Wait for the first chunk before answering, so routing and worker failures still get
         # a proper HTTP status instead of an error inside a 200 stream.
+        # A client that leaves before the first token has its request aborted on the workers
+        # (the generator is closed), not run to its end for nobody.
         try:
-            first = await chunks.__anext__()
+            first = await _unless_disconnected(chunks.__anext__(), request)
         except StopAsyncIteration:
             first = None
         except WorkerUnavailable as exc:
+            await chunks.aclose()
             raise APIError(503, str(exc), type="service_unavailable") from None
         except ValueError as exc:
+            await chunks.aclose()
             raise invalid(str(exc)) from None
+        except APIError:
+            await chunks.aclose()
+            raise
         timer = StreamTimer(self.metrics, route, start)
         timer.chunk(first is not None and bool(first.token_ids))
         sse = ChunkEncoder(p.request_id, now(), self.cfg.name, chat=p.kind == "chat",
@@ -333,6 +334,21 @@ class Gateway:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           **route_headers(result)})
+
+
+async def _unless_disconnected(work: Awaitable[T], request: Request,
+                               poll_s: float = 0.5) -> T:
+    """Await `work`, cancelling it when the client disconnects first (then HTTP 499, which
+    nobody receives: the point is that the request stops)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+    try:
+        return task.result()
+    except asyncio.CancelledError:
+        raise APIError(499, "client closed the request") from None
 
 
 _ERROR_MEANINGS = {
@@ -444,12 +460,15 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.state.gateway = gw
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, admission=gw.admission, api_keys=gw.api_keys,
-                       max_body_bytes=cfg.max_body_bytes)
+                       max_body_bytes=cfg.max_body_bytes,
+                       slow_client_timeout_s=cfg.slow_client_timeout_s,
+                       on_slow_client=gw.metrics.slow_clients_cut.inc)
     known_paths = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
 
     app.add_middleware(RequestCountMiddleware, metrics=gw.metrics, known_paths=known_paths)
 
-    app.add_middleware(RequestContextMiddleware)  # outermost: request id, span, access log
+    # outermost: request id, span, access log (and the route headers kept or dropped)
+    app.add_middleware(RequestContextMiddleware, route_headers=cfg.route_headers)
 
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models() -> dict[str, Any]:
@@ -479,13 +498,13 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                                                                     CompletionChunk))
     async def completions(req: CompletionRequest, request: Request):
         p = await gw.prepare(req, "completion")
-        return await (gw.stream(p) if p.stream else gw.complete(p, request))
+        return await (gw.stream(p, request) if p.stream else gw.complete(p, request))
 
     @app.post("/v1/chat/completions", responses=_generation_responses(
         ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         p = await gw.prepare(req, "chat")
-        return await (gw.stream(p) if p.stream else gw.complete(p, request))
+        return await (gw.stream(p, request) if p.stream else gw.complete(p, request))
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -1,7 +1,7 @@
 """API keys: which bearer tokens the gateway accepts, and who a caller is.
 
-Keys come from a file (one per line, `#` comments) and/or an environment variable (comma or
-whitespace separated), never from the command line or the JSON config, so they do not show in
+Keys come from a file (one per line, `#` comments; a line may name the key's tenant after it:
+`KEY TENANT`) and/or an environment variable (comma or whitespace separated), never from the command line or the JSON config, so they do not show in
 process listings or logs. A presented key is compared with every accepted key in constant time
 (`hmac.compare_digest` over SHA-256 digests, no early exit), and a caller is named by a short
 digest of its key, never by the key itself.
@@ -19,6 +19,7 @@ from services.gateway.errors import APIError
 
 _SEPARATORS = re.compile(r"[\s,]+")
 MIN_KEY_CHARS = 8
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ApiKeyError(ValueError):
@@ -32,13 +33,15 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     """The accepted keys of one gateway."""
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], tenants: dict[str, str] | None = None) -> None:
         if not keys:
             raise ApiKeyError("no API keys given")
         short = [k for k in keys if len(k) < MIN_KEY_CHARS]
         if short:
             raise ApiKeyError(f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters")
         self._digests = [_digest(k) for k in dict.fromkeys(keys)]
+        # client name -> tenant named for its key (a key without one is its own tenant)
+        self._tenants = {_client(k): t for k, t in (tenants or {}).items()}
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -47,19 +50,27 @@ class ApiKeys:
     def load(cls, file: Path | None, env_var: str) -> "ApiKeys | None":
         """The keys from `file` and `$env_var`; None when neither holds any (no auth)."""
         keys: list[str] = []
+        tenants: dict[str, str] = {}
         if file is not None:
             try:
                 text = Path(file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ApiKeyError(f"cannot read the API keys file {file}: {exc}") from None
-            for line in text.splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    keys.append(line)
+            for n, line in enumerate(text.splitlines(), 1):
+                fields = line.split("#", 1)[0].split()
+                if not fields:
+                    continue
+                if len(fields) > 2 or (len(fields) == 2 and not TENANT_NAME.fullmatch(
+                        fields[1])):
+                    raise ApiKeyError(f"the API keys file {file}, line {n}: want `KEY` or `KEY "
+                                      "TENANT` (tenant: 1-64 of A-Z a-z 0-9 . _ -)")
+                keys.append(fields[0])
+                if len(fields) == 2:
+                    tenants[fields[0]] = fields[1]
             if not keys:
                 raise ApiKeyError(f"the API keys file {file} holds no keys")
         keys += [k for k in _SEPARATORS.split(os.environ.get(env_var, "")) if k]
-        return cls(keys) if keys else None
+        return cls(keys, tenants) if keys else None
 
     def check(self, key: str) -> bool:
         """Whether `key` is accepted (time independent of where, or whether, it matches)."""
@@ -82,4 +93,18 @@ class ApiKeys:
                            code="invalid_api_key")
         if not self.check(token):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return "key:" + _digest(token).hex()[:16]
+        return _client(token)
+
+    def tenant_of(self, client: str) -> str:
+        """The tenant of a caller `client_of` named: its key's tenant, else the key itself."""
+        return self._tenants.get(client, client)
+
+    @property
+    def tenants(self) -> int:
+        """How many tenants the keys make up."""
+        named = set(self._tenants.values())
+        return len(named) + len(self) - len(self._tenants)
+
+
+def _client(key: str) -> str:
+    return "key:" + _digest(key).hex()[:16]

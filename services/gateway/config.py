@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
@@ -33,6 +33,15 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description=(
         "largest request body (HTTP, also chunked) and gRPC message accepted; larger: HTTP 413 "
         "/ gRPC RESOURCE_EXHAUSTED"))
+    slow_client_timeout_s: float = Field(30.0, ge=0, description=(
+        "a streaming response whose client has taken no data for this long (the socket "
+        "buffers are full) is cut: the connection is closed and the request aborted on the "
+        "workers, freeing its admission slot; 0: wait for the client forever"))
+    route_headers: bool = Field(False, description=(
+        "answer generation requests with x-splitserve-* headers naming the workers that served "
+        "them and why (splitserve front end); off, they only reach the access log and spans: "
+        "with them a client learns the cluster's workers and, by the route, whether others "
+        "sent its prefix"))
     max_stop_sequences: int = Field(16, ge=0, description=(
         "most stop sequences per request (OpenAI allows 4; vLLM clients may send more)"))
     max_stop_chars: int = Field(256, ge=1, description="longest stop sequence, in characters")
@@ -42,6 +51,11 @@ class GatewayConfig(BaseModel):
     api_keys_env: str = Field("SPLITSERVE_API_KEYS", description=(
         "environment variable holding accepted API keys (comma or whitespace separated), read "
         "with api_keys_file; unset or empty and no file: no authentication"))
+    tenant_isolation: bool = Field(False, description=(
+        "with API keys, give each tenant (the tenant a key's line names, else the key itself) "
+        "a prefix cache of its own: its prompts are hashed with its own cache_salt in the "
+        "router and the engines, so no request hits (or times) another tenant's cached "
+        "prefix; vLLM front end only (docs/security.md)"))
     policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
@@ -68,6 +82,13 @@ class GatewayConfig(BaseModel):
     frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
         "vllm front end: vLLM's server settings by vLLM's names (tool_call_parser, "
         "enable_auto_tool_choice, reasoning_parser, chat_template, ...)"))
+
+    @model_validator(mode="after")
+    def _isolation_needs_vllm_front_end(self) -> "GatewayConfig":
+        if self.tenant_isolation and self.frontend != "vllm":
+            raise ValueError("tenant_isolation needs frontend: vllm (the splitserve front end "
+                             "cannot give requests a cache_salt)")
+        return self
 
     @property
     def name(self) -> str:

@@ -8,11 +8,17 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
     /v1/* body that is not valid UTF-8                 400 invalid_json
 
 A generation request is counted from admission until its response (streamed or not) is
-completely sent. /health, /metrics and the OpenAPI document stay open.
+completely sent. A client that stops reading a response cannot hold its slot for ever: once a
+write has waited `slow_client_timeout_s` for the client to take data (its socket buffers full:
+some megabytes of events on Linux), the app is stopped (the request is aborted on the workers)
+and the connection closed. /health, /metrics and the OpenAPI document stay open.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 from typing import Any, Callable
 
 from starlette.datastructures import Headers
@@ -20,6 +26,9 @@ from starlette.datastructures import Headers
 from services.gateway.admission import RETRY_AFTER_S, Admission
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import APIError, invalid
+from services.gateway.tenancy import current_tenant
+
+log = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -36,14 +45,24 @@ async def _refuse(err: APIError, scope: Any, receive: Any, send: Any,
     await response(scope, receive, send)
 
 
+class SlowClient(Exception):
+    """A response write waited longer than slow_client_timeout_s for the client."""
+
+
 class GuardMiddleware:
     """Authentication, admission and body limits for one gateway's HTTP app (by default the
     splitserve front end's paths; the vLLM front end names its own)."""
 
     def __init__(self, app: Any, admission: Admission, api_keys: ApiKeys | None,
                  max_body_bytes: int, generation_paths: frozenset[str] = GENERATION_PATHS,
-                 authenticated: Callable[[str], bool] = needs_key) -> None:
+                 authenticated: Callable[[str], bool] = needs_key,
+                 slow_client_timeout_s: float = 0.0,
+                 on_slow_client: Callable[[], None] = lambda: None,
+                 isolate_tenants: bool = False) -> None:
         self.app = app
+        self.isolate_tenants = isolate_tenants and api_keys is not None
+        self.slow_client_timeout_s = slow_client_timeout_s
+        self.on_slow_client = on_slow_client
         self.admission = admission
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
@@ -63,6 +82,8 @@ class GuardMiddleware:
             except APIError as err:
                 await _refuse(err, scope, receive, send, {"WWW-Authenticate": "Bearer"})
                 return
+            if self.isolate_tenants:  # read where the request reaches the engines
+                current_tenant.set(self.api_keys.tenant_of(client))
         if path not in self.generation_paths:
             await self._limited_body(scope, receive, send, headers, path)
             return
@@ -70,9 +91,49 @@ class GuardMiddleware:
             await _refuse(refusal, scope, receive, send, {"Retry-After": str(RETRY_AFTER_S)})
             return
         try:
-            await self._limited_body(scope, receive, send, headers, path)
+            if self.slow_client_timeout_s > 0:
+                await self._bounded_writes(scope, receive, send, headers, path)
+            else:
+                await self._limited_body(scope, receive, send, headers, path)
         finally:
             self.admission.release(client)
+
+    async def _bounded_writes(self, scope: Any, receive: Any, send: Any, headers: Headers,
+                              path: str) -> None:
+        """Run the request with every body write bounded by slow_client_timeout_s; past it
+        the app is stopped (by an exception out of its send) and the server closes the
+        connection of the unfinished response."""
+        timeout = self.slow_client_timeout_s
+        cut = False
+
+        async def bounded_send(message: Any) -> None:
+            nonlocal cut
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except asyncio.TimeoutError:
+                cut = True
+                raise SlowClient(f"the client took no data for {timeout:g} s") from None
+
+        try:
+            await self._limited_body(scope, receive, bounded_send, headers, path)
+        except BaseException:
+            if not cut:  # (the app may wrap SlowClient in an exception group)
+                raise
+        if not cut:
+            return
+        # The app's body generator is left suspended at a yield, referenced from the
+        # exception's frames (reference cycles): collect the young generations now that the
+        # exception is gone, so that it is closed, and the request aborted on the workers, at
+        # once rather than at some later collection (vLLM's AsyncLLM aborts as its generator
+        # closes).
+        gc.collect(1)
+        self.on_slow_client()
+        log.warning("%s from %s: the client took no data for %g s (slow_client_timeout_s); "
+                    "response cut, request aborted", path, (scope.get("client") or ("?",))[0],
+                    timeout)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body exceeds the limit of {self.max_body_bytes} "

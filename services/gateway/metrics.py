@@ -74,6 +74,10 @@ class GatewayMetrics:
                                      "cache hits where the prompt was computed)", registry=r)
         self.completion_tokens = Counter("splitserve_gateway_completion_tokens",
                                          "Tokens generated", registry=r)
+        self.slow_clients_cut = Counter(
+            "splitserve_gateway_slow_clients_cut",
+            "Streaming responses cut because the client took no data for slow_client_timeout_s "
+            "(the request was aborted on the workers)", registry=r)
         self.migrations = Counter("splitserve_gateway_request_migrations",
                                   "Requests moved to another decode worker after the one "
                                   "serving them failed", registry=r)

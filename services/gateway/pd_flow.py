@@ -143,8 +143,8 @@ class PDFlow:
             self._hashers[scheme] = BlockHasher(*scheme)
         return self._hashers[scheme]
 
-    async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo]
-                             ) -> dict[str, int] | None:
+    async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo],
+                             cache_salt: str | None = None) -> dict[str, int] | None:
         """Every worker's longest cached prefix of the prompt: one hash pass per hashing
         scheme in use (normally one), one Redis round trip per scheme. None: no index, or
         it could not be asked."""
@@ -162,7 +162,7 @@ class PDFlow:
         index = self.index
         try:
             for scheme, ids in by_scheme.items():
-                hashes = self._hasher(scheme).block_hashes(token_ids)
+                hashes = self._hasher(scheme).block_hashes(token_ids, cache_salt=cache_salt)
                 if hashes:
                     cached.update(await health.call(
                         lambda h=hashes, i=ids: index.longest_prefixes(h, i)))
@@ -174,10 +174,11 @@ class PDFlow:
         self.metrics.index_lookup.observe(time.perf_counter() - start)
         return cached
 
-    async def route(self, token_ids: Sequence[int], exclude: frozenset[str] = frozenset()
-                    ) -> RouteDecision:
+    async def route(self, token_ids: Sequence[int], exclude: frozenset[str] = frozenset(),
+                    cache_salt: str | None = None) -> RouteDecision:
         """Choose the workers for a prompt among the serving ones (not in `exclude`); with
-        none to serve it, wait up to `route_wait_s` for the pools to heal or grow."""
+        none to serve it, wait up to `route_wait_s` for the pools to heal or grow. The prompt
+        is looked up in the prefix index as the engines hash it (with its `cache_salt`)."""
         d = self.directory
         deadline = time.monotonic() + self.migration.route_wait_s
         while True:
@@ -188,7 +189,8 @@ class PDFlow:
                 break  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
         lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
-        cached = await self._cached_blocks(token_ids, prefill + decode) if lookup else None
+        cached = (await self._cached_blocks(token_ids, prefill + decode, cache_salt)
+                  if lookup else None)
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached or {},
                            in_flight=dict(d.in_flight), own=d.ledger.view(
                                {w.worker_id: w.load.updated_at for w in prefill + decode})

@@ -45,6 +45,7 @@ from services.gateway.audit_ticket import AuditTicket
 from services.gateway.link_client import LinkClient
 from services.link import LinkKeys
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
+from services.gateway.tenancy import TenantSalts
 from services.gateway.worker_directory import WorkerDirectory
 
 if TYPE_CHECKING:
@@ -99,11 +100,13 @@ def cannot_move(request: "EngineCoreRequest") -> str | None:
 class RemoteEngineCore:
     """What vLLM's AsyncLLM needs of an engine-core client, served by the cluster."""
 
-    def __init__(self, directory: WorkerDirectory, flow: PDFlow) -> None:
+    def __init__(self, directory: WorkerDirectory, flow: PDFlow,
+                 salts: TenantSalts | None = None) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
         self._directory = directory
         self._flow = flow
+        self._salts = salts
         self._migration = flow.migration
         self._metrics = flow.metrics
         self._ctx = zmq.asyncio.Context()
@@ -122,6 +125,10 @@ class RemoteEngineCore:
 
     # --- the engine-core client contract ------------------------------------------------------
     async def add_request_async(self, request: "EngineCoreRequest") -> None:
+        if self._salts is not None:  # tenant isolation: the tenant's cache_salt
+            salt = self._salts.for_request(request.cache_salt)
+            if salt != request.cache_salt:
+                request = msgspec.structs.replace(request, cache_salt=salt)
         flight = _Flight(request, wire_id=request.request_id)
         self._flights[request.request_id] = flight
         self._by_wire_id[flight.wire_id] = flight
@@ -173,7 +180,7 @@ class RemoteEngineCore:
         request = self._attempt_request(flight)
         try:
             route = await self._flow.route(request.prompt_token_ids or [],
-                                           frozenset(flight.failed))
+                                           frozenset(flight.failed), request.cache_salt)
         except WorkerUnavailable as exc:
             self._finish_with_error(flight.request.request_id, str(exc))
             return

@@ -33,8 +33,9 @@ _COUNT_HEADERS = frozenset({"x-splitserve-predicted-cached-tokens",
 class RequestContextMiddleware:
     """Request id, tracing span and access log around every HTTP request."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, route_headers: bool = False) -> None:
         self.app = app
+        self.route_headers = route_headers  # False: read for the log, not sent
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -58,14 +59,17 @@ class RequestContextMiddleware:
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-                out = list(message.get("headers", ()))
-                for k, v in out:
+                out = []
+                for k, v in message.get("headers", ()):
                     name = k.decode("latin-1").lower()
                     if name in ROUTE_HEADERS:
                         field = name.removeprefix("x-splitserve-").replace("-", "_")
                         value = v.decode("latin-1")
                         state["route"][field] = (int(value) if name in _COUNT_HEADERS
                                                  and value.isdigit() else value)
+                        if not self.route_headers:
+                            continue
+                    out.append((k, v))
                 out.append((request_id.HEADER.encode(), rid.encode()))
                 message = {**message, "headers": out}
             await send(message)

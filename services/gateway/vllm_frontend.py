@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from services.gateway.app import Gateway
     from services.gateway.remote_core import RemoteEngineCore
+    from services.gateway.tenancy import TenantSalts
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class FrontendGuard(GuardMiddleware):
         if gw is None:
             raise RuntimeError("FrontendGuard needs the serving gateway (set by run())")
         super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
-                         GENERATION_PATHS, needs_key)
+                         GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
+                         gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation)
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"
@@ -137,10 +139,14 @@ async def run(cfg: GatewayConfig) -> None:
     keys = gateway.api_keys
     log.info("API keys: %s", f"on ({len(keys)} accepted)" if keys else
              "off (any client is served; see docs/operations.md)")
+    if cfg.tenant_isolation:
+        log.info("tenant isolation: %s", f"on ({keys.tenants} tenants, a prefix cache each)"
+                 if keys else "off (it needs API keys)")
     await gateway.start()
     FrontendGuard.gateway = gateway
     assert gateway.directory is not None and gateway.flow is not None
-    core = RemoteEngineCore(gateway.directory, gateway.flow)
+    salts = TenantSalts(gateway.secret)  # a client's cache_salt, or its tenant's
+    core = RemoteEngineCore(gateway.directory, gateway.flow, salts)
     serve_gateway_metrics(gateway.metrics.registry)
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)

@@ -54,6 +54,7 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     its own (KV cache sizes that differ, large enough to change nothing else)."""
     yield from _cluster(tmp_path_factory, "disagg", [
         "--mode", "disaggregated", "--engine-arg", "max_num_batched_tokens=2048",
+        "--route-headers",
         "--prefill-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['prefill']}",
         "--decode-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['decode']}"])
 
@@ -67,6 +68,7 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
     with redis_server() as external:
         yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2",
                                                       "--placement-group", "always",
+                                                      "--route-headers",
                                                       "--workers-resources", '{"both": 1}',
                                                       "--redis-url", external.url])
         client = redis.Redis.from_url(external.url)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -26,13 +27,15 @@ from services import cluster_secret
 from services.controller.gateway_process import GatewayProcess
 from services.gateway.config import GatewayConfig
 from services.ports import free_port
-from tests.e2e.test_data_path import MODEL, chat, workers
+from tests.e2e.test_data_path import MODEL, chat, worker_stats, workers
 from tests.support.cluster import TEST_SECRET, RunningCluster
 
 pytestmark = pytest.mark.e2e
 KEY_A = "sk-e2e-alpha-5c1f0a9b77"
 KEY_B = "sk-e2e-bravo-0e4d2b6c31"
+KEY_A2 = "sk-e2e-alpha-two-7d3e91"  # a second key of tenant alpha (on the vLLM front end)
 HELLO = [{"role": "user", "content": "Hello! What does this module do?"}]
+SLOW_CLIENT_S = 3.0  # the vLLM front-end gateway's slow_client_timeout_s
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def guarded(disagg: RunningCluster, model_dir: Path, tmp_path_factory: pytest.Te
     gw = GatewayProcess(GatewayConfig(
         model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
         port=free_port(), grpc_port=free_port(), api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir,
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1,
+        slow_client_timeout_s=SLOW_CLIENT_S, tenant_isolation=True), run_dir,
         disagg.run_dir / cluster_secret.FILE_NAME)
     gw.start()
     try:
@@ -84,7 +88,7 @@ def test_api_keys_over_http_and_grpc(disagg: RunningCluster, guarded: GatewayPro
         assert good.chat(HELLO, max_tokens=24, temperature=0).text == out.choices[0].message.content
 
     log = (guarded.run_dir / "gateway.log").read_text(errors="replace")
-    assert "API keys: on (2 accepted)" in log
+    assert "API keys: on (3 accepted)" in log and "tenant isolation: on (2 tenants" in log
     assert KEY_A not in log and KEY_B not in log
 
 
@@ -126,11 +130,12 @@ def guarded_vllm(disagg: RunningCluster, model_dir: Path,
     per client: the same guard as the splitserve front end's, in front of vLLM's server."""
     run_dir = tmp_path_factory.mktemp("guarded-vllm")
     keys = run_dir / "keys"
-    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
+    keys.write_text(f"{KEY_A} alpha\n{KEY_A2} alpha\n{KEY_B} bravo\n")
     gw = GatewayProcess(GatewayConfig(
         model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
         port=free_port(), grpc_port=0, frontend="vllm", api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir,
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1,
+        slow_client_timeout_s=SLOW_CLIENT_S, tenant_isolation=True), run_dir,
         disagg.run_dir / cluster_secret.FILE_NAME)
     gw.start()
     try:
@@ -176,8 +181,104 @@ def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayPr
             assert other.usage.completion_tokens == 2
             assert next(x for x in lines if x).startswith("data: {")  # the held stream goes on
     log = (guarded_vllm.run_dir / "gateway.log").read_text(errors="replace")
-    assert "API keys: on (2 accepted)" in log
+    assert "API keys: on (3 accepted)" in log and "tenant isolation: on (2 tenants" in log
     assert KEY_A not in log and KEY_B not in log
+
+
+def _gateway_sample(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name)
+
+
+def _slot_free(url: str) -> bool:
+    """Whether key A may start a request (the fixture allows it one at a time)."""
+    r = httpx.post(f"{url}/v1/completions", headers={"authorization": f"Bearer {KEY_A}"},
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 1}, timeout=30)
+    assert r.status_code in (200, 429), r.text
+    return r.status_code == 200
+
+
+def test_a_client_that_stops_reading_is_cut(guarded_vllm: GatewayProcess,
+                                            disagg: RunningCluster) -> None:
+    """A streaming client that never reads: once the socket buffers are full and a write has
+    waited slow_client_timeout_s, the gateway cuts the response, frees the slot and the
+    engines stop generating for it, long before max_tokens."""
+    url = guarded_vllm.url
+    cut_before = _gateway_sample(url, "splitserve_gateway_slow_clients_cut_total")
+    # Big events (8 choices, 20 logprobs each) fill the buffers in a few hundred steps.
+    body = json.dumps({"model": MODEL, "prompt": "Never read. " * 10, "max_tokens": 1800,
+                       "n": 8, "logprobs": 20, "temperature": 1.0, "ignore_eos": True,
+                       "stream": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\n"
+                     + f"authorization: Bearer {KEY_A}\r\ncontent-length: {len(body)}\r\n\r\n"
+                     .encode() + body)
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        assert not _slot_free(url)  # streaming, unread
+        while time.monotonic() - t0 < 120 and not _slot_free(url):
+            time.sleep(0.5)
+        freed_after = time.monotonic() - t0
+        assert _gateway_sample(url, "splitserve_gateway_slow_clients_cut_total") == cut_before + 1
+        generated = _gateway_sample(url, "vllm:generation_tokens_total")
+        print("freed after", freed_after, "generated", generated)
+        # the server closed the connection: what is left in the buffers, then EOF
+        sock.settimeout(30)
+        tail = b""
+        while data := sock.recv(1 << 20):
+            tail = data[-16:]
+        assert not tail.endswith(b"0\r\n\r\n")  # a truncated chunked body, no clean end
+    finally:
+        sock.close()
+    # the engines stopped: no request left running on any worker
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        running = [asyncio.run(worker_stats(disagg, w["address"])).num_running_reqs
+                   for w in workers(disagg)]
+        if not any(running):
+            break
+        time.sleep(0.2)
+    assert not any(running), running
+
+
+def test_tenants_share_no_prefix_cache(guarded_vllm: GatewayProcess) -> None:
+    """The same prompt from two tenants: the engine that computes it reports no cached token
+    for the second tenant, while a second key of the first tenant hits its cache; the router,
+    hashing with the same salts, predicts exactly that (no misprediction)."""
+    url = guarded_vllm.url
+    prompt = "Tenant isolation probe: the quick brown fox jumps over a lazy dog. " * 25
+    names = ("splitserve_gateway_route_audited_requests_total",
+             "splitserve_gateway_route_reported_cached_tokens_total",
+             "splitserve_gateway_route_predicted_cached_tokens_total",
+             "splitserve_gateway_route_mispredictions_total")
+
+    def send(key: str) -> dict[str, float]:
+        before = {n: _gateway_sample(url, n) for n in names}
+        r = httpx.post(f"{url}/v1/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": MODEL, "prompt": prompt, "max_tokens": 2,
+                             "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        return {n.split("_route_")[1].removesuffix("_total"): _gateway_sample(url, n) - v
+                for n, v in before.items()}
+
+    first = send(KEY_A)
+    assert first["audited_requests"] == 1 and first["reported_cached_tokens"] == 0
+    other = send(KEY_B)  # tenant bravo: alpha's blocks are not its blocks
+    assert other["audited_requests"] == 1, other
+    assert other["reported_cached_tokens"] == 0 and other["predicted_cached_tokens"] == 0, other
+    same = send(KEY_A2)  # tenant alpha again, with its other key
+    assert same["audited_requests"] == 1, same
+    assert same["reported_cached_tokens"] >= 256, same  # the prompt's whole blocks
+    assert same["predicted_cached_tokens"] == same["reported_cached_tokens"], same
+    assert first["mispredictions"] == other["mispredictions"] == same["mispredictions"] == 0
 
 
 def test_body_limits_on_the_real_server(disagg: RunningCluster) -> None:

@@ -65,7 +65,7 @@ def healing(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         h.cluster = start_test_cluster(
             ["--mode", "disaggregated", "--prefill", "1", "--decode", "2",
              "--redis-url", h.redis.url, "--kv-lease-s", str(LEASE_S),
-             "--prefill-timeout-s", "3"], run_dir)
+             "--prefill-timeout-s", "3", "--route-headers"], run_dir)
     except BaseException:
         h.redis.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)

@@ -42,7 +42,7 @@ def second_gateway(aggregated: RunningCluster, model_dir: Path) -> Iterator[str]
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "gateway", "--model", str(model_dir),
          "--served-model-name", MODEL, "--redis-url", aggregated.redis_url, "--port", str(port),
-         "--policy", "kv"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+         "--policy", "kv", "--route-headers"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, FILE_ENV: str(aggregated.run_dir / FILE_NAME)})
     log.close()
     base = f"http://127.0.0.1:{port}"

@@ -91,7 +91,8 @@ class OneAtATime:
     def audit_ticket(self, route: Any, request_id: str, **_: Any) -> None:
         return None  # no prefix index here: nothing predicted, nothing to audit
 
-    async def route(self, token_ids: list[int], exclude: frozenset[str] = frozenset()) -> Any:
+    async def route(self, token_ids: list[int], exclude: frozenset[str] = frozenset(),
+                    cache_salt: str | None = None) -> Any:
         for w in self.workers:
             if w.info.worker_id not in exclude:
                 return SimpleNamespace(prefill=None, decode=w.info)

@@ -184,14 +184,31 @@ async def test_access_log_and_span_carry_the_figures(exporter: InMemorySpanExpor
                                          "x-splitserve-predicted-cached-tokens": "96",
                                          "x-splitserve-reported-cached-tokens": "80"})
 
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware)  # route headers off: the default
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://gw") as client:
         with caplog.at_level(logging.INFO, logger="splitserve.access"):
-            assert (await client.post("/v1/completions")).status_code == 200
+            r = await client.post("/v1/completions")
+            assert r.status_code == 200 and r.headers["x-request-id"]
+            assert not [h for h in r.headers if h.startswith("x-splitserve-")], r.headers
     line = next(r for r in caplog.records if r.name == "splitserve.access")
     assert (line.predicted_cached_tokens, line.reported_cached_tokens) == (96, 80)
     span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
     assert span.attributes["splitserve.predicted_cached_tokens"] == 96
     assert span.attributes["splitserve.reported_cached_tokens"] == 80
     assert span.attributes["splitserve.decode_worker"] == "w1"
+
+
+async def test_route_headers_are_sent_only_when_asked_for() -> None:
+    for on in (False, True):
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions() -> JSONResponse:
+            return JSONResponse({}, headers={"x-splitserve-decode-worker": "w1"})
+
+        app.add_middleware(RequestContextMiddleware, route_headers=on)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gw") as client:
+            r = await client.post("/v1/completions")
+        assert r.headers.get("x-splitserve-decode-worker") == ("w1" if on else None)
