@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
@@ -24,6 +24,9 @@ class GatewayConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="HTTP port")
     grpc_port: int = Field(0, description="public gRPC port (splitserve.v1.Inference); 0: off")
+    metrics_port: int = Field(0, ge=0, le=65535, description=(
+        "Prometheus /metrics on a plain HTTP port of its own (on host), which serves nothing "
+        "else; the HTTP port then answers /metrics with 404. 0: /metrics on the HTTP port"))
     max_in_flight: int = Field(1024, ge=1, description=(
         "admission limit: generation requests (HTTP and gRPC together) served at once; more "
         "get HTTP 429 / gRPC RESOURCE_EXHAUSTED"))
@@ -68,6 +71,13 @@ class GatewayConfig(BaseModel):
     frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
         "vllm front end: vLLM's server settings by vLLM's names (tool_call_parser, "
         "enable_auto_tool_choice, reasoning_parser, chat_template, ...)"))
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "GatewayConfig":
+        if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+            raise ValueError(f"metrics_port {self.metrics_port} must differ from port "
+                             f"({self.port}) and grpc_port ({self.grpc_port})")
+        return self
 
     @property
     def name(self) -> str:

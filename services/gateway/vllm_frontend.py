@@ -59,7 +59,7 @@ class FrontendGuard(GuardMiddleware):
         if gw is None:
             raise RuntimeError("FrontendGuard needs the serving gateway (set by run())")
         super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
-                         GENERATION_PATHS, needs_key)
+                         GENERATION_PATHS, needs_key, metrics_port=gw.cfg.metrics_port)
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"
@@ -116,12 +116,15 @@ def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "Asy
                         log_requests=args.enable_log_requests)
 
 
-def serve_gateway_metrics(registry: "CollectorRegistry") -> None:
+def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
     """The gateway's own metrics (routing, the routing audit, ...) on vLLM's /metrics, next to
-    vLLM's: vLLM's server serves the registry vLLM's metrics live in."""
+    vLLM's: vLLM's server serves the registry vLLM's metrics live in, which is returned (with
+    `metrics_port` the gateway's metrics listener serves it instead)."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    get_prometheus_registry().register(registry)
+    served = get_prometheus_registry()
+    served.register(registry)
+    return served
 
 
 async def run(cfg: GatewayConfig) -> None:
@@ -141,14 +144,18 @@ async def run(cfg: GatewayConfig) -> None:
     FrontendGuard.gateway = gateway
     assert gateway.directory is not None and gateway.flow is not None
     core = RemoteEngineCore(gateway.directory, gateway.flow)
-    serve_gateway_metrics(gateway.metrics.registry)
+    listener = gateway.metrics_listener(serve_gateway_metrics(gateway.metrics.registry))
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
+        if listener is not None:  # vLLM's /metrics port answers 404 then (FrontendGuard)
+            await listener.start()
         shutdown = await build_and_serve(engine, listen_address, sock, args)
         log.info("vLLM front end serving on %s", listen_address)
         await shutdown
     finally:
+        if listener is not None:
+            await listener.stop()
         sock.close()
         engine.shutdown()
         await gateway.stop()
