@@ -68,7 +68,8 @@ def test_head_runs_the_controller_against_the_release(name: str) -> None:
     assert ns.device == ("cuda" if name == "gpu-production" else "cpu")
     head_env = env_of(container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"],
                                 "ray-head"))
-    assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "disabled"
+    # the controller joins the head's Ray with its token (docs/security.md, "Ray")
+    assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "token"
 
 
 def test_pools_are_placed_on_their_worker_groups() -> None:
@@ -318,6 +319,62 @@ def test_cluster_secret_reaches_gateway_controller_and_workers_as_a_file(name: s
     own = render(VALUES_FILES[name], ("clusterSecret.existingSecret=ops-cluster-secret",))
     assert set(secret_users(own).values()) == {"ops-cluster-secret"}
     assert not own.has("Secret", "-cluster-secret")
+
+
+@pytest.mark.parametrize("name", ["default", "gpu-production"])
+def test_ray_token_reaches_the_head_and_every_worker_group_as_a_file(name: str) -> None:
+    """Ray's token authentication: RAY_AUTH_MODE=token and the token from a mounted Secret
+    (RAY_AUTH_TOKEN_PATH) in every Ray container (KubeRay copies the worker container's env
+    and mounts into its wait-gcs-ready init container); nothing else connects to Ray."""
+    import base64
+
+    def ray_auth(m: Manifests, key: str = "auth_token") -> dict[str, str | None]:
+        """owner/container -> the Secret its Ray token comes from (None: authentication off)."""
+        out: dict[str, str | None] = {}
+        for owner, tpl in m.pod_templates():
+            spec = tpl["spec"]
+            for c in spec["containers"]:
+                env = env_of(c)
+                assert "RAY_AUTH_TOKEN" not in env  # never the value itself
+                if c["name"] not in ("ray-head", "ray-worker"):
+                    assert not any(k.startswith("RAY_AUTH") for k in env), (owner, c["name"])
+                    assert not any(v["name"] == "ray-auth" for v in spec.get("volumes", []))
+                    continue
+                if env["RAY_AUTH_MODE"] == "disabled":
+                    assert "RAY_AUTH_TOKEN_PATH" not in env
+                    out[f"{owner}/{c['name']}"] = None
+                    continue
+                assert env["RAY_AUTH_MODE"] == "token"
+                path = env["RAY_AUTH_TOKEN_PATH"]
+                mount = next(v for v in c["volumeMounts"] if v["name"] == "ray-auth")
+                assert mount["readOnly"] and path == mount["mountPath"] + "/token"
+                vol = next(v for v in spec["volumes"] if v["name"] == "ray-auth")
+                assert vol["secret"]["items"] == [{"key": key, "path": "token"}]
+                assert vol["secret"]["defaultMode"] == 0o440
+                out[f"{owner}/{c['name']}"] = vol["secret"]["secretName"]
+        return out
+
+    m = render_named(name)
+    rc = m.get("RayCluster", RAY)
+    assert "authOptions" not in rc["spec"]  # the chart's own env, whatever KubeRay's version
+    users = ray_auth(m)
+    groups = {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]}
+    assert set(users) == {f"RayCluster/{RAY}/head/ray-head"} | {
+        f"RayCluster/{RAY}/{g}/ray-worker" for g in groups}
+    assert set(users.values()) == {f"{FULL}-ray-auth"}
+    generated = m.get("Secret", "-ray-auth")
+    assert generated["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    token = base64.b64decode(generated["data"]["auth_token"]).decode()
+    cluster = base64.b64decode(m.get("Secret", "-cluster-secret")["data"]["cluster-secret"])
+    assert len(token) == 48 and token.isalnum() and token.encode() != cluster
+    # the operator's own Secret: used by every Ray container, none generated
+    own = render(VALUES_FILES[name], ("rayCluster.auth.existingSecret=ops-ray-token",
+                                      "rayCluster.auth.key=token"))
+    assert set(ray_auth(own, key="token").values()) == {"ops-ray-token"}
+    assert not own.has("Secret", "-ray-auth")
+    # off: disabled everywhere, no token anywhere
+    off = render(VALUES_FILES[name], ("rayCluster.auth.enabled=false",))
+    assert set(ray_auth(off).values()) == {None} and not off.has("Secret", "-ray-auth")
 
 
 # --- Redis ---------------------------------------------------------------------------------------
