@@ -365,7 +365,8 @@ def _gateway(ns: argparse.Namespace) -> int:
         else:
             cfg = GatewayConfig(model=ns.model, served_model_name=ns.served_model_name,
                                 redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
-                                port=ns.port, policy=ns.policy, max_model_len=ns.max_model_len,
+                                port=ns.port, metrics_port=ns.metrics_port, policy=ns.policy,
+                                max_model_len=ns.max_model_len,
                                 max_in_flight_per_client=ns.max_in_flight_per_client,
                                 max_body_bytes=ns.max_body_bytes,
                                 api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams,
@@ -539,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--metrics-port", type=int, default=0,
+                    help="serve /metrics on this port only, plain HTTP (the HTTP port then "
+                    "answers it with 404); 0: on the HTTP port")
     gw.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)

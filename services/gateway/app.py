@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions,
-/health, /metrics."""
+/health, /metrics (or /metrics on a port of its own: services/gateway/metrics_listener.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -50,6 +50,11 @@ from services.gateway.protocol import (
 from services.gateway.tokenization import PromptBuilder
 from services.proto.v1 import worker_pb2 as pb
 from services.gateway.worker_directory import WorkerDirectory
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from services.gateway.metrics_listener import MetricsListener
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +143,21 @@ class Gateway:
                     log.info("purged index entries of dead workers %s", purged)
             except Exception:
                 log.warning("index purge failed; will retry", exc_info=True)
+
+    async def refresh_gauges(self) -> None:
+        """Before a scrape: the cluster gauges (live workers, pool sizes from Redis)."""
+        d = self.directory
+        await self.cluster_gauges.observe(d, self.redis, self.cfg.namespace,
+                                          d.health if d else None)
+
+    def metrics_listener(self, registry: "CollectorRegistry") -> "MetricsListener | None":
+        """The listener of `registry` on cfg.metrics_port (None when it is 0)."""
+        if not self.cfg.metrics_port:
+            return None
+        from services.gateway.metrics_listener import MetricsListener
+
+        return MetricsListener(registry, self.cfg.host, self.cfg.metrics_port,
+                               self.refresh_gauges)
 
     async def stop(self) -> None:
         if self._purge_task is not None:
@@ -443,15 +463,20 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         await gw.start()
         grpc_server = None
-        if cfg.grpc_port:
-            from services.gateway.grpc_api import start_grpc_server
-
-            grpc_server = await start_grpc_server(gw, cfg.host, cfg.grpc_port)
+        listener = gw.metrics_listener(gw.metrics.registry)
         try:
+            if listener is not None:
+                await listener.start()
+            if cfg.grpc_port:
+                from services.gateway.grpc_api import start_grpc_server
+
+                grpc_server = await start_grpc_server(gw, cfg.host, cfg.grpc_port)
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(grace=2)
+            if listener is not None:
+                await listener.stop()
             await gw.stop()
 
     app = FastAPI(title="splitserve gateway", version="0.1.0", lifespan=lifespan,
@@ -462,7 +487,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.add_middleware(GuardMiddleware, admission=gw.admission, api_keys=gw.api_keys,
                        max_body_bytes=cfg.max_body_bytes,
                        slow_client_timeout_s=cfg.slow_client_timeout_s,
-                       on_slow_client=gw.metrics.slow_clients_cut.inc)
+                       on_slow_client=gw.metrics.slow_clients_cut.inc,
+                       metrics_port=cfg.metrics_port)
     known_paths = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
 
     app.add_middleware(RequestCountMiddleware, metrics=gw.metrics, known_paths=known_paths)
@@ -486,13 +512,14 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable", "workers": counts},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics", response_class=Response, responses={200: {
-        "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-        "description": "Prometheus text format"}})
-    async def metrics() -> Response:
-        await gw.cluster_gauges.observe(gw.directory, gw.redis, cfg.namespace,
-                                        gw.directory.health if gw.directory else None)
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if not cfg.metrics_port:  # else on their own port; this one answers 404 (the guard)
+        @app.get("/metrics", response_class=Response, responses={200: {
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format"}})
+        async def metrics() -> Response:
+            await gw.refresh_gauges()
+            return Response(generate_latest(gw.metrics.registry),
+                            media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions", responses=_generation_responses(CompletionResponse,
                                                                     CompletionChunk))

@@ -24,6 +24,9 @@ class GatewayConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="HTTP port")
     grpc_port: int = Field(0, description="public gRPC port (splitserve.v1.Inference); 0: off")
+    metrics_port: int = Field(0, ge=0, le=65535, description=(
+        "Prometheus /metrics on a plain HTTP port of its own (on host), which serves nothing "
+        "else; the HTTP port then answers /metrics with 404. 0: /metrics on the HTTP port"))
     max_in_flight: int = Field(1024, ge=1, description=(
         "admission limit: generation requests (HTTP and gRPC together) served at once; more "
         "get HTTP 429 / gRPC RESOURCE_EXHAUSTED"))
@@ -84,10 +87,13 @@ class GatewayConfig(BaseModel):
         "enable_auto_tool_choice, reasoning_parser, chat_template, ...)"))
 
     @model_validator(mode="after")
-    def _isolation_needs_vllm_front_end(self) -> "GatewayConfig":
+    def _checks(self) -> "GatewayConfig":
         if self.tenant_isolation and self.frontend != "vllm":
             raise ValueError("tenant_isolation needs frontend: vllm (the splitserve front end "
                              "cannot give requests a cache_salt)")
+        if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+            raise ValueError(f"metrics_port {self.metrics_port} must differ from port "
+                             f"({self.port}) and grpc_port ({self.grpc_port})")
         return self
 
     @property

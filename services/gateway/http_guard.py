@@ -7,6 +7,9 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
       counted while reading a chunked body)
     /v1/* body that is not valid UTF-8                 400 invalid_json
 
+    /metrics (and /metrics/...) when the gateway     404 metrics_on_their_own_port
+      serves its metrics on their own port
+
 A generation request is counted from admission until its response (streamed or not) is
 completely sent. A client that stops reading a response cannot hold its slot for ever: once a
 write has waited `slow_client_timeout_s` for the client to take data (its socket buffers full:
@@ -31,6 +34,15 @@ from services.gateway.tenancy import current_tenant
 log = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def is_metrics_path(path: str) -> bool:
+    return path == "/metrics" or path.startswith("/metrics/")
+
+
+def metrics_elsewhere(metrics_port: int) -> APIError:
+    return APIError(404, f"/metrics is not served on this port: the gateway serves its metrics "
+                    f"on port {metrics_port} (metrics_port)", code="metrics_on_their_own_port")
 
 
 def needs_key(path: str) -> bool:
@@ -58,11 +70,12 @@ class GuardMiddleware:
                  authenticated: Callable[[str], bool] = needs_key,
                  slow_client_timeout_s: float = 0.0,
                  on_slow_client: Callable[[], None] = lambda: None,
-                 isolate_tenants: bool = False) -> None:
+                 isolate_tenants: bool = False, metrics_port: int = 0) -> None:
         self.app = app
         self.isolate_tenants = isolate_tenants and api_keys is not None
         self.slow_client_timeout_s = slow_client_timeout_s
         self.on_slow_client = on_slow_client
+        self.metrics_port = metrics_port  # > 0: /metrics is refused here (served there)
         self.admission = admission
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
@@ -74,6 +87,9 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        if self.metrics_port and is_metrics_path(path):
+            await _refuse(metrics_elsewhere(self.metrics_port), scope, receive, send)
+            return
         headers = Headers(scope=scope)
         client = (scope.get("client") or ("",))[0] or ""
         if self.api_keys is not None and self.needs_key(path):

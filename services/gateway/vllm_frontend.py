@@ -61,7 +61,8 @@ class FrontendGuard(GuardMiddleware):
             raise RuntimeError("FrontendGuard needs the serving gateway (set by run())")
         super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
                          GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
-                         gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation)
+                         gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation,
+                         metrics_port=gw.cfg.metrics_port)
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"
@@ -118,12 +119,15 @@ def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "Asy
                         log_requests=args.enable_log_requests)
 
 
-def serve_gateway_metrics(registry: "CollectorRegistry") -> None:
+def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
     """The gateway's own metrics (routing, the routing audit, ...) on vLLM's /metrics, next to
-    vLLM's: vLLM's server serves the registry vLLM's metrics live in."""
+    vLLM's: vLLM's server serves the registry vLLM's metrics live in, which is returned (with
+    `metrics_port` the gateway's metrics listener serves it instead)."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    get_prometheus_registry().register(registry)
+    served = get_prometheus_registry()
+    served.register(registry)
+    return served
 
 
 async def run(cfg: GatewayConfig) -> None:
@@ -133,6 +137,7 @@ async def run(cfg: GatewayConfig) -> None:
 
     from services.gateway.app import Gateway
     from services.gateway.remote_core import RemoteEngineCore
+    from services.gateway.tenancy import TenantSalts
 
     args = server_args(cfg)
     gateway = Gateway(cfg)  # Redis, the worker directory, the routing policy, API keys
@@ -147,14 +152,18 @@ async def run(cfg: GatewayConfig) -> None:
     assert gateway.directory is not None and gateway.flow is not None
     salts = TenantSalts(gateway.secret)  # a client's cache_salt, or its tenant's
     core = RemoteEngineCore(gateway.directory, gateway.flow, salts)
-    serve_gateway_metrics(gateway.metrics.registry)
+    listener = gateway.metrics_listener(serve_gateway_metrics(gateway.metrics.registry))
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
+        if listener is not None:  # vLLM's /metrics port answers 404 then (FrontendGuard)
+            await listener.start()
         shutdown = await build_and_serve(engine, listen_address, sock, args)
         log.info("vLLM front end serving on %s", listen_address)
         await shutdown
     finally:
+        if listener is not None:
+            await listener.stop()
         sock.close()
         engine.shutdown()
         await gateway.stop()

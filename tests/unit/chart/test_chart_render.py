@@ -68,7 +68,8 @@ def test_head_runs_the_controller_against_the_release(name: str) -> None:
     assert ns.device == ("cuda" if name == "gpu-production" else "cpu")
     head_env = env_of(container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"],
                                 "ray-head"))
-    assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "disabled"
+    # the controller joins the head's Ray with its token (docs/security.md, "Ray")
+    assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "token"
 
 
 def test_pools_are_placed_on_their_worker_groups() -> None:
@@ -226,14 +227,19 @@ def gateway_config(m: Manifests):
 def test_gateway_serves_http_and_grpc_with_probes(name: str) -> None:
     m = render_named(name)
     cfg, c, env = gateway_config(m)
-    assert (cfg.host, cfg.port, cfg.grpc_port) == ("0.0.0.0", 8000, 50051)
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 50051}
+    assert (cfg.host, cfg.port, cfg.grpc_port, cfg.metrics_port) == ("0.0.0.0", 8000, 50051, 9090)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8000, "grpc": 50051, "gateway-metrics": 9090}
+    # /metrics is only on the metrics port (the API port answers it 404): liveness asks there;
+    # startup waits for the API port to open; readiness for live workers behind it
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
-    assert c["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "gateway-metrics"}
+    assert c["startupProbe"] == {"tcpSocket": {"port": "http"}, "periodSeconds": 5,
+                                 "timeoutSeconds": 3, "failureThreshold": 60}
     svc = m.get("Service", "-gateway")
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        ("http", 8000, "http"), ("grpc", 50051, "grpc")}
+        ("http", 8000, "http"), ("grpc", 50051, "grpc"),
+        ("gateway-metrics", 9090, "gateway-metrics")}
     pod_labels = m.get("Deployment", "-gateway")["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     # The gateway and the engines agree on the block-hash seed and the Redis key namespace.
@@ -313,6 +319,62 @@ def test_cluster_secret_reaches_gateway_controller_and_workers_as_a_file(name: s
     own = render(VALUES_FILES[name], ("clusterSecret.existingSecret=ops-cluster-secret",))
     assert set(secret_users(own).values()) == {"ops-cluster-secret"}
     assert not own.has("Secret", "-cluster-secret")
+
+
+@pytest.mark.parametrize("name", ["default", "gpu-production"])
+def test_ray_token_reaches_the_head_and_every_worker_group_as_a_file(name: str) -> None:
+    """Ray's token authentication: RAY_AUTH_MODE=token and the token from a mounted Secret
+    (RAY_AUTH_TOKEN_PATH) in every Ray container (KubeRay copies the worker container's env
+    and mounts into its wait-gcs-ready init container); nothing else connects to Ray."""
+    import base64
+
+    def ray_auth(m: Manifests, key: str = "auth_token") -> dict[str, str | None]:
+        """owner/container -> the Secret its Ray token comes from (None: authentication off)."""
+        out: dict[str, str | None] = {}
+        for owner, tpl in m.pod_templates():
+            spec = tpl["spec"]
+            for c in spec["containers"]:
+                env = env_of(c)
+                assert "RAY_AUTH_TOKEN" not in env  # never the value itself
+                if c["name"] not in ("ray-head", "ray-worker"):
+                    assert not any(k.startswith("RAY_AUTH") for k in env), (owner, c["name"])
+                    assert not any(v["name"] == "ray-auth" for v in spec.get("volumes", []))
+                    continue
+                if env["RAY_AUTH_MODE"] == "disabled":
+                    assert "RAY_AUTH_TOKEN_PATH" not in env
+                    out[f"{owner}/{c['name']}"] = None
+                    continue
+                assert env["RAY_AUTH_MODE"] == "token"
+                path = env["RAY_AUTH_TOKEN_PATH"]
+                mount = next(v for v in c["volumeMounts"] if v["name"] == "ray-auth")
+                assert mount["readOnly"] and path == mount["mountPath"] + "/token"
+                vol = next(v for v in spec["volumes"] if v["name"] == "ray-auth")
+                assert vol["secret"]["items"] == [{"key": key, "path": "token"}]
+                assert vol["secret"]["defaultMode"] == 0o440
+                out[f"{owner}/{c['name']}"] = vol["secret"]["secretName"]
+        return out
+
+    m = render_named(name)
+    rc = m.get("RayCluster", RAY)
+    assert "authOptions" not in rc["spec"]  # the chart's own env, whatever KubeRay's version
+    users = ray_auth(m)
+    groups = {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]}
+    assert set(users) == {f"RayCluster/{RAY}/head/ray-head"} | {
+        f"RayCluster/{RAY}/{g}/ray-worker" for g in groups}
+    assert set(users.values()) == {f"{FULL}-ray-auth"}
+    generated = m.get("Secret", "-ray-auth")
+    assert generated["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    token = base64.b64decode(generated["data"]["auth_token"]).decode()
+    cluster = base64.b64decode(m.get("Secret", "-cluster-secret")["data"]["cluster-secret"])
+    assert len(token) == 48 and token.isalnum() and token.encode() != cluster
+    # the operator's own Secret: used by every Ray container, none generated
+    own = render(VALUES_FILES[name], ("rayCluster.auth.existingSecret=ops-ray-token",
+                                      "rayCluster.auth.key=token"))
+    assert set(ray_auth(own, key="token").values()) == {"ops-ray-token"}
+    assert not own.has("Secret", "-ray-auth")
+    # off: disabled everywhere, no token anywhere
+    off = render(VALUES_FILES[name], ("rayCluster.auth.enabled=false",))
+    assert set(ray_auth(off).values()) == {None} and not off.has("Secret", "-ray-auth")
 
 
 # --- Redis ---------------------------------------------------------------------------------------
@@ -458,6 +520,35 @@ def test_every_pod_runs_non_root_read_only(name: str) -> None:
     assert {"RayCluster", "Deployment", "Pod"} <= owners
 
 
+ANYONE = "anyone"
+
+
+def admitted(m: Manifests, template: dict) -> dict[str, set[int] | str]:
+    """Which container ports of a pod each peer may reach under the rendered NetworkPolicies
+    (they add up): peer (as JSON, or ANYONE) -> port numbers, or "all" for a rule without
+    ports. Named ports resolve against the pod's own container ports, as Kubernetes does."""
+    labels = template["metadata"]["labels"]
+    named = {p["name"]: p["containerPort"] for c in template["spec"]["containers"]
+             for p in c.get("ports", [])}
+    out: dict[str, set[int] | str] = {}
+    for pol in m.all("NetworkPolicy"):
+        spec = pol["spec"]
+        if not spec["podSelector"]["matchLabels"].items() <= labels.items():
+            continue
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            peers = [json.dumps(p, sort_keys=True) for p in rule.get("from", [])] or [ANYONE]
+            ports: set[int] | str = "all"
+            if "ports" in rule:
+                ports = {p["port"] if isinstance(p["port"], int) else named[p["port"]]
+                         for p in rule["ports"] if isinstance(p["port"], int)
+                         or p["port"] in named}
+            for peer in peers:
+                have = out.get(peer, set())
+                out[peer] = "all" if "all" in (have, ports) else have | ports  # type: ignore
+    return {k: v for k, v in out.items() if v}
+
+
 def test_network_policies_admit_release_peers_gateway_clients_and_prometheus() -> None:
     m = render_named("gpu-production")
     pols = {p["metadata"]["name"]: p["spec"] for p in m.all("NetworkPolicy")}
@@ -469,16 +560,48 @@ def test_network_policies_admit_release_peers_gateway_clients_and_prometheus() -
     # Every pod of the release is selected by the internal policy (so is default-deny).
     for owner, tpl in m.pod_templates():
         assert release.items() <= tpl["metadata"]["labels"].items(), owner
-    gw = pols[f"{FULL}-gateway"]["ingress"][0]
-    assert {p["port"] for p in gw["ports"]} == {"http", "grpc"}
-    assert gw["from"] == [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": "ingress-nginx"}}}]
-    metrics = pols[f"{FULL}-metrics"]["ingress"][0]
-    assert {p["port"] for p in metrics["ports"]} == {8000, 9100, 8080, 9400}
-    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": "monitoring"}}}]
+    peer_release = json.dumps({"podSelector": {"matchLabels": release}}, sort_keys=True)
+    prometheus = json.dumps({"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}, sort_keys=True)
+    clients = json.dumps({"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "ingress-nginx"}}}, sort_keys=True)
+    # pod -> what Prometheus and the gateway's clients reach (release peers: all). The Ray head's
+    # GCS, dashboard / Jobs API and client server: from the release's pods only.
+    want = {
+        "Deployment/rel-splitserve-gateway": ({9090}, {8000, 50051}),
+        "RayCluster/rel-splitserve/head": ({8080}, None),
+        "RayCluster/rel-splitserve/prefill": ({9100, 8080}, None),
+        "RayCluster/rel-splitserve/decode": ({9100, 8080}, None),
+        "Deployment/rel-splitserve-planner": ({9400}, None),
+    }
+    seen = set()
+    for owner, tpl in m.pod_templates():
+        got = admitted(m, tpl)
+        assert got.pop(peer_release) == "all", owner
+        if owner in want:
+            metrics, api = want[owner]
+            assert got.pop(prometheus) == metrics, owner
+            assert got.pop(clients, None) == api, owner
+            seen.add(owner)
+        assert not got, (owner, got)  # nobody else reaches anything (Redis: release only)
+    assert seen == set(want)
+    # Defaults: the API is open to anyone (networkPolicy.gatewayFrom empty), the metrics ports
+    # to every namespace's pods (monitoring.prometheusNamespace empty): still only those ports.
+    default = render_named("default")
+    gw_tpl = default.get("Deployment", "-gateway")["spec"]["template"]
+    got = admitted(default, gw_tpl)
+    assert got[ANYONE] == {8000, 50051}
+    assert got[json.dumps({"namespaceSelector": {}})] == {9090}
     assert not render(VALUES_FILES["cpu-dev"], ("networkPolicy.enabled=false",)).all(
         "NetworkPolicy")
+
+
+def test_gateway_metrics_port_must_differ_from_its_api_ports() -> None:
+    from tests.support.chart import helm, template_args
+
+    for sets in (("gateway.metricsPort=8000",), ("gateway.metricsPort=50051",)):
+        out = helm(*template_args([], sets), check=False)
+        assert out.returncode != 0 and "gateway.metricsPort must differ" in out.stderr
 
 
 def test_service_monitor_scrapes_named_ports_of_selected_services() -> None:
@@ -493,6 +616,14 @@ def test_service_monitor_scrapes_named_ports_of_selected_services() -> None:
     ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in ports and ep["path"] == "/metrics"
+    # the gateway is scraped on its metrics port, the one its config serves /metrics on
+    gw_svc = m.get("Service", "-gateway")
+    scraped = [p for p in gw_svc["spec"]["ports"]
+               if p["name"] in {ep["port"] for ep in sm["spec"]["endpoints"]}]
+    assert [p["name"] for p in scraped] == ["gateway-metrics"]
+    cfg, c, _ = gateway_config(m)
+    target = {p["name"]: p["containerPort"] for p in c["ports"]}[scraped[0]["targetPort"]]
+    assert target == cfg.metrics_port == 9090
     workers = m.get("Service", "-workers")
     assert workers["spec"]["clusterIP"] == "None"
     worker_labels = m.get("RayCluster", RAY)["spec"]["workerGroupSpecs"][0]["template"][

@@ -141,6 +141,50 @@ URL and Kubernetes expands it from the container's environment. */}}
         path: secret
 {{- end }}
 
+{{/* Ray token authentication ---------------------------------------------------------------------- */}}
+
+{{/* The Secret holding the Ray token: the operator's, else the chart's own. */}}
+{{- define "splitserve.rayAuthSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "splitserve.fullname" .)) .Values.rayCluster.auth.existingSecret -}}
+{{- end }}
+
+{{/* Ray's authentication mode in every Ray container (head, worker groups; KubeRay copies the
+worker container's environment and mounts into its wait-gcs-ready init container): the token from
+a file, never in the environment. */}}
+{{- define "splitserve.rayAuthEnv" -}}
+{{- if .Values.rayCluster.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN_PATH
+  value: /var/run/secrets/splitserve/ray/token
+{{- else }}
+# Ray's token authentication is off (rayCluster.auth.enabled): only this release's pods reach the
+# Ray ports (networkPolicy.enabled).
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.rayAuthMount" -}}
+{{- if .Values.rayCluster.auth.enabled }}
+- name: ray-auth
+  mountPath: /var/run/secrets/splitserve/ray
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.rayAuthVolume" -}}
+{{- if .Values.rayCluster.auth.enabled }}
+- name: ray-auth
+  secret:
+    secretName: {{ include "splitserve.rayAuthSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.rayCluster.auth.key }}
+        path: token
+{{- end }}
+{{- end }}
+
 {{/* Model --------------------------------------------------------------------------------------- */}}
 
 {{/* What --model gets: a directory in the pod, or a hub id. */}}
