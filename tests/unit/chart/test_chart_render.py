@@ -268,6 +268,14 @@ def test_gateway_autoscaling_and_disruption_budget() -> None:
     assert dev.get("Deployment", "-gateway")["spec"]["replicas"] == 1
 
 
+def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
+    cfg, _, _ = gateway_config(render_named("default"))
+    assert cfg.slow_client_timeout_s == 30 and cfg.route_headers is False
+    cfg, _, _ = gateway_config(render([], ("gateway.slowClientTimeoutSeconds=5",
+                                           "gateway.routeHeaders=true")))
+    assert cfg.slow_client_timeout_s == 5 and cfg.route_headers is True
+
+
 def test_gateway_api_keys_come_from_a_secret_file() -> None:
     m = render_named("external-redis")
     _, c, _ = gateway_config(m)
