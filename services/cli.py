@@ -476,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--placement-group", choices=["auto", "always", "never"], default="auto",
                     help="reserve each worker's resources as a placement group (auto: workers "
                     "of more than one GPU)")
-    up.add_argument("--worker-host", default="127.0.0.1",
-                    help="address workers bind and advertise; 'auto': each worker's node IP")
+    up.add_argument("--worker-host",
+                    help="address workers bind and advertise; 'auto': each worker's node IP "
+                    "(default: 127.0.0.1 with a local Ray, auto with --ray-address)")
     up.add_argument("--worker-metrics-port", type=int, default=0,
                     help="Prometheus port of every worker (0: a free one)")
     up.add_argument("--cluster-secret-file", help="file holding the cluster secret that "

@@ -75,8 +75,9 @@ class ClusterConfig(BaseModel):
         "gateway: a stream whose client took no data this long is cut and aborted; 0: never"))
     route_headers: bool = Field(False, description=(
         "gateway: answer with x-splitserve-* route headers (which workers served, why)"))
-    worker_host: str = Field("127.0.0.1", description=(
-        "address workers bind and advertise; 'auto': each worker's node IP (Kubernetes)"))
+    worker_host: str | None = Field(None, description=(
+        "address workers bind and advertise; 'auto': each worker's node IP; None: 127.0.0.1 "
+        "with a local Ray, 'auto' when joining one (ray_address: workers on other nodes)"))
     worker_metrics_port: int = Field(0, ge=0, le=65535, description=(
         "Prometheus port of every worker; 0 picks a free one (one worker per node/pod: fixed)"))
     gateway: bool = Field(True, description=(
@@ -101,6 +102,13 @@ class ClusterConfig(BaseModel):
     local_ray_num_cpus: int | None = Field(None, description=(
         "logical CPUs of a local Ray node (workers reserve pool.num_cpus each); None: "
         "max(cores, 4 x the workers planned), so pools can grow"))
+
+    @property
+    def advertised_host(self) -> str:
+        """What workers bind and advertise: worker_host, else by where Ray runs."""
+        if self.worker_host is not None:
+            return self.worker_host
+        return "auto" if self.ray_address else "127.0.0.1"
 
     @model_validator(mode="after")
     def _check_pools(self) -> "ClusterConfig":

@@ -202,7 +202,7 @@ class WorkerPools:
             worker_id=f"{role.value}-{index}-{os.urandom(3).hex()}",
             role=role,
             engine=pool_engine(self.cfg.engine, pool),
-            host=self.cfg.worker_host,
+            host=self.cfg.advertised_host,
             redis_url=self.redis_url,
             namespace=self.cfg.namespace,
             run_dir=self.run_dir,

@@ -30,6 +30,14 @@ def test_pools_by_mode() -> None:
     assert list(pool_roles(a)) == ["both"]
 
 
+def test_workers_advertise_their_node_when_ray_is_not_local() -> None:
+    engine = EngineConfig(model="m")
+    assert ClusterConfig(engine=engine).advertised_host == "127.0.0.1"
+    assert ClusterConfig(engine=engine, ray_address="10.0.0.5:6379").advertised_host == "auto"
+    assert ClusterConfig(engine=engine, ray_address="auto",
+                         worker_host="10.0.0.9").advertised_host == "10.0.0.9"
+
+
 def _handle(state: WorkerState, created: float) -> WorkerHandle:
     cfg = WorkerConfig(worker_id=f"w{created}", role="decode", engine=EngineConfig(model="m"),
                        redis_url="redis://x", run_dir="/tmp", cache_dir="/tmp")
