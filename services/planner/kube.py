@@ -5,7 +5,9 @@ Both use the official `kubernetes` client (synchronous; called through `asyncio.
 - `RayClusterScaler` sets `spec.workerGroupSpecs[i].replicas` of the groups named for the
   pools (`group_names`: prefill, decode, both) with a JSON patch whose `test` op pins the
   group's name at index `i`, so a concurrent edit that reorders the groups makes the patch fail
-  (422) instead of scaling the wrong group. Rejected patches (409, 422, 429, 5xx, connection
+  (422) instead of scaling the wrong group. A group that shrinks names the pods to remove in
+  `scaleStrategy.workersToDelete` (as Ray's own autoscaler does): the pods that host no live
+  worker (the drained ones), else KubeRay would delete pods at random, serving ones included. Rejected patches (409, 422, 429, 5xx, connection
   errors) are tried again after re-reading the object.
 - `LeaseElector` is a step-driven take on client-go's Lease lock (`coordination.k8s.io/v1`):
   get → create, renew, or take over an expired lease with an update carrying the read
@@ -85,6 +87,7 @@ class RayClusterScaler:
     def __init__(self, api: k8s.ApiClient, cfg: KubeConfig,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         self.api = k8s.CustomObjectsApi(api)
+        self.core = k8s.CoreV1Api(api)
         self.cfg = cfg
         self._sleep = sleep
 
@@ -113,8 +116,26 @@ class RayClusterScaler:
             raise KubeError(f"cannot read RayCluster {self.cfg.namespace}/"
                             f"{self.cfg.raycluster}: {_describe(exc)}") from exc
 
-    async def scale(self, sizes: dict[str, int]) -> dict[str, int]:
+    async def idle_pods(self, pool: str, busy: set[str]) -> list[str]:
+        """The pods of a pool's group that host none of the `busy` workers' hosts (pod names)
+        and are not being deleted already, by name."""
+        group = self.cfg.group_names[pool]
+        labels = {"ray.io/cluster": self.cfg.raycluster, "ray.io/group": group}
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        try:
+            pods = await asyncio.to_thread(self.core.list_namespaced_pod, self.cfg.namespace,
+                                           label_selector=selector)
+        except (ApiException, Urllib3Error) as exc:
+            raise KubeError(f"cannot list the pods of group {group}: {_describe(exc)}") from exc
+        return sorted(
+            p.metadata.name for p in pods.items
+            if all((p.metadata.labels or {}).get(k) == v for k, v in labels.items())
+            and p.metadata.deletion_timestamp is None and p.metadata.name not in busy)
+
+    async def scale(self, sizes: dict[str, int], remove: dict[str, list[str]] | None = None
+                    ) -> dict[str, int]:
         """Set the replicas of the pools' groups; returns what the RayCluster holds after.
+        A group that shrinks is told which pods to remove when `remove` names them.
 
         A size outside the group's [minReplicas, maxReplicas] is clamped (KubeRay would).
         Retriable rejections are tried again (re-reading first) up to `patch_attempts` times;
@@ -145,6 +166,9 @@ class RayClusterScaler:
                         ops += [{"op": "test", "path": f"{base}/groupName",
                                  "value": self.cfg.group_names[pool]},
                                 {"op": "add", "path": f"{base}/replicas", "value": want}]
+                        if want < g.replicas and (names := (remove or {}).get(pool)):
+                            ops.append({"op": "add", "path": f"{base}/scaleStrategy", "value": {
+                                "workersToDelete": names[:g.replicas - want]}})
                 if ops:
                     await asyncio.to_thread(
                         self.api.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION,

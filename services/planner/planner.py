@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from router.registry import WorkerInfo, WorkerRegistry
 from services.controller.pool_sizes import POOLS, PoolObservation, PoolSizes
 from services.planner.config import PlannerConfig
-from services.planner.kube import KubeError, LeaseElector, RayClusterScaler
+from services.planner.kube import GroupReplicas, KubeError, LeaseElector, RayClusterScaler
 from services.planner.model import (Decision, Estimate, Gentleness, PoolSignals, PoolState,
                                     aggregated_estimate, decide, decode_estimate,
                                     prefill_estimate, slo_clear)
@@ -187,7 +187,8 @@ class Planner:
                         obs.serving + obs.starting <= n)
                     want[pool] = n if n >= have or drained else have
                 if any(current[p].replicas != n for p, n in want.items()):
-                    report.kube_replicas = await self.scaler.scale(want)
+                    report.kube_replicas = await self.scaler.scale(
+                        want, await self._pods_to_remove(current, want))
                 else:
                     report.kube_replicas = {p: g.replicas for p, g in current.items()}
             except KubeError as exc:
@@ -200,6 +201,25 @@ class Planner:
         if write:
             await self.pools.set_desired(write, by=f"planner/{self.identity}")
             report.desired_written = write
+
+    async def _pods_to_remove(self, current: dict[str, GroupReplicas], want: dict[str, int]
+                              ) -> dict[str, list[str]]:
+        """For each group that shrinks, the pods hosting no live worker (a worker's `node` is
+        its pod's host name), so KubeRay removes the drained pods, not serving ones."""
+        assert self.scaler is not None
+        shrinking = [p for p, n in want.items() if n < current[p].replicas]
+        if not shrinking:
+            return {}
+        busy = {w.node for w in await self.registry.live_workers() if w.node}
+        out: dict[str, list[str]] = {}
+        for pool in shrinking:
+            idle = await self.scaler.idle_pods(pool, busy)
+            extra = current[pool].replicas - want[pool]
+            if len(idle) < extra:
+                log.warning("%s: %d pods to remove but only %d host no worker (%s); KubeRay "
+                            "picks the rest", pool, extra, len(idle), idle)
+            out[pool] = idle[:extra]
+        return out
 
     def _export_signals(self, signals: dict[str, PoolSignals]) -> None:
         m = self.metrics

@@ -42,6 +42,7 @@ NS = "plantest"
 KNS = "serving"
 RAYCLUSTERS = kmock.resource("ray.io", "v1", "rayclusters")
 LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
+PODS = kmock.resource("", "v1", "pods")
 
 
 class ApiServer(kmock.KubernetesEmulator):
@@ -127,7 +128,18 @@ async def api() -> AsyncIterator[tuple[ApiServer, str]]:
                          {"groupName": "prefill", "replicas": 1, "minReplicas": 0,
                           "maxReplicas": 8}]}}
         handler.resources[LEASES] = kmock.ResourceInfo(kind="Lease", namespaced=True)
+        handler.resources[PODS] = kmock.ResourceInfo(kind="Pod", namespaced=True)
         yield handler, str(server.url).rstrip("/")
+
+
+def add_pod(handler: ApiServer, name: str, group: str) -> None:
+    """A worker pod of the RayCluster's group, labelled as KubeRay labels them."""
+    handler.objects[PODS, KNS, name] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": KNS, "resourceVersion": "0",
+                     "labels": {"ray.io/cluster": "splitserve", "ray.io/group": group,
+                                "ray.io/node-type": "worker"}},
+        "spec": {"containers": [{"name": "ray-worker", "image": "x"}]}}
 
 
 class Clock:
@@ -143,7 +155,7 @@ class Clock:
 class FakeWorker:
     """vLLM's latency metrics on a real HTTP endpoint, registered as a worker in Redis."""
 
-    def __init__(self, worker_id: str, role: WorkerRole) -> None:
+    def __init__(self, worker_id: str, role: WorkerRole, node: str = "") -> None:
         self.reg = CollectorRegistry()
         labels = ["engine", "model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT", labels,
@@ -157,7 +169,7 @@ class FakeWorker:
         self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.reg)
         self.info = WorkerInfo(worker_id=worker_id, role=role, address="127.0.0.1:1",
                                model="tiny", metrics_url=f"http://127.0.0.1:{self.port}/metrics",
-                               started_at=time.time())
+                               started_at=time.time(), node=node)
 
     def observe(self, ttft: list[float] = (), itl: list[float] = (), tokens: float = 0) -> None:
         for v in ttft:
@@ -180,8 +192,8 @@ def workers() -> Iterator[list[FakeWorker]]:
 
 
 async def add_worker(r: aioredis.Redis, made: list[FakeWorker], wid: str,
-                     role: WorkerRole) -> FakeWorker:
-    w = FakeWorker(wid, role)
+                     role: WorkerRole, node: str = "") -> FakeWorker:
+    w = FakeWorker(wid, role, node)
     made.append(w)
     await WorkerRegistry(r, NS, ttl_s=120).register(w.info)
     return w
@@ -275,9 +287,12 @@ async def test_scale_down_after_cooldown_drains_first(api, r, redis_srv, workers
     await PoolSizes(r, NS).set_desired({"prefill": 1, "decode": 3}, by="controller")
     await controller_sees(r, prefill=(1, 0, 0), decode=(3, 0, 0))
     await add_worker(r, workers, "prefill-0", WorkerRole.PREFILL)
-    for i in range(3):
-        (await add_worker(r, workers, f"decode-{i}", WorkerRole.DECODE)).observe(
+    for i in range(3):  # each on a pod of its own (its host name)
+        add_pod(handler, f"splitserve-decode-worker-{i}", "decode")
+        (await add_worker(r, workers, f"decode-{i}", WorkerRole.DECODE,
+                          node=f"splitserve-decode-worker-{i}")).observe(
             itl=[0.02] * 20)  # idle cluster, fast tokens: one decode worker would do
+    add_pod(handler, "splitserve-prefill-worker-0", "prefill")
     clock = Clock()
     planner = make_planner(r, redis_srv.url, kubeconfig(tmp_path, url), clock, "p-a")
     try:
@@ -300,6 +315,9 @@ async def test_scale_down_after_cooldown_drains_first(api, r, redis_srv, workers
         await WorkerRegistry(r, NS).deregister("decode-2")
         report = await planner.step()
         assert group_replicas(handler)["decode"] == 2
+        # and KubeRay is told which pod goes: the drained one, not one at random
+        group = handler.objects[RAYCLUSTERS, KNS, "splitserve"]["spec"]["workerGroupSpecs"][0]
+        assert group["scaleStrategy"] == {"workersToDelete": ["splitserve-decode-worker-2"]}
         assert report.decisions["decode"].reason == "cooldown_down"  # next one waits again
         # a breach stops any further shrinking, whatever the cool-down
         clock.t += 600

@@ -455,6 +455,7 @@ def test_planner_rbac_is_least_privilege(name: str) -> None:
                     r.get("resourceNames")) for r in role["rules"])
     assert rules == sorted([
         (["ray.io"], ["rayclusters"], ["get", "patch"], [RAY]),
+        ([""], ["pods"], ["list"], None),
         (["coordination.k8s.io"], ["leases"], ["get", "update"], [f"{FULL}-planner"]),
         (["coordination.k8s.io"], ["leases"], ["create"], None),
     ])
