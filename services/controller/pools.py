@@ -92,6 +92,16 @@ def cpu_binding(index: int, engines: int, cores: list[int] | None = None) -> str
     return str(mine[0]) if len(mine) == 1 else ",".join(str(c) for c in mine)
 
 
+def engine_cores(cfg: ClusterConfig, index: int, engines: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND of engine `index` of `engines`: on a local Ray, a share of
+    this host's cores (cpu_binding); when joining a Ray cluster (`ray_address`), the engines
+    run on other nodes whose cores this host cannot count, so each takes vLLM's own choice on
+    its node ("auto"; one engine per node or pod, as on Kubernetes). GPU engines: "nobind"."""
+    if cfg.engine.device != "cpu":
+        return "nobind"
+    return "auto" if cfg.ray_address else cpu_binding(index, engines)
+
+
 def pool_engine(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
     """The engine settings of one pool's workers: the pool's engine arguments over the
     shared ones."""
@@ -207,8 +217,7 @@ class WorkerPools:
             namespace=self.cfg.namespace,
             run_dir=self.run_dir,
             cache_dir=self.cfg.cache_dir,
-            cpu_threads_bind=(cpu_binding(global_index, self._planned_engines)
-                              if self.cfg.engine.device == "cpu" else "nobind"),
+            cpu_threads_bind=engine_cores(self.cfg, global_index, self._planned_engines),
             metrics_port=self.cfg.worker_metrics_port,
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.controller.pools import cpu_binding
+from services.controller.pools import cpu_binding, engine_cores
 from services.worker.engine_args import (EngineArgsError, check_overrides, cli_tokens, merged,
                                          parse, parse_assignments)
 
@@ -176,3 +176,17 @@ def test_up_refuses_a_bad_config_file(tmp_path: Path, monkeypatch: pytest.Monkey
     code, err = _up(tmp_path, monkeypatch, capsys, "--config", str(path))
     assert code == 2, err
     assert message in err
+
+
+def test_engines_on_other_nodes_take_their_nodes_cores() -> None:
+    """A share of this host's cores means nothing on another node: joining a Ray cluster,
+    every CPU engine takes vLLM's own choice there."""
+    from services.controller.config import ClusterConfig
+    from services.worker.config import EngineConfig
+
+    local = ClusterConfig(engine=EngineConfig(model="m", device="cpu"))
+    remote = local.model_copy(update={"ray_address": "10.0.0.5:6379"})
+    gpu = ClusterConfig(engine=EngineConfig(model="m", device="cuda"))
+    assert engine_cores(local, 1, 2) == cpu_binding(1, 2) != "auto"
+    assert [engine_cores(remote, i, 2) for i in range(2)] == ["auto", "auto"]
+    assert engine_cores(gpu, 0, 2) == "nobind"
