@@ -13,10 +13,22 @@ from splitserve_sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
-from splitserve_sdk.types import Chunk, Completion, Health, ModelInfo, Usage
+from splitserve_sdk._common import sampling
+from splitserve_sdk.types import (
+    Choice,
+    Chunk,
+    Completion,
+    Health,
+    ModelInfo,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncClient", "Client", "Chunk", "Completion", "Health", "ModelInfo", "Usage",
+__all__ = ["AsyncClient", "Client", "Choice", "Chunk", "Completion", "Health", "ModelInfo",
+           "TokenLogprob", "ToolCall", "ToolCallDelta", "Usage", "sampling",
            "SplitserveError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
            "DeadlineExceeded", "Cancelled", "Unauthenticated"]

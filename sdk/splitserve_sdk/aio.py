@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import grpc
 
@@ -99,13 +99,12 @@ class AsyncClient:
                                                    timeout))
 
     async def stream_generate(self, prompt: str | Sequence[int], *, model: str | None = None,
-                              max_tokens: int | None = None, temperature: float | None = None,
-                              top_p: float | None = None, seed: int | None = None,
-                              stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                              timeout: float | None = _UNSET) -> AsyncIterator[Chunk]:
-        req = c.complete_request(await self._model_name(model), prompt, max_tokens=max_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                 ignore_eos=ignore_eos)
+                              timeout: float | None = _UNSET, **params: Any
+                              ) -> AsyncIterator[Chunk]:
+        """Text completion of `prompt` (text or token ids), chunk by chunk; `params` are the
+        sampling parameters of `splitserve_sdk.sampling` (max_tokens, temperature, logprobs,
+        n, json_schema, regex, ...)."""
+        req = c.complete_request(await self._model_name(model), prompt, **params)
         async for chunk in self._stream(self._stub.Complete, req, timeout):
             yield chunk
 
@@ -113,13 +112,13 @@ class AsyncClient:
         return Completion.from_chunks([ch async for ch in self.stream_generate(prompt, **kw)])
 
     async def stream_chat(self, messages: Iterable[c.Message], *, model: str | None = None,
-                          max_tokens: int | None = None, temperature: float | None = None,
-                          top_p: float | None = None, seed: int | None = None,
-                          stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                          timeout: float | None = _UNSET) -> AsyncIterator[Chunk]:
-        req = c.chat_request(await self._model_name(model), messages, max_tokens=max_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                             ignore_eos=ignore_eos)
+                          tools: Iterable[Mapping[str, Any]] = (),
+                          tool_choice: str | Mapping[str, Any] | None = None,
+                          timeout: float | None = _UNSET, **params: Any
+                          ) -> AsyncIterator[Chunk]:
+        """Chat completion, chunk by chunk (arguments as Client.stream_chat)."""
+        req = c.chat_request(await self._model_name(model), messages, tools, tool_choice,
+                             **params)
         async for chunk in self._stream(self._stub.Chat, req, timeout):
             yield chunk
 

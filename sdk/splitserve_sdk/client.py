@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import grpc
 
@@ -111,15 +111,12 @@ class Client:
         return Health.from_proto(self._unary(self._stub.Health, pb.HealthRequest(), timeout))
 
     def stream_generate(self, prompt: str | Sequence[int], *, model: str | None = None,
-                        max_tokens: int | None = None, temperature: float | None = None,
-                        top_p: float | None = None, seed: int | None = None,
-                        stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                        timeout: float | None = _UNSET) -> Iterator[Chunk]:
-        """Text completion of `prompt` (text or token ids), chunk by chunk. Closing the
-        iterator early cancels the call (and the request on the workers)."""
-        req = c.complete_request(self._model_name(model), prompt, max_tokens=max_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                 ignore_eos=ignore_eos)
+                        timeout: float | None = _UNSET, **params: Any) -> Iterator[Chunk]:
+        """Text completion of `prompt` (text or token ids), chunk by chunk; `params` are the
+        sampling parameters of `splitserve_sdk.sampling` (max_tokens, temperature, logprobs,
+        n, json_schema, regex, ...). Closing the iterator early cancels the call (and the
+        request on the workers)."""
+        req = c.complete_request(self._model_name(model), prompt, **params)
         return self._stream(self._stub.Complete, req, timeout)
 
     def generate(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
@@ -127,15 +124,15 @@ class Client:
         return Completion.from_chunks(list(self.stream_generate(prompt, **kw)))
 
     def stream_chat(self, messages: Iterable[c.Message], *, model: str | None = None,
-                    max_tokens: int | None = None, temperature: float | None = None,
-                    top_p: float | None = None, seed: int | None = None,
-                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                    timeout: float | None = _UNSET) -> Iterator[Chunk]:
-        """Chat completion, chunk by chunk. `messages`: dicts {"role", "content"[, "name"]}
-        or (role, content) tuples."""
-        req = c.chat_request(self._model_name(model), messages, max_tokens=max_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                             ignore_eos=ignore_eos)
+                    tools: Iterable[Mapping[str, Any]] = (),
+                    tool_choice: str | Mapping[str, Any] | None = None,
+                    timeout: float | None = _UNSET, **params: Any) -> Iterator[Chunk]:
+        """Chat completion, chunk by chunk. `messages`: dicts {"role", "content"[, "name",
+        "tool_calls", "tool_call_id"]} or (role, content) tuples; `tools`: functions the
+        model may call ({"name", "description", "parameters"} or OpenAI's shape);
+        `tool_choice`: "auto", "none", "required" or a function's name; `params`: sampling
+        parameters, as for stream_generate."""
+        req = c.chat_request(self._model_name(model), messages, tools, tool_choice, **params)
         return self._stream(self._stub.Chat, req, timeout)
 
     def chat(self, messages: Iterable[c.Message], **kw: Any) -> Completion:

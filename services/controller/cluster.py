@@ -78,8 +78,6 @@ class Cluster:
         cfg = self.cfg
         port = cfg.port or free_port(cfg.host)
         grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
-        if cfg.frontend == "vllm":
-            grpc_port = 0  # vLLM's front end serves HTTP only (docs/architecture.md)
         gcfg = GatewayConfig(
             model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
             max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,

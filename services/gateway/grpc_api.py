@@ -1,5 +1,8 @@
 """The public gRPC API (`splitserve.v1.Inference`, proto/splitserve/v1/inference.proto), served
-by the gateway process next to its HTTP app, through the same pipeline.
+by the gateway process next to its HTTP app, through the same pipeline. This is the splitserve
+front end's servicer; the vLLM front end's (services/gateway/grpc_serving.py) serves every
+field of the API through vLLM's serving layer, while this one refuses what its pipeline does
+not serve (INVALID_ARGUMENT naming the field and the front end that serves it).
 
 A request is turned into the HTTP endpoint's pydantic model first, so validation (and every
 error message) is the HTTP endpoint's; then `Gateway.prepare()` and `PDFlow.stream()` run as
@@ -68,8 +71,23 @@ def _sampling_fields(s: ipb.SamplingParams) -> dict[str, Any]:
     return out
 
 
+# what this front end's pipeline serves of the API's messages; any other field set is refused
+_SERVED_SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"})
+_SERVED_MESSAGE = frozenset({"role", "content", "name"})
+_SERVED_CHAT = frozenset({"model", "messages", "sampling"})
+
+
+def _unserved(fields: Any, served: frozenset[str], where: str) -> None:
+    for field, _ in fields:
+        if field.name not in served:
+            raise APIError(400, f"{where}{field.name} is served by the gateway's vLLM front end "
+                           "only (frontend: vllm); this gateway runs the splitserve front end",
+                           param=f"{where}{field.name}")
+
+
 def completion_request(req: ipb.CompleteRequest) -> CompletionRequest:
     """The HTTP endpoint's model of a Complete call (raises APIError 400 when invalid)."""
+    _unserved(req.sampling.ListFields(), _SERVED_SAMPLING, "sampling.")
     body: dict[str, Any] = {"model": req.model, **_sampling_fields(req.sampling)}
     which = req.WhichOneof("prompt")
     if which == "text":
@@ -81,8 +99,11 @@ def completion_request(req: ipb.CompleteRequest) -> CompletionRequest:
 
 def chat_request(req: ipb.ChatRequest) -> ChatCompletionRequest:
     """The HTTP endpoint's model of a Chat call (raises APIError 400 when invalid)."""
+    _unserved(req.ListFields(), _SERVED_CHAT, "")
+    _unserved(req.sampling.ListFields(), _SERVED_SAMPLING, "sampling.")
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
+        _unserved(m.ListFields(), _SERVED_MESSAGE, f"messages[{i}].")
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name:
             msg["name"] = m.name
@@ -220,12 +241,14 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
             workers=counts)
 
 
-async def start_grpc_server(gw: "Gateway", host: str, port: int) -> grpc.aio.Server:
-    """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done)."""
+async def start_grpc_server(gw: "Gateway", host: str, port: int,
+                            servicer: InferenceServicer | None = None) -> grpc.aio.Server:
+    """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done), by
+    `servicer` (default: this front end's)."""
     limit = gw.cfg.max_body_bytes
     server = grpc.aio.server(interceptors=[ServerContextInterceptor(public=True)],
                              options=server_options(limit))
-    ipb_grpc.add_InferenceServicer_to_server(InferenceServicer(gw), server)
+    ipb_grpc.add_InferenceServicer_to_server(servicer or InferenceServicer(gw), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot bind the gRPC API to {address}")

@@ -42,6 +42,7 @@ import zmq.asyncio
 
 from router.registry import WorkerInfo
 from services.gateway.audit_ticket import AuditTicket
+from services.gateway.route_note import RouteNote, current_route
 from services.gateway.link_client import LinkClient
 from services.link import LinkKeys
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
@@ -74,6 +75,7 @@ class _Flight:
     last_output: float = field(default_factory=time.monotonic)
     audit: AuditTicket | None = None
     started: float = field(default_factory=time.monotonic)
+    note: RouteNote | None = None  # the route headers' note of the request (route_note.py)
 
 
 def cannot_move(request: "EngineCoreRequest") -> str | None:
@@ -129,7 +131,7 @@ class RemoteEngineCore:
             salt = self._salts.for_request(request.cache_salt)
             if salt != request.cache_salt:
                 request = msgspec.structs.replace(request, cache_salt=salt)
-        flight = _Flight(request, wire_id=request.request_id)
+        flight = _Flight(request, wire_id=request.request_id, note=current_route.get())
         self._flights[request.request_id] = flight
         self._by_wire_id[flight.wire_id] = flight
         flight.task = asyncio.create_task(self._dispatch(flight),
@@ -189,6 +191,10 @@ class RemoteEngineCore:
         if not flight.migrations:  # the audit is of the first route (a move is no prediction)
             flight.audit = self._flow.audit_ticket(route, request.request_id, announce=True,
                                                    trace_headers=request.trace_headers)
+            if flight.note is not None and not flight.note.decode:  # n > 1: the first's
+                flight.note.decode = route.decode.worker_id
+                flight.note.prefill = route.prefill.worker_id if route.prefill else "local"
+                flight.note.reason, flight.note.audit = route.reason, flight.audit
         kv_params = None
         self._count(flight, +1)
         try:

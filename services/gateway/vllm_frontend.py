@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
 from services.gateway.http_guard import GuardMiddleware
+from services.gateway.route_note import RouteHeaderMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
 if TYPE_CHECKING:
@@ -68,6 +69,16 @@ class FrontendGuard(GuardMiddleware):
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"
 
 
+class FrontendRouteHeaders(RouteHeaderMiddleware):
+    """Route headers (`route_headers`) on vLLM's generation paths, through `--middleware`."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app, GENERATION_PATHS)
+
+
+ROUTE_HEADERS = f"{FrontendRouteHeaders.__module__}.{FrontendRouteHeaders.__qualname__}"
+
+
 def server_args(cfg: GatewayConfig) -> argparse.Namespace:
     """vLLM's server settings of this gateway: the engines' arguments (so that the front end
     validates requests against the engines' own configuration), then the front-end ones."""
@@ -78,7 +89,8 @@ def server_args(cfg: GatewayConfig) -> argparse.Namespace:
               "--disable-uvicorn-access-log"]
     tokens += cli_tokens(cfg.engine_args) + cli_tokens(cfg.frontend_args, parser)
     args = parser.parse_args(tokens)
-    args.middleware = [*(args.middleware or []), GUARD]
+    args.middleware = [*(args.middleware or []), GUARD,
+                       *([ROUTE_HEADERS] if cfg.route_headers else [])]
     return args
 
 
@@ -130,9 +142,45 @@ def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
     return served
 
 
+async def build_and_serve(engine: "AsyncLLM", listen_address: str, sock: Any,
+                          args: argparse.Namespace, gateway: "Gateway") -> tuple[Any, Any]:
+    """vLLM's own `build_and_serve` (vllm/entrypoints/launchers/api_server/entry.py: build the
+    app, fill its state, serve it), keeping the app state, whose serving objects also answer
+    the gRPC API when the gateway has a grpc_port. Returns (the server's shutdown task, the
+    gRPC server or None)."""
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    grpc_server = None
+    cfg = gateway.cfg
+    if cfg.grpc_port:
+        from services.gateway.grpc_api import start_grpc_server
+        from services.gateway.grpc_serving import ServingInference
+
+        grpc_server = await start_grpc_server(gateway, cfg.host, cfg.grpc_port,
+                                              ServingInference(gateway, app.state))
+    log_config = get_uvicorn_log_config(args)
+    kwargs = {"log_config": log_config} if log_config is not None else {}
+    shutdown = await serve_http(
+        app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host,
+        port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs, ssl_ciphers=args.ssl_ciphers,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count, **kwargs)
+    return shutdown, grpc_server
+
+
 async def run(cfg: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
-    from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
 
     from services.gateway.app import Gateway
@@ -155,13 +203,17 @@ async def run(cfg: GatewayConfig) -> None:
     listener = gateway.metrics_listener(serve_gateway_metrics(gateway.metrics.registry))
     engine = remote_async_llm(args, core)
     listen_address, sock = setup_server(args, reuse_port=False)
+    grpc_server = None
     try:
         if listener is not None:  # vLLM's /metrics port answers 404 then (FrontendGuard)
             await listener.start()
-        shutdown = await build_and_serve(engine, listen_address, sock, args)
+        shutdown, grpc_server = await build_and_serve(engine, listen_address, sock, args,
+                                                      gateway)
         log.info("vLLM front end serving on %s", listen_address)
         await shutdown
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
         if listener is not None:
             await listener.stop()
         sock.close()

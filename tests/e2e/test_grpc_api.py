@@ -114,6 +114,22 @@ def test_invalid_prompts(disagg: RunningCluster) -> None:
             c.chat([])
 
 
+@pytest.mark.parametrize("kwargs,field", [
+    ({"top_k": 5}, "sampling.top_k"), ({"logprobs": 2}, "sampling.logprobs"),
+    ({"json_schema": {"type": "object"}}, "sampling.structured_output"),
+    ({"tools": [{"name": "f"}]}, "tools"),
+])
+def test_what_the_splitserve_front_end_does_not_serve_is_refused(
+        disagg: RunningCluster, kwargs: dict, field: str) -> None:
+    """Never accepted and ignored: the splitserve front end's pipeline refuses the API's
+    fields that only the vLLM front end serves, naming them."""
+    with grpc_client(disagg) as c:
+        with pytest.raises(sdk.InvalidArgument) as info:
+            c.chat(CHAT, max_tokens=4, **kwargs)
+        assert field in info.value.message and "vLLM front end" in info.value.message
+        assert c.chat(CHAT, max_tokens=4, temperature=0).finish_reason == "length"
+
+
 def _wait_aborted(cluster: RunningCluster, addrs: dict[str, str], before: dict) -> dict:
     deadline = time.monotonic() + 20
     while True:

@@ -197,7 +197,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """A cluster behind vLLM's front end, one mode at a time (the KV-aware policy with every
     prompt sent to the prefill worker, so that KV moves for short prompts too)."""
     mode = request.param
-    args = ["--frontend", "vllm", "--kv-local-prefill-tokens", "0", *ENGINE_ARGS,
+    args = ["--frontend", "vllm", "--kv-local-prefill-tokens", "0", "--route-headers",
+            *ENGINE_ARGS,
             *[f"--frontend-arg={k}={v}" for k, v in TOOL_ARGS.items()]]
     args += ["--mode", "aggregated", "--workers", "1"] if mode == "aggregated" else [
         "--mode", "disaggregated", "--decode", "2"]  # two: a request has somewhere to move
@@ -354,6 +355,173 @@ def test_routing_audit_through_vllms_front_end(cluster: FrontendCluster) -> None
     assert delta['mispredictions_total{direction="under"}'] == 0
     logs = "".join(p.read_text() for p in cluster.up.run_dir.rglob("gateway.log"))
     assert f"predicted {6 * bs} cached tokens, engine reported {6 * bs} (hit)" in logs
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_route_headers_name_the_workers(cluster: FrontendCluster, stream: bool) -> None:
+    """`--route-headers`: the response names the workers that served it, streamed too (its
+    headers are held until the request is routed)."""
+    roles = {w["worker_id"]: w["role"] for w in _status(cluster)}
+    body = _completion(LONG, temperature=0, stream=stream)
+    with httpx.stream("POST", f"{cluster.http}/v1/completions", json=body, timeout=60) as r:
+        r.read()
+        assert r.status_code == 200
+        headers = r.headers
+    decode, prefill = headers["x-splitserve-decode-worker"], headers["x-splitserve-prefill-worker"]
+    assert headers["x-splitserve-route-reason"]
+    if cluster.mode == "disaggregated":
+        assert roles[decode] == "decode" and roles[prefill] == "prefill", (headers, roles)
+        predicted = int(headers["x-splitserve-predicted-cached-tokens"])
+        assert int(headers["x-splitserve-reported-cached-tokens"]) >= 0 and predicted >= 0
+    else:
+        assert roles[decode] == "both" and prefill == "local", (headers, roles)
+    assert "x-splitserve-decode-worker" not in httpx.get(f"{cluster.http}/v1/models").headers
+
+
+# --- the gRPC API ------------------------------------------------------------------------------
+
+def _http_stream(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A streamed HTTP answer put together by choice: text, token ids, finish reason, tool
+    calls, logprobs (token, logprob, alternatives); and usage."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] = {}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": True}
+    with httpx.stream("POST", url + path, json=body, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for c in event.get("choices") or ():
+                seen = choices.setdefault(c["index"], {"text": "", "token_ids": [],
+                                                       "finish_reason": None, "calls": {},
+                                                       "logprobs": []})
+                delta = c.get("delta") or {}
+                seen["text"] += (delta.get("content") if "delta" in c else c.get("text")) or ""
+                seen["token_ids"] += c.get("token_ids") or []
+                seen["finish_reason"] = c.get("finish_reason") or seen["finish_reason"]
+                for d in delta.get("tool_calls") or ():
+                    call = seen["calls"].setdefault(d["index"], ["", ""])
+                    call[0] += (d.get("function") or {}).get("name") or ""
+                    call[1] += (d.get("function") or {}).get("arguments") or ""
+                lp = c.get("logprobs") or {}
+                if "content" in lp:
+                    seen["logprobs"] += [(e["token"], e["logprob"],
+                                          [(t["token"], t["logprob"]) for t in e["top_logprobs"]])
+                                         for e in lp["content"] or ()]
+                elif lp:
+                    seen["logprobs"] += [(t, p, sorted(top.items(), key=lambda kv: -kv[1]))
+                                         for t, p, top in zip(lp["tokens"], lp["token_logprobs"],
+                                                              lp["top_logprobs"])]
+    return {"choices": [{"text": c["text"], "token_ids": c["token_ids"],
+                         "finish_reason": c["finish_reason"],
+                         "tool_calls": [c["calls"][i] for i in sorted(c["calls"])],
+                         "logprobs": c["logprobs"]} for _, c in sorted(choices.items())],
+            "usage": [usage.get("prompt_tokens"), usage.get("completion_tokens")]}
+
+
+def _grpc_answer(done: Any) -> dict[str, Any]:
+    """An SDK Completion in _http_stream's shape."""
+    return {"choices": [{"text": c.text, "token_ids": list(c.token_ids),
+                         "finish_reason": c.finish_reason,
+                         "tool_calls": [[t.name, t.arguments] for t in c.tool_calls],
+                         "logprobs": [(t.token, t.logprob, sorted(
+                             [list(a) for a in t.top], key=lambda kv: -kv[1]))
+                             for t in c.logprobs]} for c in done.choices],
+            "usage": [done.usage.prompt_tokens, done.usage.completion_tokens]}
+
+
+def _lists(x: Any) -> Any:
+    """Tuples as lists, for _close."""
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    return x
+
+
+HELLO = [{"role": "user", "content": "Hello! What does this module do?"}]
+PARIS = [{"role": "user", "content": "Weather in Paris?"}]
+# (name, HTTP path, HTTP body, SDK method, its positional argument, its keywords): the same
+# request over HTTP (streamed) and over gRPC
+GRPC_CASES: list[tuple[str, str, dict[str, Any], str, Any, dict[str, Any]]] = [
+    ("greedy", "/v1/chat/completions", _chat(temperature=0), "chat", HELLO,
+     {"max_tokens": 12, "temperature": 0}),
+    ("n2-seeded", "/v1/chat/completions", _chat(LONG, temperature=1.0, seed=3, n=2), "chat",
+     [{"role": "user", "content": LONG}],
+     {"max_tokens": 12, "temperature": 1.0, "seed": 3, "n": 2}),
+    ("logprobs", "/v1/chat/completions", _chat(temperature=0, logprobs=True, top_logprobs=3),
+     "chat", HELLO, {"max_tokens": 12, "temperature": 0, "logprobs": 3}),
+    ("sampling", "/v1/chat/completions",
+     _chat(temperature=1.0, seed=5, top_k=5, min_p=0.05, presence_penalty=1.5,
+           frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={"42": 5}), "chat", HELLO,
+     {"max_tokens": 12, "temperature": 1.0, "seed": 5, "top_k": 5, "min_p": 0.05,
+      "presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
+      "logit_bias": {42: 5}}),
+    ("json-schema", "/v1/chat/completions",
+     _chat("Describe a person", temperature=0, max_tokens=80,
+           structured_outputs={"json": SCHEMA}), "chat",
+     [{"role": "user", "content": "Describe a person"}],
+     {"max_tokens": 80, "temperature": 0, "json_schema": SCHEMA}),
+    ("regex", "/v1/chat/completions",
+     _chat(temperature=0, max_tokens=20, structured_outputs={"regex": "(yes|no)-[0-9]{3}"}),
+     "chat", HELLO, {"max_tokens": 20, "temperature": 0, "regex": "(yes|no)-[0-9]{3}"}),
+    ("tool-named", "/v1/chat/completions",
+     _chat("Weather in Paris?", temperature=0, max_tokens=80, tools=[WEATHER],
+           tool_choice={"type": "function", "function": {"name": "get_weather"}}), "chat",
+     PARIS, {"max_tokens": 80, "temperature": 0, "tools": [WEATHER],
+             "tool_choice": "get_weather"}),
+    ("tool-required", "/v1/chat/completions",
+     _chat("Weather in Paris?", temperature=0, max_tokens=80, tools=[WEATHER],
+           tool_choice="required"), "chat", PARIS,
+     {"max_tokens": 80, "temperature": 0, "tools": [WEATHER], "tool_choice": "required"}),
+    ("completion-logprobs", "/v1/completions", _completion(temperature=0, logprobs=2),
+     "generate", "def fibonacci(n):", {"max_tokens": 12, "temperature": 0, "logprobs": 2}),
+    ("completion-stop-ids", "/v1/completions",
+     _completion(temperature=0, stop_token_ids=[13, 29], min_tokens=2, max_tokens=30,
+                 stop=["e"], include_stop_str_in_output=True), "generate", "def fibonacci(n):",
+     {"max_tokens": 30, "temperature": 0, "stop_token_ids": [13, 29], "min_tokens": 2,
+      "stop": ["e"], "include_stop_str_in_output": True}),
+]
+
+
+@pytest.mark.parametrize("case", GRPC_CASES, ids=[c[0] for c in GRPC_CASES])
+def test_grpc_gives_the_http_answer(cluster: FrontendCluster, case: tuple) -> None:
+    """The gRPC API is vLLM's serving layer too: every sampling and output parameter, tool
+    calls and structured output give over gRPC what the same request gives over HTTP."""
+    import splitserve_sdk as sdk
+
+    name, path, body, method, arg, kw = case
+    http = _http_stream(cluster.http, path, body)
+    assert cluster.up.grpc, "the vLLM front end serves no gRPC"
+    with sdk.Client(cluster.up.grpc, model=MODEL, timeout=120) as client:
+        done = getattr(client, method)(arg, **kw)
+    got = _grpc_answer(done)
+    _close(_lists(got), _lists(http), name)
+    assert got["choices"][0]["token_ids"], "no tokens: the case tests nothing"
+    if name.startswith("tool"):
+        assert done.finish_reason == "length" or done.tool_calls, done
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"json_schema": {"type": "no-such-type"}}, ""),
+    ({"tools": [WEATHER], "tool_choice": "no_such_tool"}, "tool_choice"),
+    ({"logprobs": 10 ** 6}, "logprobs"),
+    ({"max_tokens": 10 ** 6}, "max"),
+    ({"tools": [{"name": "f", "parameters": "{not json"}]}, "parameters_json"),
+    ({"temperature": -1.0}, "temperature"),
+])
+def test_grpc_bad_input_is_invalid_argument_and_the_cluster_serves_on(
+        cluster: FrontendCluster, kw: dict[str, Any], says: str) -> None:
+    import splitserve_sdk as sdk
+
+    with sdk.Client(cluster.up.grpc, model=MODEL, timeout=60, retries=0) as client:
+        with pytest.raises(sdk.InvalidArgument) as err:
+            client.chat(HELLO, **{"max_tokens": 4, **kw})
+        assert says in str(err.value), err.value
+        assert client.chat(HELLO, max_tokens=4, temperature=0).finish_reason == "length"
 
 
 # --- migration ----------------------------------------------------------------------------------

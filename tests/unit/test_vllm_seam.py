@@ -50,6 +50,30 @@ def test_vllms_server_makes_middleware_classes_with_the_app_alone() -> None:
     assert "app.add_middleware(imported)" in source
 
 
+def test_the_front_ends_build_and_serve_follows_vllms() -> None:
+    """services/gateway/vllm_frontend.build_and_serve is vLLM's own (build the app, fill its
+    state, serve it), keeping the app state for the gRPC API: vLLM's must still be those steps
+    with those settings, and its serving objects where the gRPC servicer reads them."""
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.entrypoints.openai.chat_completion import api_router as chat_router
+    from vllm.entrypoints.openai.completion import api_router as completion_router
+
+    source = inspect.getsource(entry.build_and_serve)
+    for step in ("app = build_app(args, supported_tasks, model_config)",
+                 "await init_app_state(engine_client, app.state, args, supported_tasks)",
+                 "return await serve_http(", "log_config = get_uvicorn_log_config(args)"):
+        assert step in source, step
+    ours = inspect.getsource(__import__("services.gateway.vllm_frontend",
+                                        fromlist=["build_and_serve"]).build_and_serve)
+    for setting in ("enable_ssl_refresh", "uvicorn_log_level", "disable_uvicorn_access_log",
+                    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "ssl_keyfile", "ssl_certfile",
+                    "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+                    "h11_max_incomplete_event_size", "h11_max_header_count"):
+        assert setting in source and setting in ours, setting
+    assert "request.app.state.openai_serving_chat" in inspect.getsource(chat_router)
+    assert "state.openai_serving_completion" in inspect.getsource(completion_router)
+
+
 def test_server_args_add_the_guard_to_vllms_middleware() -> None:
     from services.gateway.config import GatewayConfig
     from services.gateway.vllm_frontend import GUARD, FrontendGuard, needs_key, server_args
