@@ -361,7 +361,8 @@ def _gateway(ns: argparse.Namespace) -> int:
 
     try:
         if ns.config_json:
-            cfg = GatewayConfig.model_validate_json(ns.config_json)
+            text = sys.stdin.read() if ns.config_json == "-" else ns.config_json
+            cfg = GatewayConfig.model_validate_json(text)
         else:
             cfg = GatewayConfig(model=ns.model, served_model_name=ns.served_model_name,
                                 redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
@@ -534,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     mm.set_defaults(func=_make_model)
 
     gw = sub.add_parser("gateway", help="run a gateway process against a running cluster")
-    gw.add_argument("--config-json", help="full GatewayConfig as JSON (overrides flags)")
+    gw.add_argument("--config-json", help="full GatewayConfig as JSON (overrides flags); "
+                    "-: read it from stdin")
     gw.add_argument("--model", help="model directory (tokenizer, chat template)")
     gw.add_argument("--served-model-name")
     gw.add_argument("--redis-url")

@@ -3,8 +3,8 @@
 One random value per cluster, shared by the controller, the gateways and the workers (and
 nobody else). Every internal credential is derived from it, one per purpose, with HMAC-SHA256
 (`ClusterSecret.derive`): the worker gRPC bearer token, the framed stream port's handshake
-token, the engine link's CURVE keypairs (services/link.py) and the key that signs KV transfer
-parameters (services/worker/kv_params_signing.py). A leaked derived value gives nothing else.
+token, the engine link's CURVE keypairs (services/link.py), the key that signs KV transfer
+parameters (services/worker/kv_params_signing.py) and the password of `up`'s private Redis. A leaked derived value gives nothing else.
 
 Where it comes from, first match wins: `$SPLITSERVE_CLUSTER_SECRET` (the value itself; the
 Helm chart sets it from a Kubernetes Secret), `$SPLITSERVE_CLUSTER_SECRET_FILE` (a file holding
@@ -37,6 +37,7 @@ STREAM_TOKEN = b"splitserve-worker-stream-token"
 LINK_SERVER_KEY = b"splitserve-link-server"
 LINK_CLIENT_KEY = b"splitserve-link-client"
 KV_PARAMS_KEY = b"splitserve-kv-transfer-params"
+REDIS_PASSWORD = b"splitserve-private-redis-password"
 
 
 class ClusterSecretError(ValueError):
@@ -119,6 +120,11 @@ class ClusterSecret:
     def stream_token(self) -> bytes:
         """What a client of the framed stream port sends after the preamble."""
         return self.derive(STREAM_TOKEN)
+
+    @property
+    def redis_password(self) -> str:
+        """The password (`requirepass`) of the private Redis `splitserve up` starts."""
+        return self.derive(REDIS_PASSWORD).hex()
 
     def write(self, path: Path) -> Path:
         """Store the secret in `path`, readable by this user only (mode 0600)."""

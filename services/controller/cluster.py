@@ -61,7 +61,7 @@ class Cluster:
                        else ClusterSecret.from_environment() or ClusterSecret.generate())
         self.secret_file = self.secret.write(self.run_dir / FILE_NAME)
         if self.redis_url is None:
-            self.redis = RedisServer(self.run_dir)
+            self.redis = RedisServer(self.run_dir, password=self.secret.redis_password)
             self.redis_url = self.redis.start()
             self.redis_supervisor = RedisSupervisor(self.redis)
             self.redis_supervisor.start()

@@ -32,12 +32,16 @@ class GatewayProcess:
         log = open(self.run_dir / "gateway.log", "ab")
         env = {k: v for k, v in os.environ.items() if k != ENV}
         env[FILE_ENV] = str(self.secret_file)
+        # the configuration (its Redis URL may carry a password) goes by stdin, not argv,
+        # which every user of the machine can read
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "gateway", "--config-json",
-             self.cfg.model_dump_json()],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            [sys.executable, "-m", "services.cli", "gateway", "--config-json", "-"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env,
         )
         log.close()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(self.cfg.model_dump_json().encode())
+        self.proc.stdin.close()
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until /health says the gateway can route (it sees live workers)."""

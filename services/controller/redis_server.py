@@ -1,6 +1,11 @@
 """A private Redis server for a cluster that was not given one (`up` without --redis-url), and
 its supervisor: a private Redis that dies is started again on the same port and directory.
 
+It binds loopback and requires a password (derived from the cluster secret), so another user
+or process of the machine cannot read or write the cluster's registry, index or pool sizes. The
+password is in its configuration file (mode 0600 in the run directory), never on a command
+line; clients carry it in the URL (`redis://:PASSWORD@127.0.0.1:PORT/0`).
+
 It runs without persistence, so a restarted server is empty; the cluster fills it again by
 itself: each worker's next heartbeat registers it again (router/registry.py), each worker's
 index updater writes its engine's cached blocks back from its mirror (router/index_updater.py,
@@ -11,11 +16,13 @@ an audit every 2 s), and the controller writes the desired pool sizes back
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -26,17 +33,33 @@ log = logging.getLogger(__name__)
 
 
 class RedisServer:
-    """Starts redis-server on loopback with no persistence; stops it by PID."""
+    """Starts redis-server on loopback with no persistence (and `password`, unless empty);
+    stops it by PID."""
 
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1", port: int = 0,
+                 password: str = "") -> None:
         self.run_dir = run_dir
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def _config_file(self) -> Path:
+        """The server's configuration: the password, readable by this user only."""
+        path = self.run_dir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            if self.password:
+                os.write(fd, f"requirepass {self.password}\n".encode())
+        finally:
+            os.close(fd)
+        return path
 
     @property
     def running(self) -> bool:
@@ -51,7 +74,7 @@ class RedisServer:
             raise RuntimeError("redis-server not found: run scripts/install.sh (Debian package)")
         log_file = open(self.run_dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            [binary, "--bind", self.host, "--port", str(self.port), "--save", "",
+            [binary, str(self._config_file()), "--bind", self.host, "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--dir", str(self.run_dir), "--protected-mode", "yes"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

@@ -14,6 +14,7 @@ Figures (latencies per phase) are printed and saved as JSON in the test's direct
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -169,6 +170,27 @@ def test_status_finds_the_cluster_without_flags(outage: Outage) -> None:
     assert state["redis_url"] == outage.cluster.redis_url and state["private_redis"]
     assert state["http"] == outage.cluster.http and state["pid"] == outage.cluster.proc.pid
     assert len(live_workers(outage)) == 2
+
+
+def test_the_private_redis_refuses_clients_without_its_password(outage: Outage) -> None:
+    """`up`'s Redis needs the password derived from the cluster secret; the password is on no
+    process's command line (which every user of the machine can read)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(outage.cluster.redis_url)
+    assert url.password, outage.cluster.redis_url
+    anonymous = redis.Redis(host=url.hostname, port=url.port, socket_timeout=5)
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=url.hostname, port=url.port, password="guess", socket_timeout=5).ping()
+    anonymous.close()
+    assert redis.Redis.from_url(outage.cluster.redis_url, socket_timeout=5).ping()
+    procs = psutil.Process(outage.cluster.proc.pid).children(recursive=True)
+    assert any(p.name() == "redis-server" for p in procs)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            assert url.password not in " ".join(p.cmdline()), p.name()
 
 
 def test_a_silent_redis_under_load_delays_no_request_and_fails_none(outage: Outage) -> None:

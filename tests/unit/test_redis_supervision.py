@@ -47,6 +47,44 @@ def supervised(tmp_path: Path, interval_s: float = 0.1):
         server.stop()
 
 
+def test_a_private_redis_with_a_password_refuses_anyone_without_it(tmp_path: Path) -> None:
+    import psutil
+    import redis as redis_py
+
+    from services.cluster_secret import ClusterSecret
+
+    secret = ClusterSecret.generate()
+    password = secret.redis_password
+    assert password not in (secret.grpc_token, secret.stream_token.hex())
+    server = RedisServer(tmp_path, password=password)
+    server.start()
+    try:
+        assert server.url == f"redis://:{password}@127.0.0.1:{server.port}/0"
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(host="127.0.0.1", port=server.port, socket_timeout=5).ping()
+        assert redis_py.Redis.from_url(server.url, socket_timeout=5).ping()
+        assert (tmp_path / "redis.conf").stat().st_mode & 0o777 == 0o600
+        assert server.proc is not None
+        assert password not in " ".join(psutil.Process(server.proc.pid).cmdline())
+        # restarted by its supervisor: the same password
+        sup = RedisSupervisor(server, interval_s=0.1)
+        sup.start()
+        try:
+            server.proc.kill()
+            server.proc.wait()
+            deadline = time.monotonic() + 15
+            while sup.restarts == 0:
+                assert time.monotonic() < deadline, "not restarted"
+                time.sleep(0.1)
+            with pytest.raises(redis_py.AuthenticationError):
+                redis_py.Redis(host="127.0.0.1", port=server.port, socket_timeout=5).ping()
+            assert redis_py.Redis.from_url(server.url, socket_timeout=5).ping()
+        finally:
+            sup.stop()
+    finally:
+        server.stop()
+
+
 async def _true(value: bool) -> bool:
     return value
 
