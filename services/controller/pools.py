@@ -136,25 +136,57 @@ def plan_workers(cfg: ClusterConfig) -> list[tuple[WorkerRole, PoolConfig, int]]
 
 
 def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
+    """SIGKILL a worker's actor process and everything under it (its engine) and remove its
+    engine's /dev/shm files, on the worker's own node: here when it runs on this host, else by
+    a Ray task pinned to its node (`NodeAffinitySchedulingStrategy`, not soft: on no other
+    node). A worker whose node is gone has nothing left to kill. Returns the PIDs killed."""
+    ep = w.endpoints or {}
+    node_id = ep.get("ray_node_id")
+    if node_id and ep.get("node", socket.gethostname()) != socket.gethostname():
+        return kill_on_node(node_id, ep, w.cfg.worker_id, run_dir, w.serving_wall)
+    return kill_local_worker_processes(ep, w.cfg.worker_id, run_dir, w.serving_wall)
+
+
+def kill_on_node(node_id: str, ep: dict, worker_id: str, run_dir: Path, serving_wall: float,
+                 timeout_s: float = 60.0) -> list[int]:
+    """kill_local_worker_processes run by a Ray task on the node `node_id`."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(kill_local_worker_processes).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        name=f"splitserve-kill-{worker_id}")
+    try:
+        killed: list[int] = ray.get(task.remote(ep, worker_id, run_dir, serving_wall,
+                                                on_its_node=True), timeout=timeout_s)
+        return killed
+    except Exception as exc:  # the node is gone (with the worker), or Ray cannot reach it
+        log.warning("could not clean up worker %s on its node %s: %s", worker_id, node_id, exc)
+        return []
+
+
+def kill_local_worker_processes(ep: dict, worker_id: str, run_dir: Path,
+                                serving_wall: float, on_its_node: bool = False) -> list[int]:
     """SIGKILL a worker's actor process and everything under it (its engine), on this host.
 
-    The PIDs come from the worker's endpoints (actor and engine processes, recorded when it
-    started serving) and its PID file (written when the actor was created, so a worker that
-    never finished starting is covered too). A PID now owned by a process created after the
-    worker's actor is skipped (reused). The /dev/shm files its engine processes map at that
-    moment are removed once they are dead (none of them can). The actor's multiprocessing
-    resource tracker is left to unlink the named semaphores it registered (mapped by nobody)
-    before it is killed too. Returns the PIDs killed.
+    The PIDs come from the worker's endpoints `ep` (actor and engine processes, recorded when
+    it started serving, at `serving_wall`) and its PID file (written when the actor was
+    created, so a worker that never finished starting is covered too). A PID now owned by a
+    process created after the worker's actor is skipped (reused). The /dev/shm files its
+    engine processes map at that moment, and those its endpoints list, are removed once they
+    are dead (none of them can). The actor's multiprocessing resource tracker is left to unlink
+    the named semaphores it registered (mapped by nobody) before it is killed too. The PIDs
+    of `ep` count when it names this host, or `on_its_node` (run on its Ray node by
+    kill_on_node). Returns the PIDs killed.
     """
     # pid -> the latest time the process it names was known to exist
     known: dict[int, float] = {}
     actors: set[int] = set()  # the actor's own process (a Ray worker)
-    ep = w.endpoints or {}
-    if ep.get("pid") and ep.get("node", socket.gethostname()) == socket.gethostname():
+    here = on_its_node or ep.get("node", socket.gethostname()) == socket.gethostname()
+    if ep.get("pid") and here:
         actors.add(ep["pid"])
         for pid in [ep["pid"], *ep.get("engine_pids", [])]:
-            known[pid] = w.serving_wall
-    pid_file = worker_pid_file(run_dir, w.cfg.worker_id)
+            known[pid] = serving_wall
+    pid_file = worker_pid_file(run_dir, worker_id)
     try:
         pid_text, host = pid_file.read_text().split()
         if host == socket.gethostname():
@@ -175,9 +207,11 @@ def kill_worker_processes(w: "WorkerHandle", run_dir: Path) -> list[int]:
             continue
     # the actor is a Ray worker (it maps Ray's own files): only what is under it counts
     mapped = segments_mapped_by([p for pid, p in procs.items() if pid not in actors])
+    if here:
+        mapped |= {Path(p) for p in ep.get("shm_segments", [])}
     kill_tree_leaving_trackers(list(procs.values()))
     if removed := unlink_segments(mapped):
-        log.info("removed %d shared-memory files of %s's engine", len(removed), w.cfg.worker_id)
+        log.info("removed %d shared-memory files of %s's engine", len(removed), worker_id)
     pid_file.unlink(missing_ok=True)
     return sorted(procs)
 
@@ -398,8 +432,6 @@ class WorkerPools:
         except Exception:
             pass
         self._release_group(w)
-        ep = w.endpoints or {}
-        unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
         log.info("removed worker %s (killed pids %s)", w.cfg.worker_id, killed)
         if redis is not None:
             try:
@@ -456,7 +488,8 @@ class WorkerPools:
                 pass
             self._release_group(w)
             ep = w.endpoints or {}
-            unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
+            if ep.get("node", socket.gethostname()) == socket.gethostname():
+                unlink_segments({Path(p) for p in ep.get("shm_segments", [])})
         if unclean:
             asyncio.run(self._forget([w.cfg.worker_id for w in unclean]))
         self.workers.clear()

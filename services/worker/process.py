@@ -52,6 +52,7 @@ class WorkerEndpoints(BaseModel):
     nixl_side_channel_port: int
     pid: int
     node: str = ""
+    ray_node_id: str = ""  # the Ray node it runs on (empty outside Ray)
     engine_pids: list[int] = []
     shm_segments: list[str] = []
 
@@ -70,6 +71,16 @@ def ray_placement() -> dict[str, str]:
                 "ray_resources": json.dumps(ctx.get_assigned_resources(), sort_keys=True)}
     except Exception:
         return {}
+
+
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on (empty outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:
+        return ""
 
 
 def node_address() -> str:
@@ -172,6 +183,7 @@ class WorkerProcess:
             nixl_side_channel_port=side_port,
             pid=os.getpid(),
             node=socket.gethostname(),
+            ray_node_id=ray_node_id(),
             engine_pids=_child_pids(),
             shm_segments=sorted(str(p) for p in self._shm_segments),
         )
