@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from services.gateway.errors import APIError, _validation_error
 from services.gateway.grpc_api import InferenceServicer, status_for
 from services.gateway.grpc_mapping import MappingError, chat_body, chunks, completion_body
+from services.gateway.http_guard import NO_WORKERS
 from services.gateway.metrics import StreamTimer
 from services.gateway.tenancy import current_tenant
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
@@ -122,7 +123,7 @@ class ServingInference(InferenceServicer):
 
         directory = self.gw.directory
         if directory is None or not directory.routable:
-            raise _refused(503, "no live workers can take the request; retry later")
+            raise _refused(503, NO_WORKERS.message)
         try:
             request = model.model_validate(body())
         except MappingError as exc:

@@ -3,6 +3,8 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
 
     /v1/* without an accepted key (when keys are on)   401, `WWW-Authenticate: Bearer`
     generation request past an admission limit         429, `Retry-After`
+    generation request while no live worker can take   503 no_workers, `Retry-After`
+      it (`routable`; the vLLM front end's)
     body over max_body_bytes (by Content-Length, or    413, the connection is closed
       counted while reading a chunked body)
     /v1/* body that is not valid UTF-8                 400 invalid_json
@@ -34,6 +36,11 @@ from services.gateway.tenancy import current_tenant
 log = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+NO_WORKERS = APIError(503, "no live worker can serve the request now (the gateway sees no live "
+                      "worker of a role it needs); retry later", type="service_unavailable",
+                      code="no_workers")
 
 
 def is_metrics_path(path: str) -> bool:
@@ -70,8 +77,10 @@ class GuardMiddleware:
                  authenticated: Callable[[str], bool] = needs_key,
                  slow_client_timeout_s: float = 0.0,
                  on_slow_client: Callable[[], None] = lambda: None,
-                 isolate_tenants: bool = False, metrics_port: int = 0) -> None:
+                 isolate_tenants: bool = False, metrics_port: int = 0,
+                 routable: Callable[[], bool] = lambda: True) -> None:
         self.app = app
+        self.routable = routable  # False: generation requests get 503 at once
         self.isolate_tenants = isolate_tenants and api_keys is not None
         self.slow_client_timeout_s = slow_client_timeout_s
         self.on_slow_client = on_slow_client
@@ -102,6 +111,9 @@ class GuardMiddleware:
                 current_tenant.set(self.api_keys.tenant_of(client))
         if path not in self.generation_paths:
             await self._limited_body(scope, receive, send, headers, path)
+            return
+        if not self.routable():
+            await _refuse(NO_WORKERS, scope, receive, send, {"Retry-After": str(RETRY_AFTER_S)})
             return
         if (refusal := self.admission.admit(client)) is not None:
             await _refuse(refusal, scope, receive, send, {"Retry-After": str(RETRY_AFTER_S)})

@@ -63,7 +63,8 @@ class FrontendGuard(GuardMiddleware):
         super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
                          GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
                          gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation,
-                         metrics_port=gw.cfg.metrics_port)
+                         metrics_port=gw.cfg.metrics_port, routable=lambda: bool(
+                             gw.directory is not None and gw.directory.routable))
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"

@@ -177,8 +177,8 @@ def test_deadline_exceeded_aborts_on_the_workers(disagg: RunningCluster) -> None
 @pytest.fixture(scope="module")
 def side_gateways(disagg: RunningCluster, model_dir: Path, tmp_path_factory
                   ) -> Iterator[dict[str, GatewayProcess]]:
-    """Two more gateways on the disagg cluster's Redis: one admitting a single request at a
-    time, one looking at a namespace without workers."""
+    """More gateways on the disagg cluster's Redis: one admitting a single request at a time,
+    and two looking at a namespace without workers (the splitserve and the vLLM front end)."""
     run_dir = tmp_path_factory.mktemp("side-gateways")
     secret_file = disagg.run_dir / FILE_NAME
     base = dict(model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
@@ -189,15 +189,20 @@ def side_gateways(disagg: RunningCluster, model_dir: Path, tmp_path_factory
         "empty": GatewayProcess(GatewayConfig(**base, port=free_port(), grpc_port=free_port(),
                                               namespace="splitserve-no-workers"), run_dir,
                                 secret_file),
+        "empty-vllm": GatewayProcess(GatewayConfig(
+            **base, port=free_port(), grpc_port=free_port(), namespace="splitserve-no-workers",
+            frontend="vllm"), run_dir / "vllm", secret_file),
     }
+    (run_dir / "vllm").mkdir()
     try:
         for g in gws.values():
             g.start()
         gws["limited"].wait_ready(timeout_s=120)
         # not routable, so no HTTP readiness: wait until its gRPC port answers (SDK retries)
-        with sdk.Client(f"127.0.0.1:{gws['empty'].cfg.grpc_port}", retries=1000,
-                        backoff=0.2, max_backoff=1.0) as c:
-            c.models(timeout=120)
+        for name in ("empty", "empty-vllm"):
+            with sdk.Client(f"127.0.0.1:{gws[name].cfg.grpc_port}", retries=1000,
+                            backoff=0.2, max_backoff=1.0) as c:
+                c.models(timeout=180)
         yield gws
     finally:
         for g in gws.values():
@@ -222,14 +227,30 @@ def test_resource_exhausted_at_the_admission_limit(side_gateways) -> None:
                 time.sleep(0.1)
 
 
-def test_unavailable_without_workers(side_gateways) -> None:
-    target = f"127.0.0.1:{side_gateways['empty'].cfg.grpc_port}"
-    with sdk.Client(target, model=MODEL, retries=2, backoff=0.05) as c:
+@pytest.mark.parametrize("gateway", ["empty", "empty-vllm"])
+def test_unavailable_without_workers(side_gateways, gateway: str) -> None:
+    gw = side_gateways[gateway]
+    with sdk.Client(f"127.0.0.1:{gw.cfg.grpc_port}", model=MODEL, retries=2,
+                    backoff=0.05) as c:
         assert not c.health().serving
         start = time.monotonic()
         with pytest.raises(sdk.Unavailable) as info:
             c.chat(CHAT, max_tokens=4)
         assert info.value.message and time.monotonic() - start < 10
+
+
+def test_the_vllm_front_end_answers_503_without_workers(side_gateways) -> None:
+    """Not vLLM's 500 for a request no engine took: 503 at once, with Retry-After."""
+    import httpx
+
+    url = side_gateways["empty-vllm"].url
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": CHAT,
+                                                 "max_tokens": 2, "stream": True})):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "no_workers" and r.headers["retry-after"]
+    assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
 
 
 SCRIPT = textwrap.dedent('''
