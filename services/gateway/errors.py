@@ -14,7 +14,7 @@ class APIError(Exception):
     """An error to return to the client as OpenAI error JSON."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

@@ -8,6 +8,9 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
     body over max_body_bytes (by Content-Length, or    413, the connection is closed
       counted while reading a chunked body)
     /v1/* body that is not valid UTF-8                 400 invalid_json
+    generation body `check_body` refuses (the vLLM     400 naming the field
+      front end: fields splitserve owns,
+      services/gateway/reserved_fields.py)
 
     /metrics (and /metrics/...) when the gateway     404 metrics_on_their_own_port
       serves its metrics on their own port
@@ -78,8 +81,10 @@ class GuardMiddleware:
                  slow_client_timeout_s: float = 0.0,
                  on_slow_client: Callable[[], None] = lambda: None,
                  isolate_tenants: bool = False, metrics_port: int = 0,
-                 routable: Callable[[], bool] = lambda: True) -> None:
+                 routable: Callable[[], bool] = lambda: True,
+                 check_body: Callable[[bytes], APIError | None] = lambda body: None) -> None:
         self.app = app
+        self.check_body = check_body  # a generation request's body: an APIError refuses it
         self.routable = routable  # False: generation requests get 503 at once
         self.isolate_tenants = isolate_tenants and api_keys is not None
         self.slow_client_timeout_s = slow_client_timeout_s
@@ -204,6 +209,9 @@ class GuardMiddleware:
                                       f"0x{body[exc.start]:02x} at offset {exc.start})",
                                       code="invalid_json"), scope, receive, send)
                 return
+        if path in self.generation_paths and (refusal := self.check_body(body)) is not None:
+            await _refuse(refusal, scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Any:

@@ -46,6 +46,7 @@ from services.gateway.route_note import RouteNote, current_route
 from services.gateway.link_client import LinkClient
 from services.link import LinkKeys
 from services.gateway.pd_flow import PDFlow, WorkerUnavailable
+from services.gateway.reserved_fields import reserved_extra_args
 from services.gateway.tenancy import TenantSalts
 from services.gateway.worker_directory import WorkerDirectory
 
@@ -134,6 +135,11 @@ class RemoteEngineCore:
         flight = _Flight(request, wire_id=request.request_id, note=current_route.get())
         self._flights[request.request_id] = flight
         self._by_wire_id[flight.wire_id] = flight
+        if (reserved := reserved_extra_args(request.sampling_params.extra_args
+                                            if request.sampling_params else None)):
+            self._finish_with_error(request.request_id, f"the client set {reserved}, which "
+                                    "the gateway owns (services/gateway/reserved_fields.py)")
+            return
         flight.task = asyncio.create_task(self._dispatch(flight),
                                           name=f"dispatch-{request.request_id}")
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
 from services.gateway.http_guard import GuardMiddleware
+from services.gateway.reserved_fields import reserved_field_refusal
 from services.gateway.route_note import RouteHeaderMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
@@ -64,7 +65,8 @@ class FrontendGuard(GuardMiddleware):
                          GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
                          gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation,
                          metrics_port=gw.cfg.metrics_port, routable=lambda: bool(
-                             gw.directory is not None and gw.directory.routable))
+                             gw.directory is not None and gw.directory.routable),
+                         check_body=reserved_field_refusal)
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"

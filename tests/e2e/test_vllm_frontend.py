@@ -20,7 +20,8 @@ from tests.support.cluster import RunningCluster, cache_dir_for_tests, start_tes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 MODEL = "splitserve-tiny"
-TOOL_ARGS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+TOOL_ARGS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+             "trust_request_chat_template": True}
 # JSON without free whitespace: a random-weights model otherwise fills its budget with blanks
 # (an engine argument every engine and the front end share)
 ENGINE_ARGS = ["--engine-arg", 'structured_outputs_config={"backend": "xgrammar", '
@@ -36,6 +37,8 @@ WEATHER = {"type": "function", "function": {
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "member": {"type": "boolean"}},
           "required": ["name", "member"], "additionalProperties": False}
+PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+YES_NO = {"regex": "(yes|no)-[0-9]{3}"}
 
 
 def _chat(content: str = "Hello! What does this module do?", **kw: Any) -> dict[str, Any]:
@@ -64,12 +67,11 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("chat-logit-bias", "/v1/chat/completions", _chat(temperature=0, logit_bias={"42": 100})),
     ("chat-json-schema", "/v1/chat/completions", _chat(
         "Describe a person", temperature=0, max_tokens=80,
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "person", "schema": SCHEMA}})),
+        response_format=PERSON)),
     ("chat-json-object", "/v1/chat/completions", _chat(
         temperature=0, max_tokens=20, response_format={"type": "json_object"})),
     ("chat-regex", "/v1/chat/completions", _chat(
-        temperature=0, max_tokens=20, structured_outputs={"regex": "(yes|no)-[0-9]{3}"})),
+        temperature=0, max_tokens=20, structured_outputs=YES_NO)),
     ("chat-tool-named", "/v1/chat/completions", _chat(
         "Weather in Paris?", temperature=0, max_tokens=80, tools=[WEATHER],
         tool_choice={"type": "function", "function": {"name": "get_weather"}})),
@@ -84,6 +86,103 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
      _completion(temperature=0, stop_token_ids=[13, 29], min_tokens=2, max_tokens=30)),
     ("completion-ignore-eos", "/v1/completions",
      _completion(temperature=0.7, seed=9, ignore_eos=True, max_tokens=20)),
+    # --- the rest of vLLM's request fields (see test_every_request_field_is_served_or_refused)
+    ("chat-max-completion-tokens", "/v1/chat/completions",
+     {**_chat(temperature=0), "max_tokens": None, "max_completion_tokens": 7}),
+    ("chat-stream-usage", "/v1/chat/completions", _chat(
+        temperature=0, stream=True, stream_interval=3,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})),
+    ("chat-template-options", "/v1/chat/completions", _chat(
+        temperature=0, reasoning_effort="low", include_reasoning=False, user="alice",
+        documents=[{"title": "Ops", "text": "Read the dashboard."}],
+        chat_template_kwargs={"enable_thinking": False}, add_special_tokens=True,
+        request_id="conformance-1", session_id="session-1", cache_salt="tenant-a",
+        vllm_xargs={"note": "x"})),
+    ("chat-thinking-budget", "/v1/chat/completions", _chat(temperature=0,
+                                                            thinking_token_budget=4)),
+    ("chat-tool-single", "/v1/chat/completions", _chat(
+        "Weather in Paris?", temperature=0, max_tokens=80, tools=[WEATHER],
+        tool_choice="required", parallel_tool_calls=False)),
+    ("chat-beam-search", "/v1/chat/completions", _chat(
+        temperature=0, use_beam_search=True, n=2, length_penalty=0.8, max_tokens=6)),
+    ("chat-watermarking", "/v1/chat/completions", _chat(temperature=0, watermarking=True)),
+    ("chat-stop-ids", "/v1/chat/completions", _chat(
+        temperature=0, stop_token_ids=[13, 29], min_tokens=2, max_tokens=30, stop=["e"],
+        include_stop_str_in_output=True, ignore_eos=True)),
+    ("chat-special-tokens", "/v1/chat/completions", _chat(
+        temperature=0, skip_special_tokens=False, spaces_between_special_tokens=False)),
+    ("chat-truncate", "/v1/chat/completions", _chat(
+        LONG, temperature=0, truncate_prompt_tokens=20, truncation_side="left")),
+    ("chat-prompt-logprobs", "/v1/chat/completions", _chat(
+        temperature=0, prompt_logprobs=2, max_tokens=4)),
+    ("chat-token-ids", "/v1/chat/completions", _chat(
+        temperature=0, logprobs=True, top_logprobs=2, logprob_token_ids=[42, 13],
+        return_tokens_as_token_ids=True, return_token_ids=True, return_prompt_text=True)),
+    ("chat-allowed-bad-words", "/v1/chat/completions", _chat(
+        temperature=0, allowed_token_ids=[13, 29, 42, 100, 500, 1000], bad_words=["the"])),
+    ("chat-continue", "/v1/chat/completions", {
+        "model": MODEL, "max_tokens": 8, "temperature": 0, "echo": True,
+        "add_generation_prompt": False, "continue_final_message": True,
+        "messages": [{"role": "user", "content": "What does this module do?"},
+                     {"role": "assistant", "content": "This module"}]}),
+    ("chat-request-template", "/v1/chat/completions", _chat(
+        temperature=0, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")),
+    ("chat-multimodal-options", "/v1/chat/completions", _chat(
+        temperature=0, mm_processor_kwargs={"num_crops": 4}, media_io_kwargs={"image": {}})),
+    ("chat-render-options", "/v1/chat/completions", _chat(
+        temperature=0, mm_payload="none", return_mm_kwargs=False,
+        routed_experts_prompt_start=2)),
+    ("chat-token-offsets", "/v1/chat/completions", _chat(temperature=0,
+                                                          return_token_offsets=True)),
+    ("chat-priority", "/v1/chat/completions", _chat(temperature=0, priority=1)),
+    ("chat-repetition-detection", "/v1/chat/completions", _chat(
+        temperature=0, max_tokens=40, ignore_eos=True,
+        repetition_detection={"max_pattern_size": 4, "min_pattern_size": 1,
+                              "min_count": 3})),
+    ("completion-sampling", "/v1/completions", _completion(
+        temperature=1.0, top_p=0.9, top_k=5, min_p=0.05, seed=7, n=2, presence_penalty=1.5,
+        frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={"42": 5}, user="alice",
+        stop=["e"], include_stop_str_in_output=True)),
+    ("completion-stream-usage", "/v1/completions", _completion(
+        temperature=0, stream=True, stream_interval=3,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})),
+    ("completion-suffix", "/v1/completions", _completion(temperature=0, suffix="return")),
+    ("completion-beam-search", "/v1/completions", _completion(
+        temperature=0, use_beam_search=True, n=2, length_penalty=0.8, max_tokens=6)),
+    ("completion-watermarking", "/v1/completions", _completion(temperature=0,
+                                                               watermarking=True)),
+    ("completion-special-tokens", "/v1/completions", _completion(
+        temperature=0, skip_special_tokens=False, spaces_between_special_tokens=False,
+        add_special_tokens=False)),
+    ("completion-truncate", "/v1/completions", _completion(
+        LONG, temperature=0, truncate_prompt_tokens=20, truncation_side="left")),
+    ("completion-prompt-logprobs", "/v1/completions", _completion(
+        temperature=0, prompt_logprobs=2, max_tokens=4)),
+    ("completion-token-ids", "/v1/completions", _completion(
+        temperature=0, logprobs=2, logprob_token_ids=[42, 13], return_tokens_as_token_ids=True,
+        return_token_ids=True)),
+    ("completion-allowed-bad-words", "/v1/completions", _completion(
+        temperature=0, allowed_token_ids=[13, 29, 42, 100, 500, 1000], bad_words=["the"])),
+    ("completion-json-schema", "/v1/completions", _completion(
+        "A person:", temperature=0, max_tokens=80,
+        response_format=PERSON)),
+    ("completion-regex", "/v1/completions", _completion(
+        temperature=0, max_tokens=20, structured_outputs=YES_NO)),
+    ("completion-options", "/v1/completions", _completion(
+        temperature=0, request_id="conformance-2", session_id="session-2",
+        cache_salt="tenant-b", vllm_xargs={"note": "x"}, mm_payload="none",
+        return_mm_kwargs=False, routed_experts_prompt_start=2)),
+    ("completion-token-offsets", "/v1/completions", _completion(temperature=0,
+                                                                return_token_offsets=True)),
+    ("completion-thinking-budget", "/v1/completions", _completion(temperature=0,
+                                                                  thinking_token_budget=4)),
+    ("completion-prompt-embeds", "/v1/completions",
+     {"model": MODEL, "max_tokens": 4, "prompt_embeds": "AAAA"}),
+    ("completion-priority", "/v1/completions", _completion(temperature=0, priority=1)),
+    ("completion-repetition-detection", "/v1/completions", _completion(
+        temperature=0, max_tokens=40, ignore_eos=True,
+        repetition_detection={"max_pattern_size": 4, "min_pattern_size": 1,
+                              "min_count": 3})),
 ]
 
 BAD: list[tuple[str, dict[str, Any]]] = [
@@ -96,36 +195,50 @@ BAD: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+VOLATILE = frozenset({"id", "created", "system_fingerprint"})
+
+
 def _normal(path: str, body: dict[str, Any], resp: httpx.Response) -> Any:
-    """What must match: the status and, for a 200, the answer without ids and times."""
+    """What must match: the status and, for a 200, the whole answer but its ids and times."""
     if resp.status_code != 200:
         return {"status": resp.status_code}
     if body.get("stream"):
         return {"status": 200, "stream": _from_stream(resp.text)}
     data = resp.json()
+    rest = {k: v for k, v in data.items() if k not in VOLATILE | {"choices", "usage"}}
     return {"status": 200, "choices": [_choice(c) for c in data["choices"]],
-            "usage": {k: data["usage"][k] for k in ("prompt_tokens", "completion_tokens")}}
+            "usage": {k: data["usage"][k] for k in ("prompt_tokens", "completion_tokens")},
+            "rest": rest}
 
 
 def _choice(c: dict[str, Any]) -> dict[str, Any]:
     msg = c.get("message") or {}
     calls = [{"name": t["function"]["name"], "arguments": json.loads(t["function"]["arguments"])}
              for t in msg.get("tool_calls") or []]
+    more = {k: v for k, v in c.items() if k not in {"message", "text", "index", "finish_reason",
+                                                     "stop_reason", "logprobs"}}
+    more.update({f"message.{k}": v for k, v in msg.items() if k not in {"content", "tool_calls"}})
     return {"index": c["index"], "text": c.get("text", msg.get("content")),
             "tool_calls": calls, "finish_reason": c["finish_reason"],
-            "stop_reason": c.get("stop_reason"), "logprobs": c.get("logprobs")}
+            "stop_reason": c.get("stop_reason"), "logprobs": c.get("logprobs"), "more": more}
 
 
-def _from_stream(text: str) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
+def _from_stream(text: str) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
     for line in text.splitlines():
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         event = json.loads(line[6:])
+        if event.get("error"):  # vLLM's error event in a 200 stream
+            out["error"] = event["error"].get("message")
+        if event.get("usage"):
+            out["usage"] = {k: event["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
         for c in event.get("choices", []):
-            seen = out.setdefault(c["index"], {"text": "", "finish_reason": None})
+            seen = out.setdefault(c["index"], {"text": "", "finish_reason": None,
+                                               "token_ids": []})
             delta = c.get("delta") or {}
             seen["text"] += c.get("text") or delta.get("content") or ""
+            seen["token_ids"] += c.get("token_ids") or []
             if c.get("finish_reason"):
                 seen["finish_reason"] = c["finish_reason"]
     return out
@@ -151,7 +264,8 @@ def _requests() -> list[tuple[str, str, dict[str, Any]]]:
     out = []
     for name, path, body in CASES:
         out.append((name, path, body))
-        out.append((f"{name}-stream", path, {**body, "stream": True}))
+        if "stream" not in body:
+            out.append((f"{name}-stream", path, {**body, "stream": True}))
     return out
 
 
@@ -216,11 +330,26 @@ def answers(cluster: FrontendCluster) -> dict[str, Any]:
     return _send_all(cluster.http)
 
 
+# cases vLLM's own server refuses in this configuration (400, or an error event in a streamed
+# 200): the cluster must refuse them the same way, with vLLM's message
+REFUSED_BY_VLLM = frozenset({
+    "chat-thinking-budget", "chat-thinking-budget-stream",  # no reasoning parser
+    "completion-thinking-budget", "completion-thinking-budget-stream",
+    "chat-prompt-logprobs-stream", "completion-prompt-logprobs-stream",  # not when streamed
+    "chat-multimodal-options", "chat-multimodal-options-stream",  # a text-only model
+    "completion-suffix", "completion-suffix-stream",  # vLLM serves no suffix
+    "completion-beam-search-stream",  # not when streamed
+    "completion-prompt-embeds", "completion-prompt-embeds-stream",  # --enable-prompt-embeds
+})
+
+
 @pytest.mark.parametrize("name", [n for n, _, _ in _requests()])
 def test_same_answer_as_vllms_own_server(reference: dict[str, Any], answers: dict[str, Any],
                                          name: str) -> None:
-    assert reference[name]["status"] == 200, reference[name]
-    _close(answers[name], reference[name], name)
+    ref = reference[name]
+    refused = ref["status"] != 200 or "error" in ref.get("stream", {})
+    assert refused == (name in REFUSED_BY_VLLM), ref
+    _close(answers[name], ref, name)
 
 
 def test_structured_outputs_and_tool_calls_are_well_formed(answers: dict[str, Any]) -> None:
@@ -278,6 +407,51 @@ def test_bad_input_gets_vllms_400_and_the_cluster_serves_on(
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["message"] and err["code"] == 400
+    ok = httpx.post(cluster.http + "/v1/completions", json=_completion(temperature=0),
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+# fields a client may not set: splitserve runs the KV handoff (reserved_fields.py)
+REFUSED = ("kv_transfer_params", "ec_transfer_params", "vllm_xargs.kv_transfer_params")
+PATHS = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+
+
+def _request_models() -> dict[str, Any]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_request_field_is_served_or_refused(path: str) -> None:
+    """Every field of vLLM's request model is set by a conformance case (whose answer must be
+    vLLM's own server's) or refused with a 400 naming it (test_a_reserved_field_is_refused):
+    a field vLLM adds in a new version fails here until it is one or the other."""
+    fields = set(_request_models()[path].model_fields)
+    assert len(fields) > 40, "vLLM's request model is not the one this walk was written for"
+    cased = {k for _, p, body in CASES if p == path for k in body} | {"stream"}
+    refused = {f for f in REFUSED if "." not in f}
+    missing = sorted(fields - cased - refused)
+    assert not missing, f"{PATHS[path]} fields with no conformance case and no refusal: {missing}"
+    assert not cased - fields, f"cases set fields {PATHS[path]} lacks: {cased - fields}"
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("field", REFUSED)
+def test_a_reserved_field_is_refused(cluster: FrontendCluster, path: str, field: str) -> None:
+    body = _chat(temperature=0) if "chat" in path else _completion(temperature=0)
+    value = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_block_ids": [0]}
+    if field.startswith("vllm_xargs."):
+        body["vllm_xargs"] = {field.split(".", 1)[1]: 1}
+    else:
+        body[field] = value
+    for stream in (False, True):
+        r = httpx.post(cluster.http + path, json={**body, "stream": stream}, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == field and f"'{field}'" in err["message"], err
     ok = httpx.post(cluster.http + "/v1/completions", json=_completion(temperature=0),
                     timeout=60)
     assert ok.status_code == 200

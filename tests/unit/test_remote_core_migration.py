@@ -275,3 +275,19 @@ def test_no_worker_left_ends_the_request_with_an_error() -> None:
             assert tokens == [] and reason.name == "ERROR"
 
     asyncio.run(main())
+
+
+def test_a_client_set_kv_transfer_parameter_never_reaches_a_worker() -> None:
+    """`extra_args` with kv_transfer_params (a client's `vllm_xargs` past the HTTP check)
+    ends the request with an error; the worker never sees it, and the next request is served."""
+    async def main() -> None:
+        async with cluster(1) as (core, (a,), _, directory):
+            await core.add_request_async(request(
+                "r9", [1, 2], 3, extra_args={"kv_transfer_params": {"do_remote_prefill": True}}))
+            tokens, reason = await outputs_until_finished(core, "r9")
+            assert tokens == [] and reason.name == "ERROR"
+            assert a.requests.empty() and directory.in_flight == {}
+            await core.add_request_async(request("r10", [1, 2], 1, temperature=0.0))
+            assert (await a.next_request()).request_id == "r10"
+
+    asyncio.run(main())
