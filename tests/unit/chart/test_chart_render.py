@@ -276,6 +276,35 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
     assert cfg.slow_client_timeout_s == 5 and cfg.route_headers is True
 
 
+def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
+    """gateway.frontend=vllm: the gateway config names vLLM's front end, mirrors the engines'
+    shared engine arguments and carries the server settings, which vLLM's own parser takes."""
+    from services.gateway.vllm_frontend import check_frontend_args, server_args
+
+    default, _, _ = gateway_config(render_named("default"))
+    assert default.frontend == "splitserve" and not default.frontend_args
+    cfg, _, _ = gateway_config(render([], (
+        "gateway.frontend=vllm", "engine.engineArgs.max_num_seqs=64",
+        "gateway.frontendArgs.tool_call_parser=hermes",
+        "gateway.frontendArgs.enable_auto_tool_choice=true")))
+    assert cfg.frontend == "vllm" and cfg.engine_args == {"max_num_seqs": 64}
+    assert cfg.frontend_args == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
+    check_frontend_args(cfg.frontend_args)
+    args = server_args(cfg)
+    assert (args.tool_call_parser, args.enable_auto_tool_choice, args.max_num_seqs) == (
+        "hermes", True, 64)
+
+
+def test_gateway_frontend_values_are_checked() -> None:
+    from tests.support.chart import helm, template_args
+
+    out = helm(*template_args([], ("gateway.frontendArgs.tool_call_parser=hermes",)),
+               check=False)
+    assert out.returncode != 0 and "need gateway.frontend=vllm" in out.stderr
+    out = helm(*template_args([], ("gateway.frontend=sglang",)), check=False)
+    assert out.returncode != 0 and "frontend" in out.stderr
+
+
 def test_gateway_api_keys_come_from_a_secret_file() -> None:
     m = render_named("external-redis")
     _, c, _ = gateway_config(m)
