@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -13,7 +15,7 @@ from typing import Iterator
 
 import redis
 
-from services.ports import free_port
+from services.ports import ephemeral_port_low, free_port
 
 __all__ = ["RedisClusterServer", "redis_cluster"]
 
@@ -86,12 +88,58 @@ class RedisClusterServer:
                 proc.wait()
 
 
+def _free_node_port(host: str, taken: list[int]) -> int:
+    """A port whose cluster bus port (port + 10000) is free too, both below the kernel's
+    ephemeral range where one is known (a port there may be taken by any outgoing connection
+    between this check and the node's bind: seen as 'cluster node N did not start')."""
+    low = ephemeral_port_low()
+    span = range(20000, low - 10000) if low - 10000 > 20000 + 64 else range(0)
+    for _ in range(500):
+        port = random.choice(span) if span else free_port(host)
+        if port in taken or port + 10000 >= 65536:
+            continue
+        if all(_bindable(host, p) for p in (port, port + 10000)):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _start_node_on_free_ports(srv: RedisClusterServer, extra: list[str], tries: int = 5) -> None:
+    """Start one node and wait for its PING; a node that exits first (its port was taken
+    meanwhile) is started again on other ports."""
+    for _ in range(tries):
+        port = _free_node_port(srv.host, srv.ports)
+        proc = _start_node(srv.run_dir, srv.host, port, extra)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with contextlib.closing(srv.node(port)) as c:
+                    c.ping()
+                srv.ports.append(port)
+                srv.procs[port] = proc
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    raise RuntimeError(f"a cluster node did not start in {tries} tries; see {srv.run_dir}")
+
+
 def _start_node(run_dir: Path, host: str, port: int, extra: list[str]) -> subprocess.Popen:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: run scripts/install.sh (Debian package)")
     d = run_dir / str(port)
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     log = open(d / "redis.log", "ab")
     proc = subprocess.Popen(
         [binary, "--bind", host, "--port", str(port), "--cluster-enabled", "yes",
@@ -108,29 +156,12 @@ def redis_cluster(primaries: int = 3, replicas: int = 1, host: str = "127.0.0.1"
     """Start ``primaries * (1 + replicas)`` cluster-enabled redis-servers, join them with
     ``redis-cli --cluster create``, yield the cluster, stop every node by PID."""
     with tempfile.TemporaryDirectory(prefix="splitserve-rcluster-") as d:
-        ports: list[int] = []
-        while len(ports) < primaries * (1 + replicas):
-            # a cluster node also binds port + 10000 (its bus): both must be free
-            p = free_port(host)
-            if p + 10000 < 65536 and p not in ports:
-                ports.append(p)
-        srv = RedisClusterServer(Path(d), ports, host=host)
+        srv = RedisClusterServer(Path(d), [], host=host)
         try:
-            for port in ports:
-                srv.procs[port] = _start_node(srv.run_dir, host, port, extra or [])
-            deadline = time.monotonic() + 10
-            for port in ports:
-                while True:
-                    try:
-                        with contextlib.closing(srv.node(port)) as c:
-                            c.ping()
-                        break
-                    except redis.ConnectionError:
-                        if srv.procs[port].poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"cluster node {port} did not start; see {d}")
-                        time.sleep(0.05)
+            for _ in range(primaries * (1 + replicas)):
+                _start_node_on_free_ports(srv, extra or [])
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *[f"{host}:{p}" for p in ports],
+                ["redis-cli", "--cluster", "create", *[f"{host}:{p}" for p in srv.ports],
                  "--cluster-replicas", str(replicas), "--cluster-yes"],
                 input=b"yes\n", capture_output=True, check=True, timeout=60)
             srv.wait_ok()

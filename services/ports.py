@@ -21,7 +21,7 @@ def port_outside_ephemeral_range(host: str = "127.0.0.1") -> int:
     much later (vLLM's NIXL side channel binds tens of seconds after the worker picked it).
     A port from `free_port` is in the kernel's ephemeral range: any outgoing connection or
     `bind(0)` on the host may take it in between (seen: 'Address already in use')."""
-    low = _ephemeral_low()
+    low = ephemeral_port_low()
     if low - 1 <= _RESERVED_LOW:
         return free_port(host)
     candidates = list(range(_RESERVED_LOW, low))
@@ -36,7 +36,8 @@ def port_outside_ephemeral_range(host: str = "127.0.0.1") -> int:
     return free_port(host)
 
 
-def _ephemeral_low() -> int:
+def ephemeral_port_low() -> int:
+    """The lowest port of the kernel's ephemeral range (0 where it cannot be read)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             return int(f.read().split()[0])

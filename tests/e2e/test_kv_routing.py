@@ -158,6 +158,9 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
         return asyncio.run(redis_call(lambda c: PrefixIndex(c).longest_prefixes(
             hasher.block_hashes(ids), [worker_id])))[worker_id]
 
+    def block_count(worker_id: str) -> int:
+        return asyncio.run(redis_call(lambda c: PrefixIndex(c).worker_block_count(worker_id)))
+
     def wait_indexed(worker_id: str, ids: list[int], blocks: int) -> None:
         deadline = time.monotonic() + 15
         while index_holds(worker_id, ids) < blocks:  # the engine's BlockStored, applied
@@ -189,6 +192,7 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
     ghost = fresh(6)
     edit(other, hasher.block_hashes(ghost), add=True)
     assert index_holds(other, ghost) == 6
+    counted = block_count(other)
     r = post(aggregated.http, ghost, max_tokens=2)
     assert r.headers["x-splitserve-decode-worker"] == other, "did not follow the (false) cache"
     assert audited(r) == (6 * bs, 0)
@@ -198,6 +202,15 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
     assert over["predicted_cached_tokens"] - after["predicted_cached_tokens"] == 6 * bs
     assert over["reported_cached_tokens"] == after["reported_cached_tokens"]
     assert over["hit_precision"] < 1.0
+
+    # The engine now stores the ghost blocks for real: they were in the index already, so its
+    # block count stays behind the updater's mirror until the updater's audit (every 2 s)
+    # rebuilds the worker's entries. Step 3 edits the index too: on this worker, that rebuild
+    # would undo its edit, so it waits for the rebuild first.
+    deadline = time.monotonic() + 15
+    while block_count(other) < counted + 6:
+        assert time.monotonic() < deadline, "the updater never counted the ghost blocks"
+        time.sleep(0.1)
 
     # 3. The engine holds blocks the index lost: under-predicted.
     lost = fresh(8)

@@ -39,9 +39,9 @@ def test_the_side_channel_port_is_outside_the_ephemeral_range() -> None:
     kernel's ephemeral range may be taken by any connection meanwhile."""
     import socket
 
-    from services.ports import _ephemeral_low, port_outside_ephemeral_range
+    from services.ports import ephemeral_port_low, port_outside_ephemeral_range
 
-    low = _ephemeral_low()
+    low = ephemeral_port_low()
     ports = {port_outside_ephemeral_range() for _ in range(20)}
     if low > 20001:  # (a kernel whose ephemeral range starts lower: any free port is taken)
         assert all(20000 <= p < low for p in ports), (ports, low)
