@@ -34,9 +34,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _kwargs(cfg: RedisClientConfig) -> dict:
-    return dict(socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.connect_timeout_s,
-                max_connections=cfg.max_connections, timeout=cfg.pool_timeout_s)
+def _kwargs(url: str, cfg: RedisClientConfig) -> dict:
+    kw: dict = dict(socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.connect_timeout_s,
+                    max_connections=cfg.max_connections, timeout=cfg.pool_timeout_s)
+    if url.startswith("rediss://"):
+        kw.update(ssl_cert_reqs="required", ssl_check_hostname=True,
+                  ssl_ca_certs=cfg.tls_ca_file or None, ssl_certfile=cfg.tls_cert_file or None,
+                  ssl_keyfile=cfg.tls_key_file or None)
+    elif cfg.tls_files:
+        raise ValueError("SPLITSERVE_REDIS_TLS_* files are set but the Redis URL is not "
+                         "rediss://: a TLS Redis is reached by a rediss:// URL")
+    return kw
 
 
 def redis_client(url: str, config: RedisClientConfig | None = None, *,
@@ -47,7 +55,7 @@ def redis_client(url: str, config: RedisClientConfig | None = None, *,
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses,
         retry=AsyncRetry(NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)),
-        **_kwargs(cfg))
+        **_kwargs(url, cfg))
     return aioredis.Redis.from_pool(pool)
 
 
@@ -58,7 +66,7 @@ def sync_redis_client(url: str, config: RedisClientConfig | None = None, *,
     pool = redis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses,
         retry=SyncRetry(NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)),
-        **_kwargs(cfg))
+        **_kwargs(url, cfg))
     return redis.Redis.from_pool(pool)
 
 

@@ -7,7 +7,7 @@ passes the variables on to the workers it starts.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,9 +31,30 @@ class RedisClientConfig(BaseSettings):
     outage_pause_s: float = Field(2.0, ge=0, description=(
         "gateway: after a Redis call failed, request-path lookups skip Redis (route on load "
         "only) this long; the registry refresh keeps probing and ends the pause when it answers"))
+    tls_ca_file: str = Field("", description=(
+        "rediss:// URLs: the CA bundle (PEM) that signs the Redis server's certificate; empty: "
+        "the system's trust store. The server's certificate is always verified, host name "
+        "included"))
+    tls_cert_file: str = Field("", description=(
+        "rediss:// URLs: this client's certificate (PEM), for a Redis that requires client "
+        "certificates (tls-auth-clients yes); set with tls_key_file"))
+    tls_key_file: str = Field("", description=(
+        "rediss:// URLs: the private key (PEM) of tls_cert_file"))
     tool_timeout_s: float = Field(5.0, gt=0, description=(
         "connect and reply timeout of the command-line tools (status, scale, bench), which "
         "would rather wait on a busy Redis than fail"))
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "RedisClientConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("SPLITSERVE_REDIS_TLS_CERT_FILE and SPLITSERVE_REDIS_TLS_KEY_FILE "
+                             "go together: set both or neither")
+        return self
+
+    @property
+    def tls_files(self) -> bool:
+        """Whether any TLS file is set."""
+        return bool(self.tls_ca_file or self.tls_cert_file)
 
     def for_tools(self) -> "RedisClientConfig":
         """These settings with the tools' timeouts."""

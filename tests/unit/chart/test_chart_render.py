@@ -459,6 +459,65 @@ def test_external_redis_replaces_the_statefulset() -> None:
     assert names.index("REDIS_PASSWORD") < names.index("SPLITSERVE_REDIS_URL")
 
 
+@pytest.mark.parametrize("client_auth", [True, False])
+def test_redis_tls_reaches_the_server_and_every_client(client_auth: bool, monkeypatch) -> None:
+    """redis.tls.secretName: the internal Redis serves TLS only (its probes speak TLS), the URL
+    is rediss://, and every container that calls Redis (gateway, controller, workers, planner)
+    mounts the Secret and names its files in the variables router/redis_config.py reads."""
+    from router.redis_config import RedisClientConfig
+
+    m = render([], ("redis.tls.secretName=redis-tls", f"redis.tls.clientAuth={client_auth}",
+                    "planner.enabled=true"))
+    c = container(m.get("StatefulSet", "-redis")["spec"]["template"], "redis")
+    args = c["args"]
+    assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6379"
+    assert args[args.index("--tls-auth-clients") + 1] == ("yes" if client_auth else "no")
+    mount = "/var/run/secrets/splitserve/redis-tls"
+    for flag, file in (("--tls-cert-file", "tls.crt"), ("--tls-key-file", "tls.key"),
+                       ("--tls-ca-cert-file", "ca.crt")):
+        assert args[args.index(flag) + 1] == f"{mount}/{file}"
+    probe = c["readinessProbe"]["exec"]["command"][-1]
+    assert "--tls --cacert" in probe and ("--cert" in probe) == client_auth
+    mounted = set()
+    for owner, tpl in m.pod_templates():
+        spec = tpl["spec"]
+        for ctr in spec["containers"]:
+            if not any(v["name"] == "redis-tls" for v in ctr.get("volumeMounts", [])):
+                continue
+            mounted.add(ctr["name"])
+            vm = next(v for v in ctr["volumeMounts"] if v["name"] == "redis-tls")
+            assert vm["mountPath"] == mount and vm["readOnly"]
+            vol = next(v for v in spec["volumes"] if v["name"] == "redis-tls")
+            assert vol["secret"]["secretName"] == "redis-tls", owner
+            env = env_of(ctr)
+            if "SPLITSERVE_REDIS_URL" in env:
+                assert env["SPLITSERVE_REDIS_URL"].startswith("rediss://"), owner
+                for k in list(__import__("os").environ):
+                    if k.startswith("SPLITSERVE_REDIS_"):
+                        monkeypatch.delenv(k)
+                for k, v in env.items():
+                    if k.startswith("SPLITSERVE_REDIS_TLS_"):
+                        monkeypatch.setenv(k, v)
+                cfg = RedisClientConfig()
+                assert cfg.tls_ca_file == f"{mount}/ca.crt", owner
+                assert cfg.tls_cert_file == (f"{mount}/tls.crt" if client_auth else ""), owner
+                assert cfg.tls_key_file == (f"{mount}/tls.key" if client_auth else ""), owner
+    # the workers get the variables from the controller (Ray runtime env), the file from here
+    assert mounted == {"redis", "gateway", "ray-head", "ray-worker", "planner"}, mounted
+
+
+def test_redis_tls_needs_a_rediss_url_for_an_external_redis() -> None:
+    from tests.support.chart import helm, template_args
+
+    out = helm(*template_args(VALUES_FILES["external-redis"],
+                              ("redis.tls.secretName=redis-tls",)), check=False)
+    assert out.returncode != 0 and "must be a rediss:// URL" in out.stderr
+    m = render(VALUES_FILES["external-redis"], (
+        "redis.tls.secretName=redis-tls", "redis.external.url=rediss://redis.data.svc:6380/0"))
+    _, _, env = gateway_config(m)
+    assert env["SPLITSERVE_REDIS_URL"] == "rediss://:$(REDIS_PASSWORD)@redis.data.svc:6380/0"
+
+
 def test_hub_model_reads_its_token_from_a_file() -> None:
     m = render_named("external-redis")
     for owner, tpl in m.pod_templates():

@@ -91,7 +91,10 @@ URL and Kubernetes expands it from the container's environment. */}}
 {{- if eq .Values.redis.mode "external" -}}
 {{- $url = required "redis.mode=external needs redis.external.url" .Values.redis.external.url -}}
 {{- else -}}
-{{- $url = printf "redis://%s.%s.svc:6379/0" (include "splitserve.redisServiceName" .) .Release.Namespace -}}
+{{- $url = printf "%s://%s.%s.svc:6379/0" (ternary "rediss" "redis" (not (empty .Values.redis.tls.secretName))) (include "splitserve.redisServiceName" .) .Release.Namespace -}}
+{{- end -}}
+{{- if and .Values.redis.tls.secretName (not (hasPrefix "rediss://" $url)) -}}
+{{- fail "redis.tls.secretName is set: redis.external.url must be a rediss:// URL" -}}
 {{- end -}}
 {{- if .Values.redis.passwordSecret.name -}}
 {{- $url = regexReplaceAll "^(rediss?://)" $url "${1}:$(REDIS_PASSWORD)@" -}}
@@ -110,6 +113,38 @@ URL and Kubernetes expands it from the container's environment. */}}
 {{- end }}
 - name: SPLITSERVE_REDIS_URL
   value: {{ include "splitserve.redisUrl" . | quote }}
+{{- include "splitserve.redisTlsEnv" . }}
+{{- end }}
+
+{{/* Where Redis clients find the TLS files (redis.tls; router/redis_config.py). */}}
+{{- define "splitserve.redisTlsEnv" -}}
+{{- if .Values.redis.tls.secretName }}
+- name: SPLITSERVE_REDIS_TLS_CA_FILE
+  value: /var/run/secrets/splitserve/redis-tls/ca.crt
+{{- if .Values.redis.tls.clientAuth }}
+- name: SPLITSERVE_REDIS_TLS_CERT_FILE
+  value: /var/run/secrets/splitserve/redis-tls/tls.crt
+- name: SPLITSERVE_REDIS_TLS_KEY_FILE
+  value: /var/run/secrets/splitserve/redis-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.redisTlsMount" -}}
+{{- if .Values.redis.tls.secretName }}
+- name: redis-tls
+  mountPath: /var/run/secrets/splitserve/redis-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.redisTlsVolume" -}}
+{{- if .Values.redis.tls.secretName }}
+- name: redis-tls
+  secret:
+    secretName: {{ .Values.redis.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{/* Cluster secret ------------------------------------------------------------------------------ */}}
