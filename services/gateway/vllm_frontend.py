@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
-from services.gateway.http_guard import GuardMiddleware
+from services.gateway.http_guard import NO_WORKERS, GuardMiddleware
 from services.gateway.reserved_fields import reserved_field_refusal
 from services.gateway.route_note import RouteHeaderMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
@@ -67,6 +67,15 @@ class FrontendGuard(GuardMiddleware):
                          metrics_port=gw.cfg.metrics_port, routable=lambda: bool(
                              gw.directory is not None and gw.directory.routable),
                          check_body=reserved_field_refusal)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """vLLM's /health says whether its engine client is alive; here it also says whether
+        the cluster has a worker to route to (503 no_workers), as the splitserve front end's
+        does, so that a readiness probe takes a gateway with no live workers out of service."""
+        if scope["type"] == "http" and scope.get("path") == "/health" and not self.routable():
+            await NO_WORKERS.response()(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 GUARD = f"{FrontendGuard.__module__}.{FrontendGuard.__qualname__}"

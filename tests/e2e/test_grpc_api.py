@@ -251,6 +251,9 @@ def test_the_vllm_front_end_answers_503_without_workers(side_gateways) -> None:
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "no_workers" and r.headers["retry-after"]
     assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
+    # readiness: /health says the gateway has no worker to route to
+    health = httpx.get(url + "/health", timeout=30)
+    assert health.status_code == 503 and health.json()["error"]["code"] == "no_workers"
 
 
 SCRIPT = textwrap.dedent('''
