@@ -464,6 +464,7 @@ def test_tokenize_detokenize_models_responses(cluster: FrontendCluster) -> None:
         text = c.post("/detokenize", json={"model": MODEL, "tokens": ids["tokens"]}).json()
         assert "Hello world" in text["prompt"]
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [MODEL]
+        assert c.get("/health").status_code == 200  # vLLM's, with workers to route to
         r = c.post("/v1/responses", json={"model": MODEL, "input": "Hi",
                                           "max_output_tokens": 6, "temperature": 0})
         assert r.status_code == 200 and r.json()["output"], r.text
@@ -728,6 +729,8 @@ class _Stream:
         self.body = body
         self.text, self.logprobs, self.tokens, self.error = "", [], 0, None
         self.finish_reason: str | None = None
+        self.decode: str | None = None  # the decode worker, by the route headers
+        self.routed = threading.Event()
         self.started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
         self._thread.start()
@@ -737,6 +740,8 @@ class _Stream:
             with httpx.stream("POST", f"{url}/v1/completions", timeout=300,
                               json={**self.body, "stream": True}) as resp:
                 assert resp.status_code == 200, resp.read()
+                self.decode = resp.headers.get("x-splitserve-decode-worker")
+                self.routed.set()
                 for line in resp.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -754,6 +759,7 @@ class _Stream:
         except Exception as exc:  # recorded, and the test says so
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
+            self.routed.set()
             self.started.set()
 
     def join(self) -> None:
@@ -784,9 +790,9 @@ def _decode_in_flight(cluster: FrontendCluster) -> dict[str, int]:
 def test_requests_move_off_a_killed_decode_worker(cluster: FrontendCluster) -> None:
     """A decode worker's process is SIGKILLed under streaming requests: greedy requests (with
     logprobs) continue on the other decode worker and equal, token for token and logprob for
-    logprob, what the cluster answered before; a seeded-sampling request that had produced
-    tokens cannot continue as the same request and ends with a clean error, not a wrong
-    output. The gateway counts the migrations."""
+    logprob, what the cluster answered before; a seeded-sampling request and a json_schema
+    request that had produced tokens cannot continue as the same request and end with a clean
+    error, not a wrong output. The gateway counts the migrations."""
     import signal
     import time
 
@@ -814,23 +820,42 @@ def test_requests_move_off_a_killed_decode_worker(cluster: FrontendCluster) -> N
         assert time.monotonic() < deadline and s.error is None, (load, s.error)
         time.sleep(0.1)
     victim = decode[next(w for w, n in load.items() if n == 1)]
+    # json_schema requests (a string longer than the budget: no early end) until one runs on
+    # the victim, by its route headers; the others run on the other worker undisturbed
+    long_string = {"type": "json_schema", "json_schema": {"name": "text", "schema": {
+        "type": "string", "minLength": 20 * MOVE_TOKENS}}}
+    structured: list[_Stream] = []
+    while not any(st.decode == victim["worker_id"] for st in structured):
+        assert len(structured) < 4, [st.decode for st in structured]
+        st = _Stream(cluster.http, {"model": MODEL, "prompt": "JSON cannot move: ",
+                                    "max_tokens": MOVE_TOKENS, "temperature": 0,
+                                    "response_format": long_string})
+        st.routed.wait(60)
+        assert st.error is None, st.error
+        structured.append(st)
+    on_json = next(st for st in structured if st.decode == victim["worker_id"])
+    deadline = time.monotonic() + 60
+    while _decode_in_flight(cluster)[victim["worker_id"]] < 2:
+        assert time.monotonic() < deadline, "the victim's load never showed the json request"
+        time.sleep(0.1)
     # greedy requests until at least one of them runs on the victim too
     streams: list[_Stream] = []
     for body in greedy:
         streams.append(_Stream(cluster.http, body))
         deadline = time.monotonic() + 1.5  # the published load lags 0.5 s at most
-        while (on_victim := _decode_in_flight(cluster)[victim["worker_id"]]) < 2 \
+        while (on_victim := _decode_in_flight(cluster)[victim["worker_id"]]) < 3 \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
-        if on_victim >= 2:
+        if on_victim >= 3:
             break
-    assert on_victim >= 2, "no greedy request ran on the victim beside the seeded one"
+    assert on_victim >= 3, "no greedy request ran on the victim beside the seeded and json ones"
     # (a greedy stream that ended before the kill is still compared; the migration count
     # below shows that one moved)
     assert s.finish_reason is None and streams[-1].finish_reason is None, \
         "streams ended before the kill: make them longer"
+    assert on_json.finish_reason is None, "the json request ended before the kill"
     psutil.Process(victim["pid"]).send_signal(signal.SIGKILL)
-    for st in [s, *streams]:
+    for st in [s, *streams, *structured]:
         st.join()
     for k, st in enumerate(streams):
         assert st.error is None, (k, st.error)
@@ -839,6 +864,12 @@ def test_requests_move_off_a_killed_decode_worker(cluster: FrontendCluster) -> N
         _close(st.logprobs, reference[k].logprobs, f"greedy[{k}].logprobs")
     assert s.error is not None and s.finish_reason != "length", \
         "the seeded request went on elsewhere as if nothing happened"
+    assert on_json.error is not None and on_json.finish_reason != "length", \
+        "the json_schema request went on elsewhere as if nothing happened"
+    for st in structured:
+        if st is not on_json:  # on the other worker: served whole
+            assert st.error is None and st.finish_reason == "length", (st.error, st.tokens)
+        assert st.text.startswith('"'), st.text[:80]  # the grammar's, wherever it ran
     moved = _gateway_metric(cluster, "splitserve_gateway_request_migrations_total")
     assert moved - moved_before >= 1, "no request moved: the test did not test migration"
     # the cluster serves on (the other decode worker; the controller replaces the victim)
