@@ -132,7 +132,7 @@ def _up(ns: argparse.Namespace) -> int:
                            resources=ns.workers_resources, placement_group=ns.placement_group,
                            engine_args=pool_args.get("both", {})),
         worker_host=ns.worker_host, worker_metrics_port=ns.worker_metrics_port,
-        gateway=not ns.no_gateway,
+        gateway=not ns.no_gateway, keep_workers_on_stop=ns.keep_workers_on_stop,
         redis_url=ns.redis_url, ray_address=ns.ray_address, namespace=ns.namespace,
         run_dir=Path(ns.run_dir) if ns.run_dir else None, cache_dir=cache_dir,
         policy=ns.policy, kv_policy=KVPolicyConfig(
@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "one in run_dir/cluster-secret; docs/security.md)")
     up.add_argument("--no-gateway", action="store_true",
                     help="do not run a gateway (gateways deployed on their own)")
+    up.add_argument("--keep-workers-on-stop", action="store_true",
+                    help="with --ray-address: stopping leaves the workers serving, with their "
+                    "desired sizes, for the next `up` of the namespace to adopt")
     up.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",
                     help="gateway: splitserve's own OpenAI front end, or vLLM's own server over "
                     "the cluster (the whole vLLM OpenAI API: tools, structured output, "

@@ -38,6 +38,7 @@ LINK_SERVER_KEY = b"splitserve-link-server"
 LINK_CLIENT_KEY = b"splitserve-link-client"
 KV_PARAMS_KEY = b"splitserve-kv-transfer-params"
 REDIS_PASSWORD = b"splitserve-private-redis-password"
+FINGERPRINT = b"splitserve-secret-fingerprint"
 
 
 class ClusterSecretError(ValueError):
@@ -125,6 +126,12 @@ class ClusterSecret:
     def redis_password(self) -> str:
         """The password (`requirepass`) of the private Redis `splitserve up` starts."""
         return self.derive(REDIS_PASSWORD).hex()
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the secret without giving it away: a restarted controller adopts only the
+        workers that hold the same one (services/controller/adoption.py)."""
+        return self.derive(FINGERPRINT).hex()[:16]
 
     def write(self, path: Path) -> Path:
         """Store the secret in `path`, readable by this user only (mode 0600)."""

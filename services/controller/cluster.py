@@ -23,7 +23,7 @@ from services.cluster_secret import FILE_NAME, ClusterSecret
 from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
-from services.controller.reconciler import PoolController
+from services.controller.reconciler import PoolController, desired_in_redis
 from services.controller.redis_server import RedisServer, RedisSupervisor
 from services.controller.state_file import (ClusterState, process_started_at, remove_state,
                                               write_state)
@@ -33,6 +33,9 @@ from services.processes import kill_survivors
 from services.worker.shm import segments_mapped_by_children, unlink_segments
 
 log = logging.getLogger(__name__)
+
+ALIVE_FILE = "controller.alive"
+"""In the run directory: touched after every pass of the controller's loop (its liveness)."""
 
 
 class Cluster:
@@ -67,8 +70,12 @@ class Cluster:
             self.redis_supervisor.start()
         self._start_ray()
         self.pools = WorkerPools(cfg, self.redis_url, self.run_dir, self.secret)
+        if kept := desired_in_redis(self.redis_url, cfg.namespace, list(self.pools.desired)):
+            log.info("desired pool sizes from Redis (kept over the configured ones): %s", kept)
+            self.pools.desired.update(kept)
         self.pools.start(timeout_s=cfg.startup_timeout_s)
-        self.controller = PoolController(self.pools, self.redis_url, cfg.namespace)
+        self.controller = PoolController(self.pools, self.redis_url, cfg.namespace,
+                                         alive_file=self.run_dir / ALIVE_FILE)
         self.controller.start()
         if cfg.gateway:
             self._start_gateway()
@@ -150,9 +157,13 @@ class Cluster:
             self.redis_supervisor.stop()  # from here on a dead Redis stays dead
         if self.gateway:
             self.gateway.stop()
+        keep = bool(self.cfg.keep_workers_on_stop and self.pools and self.pools.detached)
         if self.controller:
-            self.controller.stop()
-        if self.pools:
+            self.controller.stop(keep_sizes=keep)
+        if self.pools and keep:
+            log.info("leaving %d workers serving for the next controller: %s",
+                     len(self.pools.workers), [w.cfg.worker_id for w in self.pools.workers])
+        elif self.pools:
             self.pools.stop()
         try:
             import ray

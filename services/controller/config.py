@@ -83,6 +83,9 @@ class ClusterConfig(BaseModel):
     gateway: bool = Field(True, description=(
         "run the gateway in this process tree; off when gateways are deployed on their own"))
     redis_url: str | None = Field(None, description="external Redis; None starts a private one")
+    keep_workers_on_stop: bool = Field(False, description=(
+        "stopping leaves the workers serving, with their desired sizes, for the next controller "
+        "to adopt (needs ray_address: workers are detached); off: stopping stops them"))
     ray_address: str | None = Field(None, description="existing Ray cluster; None starts one")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of this cluster")
     run_dir: Path | None = Field(None, description="logs, sockets, temp files; None: new tmp dir")
@@ -116,6 +119,9 @@ class ClusterConfig(BaseModel):
             raise ValueError("disaggregated mode needs at least 1 prefill and 1 decode worker")
         if self.mode == "aggregated" and self.workers.replicas < 1:
             raise ValueError("aggregated mode needs at least 1 worker")
+        if self.keep_workers_on_stop and not self.ray_address:
+            raise ValueError("keep_workers_on_stop needs ray_address: workers on a local Ray "
+                             "end with it")
         if self.tenant_isolation and self.frontend != "vllm":
             raise ValueError("tenant_isolation needs frontend: vllm")
         return self

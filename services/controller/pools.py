@@ -12,6 +12,11 @@ calls :meth:`WorkerPools.reconcile` every ``reconcile_interval_s``; one pass
    is restarted with exponential backoff).
 
 Worker ids are never reused: a replacement is a new NIXL engine with a new id.
+
+When `up` joins a Ray cluster (`ray_address`), worker actors and their placement groups are
+detached: they outlive this controller, and the next controller of the namespace adopts them
+(services/controller/adoption.py) instead of starting new engines. With a local Ray (which
+ends with `up`) they are owned by this process. Either way `stop()` stops every worker.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from router.prefix_index import PrefixIndex
 from router.redis_client import redis_client, redis_env
 from services.cluster_secret import ClusterSecret
 from router.registry import WorkerRegistry, WorkerRole
+from services.controller.adoption import (FoundWorker, actor_name, find_workers,
+                                          placement_group_of, refusal)
 from services.controller.config import ClusterConfig, PoolConfig
 from services.controller.healing import HealingConfig
 from services.controller.pool_sizes import PoolObservation
@@ -237,6 +244,8 @@ class WorkerPools:
         self._planned_engines = sum(p.replicas for _, p in self.pools.values())
         self._pool_launches: dict[str, int] = {name: 0 for name in self.pools}
         self._remote_cls = ray.remote(WorkerActor)
+        self.detached = cfg.ray_address is not None  # workers outlive this controller
+        self.adopted: list[str] = []  # ids of the workers taken over from an earlier one
 
     # --- starting -----------------------------------------------------------------------------
     def worker_config(self, role: WorkerRole, pool: PoolConfig, index: int, global_index: int
@@ -263,11 +272,12 @@ class WorkerPools:
         wcfg = self.worker_config(role, pool, index, self._launched)
         self._launched += 1
         options: dict[str, Any] = dict(
-            name=f"splitserve-{wcfg.worker_id}",
+            name=actor_name(wcfg.worker_id),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
             resources=pool.resources or None,
             max_restarts=0,
+            lifetime="detached" if self.detached else None,
             runtime_env={"env_vars": {
                 "PYTHONHASHSEED": wcfg.engine.hash_seed,
                 # Ray lowers every worker process's priority by RayConfig.worker_niceness
@@ -285,7 +295,8 @@ class WorkerPools:
             # All of the worker's GPUs on one node, reserved as a unit; the engine's own
             # tensor/pipeline-parallel processes run inside the actor's reservation.
             group = ray.util.placement_group([bundle], strategy="STRICT_PACK",
-                                             name=f"splitserve-{wcfg.worker_id}")
+                                             name=actor_name(wcfg.worker_id),
+                                             lifetime="detached" if self.detached else None)
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=0,
                 placement_group_capture_child_tasks=True)
@@ -297,15 +308,89 @@ class WorkerPools:
         return handle
 
     def start(self, timeout_s: float) -> list[WorkerHandle]:
-        """Create every worker of the initial plan and wait until all engines serve."""
+        """Adopt the workers an earlier controller left (detached workers only), create the
+        rest of the desired sizes, and wait until every engine that is starting serves."""
+        if self.detached:
+            self.adopt()
         for name, n in self.desired.items():
-            for _ in range(n):
+            active = [w for w in self.workers if w.pool == name
+                      and w.state in (WorkerState.STARTING, WorkerState.SERVING)]
+            for _ in range(n - len(active)):
                 self.launch(name)
-        refs = [w.pending for w in self.workers]
-        endpoints = ray.get(refs, timeout=timeout_s)
-        for w, ep in zip(self.workers, endpoints):
+        starting = [w for w in self.workers if w.state == WorkerState.STARTING]
+        endpoints = ray.get([w.pending for w in starting], timeout=timeout_s)
+        for w, ep in zip(starting, endpoints):
             self._serving(w, ep)
         return list(self.workers)
+
+    def adopt(self) -> list[WorkerHandle]:
+        """Take over the live worker actors of this namespace that fit this controller's
+        pools (adoption.refusal); remove the others. Serving workers keep serving without a
+        pause; one still starting or draining is followed to the end of it."""
+        engines = {name: pool_engine(self.cfg.engine, pool)
+                   for name, (_, pool) in self.pools.items()}
+        adopted: list[WorkerHandle] = []
+        rejected: list[tuple[FoundWorker, str]] = []
+        for found in find_workers():
+            why = refusal(found, engines, self.redis_url, self.cfg.namespace,
+                          self.secret.fingerprint)
+            if why is not None:
+                rejected.append((found, why))
+                continue
+            adopted.append(self._adopted(found))
+        for found, why in rejected:
+            log.warning("not adopting %s: %s; removing it", found.name, why)
+            self._remove_found(found)
+        if rejected:
+            ids = [f.config.worker_id for f, _ in rejected if f.config is not None]
+            asyncio.run(self._forget(ids))
+        self.adopted = [w.cfg.worker_id for w in adopted]
+        if adopted:
+            log.info("adopted %d workers: %s", len(adopted), ", ".join(self.adopted))
+        return adopted
+
+    def _adopted(self, found: FoundWorker) -> WorkerHandle:
+        cfg = found.config
+        assert cfg is not None and found.description is not None
+        pool = cfg.role.value
+        w = WorkerHandle(cfg, found.actor, pool, placement_group=placement_group_of(
+            cfg.worker_id))
+        state = found.state
+        if state == "serving":
+            self._serving(w, found.description["endpoints"])
+        elif state == "draining":
+            self.begin_drain(w)  # waits for the drain in progress (WorkerActor.drain)
+        else:  # created or starting: start() runs once, a second call waits for it
+            w.pending = found.actor.start.remote()
+        self.workers.append(w)
+        # new workers of the pool take the next index; core shares continue after these
+        try:
+            index = int(cfg.worker_id.split("-")[1])
+        except (IndexError, ValueError):
+            index = 0
+        self._pool_launches[pool] = max(self._pool_launches[pool], index + 1)
+        self._launched += 1
+        log.info("adopted worker %s (%s)", cfg.worker_id, state)
+        return w
+
+    def _remove_found(self, found: FoundWorker) -> None:
+        """Stop a worker actor this controller will not adopt: its processes (on its node,
+        when it said where they are), the actor, its placement group."""
+        cfg = found.config
+        if cfg is not None:
+            ep = (found.description or {}).get("endpoints")
+            w = WorkerHandle(cfg, found.actor, cfg.role.value, endpoints=ep,
+                             serving_wall=time.time())
+            kill_worker_processes(w, cfg.run_dir)
+        try:
+            ray.kill(found.actor, no_restart=True)
+        except Exception:
+            pass
+        if cfg is not None and (group := placement_group_of(cfg.worker_id)) is not None:
+            try:
+                ray.util.remove_placement_group(group)
+            except Exception:
+                log.warning("could not remove the placement group of %s", cfg.worker_id)
 
     def _serving(self, w: WorkerHandle, endpoints: dict) -> None:
         w.endpoints, w.pending = endpoints, None
@@ -426,7 +511,7 @@ class WorkerPools:
         """Kill a worker's actor and engine processes and forget it everywhere."""
         if w in self.workers:
             self.workers.remove(w)
-        killed = await asyncio.to_thread(kill_worker_processes, w, self.run_dir)
+        killed = await asyncio.to_thread(kill_worker_processes, w, w.cfg.run_dir)
         try:
             ray.kill(w.actor, no_restart=True)
         except Exception:
@@ -481,7 +566,7 @@ class WorkerPools:
                         [w.cfg.worker_id for w in unclean])
         for w in self.workers:
             if w in unclean:
-                kill_worker_processes(w, self.run_dir)
+                kill_worker_processes(w, w.cfg.run_dir)
             try:
                 ray.kill(w.actor)
             except Exception:

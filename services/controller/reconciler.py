@@ -1,7 +1,9 @@
 """The controller's loop: read desired pool sizes from Redis, reconcile the pools, publish
 what it sees. Runs in a thread of its own (with its own asyncio loop) beside `splitserve up`.
 
-Redis being away does not stop healing: the loop keeps the last desired sizes, health-checks
+Desired sizes found in Redis win over the config's: a controller that restarts after a crash
+keeps what `splitserve scale` or the planner set (a clean stop clears them). Redis being away
+does not stop healing: the loop keeps the last desired sizes, health-checks
 and replaces workers through Ray alone, and writes the desired sizes back if Redis returns
 without them (a restart without persistence).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from pathlib import Path
 
 from redis.exceptions import RedisError
 
@@ -25,14 +28,17 @@ log = logging.getLogger(__name__)
 class PoolController:
     """Keeps a cluster's pools at their desired sizes."""
 
-    def __init__(self, pools: WorkerPools, redis_url: str, namespace: str) -> None:
+    def __init__(self, pools: WorkerPools, redis_url: str, namespace: str,
+                 alive_file: Path | None = None) -> None:
         self.pools = pools
+        self.alive_file = alive_file  # touched after every pass (the chart's probes read it)
         self.redis_url = redis_url
         self.namespace = namespace
         self.passes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unknown_pools_logged: set[str] = set()
+        self._keep_sizes = False
 
     def start(self) -> None:
         """Publish the initial desired sizes and start the loop."""
@@ -40,19 +46,23 @@ class PoolController:
                                         name="pool-controller", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """End the loop (after the pass in progress)."""
+    def stop(self, timeout_s: float = 30.0, keep_sizes: bool = False) -> None:
+        """End the loop (after the pass in progress); the desired and observed sizes are
+        removed from Redis unless `keep_sizes` (workers left for the next controller)."""
+        self._keep_sizes = keep_sizes
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.alive_file is not None:
+            self.alive_file.unlink(missing_ok=True)
 
     async def _run(self) -> None:
         redis = redis_client(self.redis_url)
         sizes = PoolSizes(redis, self.namespace)
         interval = self.pools.healing.reconcile_interval_s
         try:
-            try:
-                await sizes.set_desired(dict(self.pools.desired), by="controller")
+            try:  # the pools Redis has no size for yet (Cluster.start took the others)
+                await sizes.init_desired(dict(self.pools.desired), by="controller")
             except RedisError:
                 log.warning("cannot publish desired pool sizes yet (Redis away)")
             while not self._stop.is_set():
@@ -68,11 +78,14 @@ class PoolController:
                     except RedisError:
                         pass
                 self.passes += 1
+                if self.alive_file is not None:
+                    self.alive_file.touch()
                 await asyncio.to_thread(self._stop.wait, interval)
-            try:
-                await sizes.clear()
-            except RedisError:
-                pass
+            if not self._keep_sizes:
+                try:
+                    await sizes.clear()
+                except RedisError:
+                    pass
         finally:
             await redis.aclose()
 
@@ -99,3 +112,23 @@ class PoolController:
                 log.info("pool %s: desired size %d -> %d", pool, self.pools.desired[pool], n)
                 self.pools.desired[pool] = n
         return True
+
+
+def desired_in_redis(redis_url: str, namespace: str, pools: list[str]) -> dict[str, int]:
+    """The desired sizes Redis holds for `pools` (an earlier controller's, or set by
+    `splitserve scale` or the planner); {} when it holds none or cannot be reached."""
+
+    async def read() -> dict[str, int]:
+        redis = redis_client(redis_url)
+        try:
+            return await PoolSizes(redis, namespace).desired()
+        finally:
+            await redis.aclose()
+
+    try:
+        found = asyncio.run(read())
+    except (RedisError, OSError) as exc:
+        log.warning("cannot read desired pool sizes (%s); starting with the configured ones",
+                    exc)
+        return {}
+    return {p: n for p, n in found.items() if p in pools}
