@@ -17,16 +17,22 @@ from tests.support.chart import (CHART, NAMESPACE, RELEASE, VALUES_FILES, Manife
 
 FULL = f"{RELEASE}-splitserve"
 RAY = FULL
-GATEWAY_IMAGE_CONTAINERS = ("gateway", "ray-head", "ray-worker", "planner", "test")
+GATEWAY_IMAGE_CONTAINERS = ("gateway", "ray-head", "controller", "ray-worker", "planner", "test")
 
 
 
 def head_argv(m: Manifests) -> list[str]:
-    """`splitserve up ...` as the head container's script runs it."""
-    c = container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"], "ray-head")
+    """`splitserve up ...` as the head pod's controller container runs it, once the head
+    container's Ray (KubeRay's `ray start`, blocking, its main process) answers."""
+    head = m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"]
+    ray_head = container(head, "ray-head")
+    assert head["spec"]["containers"][0] is ray_head  # KubeRay's Ray container is the first
+    assert ray_head["args"] == ['ulimit -n 65536; eval "exec $KUBERAY_GEN_RAY_START_CMD"']
+    c = container(head, "controller")
     assert c["command"] == ["/bin/bash", "-c", "--"]
     script = c["args"][0]
-    assert 'eval "${KUBERAY_GEN_RAY_START_CMD/--block/}"' in script
+    assert "until ray health-check >/dev/null 2>&1; do sleep 2; done" in script
+    assert script.index("ray health-check") < script.index("exec splitserve up")
     tail = script[script.index("exec splitserve up"):].replace("\\\n", " ")
     argv = shlex.split(tail)
     assert argv[:2] == ["exec", "splitserve"]
@@ -50,6 +56,8 @@ def test_head_runs_the_controller_against_the_release(name: str) -> None:
     # the gateway is its own Deployment; workers advertise their pod IP, serve metrics on the
     # port the ServiceMonitor scrapes, and land on their own worker group by Ray resources
     assert ns.no_gateway and ns.worker_host == "auto" and ns.worker_metrics_port == 9100
+    # a deleted or evicted head pod leaves the workers for the next controller to adopt
+    assert ns.keep_workers_on_stop
     assert ns.command == "up" and ns.ray_address == "auto"
     assert ns.redis_url == "$SPLITSERVE_REDIS_URL"  # expanded by the shell from the pod's env
     assert ns.mode == "disaggregated"
@@ -66,10 +74,77 @@ def test_head_runs_the_controller_against_the_release(name: str) -> None:
              "external-redis": "Qwen/Qwen2.5-0.5B-Instruct"}[name]
     assert ns.model == model
     assert ns.device == ("cuda" if name == "gpu-production" else "cpu")
-    head_env = env_of(container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"],
-                                "ray-head"))
+    head = m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"]
     # the controller joins the head's Ray with its token (docs/security.md, "Ray")
-    assert head_env["PYTHONHASHSEED"] == "0" and head_env["RAY_AUTH_MODE"] == "token"
+    for name in ("ray-head", "controller"):
+        env = env_of(container(head, name))
+        assert env["PYTHONHASHSEED"] == "0" and env["RAY_AUTH_MODE"] == "token", name
+    # it shares Ray's sockets (/tmp), object store (/dev/shm) and processes (a driver finds
+    # its node's raylet among the processes it sees) with the head container
+    assert head["spec"]["shareProcessNamespace"] is True
+    for path in ("/tmp", "/dev/shm"):
+        vols = {next(v["name"] for v in container(head, c)["volumeMounts"]
+                     if v["mountPath"] == path) for c in ("ray-head", "controller")}
+        assert len(vols) == 1, (path, vols)
+
+
+def test_the_head_keeps_its_gcs_state_in_redis() -> None:
+    """rayCluster.gcsFaultTolerance (KubeRay's gcsFaultToleranceOptions): the chart's Redis by
+    default (its password from the same Secret, no credentials or database in the address),
+    an external Redis's host and port, an address given, or nothing when turned off."""
+    def ft(values: list, *sets: str) -> dict | None:
+        spec = render(values, sets).get("RayCluster", RAY)["spec"]
+        return spec.get("gcsFaultToleranceOptions")
+
+    assert ft([]) == {"redisAddress": f"redis://{FULL}-redis.{NAMESPACE}.svc:6379",
+                      "externalStorageNamespace": RAY}
+    assert ft([], "redis.passwordSecret.name=rpw")["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": "rpw", "key": "password"}}}
+    external = ft(VALUES_FILES["external-redis"])
+    assert external is not None
+    assert external["redisAddress"] == "redis://redis-master.data.svc:6379"
+    assert external["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": "splitserve-redis", "key": "password"}}}
+    given = ft([], "rayCluster.gcsFaultTolerance.redisAddress=redis://gcs.db:6380",
+               "rayCluster.gcsFaultTolerance.externalStorageNamespace=ray-a",
+               "redis.passwordSecret.name=rpw")
+    assert given == {"redisAddress": "redis://gcs.db:6380", "externalStorageNamespace": "ray-a"}
+    assert ft([], "rayCluster.gcsFaultTolerance.enabled=false") is None
+
+
+def test_the_controller_probes_read_its_liveness_file(tmp_path) -> None:
+    """The controller container's probes, run by a shell against a file in the role of
+    run_dir/controller.alive: not ready and alive while it does not exist (engines load),
+    ready and alive while fresh, neither once stale (the controller's loop stopped)."""
+    import os
+    import subprocess
+    import time
+
+    c = container(render_named("default").get("RayCluster", RAY)["spec"]["headGroupSpec"]
+                  ["template"], "controller")
+    alive = tmp_path / "controller.alive"
+
+    def probe(kind: str) -> bool:
+        argv = [a.replace("/tmp/splitserve/controller.alive", str(alive))
+                for a in c[kind]["exec"]["command"]]
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+    assert "rm -f /tmp/splitserve/controller.alive" in c["args"][0]
+    from services.controller.cluster import ALIVE_FILE
+
+    assert f"{ns_run_dir(c)}/{ALIVE_FILE}" == "/tmp/splitserve/controller.alive"
+    assert (probe("readinessProbe"), probe("livenessProbe")) == (False, True)
+    alive.touch()
+    assert (probe("readinessProbe"), probe("livenessProbe")) == (True, True)
+    old = time.time() - 300
+    os.utime(alive, (old, old))
+    assert (probe("readinessProbe"), probe("livenessProbe")) == (False, False)
+
+
+def ns_run_dir(c: dict) -> str:
+    script = c["args"][0]
+    argv = shlex.split(script[script.index("exec splitserve up"):].replace("\\\n", " "))
+    return argv[argv.index("--run-dir") + 1]
 
 
 def test_pools_are_placed_on_their_worker_groups() -> None:
@@ -104,7 +179,7 @@ def _up_with_chart_config(m: Manifests, tmp_path, monkeypatch) -> tuple[int, lis
     from services.cli import main
 
     head = m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"]
-    mount = next(v for v in container(head, "ray-head")["volumeMounts"]
+    mount = next(v for v in container(head, "controller")["volumeMounts"]
                  if v["name"] == "up-config")
     volume = next(v for v in head["spec"]["volumes"] if v["name"] == "up-config")
     config_map = m.get("ConfigMap", volume["configMap"]["name"])
@@ -330,7 +405,7 @@ def test_cluster_secret_reaches_gateway_controller_and_workers_as_a_file(name: s
         for owner, tpl in m.pod_templates():
             spec = tpl["spec"]
             for c in spec["containers"]:
-                if c["name"] not in ("gateway", "ray-head", "ray-worker"):
+                if c["name"] not in ("gateway", "controller", "ray-worker"):
                     continue
                 path = env_of(c)[FILE_ENV]
                 mount = next(v for v in c["volumeMounts"] if v["name"] == "cluster-secret")
@@ -346,7 +421,7 @@ def test_cluster_secret_reaches_gateway_controller_and_workers_as_a_file(name: s
     m = render_named(name)
     users = secret_users(m)
     kinds = {k.rsplit("/", 1)[1] for k in users}
-    assert kinds == {"gateway", "ray-head", "ray-worker"}, users
+    assert kinds == {"gateway", "controller", "ray-worker"}, users
     assert set(users.values()) == {f"{FULL}-cluster-secret"}
     generated = m.get("Secret", "-cluster-secret")
     assert generated["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -373,7 +448,7 @@ def test_ray_token_reaches_the_head_and_every_worker_group_as_a_file(name: str) 
             for c in spec["containers"]:
                 env = env_of(c)
                 assert "RAY_AUTH_TOKEN" not in env  # never the value itself
-                if c["name"] not in ("ray-head", "ray-worker"):
+                if c["name"] not in ("ray-head", "controller", "ray-worker"):
                     assert not any(k.startswith("RAY_AUTH") for k in env), (owner, c["name"])
                     assert not any(v["name"] == "ray-auth" for v in spec.get("volumes", []))
                     continue
@@ -396,7 +471,8 @@ def test_ray_token_reaches_the_head_and_every_worker_group_as_a_file(name: str) 
     assert "authOptions" not in rc["spec"]  # the chart's own env, whatever KubeRay's version
     users = ray_auth(m)
     groups = {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]}
-    assert set(users) == {f"RayCluster/{RAY}/head/ray-head"} | {
+    assert set(users) == {f"RayCluster/{RAY}/head/ray-head",
+                          f"RayCluster/{RAY}/head/controller"} | {
         f"RayCluster/{RAY}/{g}/ray-worker" for g in groups}
     assert set(users.values()) == {f"{FULL}-ray-auth"}
     generated = m.get("Secret", "-ray-auth")
@@ -453,7 +529,8 @@ def test_external_redis_replaces_the_statefulset() -> None:
     assert env["SPLITSERVE_REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@redis-master.data.svc:6379/0"
     assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "splitserve-redis",
                                                       "key": "password"}}
-    head = container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"], "ray-head")
+    head = container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"],
+                     "controller")
     names = [e["name"] for e in head["env"]]
     # Kubernetes expands $(REDIS_PASSWORD) only from variables defined before it.
     assert names.index("REDIS_PASSWORD") < names.index("SPLITSERVE_REDIS_URL")
@@ -502,8 +579,17 @@ def test_redis_tls_reaches_the_server_and_every_client(client_auth: bool, monkey
                 assert cfg.tls_ca_file == f"{mount}/ca.crt", owner
                 assert cfg.tls_cert_file == (f"{mount}/tls.crt" if client_auth else ""), owner
                 assert cfg.tls_key_file == (f"{mount}/tls.key" if client_auth else ""), owner
-    # the workers get the variables from the controller (Ray runtime env), the file from here
-    assert mounted == {"redis", "gateway", "ray-head", "ray-worker", "planner"}, mounted
+    # the workers get the variables from the controller (Ray runtime env), the file from here;
+    # the head's GCS keeps its state in the same Redis (rayCluster.gcsFaultTolerance)
+    assert mounted == {"redis", "gateway", "ray-head", "controller", "ray-worker",
+                       "planner"}, mounted
+    gcs = env_of(container(m.get("RayCluster", RAY)["spec"]["headGroupSpec"]["template"],
+                           "ray-head"))
+    assert gcs["RAY_REDIS_CA_CERT"] == f"{mount}/ca.crt"
+    assert gcs.get("RAY_REDIS_CLIENT_CERT") == (f"{mount}/tls.crt" if client_auth else None)
+    assert gcs.get("RAY_REDIS_CLIENT_KEY") == (f"{mount}/tls.key" if client_auth else None)
+    ft = m.get("RayCluster", RAY)["spec"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == f"rediss://{FULL}-redis.{NAMESPACE}.svc:6379"
 
 
 def test_redis_tls_needs_a_rediss_url_for_an_external_redis() -> None:

@@ -147,6 +147,36 @@ URL and Kubernetes expands it from the container's environment. */}}
 {{- end }}
 {{- end }}
 
+{{/* Where Ray's GCS keeps its state (rayCluster.gcsFaultTolerance): the address given, else this
+chart's Redis as Ray takes it (redis[s]://host:port: no credentials, no database). */}}
+{{- define "splitserve.gcsRedisAddress" -}}
+{{- $ft := .Values.rayCluster.gcsFaultTolerance -}}
+{{- if $ft.redisAddress -}}
+{{- $ft.redisAddress -}}
+{{- else if eq .Values.redis.mode "external" -}}
+{{- $url := required "redis.mode=external needs redis.external.url" .Values.redis.external.url -}}
+{{- regexReplaceAll "/[0-9]*$" (regexReplaceAll "^(rediss?://)[^@/]*@" $url "${1}") "" -}}
+{{- else -}}
+{{- printf "%s://%s.%s.svc:6379" (ternary "rediss" "redis" (not (empty .Values.redis.tls.secretName))) (include "splitserve.redisServiceName" .) .Release.Namespace -}}
+{{- end -}}
+{{- end }}
+
+{{/* The TLS files of the GCS's Redis client (Ray's RAY_REDIS_* settings), when it uses this
+chart's Redis over TLS. */}}
+{{- define "splitserve.gcsRedisTlsEnv" -}}
+{{- $ft := .Values.rayCluster.gcsFaultTolerance -}}
+{{- if and $ft.enabled (not $ft.redisAddress) .Values.redis.tls.secretName }}
+- name: RAY_REDIS_CA_CERT
+  value: /var/run/secrets/splitserve/redis-tls/ca.crt
+{{- if .Values.redis.tls.clientAuth }}
+- name: RAY_REDIS_CLIENT_CERT
+  value: /var/run/secrets/splitserve/redis-tls/tls.crt
+- name: RAY_REDIS_CLIENT_KEY
+  value: /var/run/secrets/splitserve/redis-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Cluster secret ------------------------------------------------------------------------------ */}}
 
 {{/* The Secret holding the cluster secret: the operator's, else the chart's own. */}}
