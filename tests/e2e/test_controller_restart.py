@@ -65,6 +65,22 @@ def engine_process(pid: int) -> psutil.Process:
     raise AssertionError(f"no engine process under {pid}")
 
 
+def complete_once_routable(url: str, prompt: str, within_s: float = 30) -> None:
+    """A completion that succeeds once the gateway's registry view has the worker (it
+    re-reads the registry every 0.5 s: `status` can see a new worker first): a 503
+    service_unavailable until then is retried, nothing else is."""
+    deadline = time.monotonic() + within_s
+    while True:
+        got = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 8})
+        if got.status_code == 200:
+            return
+        assert got.status_code == 503, got.text
+        assert got.json()["error"]["type"] == "service_unavailable", got.text
+        assert time.monotonic() < deadline, f"still no worker after {within_s}s: {got.text}"
+        time.sleep(0.5)
+
+
 class Load:
     """Streaming clients through the gateway until stopped; every request recorded."""
 
@@ -195,9 +211,7 @@ def test_workers_outlive_a_killed_controller_and_are_adopted(tmp_path: Path,
             replacement = wait_for("a replacement worker", lambda: [
                 w for w in live(rs.url) if w["worker_id"] != worker["worker_id"]], 400, 1.0)
             assert len(replacement) == 1, replacement
-            got = httpx.post(f"{gw.url}/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": "after the replacement", "max_tokens": 8})
-            assert got.status_code == 200, got.text
+            complete_once_routable(gw.url, "after the replacement")
             new_pid = replacement[0]["pid"]
 
             # stopped with --keep-workers-on-stop: its worker keeps serving, sizes kept
@@ -208,9 +222,7 @@ def test_workers_outlive_a_killed_controller_and_are_adopted(tmp_path: Path,
                 assert r.hget("splitserve:pools:desired", "both") == "1"
             finally:
                 r.close()
-            got = httpx.post(f"{gw.url}/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": "between controllers", "max_tokens": 8})
-            assert got.status_code == 200, got.text
+            complete_once_routable(gw.url, "between controllers")
             third = controller("third", 1)
             log = third.log_path.read_text(errors="replace")
             assert f"adopted worker {replacement[0]['worker_id']} (serving)" in log, log[-3000:]
