@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import ray
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "splitserve-"
 """Worker actors (and their placement groups) are named ACTOR_PREFIX + worker id."""
-STATES = ("created", "starting", "serving", "draining", "stopped", "failed")
-"""What WorkerActor.describe reports; the first four can be adopted."""
-ADOPTABLE = frozenset(STATES[:4])
+ADOPTABLE = frozenset({"created", "starting", "serving", "draining"})
+"""The states WorkerActor.describe reports that can be adopted (not: stopped, failed)."""
 
 
 def actor_name(worker_id: str) -> str:
@@ -42,7 +42,7 @@ class FoundWorker:
     description: dict | None = None
     error: str = ""
 
-    @property
+    @cached_property
     def config(self) -> WorkerConfig | None:
         if self.description is None:
             return None

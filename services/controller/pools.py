@@ -245,7 +245,6 @@ class WorkerPools:
         self._pool_launches: dict[str, int] = {name: 0 for name in self.pools}
         self._remote_cls = ray.remote(WorkerActor)
         self.detached = cfg.ray_address is not None  # workers outlive this controller
-        self.adopted: list[str] = []  # ids of the workers taken over from an earlier one
 
     # --- starting -----------------------------------------------------------------------------
     def worker_config(self, role: WorkerRole, pool: PoolConfig, index: int, global_index: int
@@ -344,9 +343,9 @@ class WorkerPools:
         if rejected:
             ids = [f.config.worker_id for f, _ in rejected if f.config is not None]
             asyncio.run(self._forget(ids))
-        self.adopted = [w.cfg.worker_id for w in adopted]
         if adopted:
-            log.info("adopted %d workers: %s", len(adopted), ", ".join(self.adopted))
+            log.info("adopted %d workers: %s", len(adopted),
+                     ", ".join(w.cfg.worker_id for w in adopted))
         return adopted
 
     def _adopted(self, found: FoundWorker) -> WorkerHandle:
