@@ -21,6 +21,7 @@ from services.worker.config import (NIXL_ORDERED_DESCRIPTORS_KEY, NIXL_PROGRESS_
                                     WorkerConfig)
 from services.worker.engine_args import parse as parse_engine_args
 from services.worker.engine_speed import EngineSpeed
+from services.worker.link_stats import merged
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -103,6 +104,7 @@ class EngineHost:
         self.busy_since: float | None = None
         self.metrics: WorkerMetrics | None = None  # set by the worker process
         self.link: Any = None  # the worker's LinkServer, set by the worker process
+        self._link_step: Any = None  # the link requests' statistics of the current step
         self._engine: AsyncLLM | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -200,7 +202,18 @@ class EngineHost:
             raise RuntimeError("engine not started")
         return self._engine
 
+    def record_link_step(self, iteration_stats: Any, engine_idx: int = 0) -> None:
+        """One engine step's statistics of the engine link's requests (services/worker/
+        link_stats.py): into vLLM's metrics of this worker, and into the step's speed figures
+        (the step's scheduler report comes next, from the worker's own output handler)."""
+        self._link_step = merged(self._link_step, iteration_stats)
+        manager = self.engine.logger_manager
+        if manager is not None:
+            manager.record(scheduler_stats=None, iteration_stats=iteration_stats,
+                           engine_idx=engine_idx)
+
     def _on_scheduler_stats(self, stats: Any, iteration_stats: Any = None) -> None:
+        iteration_stats, self._link_step = merged(iteration_stats, self._link_step), None
         self.speed.step(stats.num_running_reqs, stats.num_waiting_reqs, iteration_stats)
         c = self.counters
         c.num_running_reqs = stats.num_running_reqs

@@ -147,7 +147,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.StatsResponse(
             worker_id=self.host.cfg.worker_id,
             role=self.host.cfg.role.value,
-            in_flight=len(self.host.in_flight),
+            in_flight=self.host.load().in_flight,  # worker API and engine link requests
             num_running_reqs=c.num_running_reqs,
             num_waiting_reqs=c.num_waiting_reqs,
             kv_cache_usage=c.kv_cache_usage,

@@ -27,9 +27,13 @@ import zmq.asyncio
 from services.link import (ABORT, ADD, FAILED, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LOST,
                            OUTPUTS, LinkAuthenticator, LinkKeys)
 from services.worker.kv_params_signing import KVParamsSigner, Reason, admit
+from services.worker.link_stats import LinkRequestStats
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.stats import IterationStats
+
+    from services.worker.engine import EngineCounters
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,9 @@ class LinkServer:
 
     def __init__(self, engine: "AsyncLLM", host: str, port: int, keys: LinkKeys,
                  signer: KVParamsSigner,
-                 on_refused: Callable[[Reason], None] = lambda reason: None) -> None:
+                 on_refused: Callable[[Reason], None] = lambda reason: None,
+                 counters: "EngineCounters | None" = None,
+                 on_step_stats: "Callable[[IterationStats, int], None] | None" = None) -> None:
         from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -55,6 +61,8 @@ class LinkServer:
         self._reader: asyncio.Task | None = None
         self._keys, self._signer, self._on_refused = keys, signer, on_refused
         self._auth: LinkAuthenticator | None = None
+        self._counters, self._on_step_stats = counters, on_step_stats
+        self._stats = LinkRequestStats() if on_step_stats is not None else None
 
     @property
     def refused_clients(self) -> int:
@@ -114,7 +122,8 @@ class LinkServer:
                 elif kind == ABORT:
                     ids = msgspec.msgpack.decode(body[0].bytes)
                     for request_id in ids:
-                        self._owner.pop(request_id, None)
+                        if self._owner.pop(request_id, None) is not None:
+                            self._count_abort(request_id)
                     await self._core.abort_requests_async(ids)
                 else:
                     log.warning("engine link: unknown frame type %r from a gateway", kind)
@@ -136,6 +145,19 @@ class LinkServer:
         except Exception as exc:
             self._owner.pop(request.request_id, None)
             await self._fail(gateway, request.request_id, f"{type(exc).__name__}: {exc}")
+            return
+        if not request.abort_immediately:
+            if self._counters is not None:
+                self._counters.requests_total += 1
+            if self._stats is not None:
+                self._stats.add(request)
+            _log_request(request)
+
+    def _count_abort(self, request_id: str) -> None:
+        if self._counters is not None:
+            self._counters.requests_aborted += 1
+        if self._stats is not None:
+            self._stats.forget(request_id)
 
     def _admit_kv_params(self, request: Any) -> None:
         """Verify the KV transfer parameters a request brings; drop refused ones (the engine
@@ -165,6 +187,8 @@ class LinkServer:
         by_gateway: dict[bytes, list[str]] = {}
         for request_id, gateway in self._owner.items():
             by_gateway.setdefault(gateway, []).append(request_id)
+            if self._stats is not None:
+                self._stats.forget(request_id)
         self._owner.clear()
         message = f"the worker's engine failed: {type(exc).__name__}: {exc}"
         log.error("engine failed under %d link requests: %s", sum(map(len, by_gateway.values())),
@@ -194,11 +218,29 @@ class LinkServer:
         if not by_gateway:
             return
         outputs.outputs = rest
+        if self._stats is not None and self._on_step_stats is not None:
+            diverted = [out for outs in by_gateway.values() for out in outs]
+            self._on_step_stats(self._stats.step(diverted, outputs.timestamp),
+                                outputs.engine_index)
         assert self._sock is not None
         for gateway, outs in by_gateway.items():
             step = self._outputs_type(outputs=outs, timestamp=outputs.timestamp)
             await self._sock.send_multipart([gateway, OUTPUTS, *self._encoder.encode(step)],
                                             copy=False)
+
+
+def _log_request(request: Any) -> None:
+    """One line per request the engine takes, with its id (which carries the client's)."""
+    extra = getattr(request.sampling_params, "extra_args", None) or {}
+    kv = extra.get("kv_transfer_params") or {}
+    n, rid = len(request.prompt_token_ids or ()), request.request_id
+    if kv.get("do_remote_decode"):
+        log.info("prefill %s: %d prompt tokens; KV held for decode", rid, n,
+                 extra={"engine_request_id": rid})
+    else:
+        log.info("generate %s: %d prompt tokens, KV %s", rid, n,
+                 "from a prefill worker" if kv.get("do_remote_prefill") else "computed here",
+                 extra={"engine_request_id": rid})
 
 
 def divert(engine: "AsyncLLM", forward: Any, failed: Any = None) -> None:

@@ -164,7 +164,8 @@ class WorkerProcess:
                                                  secret)
         stream_port = await self._stream_server.start()
         self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port, link_keys,
-                                       signer, service.kv_params_refused)
+                                       signer, service.kv_params_refused, self.host.counters,
+                                       self.host.record_link_step)
         link_port = await self._link_server.start()
         self.host.link = self._link_server
 
