@@ -121,8 +121,8 @@ class ServingInference(InferenceServicer):
                       ) -> AsyncIterator[ipb.CompletionChunk]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        directory = self.gw.directory
-        if directory is None or not directory.routable:
+        flow = self.gw.flow
+        if flow is None or not await flow.can_route():  # as the HTTP guard decides
             raise _refused(503, NO_WORKERS.message)
         try:
             request = model.model_validate(body())

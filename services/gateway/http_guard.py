@@ -4,7 +4,8 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
     /v1/* without an accepted key (when keys are on)   401, `WWW-Authenticate: Bearer`
     generation request past an admission limit         429, `Retry-After`
     generation request while no live worker can take   503 no_workers, `Retry-After`
-      it (`routable`; the vLLM front end's)
+      it, nor will within route_wait_s (`routable`;
+      the vLLM front end's)
     body over max_body_bytes (by Content-Length, or    413, the connection is closed
       counted while reading a chunked body)
     /v1/* body that is not valid UTF-8                 400 invalid_json
@@ -27,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import Headers
 
@@ -81,11 +82,11 @@ class GuardMiddleware:
                  slow_client_timeout_s: float = 0.0,
                  on_slow_client: Callable[[], None] = lambda: None,
                  isolate_tenants: bool = False, metrics_port: int = 0,
-                 routable: Callable[[], bool] = lambda: True,
+                 routable: Callable[[], Awaitable[bool]] | None = None,
                  check_body: Callable[[bytes], APIError | None] = lambda body: None) -> None:
         self.app = app
         self.check_body = check_body  # a generation request's body: an APIError refuses it
-        self.routable = routable  # False: generation requests get 503 at once
+        self.routable = routable  # awaits False: generation requests get 503
         self.isolate_tenants = isolate_tenants and api_keys is not None
         self.slow_client_timeout_s = slow_client_timeout_s
         self.on_slow_client = on_slow_client
@@ -117,7 +118,7 @@ class GuardMiddleware:
         if path not in self.generation_paths:
             await self._limited_body(scope, receive, send, headers, path)
             return
-        if not self.routable():
+        if self.routable is not None and not await self.routable():
             await _refuse(NO_WORKERS, scope, receive, send, {"Retry-After": str(RETRY_AFTER_S)})
             return
         if (refusal := self.admission.admit(client)) is not None:

@@ -174,11 +174,10 @@ class PDFlow:
         self.metrics.index_lookup.observe(time.perf_counter() - start)
         return cached
 
-    async def route(self, token_ids: Sequence[int], exclude: frozenset[str] = frozenset(),
-                    cache_salt: str | None = None) -> RouteDecision:
-        """Choose the workers for a prompt among the serving ones (not in `exclude`); with
-        none to serve it, wait up to `route_wait_s` for the pools to heal or grow. The prompt
-        is looked up in the prefix index as the engines hash it (with its `cache_salt`)."""
+    async def _candidates(self, exclude: frozenset[str] = frozenset()
+                          ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """Serving (prefill, decode-or-both) workers not in `exclude`; with no decode-capable
+        one, wait up to `route_wait_s` while the pools heal or grow."""
         d = self.directory
         deadline = time.monotonic() + self.migration.route_wait_s
         while True:
@@ -186,8 +185,22 @@ class PDFlow:
             decode = [w for w in (d.by_role(WorkerRole.DECODE) or d.by_role(WorkerRole.BOTH))
                       if w.worker_id not in exclude]
             if decode or time.monotonic() >= deadline or not await d.pools_healing():
-                break  # served, waited long enough, or nothing is coming
+                return prefill, decode  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
+
+    async def can_route(self) -> bool:
+        """Whether a request can be routed: a decode-capable worker serves (without a prefill
+        worker the decode worker computes the prompt), now or once the healing pools bring one
+        up within `route_wait_s`: the same wait as `route`'s."""
+        return bool((await self._candidates())[1])
+
+    async def route(self, token_ids: Sequence[int], exclude: frozenset[str] = frozenset(),
+                    cache_salt: str | None = None) -> RouteDecision:
+        """Choose the workers for a prompt among the serving ones (not in `exclude`); with
+        none to serve it, wait up to `route_wait_s` for the pools to heal or grow. The prompt
+        is looked up in the prefix index as the engines hash it (with its `cache_salt`)."""
+        d = self.directory
+        prefill, decode = await self._candidates(exclude)
         lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
         cached = (await self._cached_blocks(token_ids, prefill + decode, cache_salt)
                   if lookup else None)

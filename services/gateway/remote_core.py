@@ -69,6 +69,7 @@ class _Flight:
     prefill: WorkerInfo | None = None
     prefill_done: asyncio.Future | None = None
     kv_params: dict[str, Any] | None = None
+    prefill_cached: int | None = None  # the prefill worker's cache hits, for usage
     counted: bool = False
     generated: list[int] = field(default_factory=list)
     migrations: int = 0
@@ -214,6 +215,8 @@ class RemoteEngineCore:
                                          "kv_transfer_params": kv_params}
                     decode_request = msgspec.structs.replace(request, sampling_params=params)
                     flight.kv_params = kv_params
+                    cached = kv_params.get("remote_prefill_cached_tokens")
+                    flight.prefill_cached = cached if isinstance(cached, int) else None
                 await self._link(route.decode).add(decode_request)
                 kv_params = None  # D owns the KV now
             if route.decode.worker_id in flight.failed:  # it failed while we handed off
@@ -350,6 +353,12 @@ class RemoteEngineCore:
                 flight.audit.offer_output(worker_id, out)
             flight.generated.extend(out.new_token_ids)
             flight.last_output = now
+            if flight.prefill_cached is not None and out.prefill_stats is not None:
+                # as vLLM's output processor does for a request that came with the prefill's
+                # kv_transfer_params (remote_prefill_cached_tokens): usage counts the
+                # prefill worker's cache hits, not the decode's ~100% hit by KV transfer
+                out.prefill_stats.num_cached_tokens = flight.prefill_cached
+                flight.prefill_cached = None
             out.request_id = flight.request.request_id
             forward.append(out)
             if out.finish_reason is not None:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
 from services.gateway.http_guard import NO_WORKERS, GuardMiddleware
+from services.gateway.request_context import RequestContextMiddleware
+from services.gateway.request_count import RequestCountMiddleware
 from services.gateway.reserved_fields import reserved_field_refusal
 from services.gateway.route_note import RouteHeaderMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
@@ -64,17 +66,29 @@ class FrontendGuard(GuardMiddleware):
         super().__init__(app, gw.admission, gw.api_keys, gw.cfg.max_body_bytes,
                          GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
                          gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation,
-                         metrics_port=gw.cfg.metrics_port, routable=lambda: bool(
-                             gw.directory is not None and gw.directory.routable),
+                         metrics_port=gw.cfg.metrics_port, routable=self._can_route,
                          check_body=reserved_field_refusal)
+        self._gateway = gw
+
+    async def _can_route(self) -> bool:
+        flow = self._gateway.flow
+        return flow is not None and await flow.can_route()
+
+    def _serving(self) -> bool:
+        """A decode-capable worker serves now (without a prefill worker the decode worker
+        computes prompts itself)."""
+        d = self._gateway.directory
+        return d is not None and d.can_decode
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """vLLM's /health says whether its engine client is alive; here it also says whether
         the cluster has a worker to route to (503 no_workers), as the splitserve front end's
         does, so that a readiness probe takes a gateway with no live workers out of service."""
-        if scope["type"] == "http" and scope.get("path") == "/health" and not self.routable():
+        if scope["type"] == "http" and scope.get("path") == "/health" and not self._serving():
             await NO_WORKERS.response()(scope, receive, send)
             return
+        if scope["type"] == "http" and scope.get("path") == "/metrics" and not self.metrics_port:
+            await self._gateway.refresh_gauges()  # live workers, pool sizes: before a scrape
         await super().__call__(scope, receive, send)
 
 
@@ -91,6 +105,32 @@ class FrontendRouteHeaders(RouteHeaderMiddleware):
 ROUTE_HEADERS = f"{FrontendRouteHeaders.__module__}.{FrontendRouteHeaders.__qualname__}"
 
 
+class FrontendRequestCount(RequestCountMiddleware):
+    """Requests in flight and by status (services/gateway/request_count.py), through
+    `--middleware`."""
+
+    def __init__(self, app: Any) -> None:
+        gw = FrontendGuard.gateway
+        if gw is None:
+            raise RuntimeError("FrontendRequestCount needs the serving gateway (set by run())")
+        super().__init__(app, gw.metrics, set(GENERATION_PATHS | {"/v1/models", "/health",
+                                                                  "/metrics"}))
+
+
+class FrontendRequestContext(RequestContextMiddleware):
+    """Request id (`x-request-id`, which vLLM's server also takes for its request ids),
+    server span and access log (services/gateway/request_context.py), outermost, through
+    `--middleware`."""
+
+    def __init__(self, app: Any) -> None:
+        gw = FrontendGuard.gateway
+        super().__init__(app, route_headers=bool(gw is not None and gw.cfg.route_headers))
+
+
+COUNT = f"{FrontendRequestCount.__module__}.{FrontendRequestCount.__qualname__}"
+CONTEXT = f"{FrontendRequestContext.__module__}.{FrontendRequestContext.__qualname__}"
+
+
 def server_args(cfg: GatewayConfig) -> argparse.Namespace:
     """vLLM's server settings of this gateway: the engines' arguments (so that the front end
     validates requests against the engines' own configuration), then the front-end ones."""
@@ -101,8 +141,9 @@ def server_args(cfg: GatewayConfig) -> argparse.Namespace:
               "--disable-uvicorn-access-log"]
     tokens += cli_tokens(cfg.engine_args) + cli_tokens(cfg.frontend_args, parser)
     args = parser.parse_args(tokens)
+    # vLLM adds them in this order: the last is outermost
     args.middleware = [*(args.middleware or []), GUARD,
-                       *([ROUTE_HEADERS] if cfg.route_headers else [])]
+                       *([ROUTE_HEADERS] if cfg.route_headers else []), COUNT, CONTEXT]
     return args
 
 
@@ -154,6 +195,25 @@ def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
     return served
 
 
+def document_error_codes(app: Any) -> None:
+    """The gateway's own refusals (API keys, admission and body limits, no workers: services/
+    gateway/http_guard.py) carry OpenAI's string error codes (`invalid_api_key`,
+    `rate_limited`, `no_workers`, ...), where vLLM's errors carry the HTTP status: the OpenAPI
+    document of the app says that its ErrorInfo.code is either."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        info = schema.get("components", {}).get("schemas", {}).get("ErrorInfo", {})
+        code = info.get("properties", {}).get("code")
+        if code is not None and "anyOf" not in code:
+            info["properties"]["code"] = {"anyOf": [{"type": "integer"}, {"type": "string"}],
+                                          "title": code.get("title", "Code")}
+        return schema
+
+    app.openapi = openapi
+
+
 async def build_and_serve(engine: "AsyncLLM", listen_address: str, sock: Any,
                           args: argparse.Namespace, gateway: "Gateway") -> tuple[Any, Any]:
     """vLLM's own `build_and_serve` (vllm/entrypoints/launchers/api_server/entry.py: build the
@@ -168,6 +228,7 @@ async def build_and_serve(engine: "AsyncLLM", listen_address: str, sock: Any,
 
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)
+    document_error_codes(app)
     await init_app_state(engine, app.state, args, supported_tasks)
     grpc_server = None
     cfg = gateway.cfg

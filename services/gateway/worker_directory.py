@@ -118,6 +118,11 @@ class WorkerDirectory:
         return [w for w in self.workers if w.role in roles and w.state == WorkerState.SERVING]
 
     @property
+    def can_decode(self) -> bool:
+        """Whether a decode-capable worker serves (role decode or both)."""
+        return bool(self.by_role(WorkerRole.DECODE, WorkerRole.BOTH))
+
+    @property
     def routable(self) -> bool:
         """Whether a request could be served now."""
         if self.by_role(WorkerRole.BOTH):

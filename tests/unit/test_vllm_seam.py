@@ -76,11 +76,12 @@ def test_the_front_ends_build_and_serve_follows_vllms() -> None:
 
 def test_server_args_add_the_guard_to_vllms_middleware() -> None:
     from services.gateway.config import GatewayConfig
-    from services.gateway.vllm_frontend import GUARD, FrontendGuard, needs_key, server_args
+    from services.gateway.vllm_frontend import (CONTEXT, COUNT, GUARD, FrontendGuard, needs_key,
+                                                server_args)
 
     args = server_args(GatewayConfig(model="m", redis_url="redis://127.0.0.1:1/0",
-                                     frontend="vllm", frontend_args={"middleware": ["a.b.C"]}))
-    assert args.middleware == ["a.b.C", GUARD]
+                                     frontend_args={"middleware": ["a.b.C"]}))
+    assert args.middleware == ["a.b.C", GUARD, COUNT, CONTEXT]  # vLLM: the last is outermost
     assert GUARD.rsplit(".", 1)[1] == FrontendGuard.__name__
     assert needs_key("/tokenize") and needs_key("/v1/models") and needs_key("/pause")
     assert not needs_key("/health") and not needs_key("/metrics")
