@@ -24,7 +24,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.http_guard import NO_WORKERS, GuardMiddleware
 from services.gateway.request_context import RequestContextMiddleware
 from services.gateway.request_count import RequestCountMiddleware
-from services.gateway.reserved_fields import reserved_field_refusal
+from services.gateway.body_checks import frontend_body_refusal
 from services.gateway.route_note import RouteHeaderMiddleware
 from services.worker.engine_args import EngineArgsError, cli_tokens, server_parser
 
@@ -67,7 +67,7 @@ class FrontendGuard(GuardMiddleware):
                          GENERATION_PATHS, needs_key, gw.cfg.slow_client_timeout_s,
                          gw.metrics.slow_clients_cut.inc, gw.cfg.tenant_isolation,
                          metrics_port=gw.cfg.metrics_port, routable=self._can_route,
-                         check_body=reserved_field_refusal)
+                         check_body=frontend_body_refusal)
         self._gateway = gw
 
     async def _can_route(self) -> bool:
@@ -196,19 +196,29 @@ def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
 
 
 def document_error_codes(app: Any) -> None:
-    """The gateway's own refusals (API keys, admission and body limits, no workers: services/
-    gateway/http_guard.py) carry OpenAI's string error codes (`invalid_api_key`,
-    `rate_limited`, `no_workers`, ...), where vLLM's errors carry the HTTP status: the OpenAPI
-    document of the app says that its ErrorInfo.code is either."""
+    """The app's OpenAPI document as it answers errors: every operation may answer an error
+    (the gateway's refusals: API keys, admission and body limits, no workers, services/
+    gateway/http_guard.py; and vLLM's own, e.g. 404 for an unknown response id, which vLLM's
+    document leaves out), each as OpenAI error JSON (a `default` response); and its
+    ErrorInfo.code is an integer (vLLM's: the HTTP status) or a string (the gateway's
+    refusals carry OpenAI's string codes: `invalid_api_key`, `rate_limited`, `no_workers`)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = build()
-        info = schema.get("components", {}).get("schemas", {}).get("ErrorInfo", {})
+        schemas = schema.get("components", {}).get("schemas", {})
+        info = schemas.get("ErrorInfo", {})
         code = info.get("properties", {}).get("code")
         if code is not None and "anyOf" not in code:
             info["properties"]["code"] = {"anyOf": [{"type": "integer"}, {"type": "string"}],
                                           "title": code.get("title", "Code")}
+        if "ErrorResponse" in schemas:
+            error = {"description": "an error, as OpenAI error JSON", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if isinstance(operation, dict) and "responses" in operation:
+                        operation["responses"].setdefault("default", error)
         return schema
 
     app.openapi = openapi
