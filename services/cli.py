@@ -64,7 +64,8 @@ def frontend_args_map(ns: argparse.Namespace) -> dict[str, Any]:
     try:
         args = parse_assignments(ns.frontend_arg, "--frontend-arg")
         if args and ns.frontend != "vllm":
-            raise EngineArgsError("--frontend-arg sets vLLM's front end: add --frontend vllm")
+            raise EngineArgsError("--frontend-arg sets vLLM's front end, not --frontend "
+                                  "splitserve")
         parse(args, "--frontend-arg", parser=server_parser())
     except EngineArgsError as exc:
         raise UpArgsError(str(exc)) from None
@@ -364,7 +365,12 @@ def _gateway(ns: argparse.Namespace) -> int:
             text = sys.stdin.read() if ns.config_json == "-" else ns.config_json
             cfg = GatewayConfig.model_validate_json(text)
         else:
-            cfg = GatewayConfig(model=ns.model, served_model_name=ns.served_model_name,
+            try:
+                frontend_args = frontend_args_map(ns)
+            except UpArgsError as exc:
+                print(f"splitserve gateway: {exc}", file=sys.stderr)
+                return 2
+            cfg = GatewayConfig(model=ns.model, frontend_args=frontend_args, served_model_name=ns.served_model_name,
                                 redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
                                 port=ns.port, metrics_port=ns.metrics_port, policy=ns.policy,
                                 max_model_len=ns.max_model_len,
@@ -491,10 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-workers-on-stop", action="store_true",
                     help="with --ray-address: stopping leaves the workers serving, with their "
                     "desired sizes, for the next `up` of the namespace to adopt")
-    up.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",
-                    help="gateway: splitserve's own OpenAI front end, or vLLM's own server over "
-                    "the cluster (the whole vLLM OpenAI API: tools, structured output, "
-                    "logprobs, n, /tokenize, /v1/responses; HTTP only)")
+    up.add_argument("--frontend", choices=["splitserve", "vllm"], default="vllm",
+                    help="gateway: vLLM's own server over the cluster (the whole vLLM OpenAI "
+                    "API: tools, structured output, logprobs, n, /tokenize, /v1/responses; "
+                    "and the gRPC API), or splitserve's own OpenAI front end (deprecated: a "
+                    "thin slice of the API)")
     up.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="gateway, "
                     "--frontend vllm: a vLLM server setting by vLLM's name (tool_call_parser="
                     "hermes, enable_auto_tool_choice=true, chat_template=FILE, ...); repeatable")
@@ -552,8 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)
-    gw.add_argument("--frontend", choices=["splitserve", "vllm"], default="splitserve",
-                    help="splitserve's own OpenAI front end, or vLLM's own server")
+    gw.add_argument("--frontend", choices=["splitserve", "vllm"], default="vllm",
+                    help="vLLM's own server over the cluster (the whole vLLM OpenAI API), or "
+                    "splitserve's own OpenAI front end (deprecated: a thin slice of the API)")
+    gw.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="--frontend "
+                    "vllm: a vLLM server setting by vLLM's name; repeatable")
     _add_gateway_guard_flags(gw)
     _add_log_format_flag(gw)
     gw.set_defaults(func=_gateway)

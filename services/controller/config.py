@@ -96,8 +96,9 @@ class ClusterConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "gateway: moving requests off failed workers"))
-    frontend: Literal["splitserve", "vllm"] = Field("splitserve", description=(
-        "gateway: splitserve's own OpenAI front end, or vLLM's own server over the cluster"))
+    frontend: Literal["splitserve", "vllm"] = Field("vllm", description=(
+        "gateway: vLLM's own server over the cluster, or splitserve's own OpenAI front end "
+        "(deprecated)"))
     frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
         "gateway, frontend vllm: vLLM server settings by vLLM's names"))
     healing: HealingConfig = Field(default_factory=HealingConfig,

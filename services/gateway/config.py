@@ -76,9 +76,10 @@ class GatewayConfig(BaseModel):
         "on always uses per-request calls, each its own span)"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
-    frontend: Literal["splitserve", "vllm"] = Field("splitserve", description=(
-        "the OpenAI front end: splitserve's own (HTTP and gRPC), or vLLM's own server over the "
-        "cluster's engine links (the whole vLLM OpenAI API; docs/architecture.md)"))
+    frontend: Literal["splitserve", "vllm"] = Field("vllm", description=(
+        "the OpenAI front end: vLLM's own server over the cluster's engine links (the whole "
+        "vLLM OpenAI API, HTTP and gRPC; docs/architecture.md), or splitserve's own "
+        "(deprecated: a thin slice of the API)"))
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "vllm front end: the engines' shared vLLM engine arguments, mirrored so that requests "
         "are checked against the engines' own configuration"))

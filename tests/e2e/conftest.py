@@ -21,6 +21,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 + [i for i in items if not i.get_closest_marker("own_cluster")])
 
 
+PROMPT_TOKENS_DETAILS = "enable_prompt_tokens_details=true"
+"""vLLM's server setting that puts usage.prompt_tokens_details (cached tokens) in answers."""
+
 DISAGG_KV_BLOCKS = {"prefill": 6000, "decode": 7000}
 """KV cache blocks of the `disagg` cluster's engines, set per pool by engine arguments."""
 
@@ -54,7 +57,7 @@ def disagg(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     its own (KV cache sizes that differ, large enough to change nothing else)."""
     yield from _cluster(tmp_path_factory, "disagg", [
         "--mode", "disaggregated", "--engine-arg", "max_num_batched_tokens=2048",
-        "--route-headers",
+        "--route-headers", f"--frontend-arg={PROMPT_TOKENS_DETAILS}",
         "--prefill-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['prefill']}",
         "--decode-engine-arg", f"num_gpu_blocks_override={DISAGG_KV_BLOCKS['decode']}"])
 
@@ -69,6 +72,7 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
         yield from _cluster(tmp_path_factory, "agg", ["--mode", "aggregated", "--workers", "2",
                                                       "--placement-group", "always",
                                                       "--route-headers",
+                                                      f"--frontend-arg={PROMPT_TOKENS_DETAILS}",
                                                       "--workers-resources", '{"both": 1}',
                                                       "--redis-url", external.url])
         client = redis.Redis.from_url(external.url)

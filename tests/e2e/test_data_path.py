@@ -203,9 +203,12 @@ def test_streaming_and_non_streaming_agree(disagg: RunningCluster) -> None:
 
 
 def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Path) -> None:
-    """A token-array prompt that stops half-way through a character (what every request
-    migration sends the next decode worker) streams only the new text: the character it
-    completes, then what follows; never the prompt again (vllm-project/vllm#48853)."""
+    """A token-array prompt that stops half-way through a character: the worker API streams
+    only the new text (the character it completes, then what follows; never the prompt again,
+    vllm-project/vllm#48853). The gateway's front end is vLLM's own detokenizer, which answers
+    what vLLM's server answers (it still repeats the prompt's text first): the same text whole
+    and streamed, ending with the new text. (A migration never sends such a prompt to a
+    detokenizer there: the front end's detokenizer keeps its state across workers.)"""
     import tokenizers.decoders
     from transformers import AutoTokenizer
 
@@ -238,14 +241,14 @@ def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Pat
             "ignore_eos": True}
     whole = httpx.post(f"{disagg.http}/v1/completions", json=body, timeout=120)
     assert whole.status_code == 200, whole.text
-    assert whole.json()["choices"][0]["text"] == expected
+    assert whole.json()["choices"][0]["text"].endswith(expected)
     parts = []
     with httpx.stream("POST", f"{disagg.http}/v1/completions", json={**body, "stream": True},
                       timeout=120) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 parts += [c["text"] for c in json.loads(line[6:]).get("choices", [])]
-    assert "".join(parts) == expected
+    assert "".join(parts) == whole.json()["choices"][0]["text"]
 
 
 def test_sampling_parameters(disagg: RunningCluster) -> None:
@@ -303,54 +306,50 @@ def test_client_disconnect_aborts_on_both_workers(disagg: RunningCluster) -> Non
 
 
 BAD_INPUTS = [
-    ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": 42}).encode(), 400, "prompt"),
+    ("/v1/completions", b"{not json", 400, "JSON decode error"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": 42}).encode(), 400, "body.prompt"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(),
-     400, "max_tokens"),
+     400, "body.max_tokens"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(),
-     400, "temperature"),
-    ("/v1/completions", json.dumps({"model": "gpt-17", "prompt": "x"}).encode(), 404, "model"),
+     400, "body.temperature"),
+    ("/v1/completions", json.dumps({"model": "gpt-17", "prompt": "x"}).encode(), 404,
+     "`gpt-17` does not exist"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(),
-     400, "max_tokens"),
+     400, "max_tokens must be at least 1"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -5}).encode(),
-     400, "max_tokens"),
+     400, "max_tokens must be at least 1"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "word " * 3000}).encode(), 400,
-     "prompt"),
+     "maximum context length"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 5000}).encode(),
-     400, "max_tokens"),
+     400, "cannot be greater than max_model_len"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 999999]}).encode(), 400,
-     "prompt"),
+     "out of vocabulary"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400,
-     "messages"),
-    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "wizard",
-                                                                       "content": "hi"}]}).encode(),
-     400, "messages"),
-    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400, "messages"),
+     "empty conversation"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400, "body.messages"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hello"}).encode(), 400,
-     "messages"),
-    ("/v1/chat/completions", json.dumps({"model": MODEL, "n": 3, "messages": [
-        {"role": "user", "content": "hi"}]}).encode(), 400, "n"),
-    ("/v1/chat/completions", json.dumps([1, 2, 3]).encode(), 400, None),
-    # vLLM parameters the gateway does not honour are refused, never ignored
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}
-                                   ).encode(), 400, "presence_penalty"),
-    ("/v1/chat/completions", json.dumps({"model": MODEL, "top_k": 3, "messages": [
-        {"role": "user", "content": "hi"}]}).encode(), 400, "top_k"),
+     "body.messages"),
+    ("/v1/chat/completions", json.dumps([1, 2, 3]).encode(), 400, "valid dictionary"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 0}).encode(), 400, "n"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "top_logprobs": 100, "logprobs": True,
+                                         "messages": [{"role": "user", "content": "hi"}]}
+                                        ).encode(), 400, "greater than max allowed"),
 ]
+"""Bad requests, each with a part of vLLM's own message for it (its server's answers; the
+conformance suite, tests/e2e/test_vllm_frontend.py, compares whole answers with it)."""
 
 
-@pytest.mark.parametrize("path,body,status,param", BAD_INPUTS,
+@pytest.mark.parametrize("path,body,status,message", BAD_INPUTS,
                          ids=[f"{i}-{b[:40]!r}" for i, (_, b, _, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_gets_openai_error(disagg: RunningCluster, path: str, body: bytes, status: int,
-                                     param: str | None) -> None:
+                                     message: str) -> None:
     r = httpx.post(disagg.http + path, content=body,
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
-    if param is not None:
-        assert err["param"] is not None and err["param"].startswith(param), err
+    assert isinstance(err["type"], str) and err["type"], err
+    assert message in err["message"], err
 
 
 def test_bad_input_through_openai_client(disagg: RunningCluster) -> None:
@@ -359,7 +358,7 @@ def test_bad_input_through_openai_client(disagg: RunningCluster) -> None:
         c.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 20000}])
-    assert exc.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length" in exc.value.body["message"]
     # nothing crashed: the workers are alive and the cluster serves
     assert {w["role"] for w in workers(disagg)} == {"prefill", "decode"}
     assert chat(disagg, CHATS[0])
@@ -369,7 +368,7 @@ def test_models_health_metrics_status(disagg: RunningCluster) -> None:
     models = client(disagg).models.list()
     assert [m.id for m in models.data] == [MODEL]
     h = httpx.get(f"{disagg.http}/health", timeout=10)
-    assert h.status_code == 200 and h.json()["workers"]["prefill"] == 1
+    assert h.status_code == 200  # vLLM's server: 200, no body (503 without a live worker)
     text = httpx.get(f"{disagg.http}/metrics", timeout=10).text
     assert re.search(r'splitserve_gateway_routing_decisions_total\{outcome="remote_prefill",'
                      r'policy="kv"\} [1-9]', text), text[:2000]
@@ -469,9 +468,8 @@ def test_worker_ports_refuse_callers_without_the_cluster_secret(disagg: RunningC
         finally:
             ctx.destroy(linger=0)  # a failed check must not leave sockets that hang exit
         after = await worker_stats(disagg, decode["address"])
-        # the stranger's stream request never reached the engine (the link's own request
-        # goes to the engine core directly, not through the worker's request counter)
-        assert after.requests_total == before.requests_total
+        # the stranger's requests never reached the engine; the control's link request did
+        assert after.requests_total == before.requests_total + 1
 
     async def links(ctx: "zmq.asyncio.Context", got: dict, on_outputs: object,
                     on_failed: object, on_lost: object) -> None:

@@ -94,7 +94,7 @@ def test_greedy_completion_over_grpc_equals_http(disagg: RunningCluster) -> None
 
 @pytest.mark.parametrize("kwargs,exc,word", [
     ({"temperature": 5.0}, sdk.InvalidArgument, "temperature"),
-    ({"max_tokens": 5000}, sdk.InvalidArgument, "maximum context length"),
+    ({"max_tokens": 5000}, sdk.InvalidArgument, "cannot be greater than max_model_len"),
     ({"model": "gpt-17"}, sdk.NotFound, "gpt-17"),
 ])
 def test_request_errors(disagg: RunningCluster, kwargs: dict, exc: type, word: str) -> None:
@@ -106,11 +106,11 @@ def test_request_errors(disagg: RunningCluster, kwargs: dict, exc: type, word: s
 
 def test_invalid_prompts(disagg: RunningCluster) -> None:
     with grpc_client(disagg) as c:
-        with pytest.raises(sdk.InvalidArgument, match="out of range"):
+        with pytest.raises(sdk.InvalidArgument, match="out of vocabulary"):
             c.generate([1, 2, 999999])
         with pytest.raises(sdk.InvalidArgument, match="maximum context length"):
             c.generate("word " * 3000)
-        with pytest.raises(sdk.InvalidArgument, match="messages"):
+        with pytest.raises(sdk.InvalidArgument, match="empty conversation"):
             c.chat([])
 
 
@@ -120,10 +120,11 @@ def test_invalid_prompts(disagg: RunningCluster) -> None:
     ({"tools": [{"name": "f"}]}, "tools"),
 ])
 def test_what_the_splitserve_front_end_does_not_serve_is_refused(
-        disagg: RunningCluster, kwargs: dict, field: str) -> None:
+        side_gateways, kwargs: dict, field: str) -> None:
     """Never accepted and ignored: the splitserve front end's pipeline refuses the API's
     fields that only the vLLM front end serves, naming them."""
-    with grpc_client(disagg) as c:
+    target = f"127.0.0.1:{side_gateways['splitserve'].cfg.grpc_port}"
+    with sdk.Client(target, model=MODEL, retries=0) as c:
         with pytest.raises(sdk.InvalidArgument) as info:
             c.chat(CHAT, max_tokens=4, **kwargs)
         assert field in info.value.message and "vLLM front end" in info.value.message
@@ -178,7 +179,8 @@ def test_deadline_exceeded_aborts_on_the_workers(disagg: RunningCluster) -> None
 def side_gateways(disagg: RunningCluster, model_dir: Path, tmp_path_factory
                   ) -> Iterator[dict[str, GatewayProcess]]:
     """More gateways on the disagg cluster's Redis: one admitting a single request at a time,
-    and two looking at a namespace without workers (the splitserve and the vLLM front end)."""
+    one with the splitserve front end, and two looking at a namespace without workers (the
+    splitserve and the vLLM front end)."""
     run_dir = tmp_path_factory.mktemp("side-gateways")
     secret_file = disagg.run_dir / FILE_NAME
     base = dict(model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
@@ -186,18 +188,24 @@ def side_gateways(disagg: RunningCluster, model_dir: Path, tmp_path_factory
     gws = {
         "limited": GatewayProcess(GatewayConfig(**base, port=free_port(), grpc_port=free_port(),
                                                 max_in_flight=1), run_dir, secret_file),
+        "splitserve": GatewayProcess(GatewayConfig(**base, port=free_port(),
+                                                   grpc_port=free_port(), frontend="splitserve"),
+                                     run_dir / "splitserve", secret_file),
         "empty": GatewayProcess(GatewayConfig(**base, port=free_port(), grpc_port=free_port(),
-                                              namespace="splitserve-no-workers"), run_dir,
+                                              namespace="splitserve-no-workers",
+                                              frontend="splitserve"), run_dir / "empty",
                                 secret_file),
         "empty-vllm": GatewayProcess(GatewayConfig(
             **base, port=free_port(), grpc_port=free_port(), namespace="splitserve-no-workers",
             frontend="vllm"), run_dir / "vllm", secret_file),
     }
-    (run_dir / "vllm").mkdir()
+    for sub in ("vllm", "splitserve", "empty"):
+        (run_dir / sub).mkdir()
     try:
         for g in gws.values():
             g.start()
         gws["limited"].wait_ready(timeout_s=120)
+        gws["splitserve"].wait_ready(timeout_s=120)
         # not routable, so no HTTP readiness: wait until its gRPC port answers (SDK retries)
         for name in ("empty", "empty-vllm"):
             with sdk.Client(f"127.0.0.1:{gws[name].cfg.grpc_port}", retries=1000,

@@ -21,6 +21,7 @@ from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry
 from services.cluster_secret import FILE_ENV, FILE_NAME
 from services.ports import free_port
+from tests.e2e.conftest import PROMPT_TOKENS_DETAILS
 from tests.support.cluster import RunningCluster
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,7 @@ def second_gateway(aggregated: RunningCluster, model_dir: Path) -> Iterator[str]
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "gateway", "--model", str(model_dir),
          "--served-model-name", MODEL, "--redis-url", aggregated.redis_url, "--port", str(port),
-         "--policy", "kv", "--route-headers"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+         "--policy", "kv", "--route-headers", f"--frontend-arg={PROMPT_TOKENS_DETAILS}"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, FILE_ENV: str(aggregated.run_dir / FILE_NAME)})
     log.close()
     base = f"http://127.0.0.1:{port}"

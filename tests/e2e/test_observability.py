@@ -101,7 +101,7 @@ def test_request_id_in_all_logs_and_kv_bytes_in_metrics(disagg: RunningCluster,
     assert any("POST /v1/completions 200" in ln for ln in lines["gateway"]), lines
     worker_lines = [ln for k, v in lines.items() if k != "gateway" for ln in v]
     prefill_id, decode_id = by_role["prefill"]["worker_id"], by_role["decode"]["worker_id"]
-    assert any(re.search(r"\bprefill cmpl-\w+: \d+ prompt tokens", ln) for ln in worker_lines)
+    assert any(re.search(r"\bprefill cmpl-\S+: \d+ prompt tokens", ln) for ln in worker_lines)
     assert any("KV from a prefill worker" in ln for ln in worker_lines), worker_lines
     # Two different worker processes (each Ray actor logs to its own file).
     assert len(lines) - 1 == 2, lines

@@ -61,5 +61,5 @@ def test_router_hashes_salted_prompts_as_the_engine_does() -> None:
 def test_isolation_needs_the_vllm_front_end() -> None:
     base = dict(model="m", redis_url="redis://127.0.0.1:1/0", tenant_isolation=True)
     with pytest.raises(ValidationError, match="needs frontend: vllm"):
-        GatewayConfig(**base)
-    assert GatewayConfig(**base, frontend="vllm").tenant_isolation
+        GatewayConfig(**base, frontend="splitserve")
+    assert GatewayConfig(**base).tenant_isolation

@@ -352,14 +352,17 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
 
 
 def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
-    """gateway.frontend=vllm: the gateway config names vLLM's front end, mirrors the engines'
-    shared engine arguments and carries the server settings, which vLLM's own parser takes."""
+    """gateway.frontend=vllm (the default): the gateway config names vLLM's front end, mirrors
+    the engines' shared engine arguments and carries the server settings, which vLLM's own
+    parser takes; gateway.frontend=splitserve names the splitserve front end."""
     from services.gateway.vllm_frontend import check_frontend_args, server_args
 
     default, _, _ = gateway_config(render_named("default"))
-    assert default.frontend == "splitserve" and not default.frontend_args
+    assert default.frontend == "vllm" and not default.frontend_args
+    own, _, _ = gateway_config(render([], ("gateway.frontend=splitserve",)))
+    assert own.frontend == "splitserve" and not own.engine_args
     cfg, _, _ = gateway_config(render([], (
-        "gateway.frontend=vllm", "engine.engineArgs.max_num_seqs=64",
+        "engine.engineArgs.max_num_seqs=64",
         "gateway.frontendArgs.tool_call_parser=hermes",
         "gateway.frontendArgs.enable_auto_tool_choice=true")))
     assert cfg.frontend == "vllm" and cfg.engine_args == {"max_num_seqs": 64}
@@ -373,7 +376,8 @@ def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
 def test_gateway_frontend_values_are_checked() -> None:
     from tests.support.chart import helm, template_args
 
-    out = helm(*template_args([], ("gateway.frontendArgs.tool_call_parser=hermes",)),
+    out = helm(*template_args([], ("gateway.frontend=splitserve",
+                                   "gateway.frontendArgs.tool_call_parser=hermes")),
                check=False)
     assert out.returncode != 0 and "need gateway.frontend=vllm" in out.stderr
     out = helm(*template_args([], ("gateway.frontend=sglang",)), check=False)
