@@ -143,8 +143,16 @@ class LinkServer:
         try:
             await self._core.add_request_async(request)
         except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
             self._owner.pop(request.request_id, None)
-            await self._fail(gateway, request.request_id, f"{type(exc).__name__}: {exc}")
+            message = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, EngineDeadError):  # the worker failed, not the request: the
+                assert self._sock is not None      # gateway moves it to another worker
+                await self._sock.send_multipart(
+                    [gateway, LOST, msgspec.msgpack.encode([[request.request_id], message])])
+            else:
+                await self._fail(gateway, request.request_id, message)
             return
         if not request.abort_immediately:
             if self._counters is not None:
