@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 
 from services.gateway.errors import APIError
-from services.gateway.reserved_fields import reserved_field_refusal
+from services.gateway.reserved_fields import MARKS as RESERVED_MARKS
+from services.gateway.reserved_fields import reserved_in
 
 OBJECT_FIELDS = ("structured_outputs",)
 """Fields that must be JSON objects (or null) for vLLM's validators not to crash."""
@@ -25,9 +26,7 @@ _MARKS = tuple(f'"{name}"'.encode() for name in OBJECT_FIELDS)
 def frontend_body_refusal(body: bytes) -> APIError | None:
     """A 400 for the first field of a JSON request body that the gateway refuses, or None.
     Bodies that mention none of the fields concerned are not parsed here."""
-    if (refusal := reserved_field_refusal(body)) is not None:
-        return refusal
-    if not any(mark in body for mark in _MARKS):
+    if not any(mark in body for mark in _MARKS + RESERVED_MARKS):
         return None
     try:
         data = json.loads(body)
@@ -35,6 +34,8 @@ def frontend_body_refusal(body: bytes) -> APIError | None:
         return None  # vLLM answers a body that is not JSON
     if not isinstance(data, dict):
         return None
+    if (refusal := reserved_in(data)) is not None:
+        return refusal
     for name in OBJECT_FIELDS:
         value = data.get(name)
         if value is not None and not isinstance(value, dict):

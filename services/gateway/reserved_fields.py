@@ -17,7 +17,8 @@ from typing import Any
 from services.gateway.errors import APIError
 
 RESERVED = ("kv_transfer_params", "ec_transfer_params")
-_MARKS = tuple(name.encode() for name in RESERVED)
+MARKS = tuple(name.encode() for name in RESERVED)
+"""Bytes a body that sets a reserved field contains (a cheap test before parsing)."""
 
 
 def _refused(field: str) -> APIError:
@@ -29,14 +30,17 @@ def _refused(field: str) -> APIError:
 def reserved_field_refusal(body: bytes) -> APIError | None:
     """A 400 naming the first reserved field a JSON request body sets (top level or in
     `vllm_xargs`), or None. Bodies that do not mention one are not parsed."""
-    if not any(mark in body for mark in _MARKS):
+    if not any(mark in body for mark in MARKS):
         return None
     try:
         data = json.loads(body)
     except ValueError:
         return None  # vLLM answers a body that is not JSON
-    if not isinstance(data, dict):
-        return None
+    return reserved_in(data) if isinstance(data, dict) else None
+
+
+def reserved_in(data: dict[str, Any]) -> APIError | None:
+    """A 400 naming the first reserved field a parsed request body sets, or None."""
     xargs = data.get("vllm_xargs")
     for name in RESERVED:
         if data.get(name) is not None:
