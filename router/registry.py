@@ -69,9 +69,7 @@ class WorkerInfo(BaseModel):
 
     worker_id: str = Field(description="unique id, also the engine's NIXL engine id")
     role: WorkerRole = Field(description="prefill, decode or both")
-    address: str = Field(description="host:port of its gRPC worker API")
-    stream_address: str = Field("", description=(
-        "host:port of its framed GenerateStream (services/framed_stream.py); empty: none"))
+    address: str = Field(description="host:port of its gRPC worker API (Health, Stats)")
     link_address: str = Field("", description=(
         "host:port of its engine link (services/link.py: vLLM engine-core requests and "
         "outputs); empty: none"))

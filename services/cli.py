@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -63,9 +62,6 @@ def frontend_args_map(ns: argparse.Namespace) -> dict[str, Any]:
 
     try:
         args = parse_assignments(ns.frontend_arg, "--frontend-arg")
-        if args and ns.frontend != "vllm":
-            raise EngineArgsError("--frontend-arg sets vLLM's front end, not --frontend "
-                                  "splitserve")
         parse(args, "--frontend-arg", parser=server_parser())
     except EngineArgsError as exc:
         raise UpArgsError(str(exc)) from None
@@ -99,7 +95,7 @@ def engine_config(ns: argparse.Namespace, cache_dir: Path,
 def _up(ns: argparse.Namespace) -> int:
     from services.controller.cluster import run_up
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
-    from services.gateway.pd_flow import MigrationConfig
+    from services.gateway.config import MigrationConfig
     from router.policies import KVPolicyConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
@@ -117,7 +113,7 @@ def _up(ns: argparse.Namespace) -> int:
     cfg = ClusterConfig(
         mode=ns.mode, engine=engine, host=ns.host, port=ns.port, grpc_port=ns.grpc_port,
         max_in_flight=ns.max_in_flight, max_in_flight_per_client=ns.max_in_flight_per_client,
-        max_body_bytes=ns.max_body_bytes, worker_streams=ns.worker_streams,
+        max_body_bytes=ns.max_body_bytes,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         tenant_isolation=ns.tenant_isolation, slow_client_timeout_s=ns.slow_client_timeout,
         route_headers=ns.route_headers,
@@ -140,7 +136,7 @@ def _up(ns: argparse.Namespace) -> int:
             load_weight=ns.kv_load_weight, local_prefill_tokens=ns.kv_local_prefill_tokens,
             temperature=ns.kv_temperature),
         migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s),
-        frontend=ns.frontend, frontend_args=frontend_args)
+        frontend_args=frontend_args)
     return run_up(cfg)
 
 
@@ -357,7 +353,6 @@ def _make_model(ns: argparse.Namespace) -> int:
 def _gateway(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from services.gateway.app import serve
     from services.gateway.config import GatewayConfig
 
     try:
@@ -370,14 +365,15 @@ def _gateway(ns: argparse.Namespace) -> int:
             except UpArgsError as exc:
                 print(f"splitserve gateway: {exc}", file=sys.stderr)
                 return 2
-            cfg = GatewayConfig(model=ns.model, frontend_args=frontend_args, served_model_name=ns.served_model_name,
+            cfg = GatewayConfig(model=ns.model, frontend_args=frontend_args,
+                                served_model_name=ns.served_model_name,
                                 redis_url=ns.redis_url, namespace=ns.namespace, host=ns.host,
                                 port=ns.port, metrics_port=ns.metrics_port, policy=ns.policy,
                                 max_model_len=ns.max_model_len,
                                 max_in_flight_per_client=ns.max_in_flight_per_client,
                                 max_body_bytes=ns.max_body_bytes,
-                                api_keys_file=ns.api_keys_file, worker_streams=ns.worker_streams,
-                                frontend=ns.frontend, tenant_isolation=ns.tenant_isolation,
+                                api_keys_file=ns.api_keys_file,
+                                tenant_isolation=ns.tenant_isolation,
                                 slow_client_timeout_s=ns.slow_client_timeout,
                                 route_headers=ns.route_headers)
     except ValidationError as exc:
@@ -390,12 +386,9 @@ def _gateway(ns: argparse.Namespace) -> int:
     except ClusterSecretError as exc:
         print(f"splitserve gateway: {exc}", file=sys.stderr)
         return 2
-    if cfg.frontend == "vllm":
-        from services.gateway import vllm_frontend
+    from services.gateway import vllm_frontend
 
-        vllm_frontend.serve(cfg)
-    else:
-        serve(cfg)
+    vllm_frontend.serve(cfg)
     return 0
 
 
@@ -412,14 +405,10 @@ def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
                    "have in flight; 0: no per-client limit")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="gateway: largest request body (HTTP 413 beyond) and gRPC message")
-    p.add_argument("--worker-streams", choices=["tcp", "grpc", "per-request"], default="tcp",
-                   help="gateway -> worker transport: one GenerateStream per worker with chunks "
-                   "batched per engine step, on the worker's framed TCP port (tcp) or as a gRPC "
-                   "call (grpc), or a gRPC Generate call per request (per-request)")
     p.add_argument("--api-keys-file", help="gateway: accepted API keys, one per line (also "
                    "$SPLITSERVE_API_KEYS); /v1 and gRPC then need `Bearer <key>`")
     p.add_argument("--tenant-isolation", action="store_true",
-                   help="gateway, --frontend vllm: a prefix cache per API-key tenant")
+                   help="gateway: a prefix cache per API-key tenant (needs API keys)")
     p.add_argument("--slow-client-timeout", type=float, default=30.0,
                    help="gateway: seconds a stream's client may take no data before the "
                    "response is cut and the request aborted (0: never)")
@@ -497,13 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-workers-on-stop", action="store_true",
                     help="with --ray-address: stopping leaves the workers serving, with their "
                     "desired sizes, for the next `up` of the namespace to adopt")
-    up.add_argument("--frontend", choices=["splitserve", "vllm"], default="vllm",
-                    help="gateway: vLLM's own server over the cluster (the whole vLLM OpenAI "
-                    "API: tools, structured output, logprobs, n, /tokenize, /v1/responses; "
-                    "and the gRPC API), or splitserve's own OpenAI front end (deprecated: a "
-                    "thin slice of the API)")
-    up.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="gateway, "
-                    "--frontend vllm: a vLLM server setting by vLLM's name (tool_call_parser="
+    up.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="gateway: "
+                    "a vLLM server setting by vLLM's name (tool_call_parser="
                     "hermes, enable_auto_tool_choice=true, chat_template=FILE, ...); repeatable")
     up.add_argument("--prefill-timeout-s", type=float, default=120.0,
                     help="gateway: a slower prefill is abandoned, decode computes the prompt")
@@ -559,11 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--policy", default="kv",
                     choices=["kv", "round_robin", "random", "least_loaded"])
     gw.add_argument("--max-model-len", type=int, default=2048)
-    gw.add_argument("--frontend", choices=["splitserve", "vllm"], default="vllm",
-                    help="vLLM's own server over the cluster (the whole vLLM OpenAI API), or "
-                    "splitserve's own OpenAI front end (deprecated: a thin slice of the API)")
-    gw.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="--frontend "
-                    "vllm: a vLLM server setting by vLLM's name; repeatable")
+    gw.add_argument("--frontend-arg", action="append", metavar="KEY=VALUE", help="a vLLM "
+                    "server setting by vLLM's name (tool_call_parser=hermes, ...); repeatable")
     _add_gateway_guard_flags(gw)
     _add_log_format_flag(gw)
     gw.set_defaults(func=_gateway)

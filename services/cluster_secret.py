@@ -2,9 +2,10 @@
 
 One random value per cluster, shared by the controller, the gateways and the workers (and
 nobody else). Every internal credential is derived from it, one per purpose, with HMAC-SHA256
-(`ClusterSecret.derive`): the worker gRPC bearer token, the framed stream port's handshake
-token, the engine link's CURVE keypairs (services/link.py), the key that signs KV transfer
-parameters (services/worker/kv_params_signing.py) and the password of `up`'s private Redis. A leaked derived value gives nothing else.
+(`ClusterSecret.derive`): the worker gRPC bearer token, the engine link's CURVE keypairs
+(services/link.py), the key that signs KV transfer parameters (services/worker/
+kv_params_signing.py) and the password of `up`'s private Redis. A leaked derived value gives
+nothing else.
 
 Where it comes from, first match wins: `$SPLITSERVE_CLUSTER_SECRET` (the value itself; the
 Helm chart sets it from a Kubernetes Secret), `$SPLITSERVE_CLUSTER_SECRET_FILE` (a file holding
@@ -33,7 +34,6 @@ MIN_LENGTH = 16
 """Shortest secret accepted, in bytes (a generated one has 32 random bytes)."""
 
 GRPC_TOKEN = b"splitserve-worker-grpc-token"
-STREAM_TOKEN = b"splitserve-worker-stream-token"
 LINK_SERVER_KEY = b"splitserve-link-server"
 LINK_CLIENT_KEY = b"splitserve-link-client"
 KV_PARAMS_KEY = b"splitserve-kv-transfer-params"
@@ -116,11 +116,6 @@ class ClusterSecret:
     def grpc_token(self) -> str:
         """The bearer token of worker gRPC calls."""
         return self.derive(GRPC_TOKEN).hex()
-
-    @property
-    def stream_token(self) -> bytes:
-        """What a client of the framed stream port sends after the preamble."""
-        return self.derive(STREAM_TOKEN)
 
     @property
     def redis_password(self) -> str:

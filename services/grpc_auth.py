@@ -29,10 +29,9 @@ def call_metadata(secret: ClusterSecret) -> tuple[tuple[str, str], ...]:
 
 
 def client_interceptors(secret: ClusterSecret) -> list[Any]:
-    """Interceptors that add the token to every call on a channel (one per call type, as
-    grpc.aio files an interceptor under one type only)."""
-    return [_UnaryUnary(secret), _UnaryStream(secret), _StreamUnary(secret),
-            _StreamStream(secret)]
+    """Interceptors that add the token to every call on a channel (the worker API's calls are
+    all unary)."""
+    return [_UnaryUnary(secret)]
 
 
 class _Client:
@@ -50,27 +49,6 @@ class _UnaryUnary(_Client, grpc.aio.UnaryUnaryClientInterceptor):
                                     client_call_details: grpc.aio.ClientCallDetails,
                                     request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
-
-
-class _UnaryStream(_Client, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Callable[..., Awaitable[Any]],
-                                     client_call_details: grpc.aio.ClientCallDetails,
-                                     request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-
-class _StreamUnary(_Client, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Callable[..., Awaitable[Any]],
-                                     client_call_details: grpc.aio.ClientCallDetails,
-                                     request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
-
-
-class _StreamStream(_Client, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Callable[..., Awaitable[Any]],
-                                      client_call_details: grpc.aio.ClientCallDetails,
-                                      request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

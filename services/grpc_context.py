@@ -1,25 +1,17 @@
-"""Request id and trace context across gRPC calls, as interceptors.
-
-Client side (`client_interceptors()`, on the gateway's channels to workers): every call
-carries the current request id (`x-request-id` metadata) and, with tracing on, a client span and
-its W3C `traceparent`. Server side (`ServerContextInterceptor`, on the worker API and on the
-gateway's public API): the handler runs with the caller's request id bound (services/request_id)
-inside a server span that continues the caller's trace.
+"""Request id and trace context of gRPC calls, as a server interceptor
+(`ServerContextInterceptor`, on the gateway's public API and on the worker API): the handler
+runs with the caller's request id bound (services/request_id) inside a server span that
+continues the caller's trace (W3C `traceparent` metadata).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from services import request_id, tracing
-
-
-_pending: set[asyncio.Task] = set()  # span-ending tasks (kept referenced until they run)
 
 
 def _metadata_dict(metadata: Any) -> dict[str, str]:
@@ -28,78 +20,6 @@ def _metadata_dict(metadata: Any) -> dict[str, str]:
         if isinstance(value, str):
             out[key.lower()] = value
     return out
-
-
-def client_interceptors() -> list[Any]:
-    """Interceptors for a channel: request id and trace context on every outgoing call
-    (grpc.aio files an interceptor under one call type only, hence one object per type)."""
-    return [_UnaryUnary(), _UnaryStream()]
-
-
-class _ClientContext:
-    """Adds the request id and trace context to outgoing calls."""
-
-    def _prepare(self, details: grpc.aio.ClientCallDetails
-                 ) -> tuple[grpc.aio.ClientCallDetails, trace.Span | None]:
-        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
-        if (rid := request_id.current()) is not None:
-            metadata.add(request_id.HEADER, rid)
-        span = None
-        if tracing.enabled():
-            method = details.method.decode() if isinstance(details.method, bytes) else (
-                details.method)
-            service, _, name = method.lstrip("/").rpartition("/")
-            span = tracing.tracer().start_span(
-                method.lstrip("/"), kind=SpanKind.CLIENT,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-                            "splitserve.request_id": rid or ""})
-            carrier: dict[str, str] = {}
-            tracing.inject(carrier, span)
-            for key, value in carrier.items():
-                metadata.add(key, value)
-        return details._replace(metadata=metadata), span
-
-    @staticmethod
-    def _finish(span: trace.Span | None, call: Any) -> None:
-        if span is None:
-            return
-
-        async def end(c: Any) -> None:
-            try:
-                code, details = await c.code(), await c.details()
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if code != grpc.StatusCode.OK:
-                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
-            finally:
-                span.end()
-
-        def done(c: Any) -> None:  # grpc.aio's status accessors are coroutines
-            task = asyncio.get_running_loop().create_task(end(c))
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
-
-        call.add_done_callback(done)
-
-
-
-class _UnaryUnary(_ClientContext, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]],
-                                    client_call_details: grpc.aio.ClientCallDetails,
-                                    request: Any) -> Any:
-        details, span = self._prepare(client_call_details)
-        call = await continuation(details, request)
-        self._finish(span, call)
-        return call
-
-
-class _UnaryStream(_ClientContext, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Callable[..., Awaitable[Any]],
-                                     client_call_details: grpc.aio.ClientCallDetails,
-                                     request: Any) -> Any:
-        details, span = self._prepare(client_call_details)
-        call = await continuation(details, request)
-        self._finish(span, call)
-        return call
 
 
 class ServerContextInterceptor(grpc.aio.ServerInterceptor):

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
 from services import request_id
@@ -73,6 +74,9 @@ class JsonFormatter(_BaseJsonFormatter):
             rename_fields={"levelname": "level", "name": "logger", "message": "msg"},
             static_fields=static_fields or {},
             json_ensure_ascii=False,
+            # vLLM's log-record factory adds its process name to every record of a process
+            # that imports it (its text format's prefix); JSON records carry `component`
+            reserved_attrs=[*RESERVED_ATTRS, "vllm_process_name"],
         )
 
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord,

@@ -94,8 +94,7 @@ class Cluster:
             max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
             tenant_isolation=cfg.tenant_isolation,
             slow_client_timeout_s=cfg.slow_client_timeout_s, route_headers=cfg.route_headers,
-            worker_streams=cfg.worker_streams,
-            migration=cfg.migration, frontend=cfg.frontend,
+            migration=cfg.migration,
             engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
         assert self.secret_file is not None
         self.gateway = GatewayProcess(gcfg, self.run_dir, self.secret_file)

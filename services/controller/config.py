@@ -10,8 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
 from services.controller.healing import HealingConfig
-from services.gateway.generate_stream import WorkerStreams
-from services.gateway.pd_flow import MigrationConfig
+from services.gateway.config import MigrationConfig
 from services.worker.config import EngineConfig
 
 Mode = Literal["disaggregated", "aggregated"]
@@ -61,16 +60,13 @@ class ClusterConfig(BaseModel):
         "gateway limit per client (API key, else remote address); 0: none"))
     max_body_bytes: int = Field(1 << 20, ge=1024, description=(
         "gateway: largest request body / gRPC message (HTTP 413 beyond)"))
-    worker_streams: WorkerStreams = Field("tcp", description=(
-        "gateway -> worker transport: tcp (one framed GenerateStream per worker), grpc (the "
-        "same stream over gRPC) or per-request (a gRPC Generate call per request)"))
     cluster_secret_file: Path | None = Field(None, description=(
         "file holding the cluster secret every internal caller of a worker proves "
         "(docs/security.md); None: $SPLITSERVE_CLUSTER_SECRET(_FILE), else a generated one"))
     api_keys_file: Path | None = Field(None, description=(
         "gateway API keys, one per line (also $SPLITSERVE_API_KEYS); none: no authentication"))
     tenant_isolation: bool = Field(False, description=(
-        "gateway, frontend vllm: a prefix cache per API-key tenant (docs/security.md)"))
+        "gateway: a prefix cache per API-key tenant (docs/security.md)"))
     slow_client_timeout_s: float = Field(30.0, ge=0, description=(
         "gateway: a stream whose client took no data this long is cut and aborted; 0: never"))
     route_headers: bool = Field(False, description=(
@@ -96,11 +92,8 @@ class ClusterConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, description="how long to wait for healthy workers")
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "gateway: moving requests off failed workers"))
-    frontend: Literal["splitserve", "vllm"] = Field("vllm", description=(
-        "gateway: vLLM's own server over the cluster, or splitserve's own OpenAI front end "
-        "(deprecated)"))
     frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
-        "gateway, frontend vllm: vLLM server settings by vLLM's names"))
+        "gateway: vLLM server settings by vLLM's names (tool_call_parser, chat_template, ...)"))
     healing: HealingConfig = Field(default_factory=HealingConfig,
                                      description="health checks, restarts, drains")
     local_ray_num_cpus: int | None = Field(None, description=(
@@ -123,6 +116,4 @@ class ClusterConfig(BaseModel):
         if self.keep_workers_on_stop and not self.ray_address:
             raise ValueError("keep_workers_on_stop needs ray_address: workers on a local Ray "
                              "end with it")
-        if self.tenant_isolation and self.frontend != "vllm":
-            raise ValueError("tenant_isolation needs frontend: vllm")
         return self

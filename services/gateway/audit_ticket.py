@@ -7,10 +7,8 @@ hit is audited and the decode worker's (which counts the transferred KV as cache
 request whose prefill failed, and whose decode worker computed the prompt instead, is not
 audited at all (nothing was predicted about that worker).
 
-The splitserve front end carries the figures in the response's route headers (and so in the
-access-log line and the request's span, services/gateway/request_context.py); the vLLM front
-end, which has no access log of its own, gets a log line and a span per audited request from
-`announce`.
+Each audited request gets a log line and a span of its own (`announce`), and with route
+headers on, the figures travel in the response's headers too (services/gateway/route_note.py).
 """
 
 from __future__ import annotations

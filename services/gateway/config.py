@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
-from services.gateway.generate_stream import WorkerStreams
-from services.gateway.pd_flow import MigrationConfig
+
+
+class MigrationConfig(BaseModel):
+    """How the gateway keeps requests alive through worker failures."""
+
+    max_migrations: int = Field(3, ge=0, description=(
+        "decode workers a request may move to after the one it started on fails"))
+    stall_timeout_s: float = Field(60.0, gt=0, description=(
+        "a decode worker silent this long under a request counts as failed (the request "
+        "moves)"))
+    prefill_timeout_s: float = Field(120.0, gt=0, description=(
+        "a prefill slower than this is abandoned: the decode worker computes the prompt"))
+    route_wait_s: float = Field(30.0, ge=0, description=(
+        "with no serving decode worker while the controller brings workers up, wait this "
+        "long for one before 503 (with none coming: 503 at once)"))
 
 
 class GatewayConfig(BaseModel):
@@ -42,15 +55,13 @@ class GatewayConfig(BaseModel):
         "workers, freeing its admission slot; 0: wait for the client forever"))
     route_headers: bool = Field(False, description=(
         "answer generation requests with x-splitserve-* headers naming the workers that served "
-        "them and why (splitserve front end); off, they only reach the access log and spans: "
+        "them and why; off, they only reach the access log and spans: "
         "with them a client learns the cluster's workers and, by the route, whether others "
         "sent its prefix"))
-    max_stop_sequences: int = Field(16, ge=0, description=(
-        "most stop sequences per request (OpenAI allows 4; vLLM clients may send more)"))
-    max_stop_chars: int = Field(256, ge=1, description="longest stop sequence, in characters")
     api_keys_file: Path | None = Field(None, description=(
-        "file of accepted API keys, one per line (# comments); with keys, every /v1 call and "
-        "gRPC call but Health needs `authorization: Bearer <key>`"))
+        "file of accepted API keys, one per line (# comments); with keys, every HTTP call but "
+        "the probes and /metrics, and every gRPC call but Health, needs `authorization: "
+        "Bearer <key>`"))
     api_keys_env: str = Field("SPLITSERVE_API_KEYS", description=(
         "environment variable holding accepted API keys (comma or whitespace separated), read "
         "with api_keys_file; unset or empty and no file: no authentication"))
@@ -58,40 +69,30 @@ class GatewayConfig(BaseModel):
         "with API keys, give each tenant (the tenant a key's line names, else the key itself) "
         "a prefix cache of its own: its prompts are hashed with its own cache_salt in the "
         "router and the engines, so no request hits (or times) another tenant's cached "
-        "prefix; vLLM front end only (docs/security.md)"))
+        "prefix (docs/security.md)"))
     policy: str = Field("kv", description="routing policy: kv, round_robin, random, least_loaded")
     kv_policy: KVPolicyConfig = Field(default_factory=KVPolicyConfig,
                                       description="weights of the kv policy (docs/routing.md)")
     route_audit_window: int = Field(1000, ge=1, description=(
         "routing audit: the hit precision and recall gauges are over this many last audited "
         "requests (docs/routing.md)"))
-    request_timeout_s: float = Field(600.0, description="upper bound on one request's duration")
+    request_timeout_s: float = Field(600.0, gt=0, description=(
+        "upper bound on one request's duration: a request still generating after this long "
+        "ends with an error and is aborted on its workers"))
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
-    worker_streams: WorkerStreams = Field("tcp", description=(
-        "how requests reach a worker's engine: tcp = one GenerateStream per worker on its "
-        "framed TCP port, every request's chunks of an engine step in one message; grpc = the "
-        "same stream as a gRPC call; per-request = a gRPC Generate call per request (tracing "
-        "on always uses per-request calls, each its own span)"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
-    frontend: Literal["splitserve", "vllm"] = Field("vllm", description=(
-        "the OpenAI front end: vLLM's own server over the cluster's engine links (the whole "
-        "vLLM OpenAI API, HTTP and gRPC; docs/architecture.md), or splitserve's own "
-        "(deprecated: a thin slice of the API)"))
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(
-        "vllm front end: the engines' shared vLLM engine arguments, mirrored so that requests "
+        "the engines' shared vLLM engine arguments, mirrored so that requests "
         "are checked against the engines' own configuration"))
     frontend_args: dict[str, Any] = Field(default_factory=dict, description=(
-        "vllm front end: vLLM's server settings by vLLM's names (tool_call_parser, "
+        "vLLM's server settings by vLLM's names (tool_call_parser, "
         "enable_auto_tool_choice, reasoning_parser, chat_template, ...)"))
 
     @model_validator(mode="after")
     def _checks(self) -> "GatewayConfig":
-        if self.tenant_isolation and self.frontend != "vllm":
-            raise ValueError("tenant_isolation needs frontend: vllm (the splitserve front end "
-                             "cannot give requests a cache_salt)")
         if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
             raise ValueError(f"metrics_port {self.metrics_port} must differ from port "
                              f"({self.port}) and grpc_port ({self.grpc_port})")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class APIError(Exception):
@@ -35,7 +33,8 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError) -> APIError:
+    """A request model's validation errors as one 400 naming the first bad field."""
     errors = exc.errors()
     if not errors:
         return invalid("invalid request")
@@ -50,20 +49,3 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return invalid("request body is required and must be a JSON object", code="invalid_json")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return invalid(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves the gateway in OpenAI's shape."""
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()

@@ -1,46 +1,44 @@
 """The public gRPC API (`splitserve.v1.Inference`, proto/splitserve/v1/inference.proto), served
-by the gateway process next to its HTTP app, through the same pipeline. This is the splitserve
-front end's servicer; the vLLM front end's (services/gateway/grpc_serving.py) serves every
-field of the API through vLLM's serving layer, while this one refuses what its pipeline does
-not serve (INVALID_ARGUMENT naming the field and the front end that serves it).
+by the gateway process next to its HTTP API, by vLLM's own serving layer: Complete and Chat
+are answered by the same `OpenAIServingCompletion` / `OpenAIServingChat` objects the HTTP
+endpoints use (services/gateway/vllm_frontend.py), so a gRPC request is validated, templated,
+constrained (structured output), tool-parsed and sampled exactly as the same request over HTTP.
 
-A request is turned into the HTTP endpoint's pydantic model first, so validation (and every
-error message) is the HTTP endpoint's; then `Gateway.prepare()` and `PDFlow.stream()` run as
-for HTTP. Errors map to status codes:
+A call becomes the HTTP endpoint's request body (services/gateway/grpc_mapping.py), always
+streamed, with usage and token ids; it is validated by vLLM's request model and served; each
+streamed OpenAI chunk becomes one CompletionChunk per choice. Errors map to status codes:
 
-    APIError 400 / pydantic validation / worker INVALID_ARGUMENT  -> INVALID_ARGUMENT
-    APIError 404 (unknown model)                                  -> NOT_FOUND
-    missing or wrong API key (HTTP 401; Health stays open)        -> UNAUTHENTICATED
-    admission limits (HTTP 429), message over max_body_bytes      -> RESOURCE_EXHAUSTED
-    APIError 503 / WorkerUnavailable                              -> UNAVAILABLE
-    the call's deadline                                           -> DEADLINE_EXCEEDED
+    vLLM's validation errors, HTTP 400                      -> INVALID_ARGUMENT (vLLM's message)
+    unknown model (404)                                     -> NOT_FOUND
+    missing or wrong API key (HTTP 401; Health stays open)  -> UNAUTHENTICATED
+    admission limits (HTTP 429), message over max_body_bytes -> RESOURCE_EXHAUSTED
+    no live worker (503; nothing streamed: safe to retry)   -> UNAVAILABLE
+    the call's deadline                                     -> DEADLINE_EXCEEDED
 
-When the client cancels (or its deadline passes), grpc.aio cancels the handler; the
-cancellation unwinds `PDFlow.stream()`, which aborts the request on every worker it reached.
+Cancelling the call closes vLLM's stream, which aborts the request on every worker it reached.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import grpc
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from services.gateway.errors import APIError, _validation_error
-from services.gateway.metrics import StreamTimer
-from services.gateway.pd_flow import GenerationResult, WorkerUnavailable
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from router.registry import WorkerRole
+from services.gateway.errors import APIError, validation_error
+from services.gateway.grpc_mapping import MappingError, chat_body, chunks, completion_body
+from services.gateway.http_guard import NO_WORKERS
+from services.gateway.tenancy import current_tenant
 from services.grpc_context import ServerContextInterceptor
 from services.grpc_options import server_options
-from router.registry import WorkerRole
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
 
 if TYPE_CHECKING:
-    from services.gateway.app import Gateway
+    from services.gateway.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -58,67 +56,6 @@ def status_for(err: APIError) -> grpc.StatusCode:
         grpc.StatusCode.INTERNAL)
 
 
-def _sampling_fields(s: ipb.SamplingParams) -> dict[str, Any]:
-    """The proto's sampling parameters as the OpenAI request's fields (unset: defaults)."""
-    out: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "seed"):
-        if s.HasField(name):
-            out[name] = getattr(s, name)
-    if s.stop:
-        out["stop"] = list(s.stop)
-    if s.ignore_eos:
-        out["ignore_eos"] = True
-    return out
-
-
-# what this front end's pipeline serves of the API's messages; any other field set is refused
-_SERVED_SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"})
-_SERVED_MESSAGE = frozenset({"role", "content", "name"})
-_SERVED_CHAT = frozenset({"model", "messages", "sampling"})
-
-
-def _unserved(fields: Any, served: frozenset[str], where: str) -> None:
-    for field, _ in fields:
-        if field.name not in served:
-            raise APIError(400, f"{where}{field.name} is served by the gateway's vLLM front end "
-                           "only (frontend: vllm); this gateway runs the splitserve front end",
-                           param=f"{where}{field.name}")
-
-
-def completion_request(req: ipb.CompleteRequest) -> CompletionRequest:
-    """The HTTP endpoint's model of a Complete call (raises APIError 400 when invalid)."""
-    _unserved(req.sampling.ListFields(), _SERVED_SAMPLING, "sampling.")
-    body: dict[str, Any] = {"model": req.model, **_sampling_fields(req.sampling)}
-    which = req.WhichOneof("prompt")
-    if which == "text":
-        body["prompt"] = req.text
-    elif which == "token_ids":
-        body["prompt"] = list(req.token_ids.ids)
-    return _validate(CompletionRequest, body)
-
-
-def chat_request(req: ipb.ChatRequest) -> ChatCompletionRequest:
-    """The HTTP endpoint's model of a Chat call (raises APIError 400 when invalid)."""
-    _unserved(req.ListFields(), _SERVED_CHAT, "")
-    _unserved(req.sampling.ListFields(), _SERVED_SAMPLING, "sampling.")
-    messages = []
-    for i, m in enumerate(req.messages):
-        _unserved(m.ListFields(), _SERVED_MESSAGE, f"messages[{i}].")
-        msg: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.name:
-            msg["name"] = m.name
-        messages.append(msg)
-    body = {"model": req.model, "messages": messages, **_sampling_fields(req.sampling)}
-    return _validate(ChatCompletionRequest, body)
-
-
-def _validate(model: Any, body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(RequestValidationError(exc.errors())) from None
-
-
 def peer_address(peer: str) -> str:
     """The remote address of a grpc peer string ("ipv4:1.2.3.4:5678" -> "1.2.3.4")."""
     kind, _, rest = peer.partition(":")
@@ -128,11 +65,39 @@ def peer_address(peer: str) -> str:
     return peer
 
 
-class InferenceServicer(ipb_grpc.InferenceServicer):
-    """splitserve.v1.Inference on top of one Gateway."""
+class Refused(Exception):
+    """A call ends with this status before anything streamed."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _refused(status: int, message: str) -> Refused:
+    return Refused(status_for(APIError(status, message)), message)
+
+
+def _vllm_refusal(exc: Exception) -> Refused:
+    """vLLM's error response for an exception its serving layer raised, as a refusal."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    err = create_error_response(exc).error
+    return _refused(err.code, err.message)
+
+
+def _has_content(c: ipb.CompletionChunk) -> bool:
+    return bool(c.text or c.token_ids or c.tool_calls or c.logprobs or c.reasoning
+                or c.finish_reason or c.HasField("usage"))
+
+
+class InferenceServicer(ipb_grpc.InferenceServicer):
+    """splitserve.v1.Inference over one gateway and its vLLM front end's serving objects
+    (`state`: the app state vLLM's `init_app_state` filled)."""
+
+    def __init__(self, gw: "Gateway", state: Any) -> None:
         self.gw = gw
+        self.state = state
 
     async def _client(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's name for per-client limits: its API key's digest when keys are on
@@ -149,80 +114,100 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
 
     async def Complete(self, request: ipb.CompleteRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[ipb.CompletionChunk]:
-        async for chunk in self._generate(lambda: completion_request(request), "completion",
-                                          context):
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        serving = self.state.openai_serving_completion
+        async for chunk in self._serve(lambda: completion_body(request), CompletionRequest,
+                                       serving.create_completion, "grpc:Complete", context):
             yield chunk
 
     async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[ipb.CompletionChunk]:
-        async for chunk in self._generate(lambda: chat_request(request), "chat", context):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        serving = self.state.openai_serving_chat
+        async for chunk in self._serve(lambda: chat_body(request), ChatCompletionRequest,
+                                       serving.create_chat_completion, "grpc:Chat", context):
             yield chunk
 
-    async def _generate(self, build: Any, kind: str, context: grpc.aio.ServicerContext
-                        ) -> AsyncIterator[ipb.CompletionChunk]:
+    async def _serve(self, body: Callable[[], dict[str, Any]], model: Any,
+                     handler: Callable[..., Any], route: str,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[ipb.CompletionChunk]:
         gw = self.gw
-        admission = gw.admission
         client = await self._client(context)
-        if (refusal := admission.admit(client)) is not None:
+        if (refusal := gw.admission.admit(client)) is not None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
-        route = f"grpc:{'Chat' if kind == 'chat' else 'Complete'}"
+        keys = gw.api_keys
+        if keys is not None and gw.cfg.tenant_isolation:  # read where it reaches the engines
+            current_tenant.set(keys.tenant_of(client))
         status = "OK"
         gw.metrics.in_flight.inc()
         try:
-            error: tuple[grpc.StatusCode, str] | None = None
-            try:
-                prepared = await gw.prepare(build(), kind)  # type: ignore[arg-type]
-            except APIError as exc:
-                error = (status_for(exc), exc.message)
-            if error is not None:
-                status = error[0].name
-                await context.abort(*error)
-            assert gw.flow is not None
-            result = GenerationResult()
-            start = prepared.received_at
-            chunks = gw.flow.stream(prepared.request_id, prepared.token_ids, prepared.sampling,
-                                    result)
-            timer = StreamTimer(gw.metrics, route, start)
-            finished = False
-            try:
-                async for c in chunks:
-                    timer.chunk(bool(c.token_ids))
-                    out = ipb.CompletionChunk(id=prepared.request_id, token_ids=c.token_ids,
-                                              text=c.text)
-                    if c.finish_reason:
-                        out.finish_reason = c.finish_reason
-                        out.usage.CopyFrom(self._usage(result))
-                        finished = True
-                    yield out
-                if not finished:
-                    yield ipb.CompletionChunk(id=prepared.request_id,
-                                              finish_reason=result.finish_reason or "stop",
-                                              usage=self._usage(result))
-            except WorkerUnavailable as exc:
-                error = (grpc.StatusCode.UNAVAILABLE, str(exc))
-            except ValueError as exc:
-                error = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            finally:
-                await chunks.aclose()
-            if error is not None:
-                status = error[0].name
-                await context.abort(*error)
-            gw.metrics.e2e.labels(route).observe(time.perf_counter() - start)
-            gw._record(route, result)
+            async for chunk in self._stream(body, model, handler):
+                yield chunk
+        except Refused as exc:
+            status = exc.code.name
+            await context.abort(exc.code, exc.message)
         except BaseException as exc:
-            if status == "OK":
-                status = type(exc).__name__
+            status = type(exc).__name__
             raise
         finally:
-            admission.release(client)
+            gw.admission.release(client)
             gw.metrics.in_flight.dec()
             gw.metrics.requests.labels(route, status).inc()
 
-    @staticmethod
-    def _usage(r: GenerationResult) -> ipb.Usage:
-        return ipb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.completion_tokens,
-                         total_tokens=r.num_prompt_tokens + r.completion_tokens,
-                         cached_tokens=r.num_cached_tokens)
+    async def _stream(self, body: Callable[[], dict[str, Any]], model: Any,
+                      handler: Callable[..., Any]) -> AsyncIterator[ipb.CompletionChunk]:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if not await self.gw.can_route():  # as the HTTP guard decides
+            raise _refused(503, NO_WORKERS.message)
+        try:
+            request = model.model_validate(body())
+        except MappingError as exc:
+            raise _refused(400, str(exc)) from None
+        except ValidationError as exc:
+            from fastapi.exceptions import RequestValidationError
+
+            raise _refused(400, validation_error(RequestValidationError(exc.errors())).message
+                           ) from None
+        except Exception as exc:  # vLLM's own checks in its model's validators
+            raise _vllm_refusal(exc) from None
+        try:
+            result = await handler(request, None)
+        except Exception as exc:
+            raise _vllm_refusal(exc) from None
+        if isinstance(result, ErrorResponse):
+            raise _refused(result.error.code, result.error.message)
+        request_id = ""
+        held: ipb.CompletionChunk | None = None  # a choice's last chunk, waiting for usage
+        try:
+            async for sse in result:
+                for line in sse.splitlines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]
+                        raise _refused(int(err.get("code") or 500), err.get("message") or "")
+                    request_id = event.get("id") or request_id
+                    for out in chunks(event, request_id):
+                        if out.HasField("usage") and not out.text and held is not None:
+                            held.usage.CopyFrom(out.usage)
+                            continue
+                        if not _has_content(out):
+                            continue
+                        if held is not None:
+                            yield held
+                            held = None
+                        if out.finish_reason:
+                            held = out
+                        else:
+                            yield out
+            if held is not None:
+                yield held
+        finally:
+            await result.aclose()
 
     async def ListModels(self, request: ipb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> ipb.ListModelsResponse:
@@ -235,20 +220,19 @@ class InferenceServicer(ipb_grpc.InferenceServicer):
                      ) -> ipb.HealthResponse:
         d = self.gw.directory
         counts = {r.value: len(d.by_role(r)) for r in WorkerRole} if d else {}
-        ok = bool(d and d.routable)
+        ok = self.gw.serving  # as the HTTP /health answers
         return ipb.HealthResponse(
             status=ipb.HealthResponse.SERVING if ok else ipb.HealthResponse.NOT_SERVING,
             workers=counts)
 
 
-async def start_grpc_server(gw: "Gateway", host: str, port: int,
-                            servicer: InferenceServicer | None = None) -> grpc.aio.Server:
-    """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done), by
-    `servicer` (default: this front end's)."""
+async def start_grpc_server(gw: "Gateway", state: Any, host: str, port: int
+                            ) -> grpc.aio.Server:
+    """Serve splitserve.v1.Inference for `gw` on host:port (started; stop it when done)."""
     limit = gw.cfg.max_body_bytes
     server = grpc.aio.server(interceptors=[ServerContextInterceptor(public=True)],
                              options=server_options(limit))
-    ipb_grpc.add_InferenceServicer_to_server(servicer or InferenceServicer(gw), server)
+    ipb_grpc.add_InferenceServicer_to_server(InferenceServicer(gw, state), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot bind the gRPC API to {address}")

@@ -1,6 +1,6 @@
 """The gRPC API's messages (proto/splitserve/v1/inference.proto) as vLLM's OpenAI request bodies,
 and vLLM's streamed OpenAI chunks as the API's CompletionChunk messages: what lets the gRPC API
-be served by vLLM's own serving layer (services/gateway/grpc_serving.py), with vLLM's meaning
+be served by vLLM's own serving layer (services/gateway/grpc_api.py), with vLLM's meaning
 of every parameter."""
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """ASGI middleware in front of the HTTP API: API keys, admission limits, request body size and
 encoding. Each refusal is OpenAI error JSON, decided before any parsing or tokenizing:
 
-    /v1/* without an accepted key (when keys are on)   401, `WWW-Authenticate: Bearer`
+    a path but the probes and /metrics without an      401, `WWW-Authenticate: Bearer`
+      accepted key (when keys are on)
     generation request past an admission limit         429, `Retry-After`
     generation request while no live worker can take   503 no_workers, `Retry-After`
-      it, nor will within route_wait_s (`routable`;
-      the vLLM front end's)
+      it, nor will within route_wait_s (`routable`)
     body over max_body_bytes (by Content-Length, or    413, the connection is closed
       counted while reading a chunked body)
-    /v1/* body that is not valid UTF-8                 400 invalid_json
-    generation body `check_body` refuses (the vLLM     400 naming the field
-      front end: fields splitserve owns,
-      services/gateway/reserved_fields.py)
+    API body that is not valid UTF-8, or JSON nested   400 invalid_json
+      too deeply for a parser (MAX_JSON_DEPTH)
+    generation body `check_body` refuses (fields       400 naming the field
+      splitserve owns, services/gateway/
+      reserved_fields.py; services/gateway/
+      body_checks.py)
 
     /metrics (and /metrics/...) when the gateway     404 metrics_on_their_own_port
       serves its metrics on their own port
@@ -20,13 +22,14 @@ A generation request is counted from admission until its response (streamed or n
 completely sent. A client that stops reading a response cannot hold its slot for ever: once a
 write has waited `slow_client_timeout_s` for the client to take data (its socket buffers full:
 some megabytes of events on Linux), the app is stopped (the request is aborted on the workers)
-and the connection closed. /health, /metrics and the OpenAPI document stay open.
+and the connection closed. The probes (/health, /ping, /version) and /metrics stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -39,12 +42,42 @@ from services.gateway.tenancy import current_tenant
 
 log = logging.getLogger(__name__)
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses",
+                              "/v1/messages", "/inference/v1/generate"})
+"""What vLLM's server generates on (each counted by the admission limits)."""
+
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+"""What stays open with API keys on: probes and metrics."""
 
 
 NO_WORKERS = APIError(503, "no live worker can serve the request now (the gateway sees no live "
                       "worker of a role it needs); retry later", type="service_unavailable",
                       code="no_workers")
+
+
+MAX_JSON_DEPTH = 256
+"""Deepest JSON nesting an API body may have: deeper ones exhaust Python's recursion limit in
+the request parser, which FastAPI then answers outside OpenAI's error shape."""
+
+
+def too_deep(body: bytes) -> bool:
+    """Whether a JSON body nests deeper than MAX_JSON_DEPTH (only bodies with that many
+    brackets are parsed to find out)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False  # not JSON at all: the app answers that
+    level: list[Any] = [data]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return any(isinstance(x, (dict, list)) for x in level)
 
 
 def is_metrics_path(path: str) -> bool:
@@ -57,8 +90,9 @@ def metrics_elsewhere(metrics_port: int) -> APIError:
 
 
 def needs_key(path: str) -> bool:
-    """Whether a path is part of the authenticated API (everything under /v1)."""
-    return path == "/v1" or path.startswith("/v1/")
+    """With API keys on, every path of vLLM's server but the probes and metrics needs one
+    (/tokenize and /detokenize too: they are not under /v1 there)."""
+    return path not in OPEN_PATHS and not is_metrics_path(path)
 
 
 async def _refuse(err: APIError, scope: Any, receive: Any, send: Any,
@@ -73,8 +107,7 @@ class SlowClient(Exception):
 
 
 class GuardMiddleware:
-    """Authentication, admission and body limits for one gateway's HTTP app (by default the
-    splitserve front end's paths; the vLLM front end names its own)."""
+    """Authentication, admission and body limits for one gateway's HTTP app."""
 
     def __init__(self, app: Any, admission: Admission, api_keys: ApiKeys | None,
                  max_body_bytes: int, generation_paths: frozenset[str] = GENERATION_PATHS,
@@ -209,6 +242,11 @@ class GuardMiddleware:
                 await _refuse(invalid(f"the request body is not valid UTF-8 (byte "
                                       f"0x{body[exc.start]:02x} at offset {exc.start})",
                                       code="invalid_json"), scope, receive, send)
+                return
+            if too_deep(body):
+                await _refuse(invalid(f"the request body nests JSON deeper than "
+                                      f"{MAX_JSON_DEPTH} levels", code="invalid_json"),
+                              scope, receive, send)
                 return
         if path in self.generation_paths and (refusal := self.check_body(body)) is not None:
             await _refuse(refusal, scope, receive, send)

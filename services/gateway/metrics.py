@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from router.route_audit import DEFAULT_WINDOW, RouteAudit
@@ -12,29 +10,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
-class StreamTimer:
-    """One streamed request's TTFT and inter-token latency: TTFT at the first chunk that
-    carries a token (measured from `start`), ITL between each later chunk and the one before."""
-
-    def __init__(self, metrics: GatewayMetrics, route: str, start: float) -> None:
-        self._ttft = metrics.ttft.labels(route)
-        self._itl = metrics.itl.labels(route)
-        self._start = start
-        self._last: float | None = None  # the previous chunk's arrival; None until a token
-
-    def chunk(self, has_tokens: bool) -> None:
-        """A chunk arrived now."""
-        t = time.perf_counter()
-        if self._last is not None:
-            self._itl.observe(t - self._last)
-            self._last = t
-        elif has_tokens:
-            self._ttft.observe(t - self._start)
-            self._last = t
-
-
 class GatewayMetrics:
-    """Metric families, in a registry of their own (one per gateway app)."""
+    """Metric families, in a registry of their own (one per gateway)."""
 
     def __init__(self, audit_window: int = DEFAULT_WINDOW) -> None:
         self.registry = CollectorRegistry()
@@ -45,13 +22,13 @@ class GatewayMetrics:
         self.in_flight = Gauge("splitserve_gateway_requests_in_flight",
                                "Requests being served", registry=r)
         self.ttft = Histogram("splitserve_gateway_time_to_first_token_seconds",
-                              "Request arrival to first generated token", ["route"],
+                              "Request arrival at the gateway to its first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitserve_gateway_inter_token_latency_seconds",
-                             "Time between consecutive streamed chunks", ["route"],
+                             "Time between consecutive output steps of a request",
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("splitserve_gateway_request_duration_seconds",
-                             "Request arrival to last token", ["route"],
+                             "Request arrival at the gateway to its last token",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.routes = Counter("splitserve_gateway_routing_decisions",
                               "Routing decisions by policy and outcome", ["policy", "outcome"],
@@ -67,8 +44,8 @@ class GatewayMetrics:
         self.index_errors = Counter("splitserve_gateway_index_lookup_errors",
                                     "Index lookups that failed, or were skipped because Redis "
                                     "failed lately (routed on load only)", registry=r)
-        self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens", "Prompt tokens served",
-                                     registry=r)
+        self.prompt_tokens = Counter("splitserve_gateway_prompt_tokens",
+                                     "Prompt tokens of finished requests", registry=r)
         self.cached_tokens = Counter("splitserve_gateway_cached_prompt_tokens",
                                      "Prompt tokens no engine computed for the request (prefix-"
                                      "cache hits where the prompt was computed)", registry=r)

@@ -1,9 +1,9 @@
-"""The engine core of the gateway's vLLM front end: instead of one local engine-core process,
-the cluster. It takes the `EngineCoreRequest`s vLLM's front end makes (tokenized, sampling
-parameters validated) and runs each one through the route -> prefill -> KV -> decode handoff
-over the engine links (services/link.py); the workers' per-step outputs come back as vLLM's
-`EngineCoreOutputs`, for vLLM's own output processor (detokenizer, stop strings, logprobs,
-n > 1) in the gateway.
+"""The engine core of the gateway's front end (vLLM's AsyncLLM): instead of one local
+engine-core process, the cluster. It takes the `EngineCoreRequest`s vLLM's front end makes
+(tokenized, sampling parameters validated) and runs each one through the route -> prefill ->
+KV -> decode handoff over the engine links (services/link.py); the workers' per-step outputs
+come back as vLLM's `EngineCoreOutputs`, for vLLM's own output processor (detokenizer, stop
+strings, logprobs, n > 1) in the gateway.
 
     add_request_async(request)
       route (policy + prefix index)  -> prefill worker P and decode worker D (or D alone)
@@ -45,7 +45,7 @@ from services.gateway.audit_ticket import AuditTicket
 from services.gateway.route_note import RouteNote, current_route
 from services.gateway.link_client import LinkClient
 from services.link import LinkKeys
-from services.gateway.pd_flow import PDFlow, WorkerUnavailable
+from services.gateway.route_stage import RouteStage, WorkerUnavailable
 from services.gateway.reserved_fields import reserved_extra_args
 from services.gateway.tenancy import TenantSalts
 from services.gateway.worker_directory import WorkerDirectory
@@ -70,7 +70,8 @@ class _Flight:
     prefill_done: asyncio.Future | None = None
     kv_params: dict[str, Any] | None = None
     prefill_cached: int | None = None  # the prefill worker's cache hits, for usage
-    counted: bool = False
+    counted: bool = False  # in flight on its decode worker (and in the dispatch ledger)
+    decoding: bool = False  # its decode worker has sent an output (this attempt)
     generated: list[int] = field(default_factory=list)
     migrations: int = 0
     failed: set[str] = field(default_factory=set)  # workers it failed on
@@ -104,15 +105,17 @@ def cannot_move(request: "EngineCoreRequest") -> str | None:
 class RemoteEngineCore:
     """What vLLM's AsyncLLM needs of an engine-core client, served by the cluster."""
 
-    def __init__(self, directory: WorkerDirectory, flow: PDFlow,
-                 salts: TenantSalts | None = None) -> None:
+    def __init__(self, directory: WorkerDirectory, routes: RouteStage,
+                 salts: TenantSalts | None = None, request_timeout_s: float = 600.0) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
         self._directory = directory
-        self._flow = flow
+        self._routes = routes
+        self._ledger = routes.ledger
         self._salts = salts
-        self._migration = flow.migration
-        self._metrics = flow.metrics
+        self._migration = routes.migration
+        self._metrics = routes.metrics
+        self._request_timeout_s = request_timeout_s
         self._ctx = zmq.asyncio.Context()
         self._links: dict[str, LinkClient] = {}
         self._link_keys = LinkKeys.derive(directory.secret)  # CURVE, from the cluster secret
@@ -188,21 +191,23 @@ class RemoteEngineCore:
     async def _dispatch(self, flight: _Flight) -> None:
         request = self._attempt_request(flight)
         try:
-            route = await self._flow.route(request.prompt_token_ids or [],
-                                           frozenset(flight.failed), request.cache_salt)
+            route = await self._routes.route(request.prompt_token_ids or [],
+                                             frozenset(flight.failed), request.cache_salt)
         except WorkerUnavailable as exc:
             self._finish_with_error(flight.request.request_id, str(exc))
             return
         flight.decode = route.decode
         flight.last_output = time.monotonic()
         if not flight.migrations:  # the audit is of the first route (a move is no prediction)
-            flight.audit = self._flow.audit_ticket(route, request.request_id, announce=True,
-                                                   trace_headers=request.trace_headers)
+            flight.audit = self._routes.audit_ticket(route, request.request_id, announce=True,
+                                                     trace_headers=request.trace_headers)
             if flight.note is not None and not flight.note.decode:  # n > 1: the first's
                 flight.note.decode = route.decode.worker_id
                 flight.note.prefill = route.prefill.worker_id if route.prefill else "local"
                 flight.note.reason, flight.note.audit = route.reason, flight.audit
         kv_params = None
+        self._routes.sent(route, flight.wire_id, len(request.prompt_token_ids or ()))
+        flight.decoding = False
         self._count(flight, +1)
         try:
             with self._directory.track(route.prefill):
@@ -285,6 +290,7 @@ class RemoteEngineCore:
             return None
         finally:
             self._by_prefill_id.pop(prefill_id, None)
+            self._ledger.finished(flight.wire_id, worker.worker_id)
 
     async def _release(self, decode: WorkerInfo, request_id: str,
                        kv_params: dict[str, Any]) -> None:
@@ -308,10 +314,13 @@ class RemoteEngineCore:
 
     def _count(self, flight: _Flight, delta: int) -> None:
         """A request is in flight on its decode worker (for load-aware routing) from its
-        dispatch until it finishes, fails or is aborted."""
+        dispatch until it finishes, fails or is aborted; at its end it leaves the dispatch
+        ledger too."""
         if flight.decode is None or flight.counted == (delta > 0):
             return
         flight.counted = delta > 0
+        if delta < 0:
+            self._ledger.finished(flight.wire_id)
         counts = self._directory.in_flight
         counts[flight.decode.worker_id] += delta
         if counts[flight.decode.worker_id] <= 0:
@@ -351,6 +360,9 @@ class RemoteEngineCore:
                 continue  # aborted, or from a worker the request has left
             if flight.audit is not None:
                 flight.audit.offer_output(worker_id, out)
+            if not flight.decoding:
+                flight.decoding = True
+                self._ledger.first_token(flight.wire_id, worker_id)
             flight.generated.extend(out.new_token_ids)
             flight.last_output = now
             if flight.prefill_cached is not None and out.prefill_stats is not None:
@@ -452,12 +464,27 @@ class RemoteEngineCore:
                                        finish_reason=self._error)],
             timestamp=time.monotonic()))
 
+    def _expire(self, flight: _Flight) -> None:
+        """End a request that has run longer than `request_timeout_s`, on its workers too."""
+        link = self._links.get(flight.decode.worker_id) if flight.decode is not None else None
+        wire_id = flight.wire_id
+        if flight.task is not None and not flight.task.done():
+            flight.task.cancel()  # routing or prefilling: _dispatch cleans up
+        self._finish_with_error(flight.request.request_id,
+                                f"it ran longer than {self._request_timeout_s:g} s "
+                                "(request_timeout_s)")
+        if link is not None:
+            asyncio.create_task(self._abort_quietly(link, wire_id))
+
     async def _watch_workers(self) -> None:
         """Requests on a worker that left the registry (died, or was replaced), or whose
         decode worker has been silent for `stall_timeout_s`, move on instead of waiting for
-        outputs that will never come."""
+        outputs that will never come; requests older than `request_timeout_s` end."""
         while True:
             await asyncio.sleep(0.5)
+            expired = time.monotonic() - self._request_timeout_s
+            for flight in [f for f in self._flights.values() if f.started < expired]:
+                self._expire(flight)
             live = {w.worker_id for w in self._directory.workers}
             for worker_id in [w for w in self._links if w not in live]:
                 self._links.pop(worker_id).close()

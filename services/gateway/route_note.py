@@ -1,5 +1,5 @@
-"""Route headers of the vLLM front end (`GatewayConfig.route_headers`): which workers served a
-generation request, and why, as the splitserve front end answers them (x-splitserve-*).
+"""Route headers (`GatewayConfig.route_headers`): which workers served a generation request, and
+why (x-splitserve-*).
 
 vLLM's server starts a streamed response before the request reaches an engine, so the route
 is not known when the response's headers are ready. The middleware puts a RouteNote in the

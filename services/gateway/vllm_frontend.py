@@ -1,4 +1,4 @@
-"""The gateway's vLLM front end (`GatewayConfig.frontend = "vllm"`): vLLM's own OpenAI server
+"""The gateway's front end: vLLM's own OpenAI server
 (its protocol models, chat templates, tool-call and reasoning parsers, structured-output
 checks, logprobs, `n`, /tokenize, /detokenize, /v1/responses, ...) over the cluster.
 
@@ -19,9 +19,11 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
+from services.cluster_secret import ClusterSecretError
 from services.gateway.auth import ApiKeyError
 from services.gateway.config import GatewayConfig
-from services.gateway.http_guard import NO_WORKERS, GuardMiddleware
+from services.gateway.http_guard import (GENERATION_PATHS, NO_WORKERS, GuardMiddleware,
+                                         needs_key)
 from services.gateway.request_context import RequestContextMiddleware
 from services.gateway.request_count import RequestCountMiddleware
 from services.gateway.body_checks import frontend_body_refusal
@@ -32,23 +34,11 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from services.gateway.app import Gateway
+    from services.gateway.gateway import Gateway
+    from services.gateway.metrics import GatewayMetrics
     from services.gateway.remote_core import RemoteEngineCore
-    from services.gateway.tenancy import TenantSalts
 
 log = logging.getLogger(__name__)
-
-# what vLLM's server generates on (each counted by the admission limits)
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses",
-                              "/v1/messages", "/inference/v1/generate"})
-# what stays open with API keys on: probes and metrics
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
-
-
-def needs_key(path: str) -> bool:
-    """With API keys on, every path of vLLM's server but the probes and metrics needs one
-    (/tokenize and /detokenize too: they are not under /v1 there)."""
-    return path not in OPEN_PATHS and not path.startswith("/metrics/")
 
 
 class FrontendGuard(GuardMiddleware):
@@ -71,20 +61,14 @@ class FrontendGuard(GuardMiddleware):
         self._gateway = gw
 
     async def _can_route(self) -> bool:
-        flow = self._gateway.flow
-        return flow is not None and await flow.can_route()
-
-    def _serving(self) -> bool:
-        """A decode-capable worker serves now (without a prefill worker the decode worker
-        computes prompts itself)."""
-        d = self._gateway.directory
-        return d is not None and d.can_decode
+        return await self._gateway.can_route()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """vLLM's /health says whether its engine client is alive; here it also says whether
-        the cluster has a worker to route to (503 no_workers), as the splitserve front end's
-        does, so that a readiness probe takes a gateway with no live workers out of service."""
-        if scope["type"] == "http" and scope.get("path") == "/health" and not self._serving():
+        the cluster has a decode-capable worker to route to (503 no_workers), so that a
+        readiness probe takes a gateway with no live workers out of service."""
+        if (scope["type"] == "http" and scope.get("path") == "/health"
+                and not self._gateway.serving):
             await NO_WORKERS.response()(scope, receive, send)
             return
         if scope["type"] == "http" and scope.get("path") == "/metrics" and not self.metrics_port:
@@ -169,19 +153,24 @@ def _engine_core_client(core: "RemoteEngineCore") -> Iterator[None]:
         EngineCoreClient.make_async_mp_client = original  # type: ignore[assignment]
 
 
-def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore") -> "AsyncLLM":
-    """vLLM's AsyncLLM for these server settings, over the cluster."""
+def remote_async_llm(args: argparse.Namespace, core: "RemoteEngineCore",
+                     metrics: "GatewayMetrics | None" = None) -> "AsyncLLM":
+    """vLLM's AsyncLLM for these server settings, over the cluster; its per-request figures
+    also go into `metrics` (services/gateway/request_stats.py)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.executor import Executor
+
+    from services.gateway.request_stats import gateway_stat_logger
 
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
         UsageContext.OPENAI_API_SERVER)
     with _engine_core_client(core):
         return AsyncLLM(vllm_config, executor_class=Executor, log_stats=not args.disable_log_stats,
                         usage_context=UsageContext.OPENAI_API_SERVER,
-                        log_requests=args.enable_log_requests)
+                        log_requests=args.enable_log_requests,
+                        stat_loggers=[gateway_stat_logger(metrics)] if metrics else None)
 
 
 def serve_gateway_metrics(registry: "CollectorRegistry") -> "CollectorRegistry":
@@ -224,30 +213,36 @@ def document_error_codes(app: Any) -> None:
     app.openapi = openapi
 
 
-async def build_and_serve(engine: "AsyncLLM", listen_address: str, sock: Any,
-                          args: argparse.Namespace, gateway: "Gateway") -> tuple[Any, Any]:
-    """vLLM's own `build_and_serve` (vllm/entrypoints/launchers/api_server/entry.py: build the
-    app, fill its state, serve it), keeping the app state, whose serving objects also answer
-    the gRPC API when the gateway has a grpc_port. Returns (the server's shutdown task, the
-    gRPC server or None)."""
-    from vllm import envs
+async def build_frontend_app(engine: "AsyncLLM", args: argparse.Namespace) -> Any:
+    """vLLM's OpenAI app over `engine`, its state filled (its serving objects also answer the
+    gRPC API): the first two steps of vLLM's own `build_and_serve` (vllm/entrypoints/launchers/
+    api_server/entry.py), with the OpenAPI document saying how errors are answered."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.launcher import serve_http
-    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)
     document_error_codes(app)
     await init_app_state(engine, app.state, args, supported_tasks)
+    return app
+
+
+async def build_and_serve(engine: "AsyncLLM", listen_address: str, sock: Any,
+                          args: argparse.Namespace, gateway: "Gateway") -> tuple[Any, Any]:
+    """vLLM's own `build_and_serve` (build the app, fill its state, serve it), keeping the app
+    state, whose serving objects also answer the gRPC API when the gateway has a grpc_port.
+    Returns (the server's shutdown task, the gRPC server or None)."""
+    from vllm import envs
+    from vllm.entrypoints.launchers.launcher import serve_http
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    app = await build_frontend_app(engine, args)
     grpc_server = None
     cfg = gateway.cfg
     if cfg.grpc_port:
         from services.gateway.grpc_api import start_grpc_server
-        from services.gateway.grpc_serving import ServingInference
 
-        grpc_server = await start_grpc_server(gateway, cfg.host, cfg.grpc_port,
-                                              ServingInference(gateway, app.state))
+        grpc_server = await start_grpc_server(gateway, app.state, cfg.host, cfg.grpc_port)
     log_config = get_uvicorn_log_config(args)
     kwargs = {"log_config": log_config} if log_config is not None else {}
     shutdown = await serve_http(
@@ -266,7 +261,7 @@ async def run(cfg: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
     from vllm.entrypoints.launchers.launcher import setup_server
 
-    from services.gateway.app import Gateway
+    from services.gateway.gateway import Gateway
     from services.gateway.remote_core import RemoteEngineCore
     from services.gateway.tenancy import TenantSalts
 
@@ -280,11 +275,12 @@ async def run(cfg: GatewayConfig) -> None:
                  if keys else "off (it needs API keys)")
     await gateway.start()
     FrontendGuard.gateway = gateway
-    assert gateway.directory is not None and gateway.flow is not None
+    assert gateway.directory is not None and gateway.route_stage is not None
     salts = TenantSalts(gateway.secret)  # a client's cache_salt, or its tenant's
-    core = RemoteEngineCore(gateway.directory, gateway.flow, salts)
+    core = RemoteEngineCore(gateway.directory, gateway.route_stage, salts,
+                            request_timeout_s=cfg.request_timeout_s)
     listener = gateway.metrics_listener(serve_gateway_metrics(gateway.metrics.registry))
-    engine = remote_async_llm(args, core)
+    engine = remote_async_llm(args, core, gateway.metrics)
     listen_address, sock = setup_server(args, reuse_port=False)
     grpc_server = None
     try:
@@ -319,5 +315,5 @@ def serve(cfg: GatewayConfig) -> None:
     try:
         server_args(cfg)
         asyncio.run(run(cfg))
-    except (EngineArgsError, ApiKeyError) as exc:
+    except (EngineArgsError, ApiKeyError, ClusterSecretError) as exc:
         raise SystemExit(f"splitserve gateway: {exc}") from None

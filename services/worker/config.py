@@ -79,12 +79,10 @@ class WorkerConfig(BaseModel):
     engine: EngineConfig
     host: str = Field("127.0.0.1", description=(
         "address the worker binds and advertises; 'auto': its node's IP (Kubernetes pods)"))
-    grpc_port: int = Field(0, description="worker API port; 0 picks a free one")
-    stream_port: int = Field(0, description=(
-        "framed GenerateStream port (the gateway's token stream); 0 picks a free one"))
+    grpc_port: int = Field(0, description="worker API port (Health, Stats); 0 picks a free one")
     link_port: int = Field(0, description=(
-        "engine link port (services/link.py: the vLLM front end's engine-core requests); 0 "
-        "picks a free one"))
+        "engine link port (services/link.py: the gateways' engine-core requests); 0 picks a "
+        "free one"))
     metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one")
     redis_url: str = Field(description="registry and index Redis")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Redis key namespace of the cluster")

@@ -107,6 +107,19 @@ class KVParamsSigner:
         return len(self._seen)
 
 
+def accept_window(lease_s: float) -> float:
+    """How long signed KV transfer parameters stay valid (their TTL): seconds after a prefill
+    within which a decode worker may still pull its KV.
+
+    The prefill worker frees unread blocks `lease_s` after the prefill; a decode engine renews
+    the lease by heartbeats every `lease_s / 6` once the request waits in its scheduler. A
+    third of the lease (at least one heartbeat interval) plus a second is kept as margin: past
+    the window the decode worker refuses the parameters (`expired`) and computes the prompt
+    itself, never reading blocks that may have been freed.
+    """
+    return max(0.5, lease_s * 2 / 3 - 1.0)
+
+
 PREFILL_ORDER: dict[str, Any] = {"do_remote_decode": True}
 """The parameters of a request *to* a prefill worker (hold the KV for a decode worker): they
 point the engine at nothing remote and are not signed."""

@@ -8,16 +8,17 @@ parameters a prefill hands out are signed here, and those a decode request bring
 here before the engine sees them (services/worker/kv_params_signing.py); refused ones are
 dropped, and the engine computes the prompt itself.
 
-The worker's `AsyncLLM` keeps serving the worker gRPC API; the link shares its engine core.
-Its output handler is restarted over a `get_output_async` that takes the link's requests'
-outputs out of each step first (`divert`); the rest (and the step's scheduler statistics) go
-on to the worker's output processor as before.
+The worker's `AsyncLLM` owns the engine core and vLLM's statistics loggers; the link shares
+its engine core. Its output handler is restarted over a `get_output_async` that takes the
+link's requests' outputs out of each step first (`divert`); the step's scheduler statistics go
+on to the `AsyncLLM`'s loggers as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
@@ -56,6 +57,7 @@ class LinkServer:
         self._decoder = MsgpackDecoder(EngineCoreRequest)
         self._outputs_type = EngineCoreOutputs
         self._owner: dict[str, bytes] = {}  # request id -> the gateway that sent it
+        self._busy_since: float | None = None  # wall clock: _owner last became non-empty
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
@@ -73,6 +75,14 @@ class LinkServer:
     def in_flight(self) -> int:
         """Link requests the engine is working on."""
         return len(self._owner)
+
+    @property
+    def busy_since(self) -> float | None:
+        """When (wall clock) the engine last got a request while it had none; None while it
+        has none (an engine idle for minutes that just got a request is not stalled)."""
+        if not self._owner:
+            self._busy_since = None
+        return self._busy_since
 
     async def start(self) -> int:
         """Bind, take over the engine's output stream, start reading; returns the port."""
@@ -139,6 +149,8 @@ class LinkServer:
             await self._fail(gateway, request.request_id, "request id already in flight")
             return
         if not request.abort_immediately:
+            if not self._owner or self._busy_since is None:
+                self._busy_since = time.time()
             self._owner[request.request_id] = gateway
         try:
             await self._core.add_request_async(request)

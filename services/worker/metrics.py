@@ -56,6 +56,10 @@ class WorkerMetrics:
         for reason in get_args(Reason):  # every reason shows, at 0 until it happens
             self.kv_params_refused.labels(reason)
 
+    def kv_params_refused_by(self, reason: Reason) -> None:
+        """Count KV transfer parameters this worker refused (forged, expired, replayed)."""
+        self.kv_params_refused.labels(reason).inc()
+
     def observe_connector_stats(self, data: Mapping[str, Any]) -> None:
         """Record one step's KV connector statistics (vLLM's KVConnectorStats data: lists of
         per-transfer observations, keys as NixlKVConnectorStats has them)."""

@@ -1,4 +1,5 @@
-"""Everything one worker runs in its process: engine, gRPC API, metrics, registry heartbeat.
+"""Everything one worker runs in its process: engine, engine link, gRPC API (Health, Stats),
+metrics, registry heartbeat.
 
 Independent of Ray: the Ray actor (services/worker/actor.py) is a thin shell around it.
 """
@@ -28,14 +29,13 @@ from services.cluster_secret import ClusterSecret
 from services.grpc_auth import TokenAuthInterceptor
 from services.link import LinkKeys
 from services.worker.config import WorkerConfig
-from services.worker.kv_params_signing import KVParamsSigner
+from services.worker.kv_params_signing import KVParamsSigner, accept_window
 from services.grpc_context import ServerContextInterceptor
 from services.grpc_options import server_options
 from services.worker.environment import engine_environment
 from services.worker.observability import setup_observability
 from services.worker.shm import segments_mapped_by_children, unlink_segments
 from services.worker.link_server import LinkServer
-from services.worker.stream_server import FramedStreamServer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ class WorkerEndpoints(BaseModel):
 
     worker_id: str
     address: str
-    stream_address: str = ""
     link_address: str = ""
     metrics_url: str
     kv_events_endpoint: str
@@ -117,7 +116,6 @@ class WorkerProcess:
         self.cfg = cfg
         self.host = None  # EngineHost, created in start() after the environment is set
         self._server: grpc.aio.Server | None = None
-        self._stream_server: FramedStreamServer | None = None
         self._link_server: LinkServer | None = None
         self._metrics_httpd = None
         self._redis: Redis | None = None
@@ -155,16 +153,12 @@ class WorkerProcess:
         self._server = grpc.aio.server(
             interceptors=[TokenAuthInterceptor(secret), ServerContextInterceptor()],
             options=server_options(64 * 1024 * 1024))
-        signer = KVParamsSigner(secret, ttl_s=cfg.engine.kv_lease_duration_s)
-        service = WorkerService(self.host, signer)
-        pb_grpc.add_WorkerServicer_to_server(service, self._server)
+        signer = KVParamsSigner(secret, ttl_s=accept_window(cfg.engine.kv_lease_duration_s))
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.host), self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await self._server.start()
-        self._stream_server = FramedStreamServer(service.chunks, cfg.host, cfg.stream_port,
-                                                 secret)
-        stream_port = await self._stream_server.start()
         self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port, link_keys,
-                                       signer, service.kv_params_refused, self.host.counters,
+                                       signer, metrics.kv_params_refused_by, self.host.counters,
                                        self.host.record_link_step)
         link_port = await self._link_server.start()
         self.host.link = self._link_server
@@ -177,7 +171,6 @@ class WorkerProcess:
         self.endpoints = WorkerEndpoints(
             worker_id=cfg.worker_id,
             address=f"{cfg.host}:{port}",
-            stream_address=f"{cfg.host}:{stream_port}",
             link_address=f"{cfg.host}:{link_port}",
             metrics_url=f"http://{cfg.host}:{metrics_port}/metrics",
             kv_events_endpoint=kv_events,
@@ -205,7 +198,6 @@ class WorkerProcess:
             worker_id=cfg.worker_id,
             role=cfg.role,
             address=self.endpoints.address,
-            stream_address=self.endpoints.stream_address,
             link_address=self.endpoints.link_address,
             model=cfg.engine.name,
             metrics_url=self.endpoints.metrics_url,
@@ -259,13 +251,13 @@ class WorkerProcess:
                 await self._registry.set_state(self.cfg.worker_id, WorkerState.DRAINING)
             except Exception:
                 log.warning("could not publish draining state", exc_info=True)
-        in_flight_at_start = len(self.host.in_flight)
+        in_flight_at_start = self.host.in_flight
         await asyncio.sleep(settle_s)
         deadline = started + timeout_s
         served = self.host.counters.requests_total
         while self.host.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        unfinished = len(self.host.in_flight)
+        unfinished = self.host.in_flight
         if self.cfg.role.value == "prefill":
             lease_end = min(deadline, time.monotonic() + self.cfg.engine.kv_lease_duration_s)
             while self.host.counters.kv_cache_usage > 0 and time.monotonic() < lease_end:
@@ -294,8 +286,8 @@ class WorkerProcess:
         if stalled > self.cfg.engine_stall_timeout_s:
             return {"healthy": False, "message": (
                 f"engine stalled: no step for {stalled:.0f}s with "
-                f"{len(self.host.in_flight)} requests in flight")}
-        return {"healthy": True, "message": "ok", "in_flight": len(self.host.in_flight)}
+                f"{self.host.in_flight} requests in flight")}
+        return {"healthy": True, "message": "ok", "in_flight": self.host.in_flight}
 
     async def stop(self) -> None:
         """Leave the registry, stop serving, shut the engine down, free its shared memory."""
@@ -316,8 +308,6 @@ class WorkerProcess:
                 except Exception:
                     log.warning("could not clear index entries of %s", self.cfg.worker_id,
                                 exc_info=True)
-            if self._stream_server is not None:
-                await self._stream_server.stop()
             if self._link_server is not None:
                 await self._link_server.stop()
             if self._server is not None:

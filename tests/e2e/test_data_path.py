@@ -19,6 +19,7 @@ import pytest
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from tests.support.cluster import RunningCluster, cluster_secret, worker_channel
+from tests.support.engine_link import EngineLinks
 
 pytestmark = pytest.mark.e2e
 MODEL = "splitserve-tiny"
@@ -154,15 +155,9 @@ def test_cached_tokens_are_the_prefill_workers_cache_hits(disagg: RunningCluster
 
     async def prefill_only() -> None:
         """The prompt into the prefill worker's cache only (its blocks then released)."""
-        secret = cluster_secret(disagg)
-        async with worker_channel(secret, prefill["address"]) as pch, \
-                worker_channel(secret, decode["address"]) as dch:
-            resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
-                request_id="seed-cache", prompt_token_ids=ids,
-                sampling=pb.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
-            await pb_grpc.WorkerStub(dch).Release(pb.ReleaseRequest(
-                request_id="seed-cache", kv_transfer_params_json=resp.kv_transfer_params_json),
-                timeout=30)
+        async with EngineLinks(cluster_secret(disagg)) as links:
+            kv, _ = await links.prefill(prefill, "seed-cache", ids)
+            await links.release(decode, "seed-cache", kv)
 
     asyncio.run(prefill_only())
     r = httpx.post(f"{disagg.http}/v1/completions", timeout=120, json={
@@ -203,12 +198,11 @@ def test_streaming_and_non_streaming_agree(disagg: RunningCluster) -> None:
 
 
 def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Path) -> None:
-    """A token-array prompt that stops half-way through a character: the worker API streams
-    only the new text (the character it completes, then what follows; never the prompt again,
-    vllm-project/vllm#48853). The gateway's front end is vLLM's own detokenizer, which answers
-    what vLLM's server answers (it still repeats the prompt's text first): the same text whole
-    and streamed, ending with the new text. (A migration never sends such a prompt to a
-    detokenizer there: the front end's detokenizer keeps its state across workers.)"""
+    """A token-array prompt that stops half-way through a character. The gateway's front end
+    is vLLM's own detokenizer, which answers what vLLM's server answers (it repeats the
+    prompt's text first, vllm-project/vllm#48853): the same text whole and streamed, ending
+    with the new text of the tokens the engine generates. (A migration never sends such a
+    prompt to a detokenizer: the front end's detokenizer keeps its state across workers.)"""
     import tokenizers.decoders
     from transformers import AutoTokenizer
 
@@ -218,24 +212,17 @@ def test_prompt_ending_inside_a_character(disagg: RunningCluster, model_dir: Pat
     prompt = tok("Emoji ahead:")["input_ids"] + emoji[:2]
     decode = next(w for w in workers(disagg) if w["role"] == "decode")
 
-    async def on_worker() -> tuple[list[int], str]:
-        ids, text = [], ""
-        async with worker_channel(cluster_secret(disagg), decode["address"]) as ch:
-            async for chunk in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
-                    request_id="partial-char", prompt_token_ids=prompt,
-                    sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                                               ignore_eos=True)), timeout=120):
-                ids.extend(chunk.token_ids)
-                text += chunk.text
-        return ids, text
+    async def on_worker() -> list[int]:
+        async with EngineLinks(cluster_secret(disagg)) as links:
+            return await links.generate(decode, "partial-char", prompt, MAX_TOKENS,
+                                        ignore_eos=True)
 
-    ids, text = asyncio.run(on_worker())
+    ids = asyncio.run(on_worker())
     assert len(ids) == MAX_TOKENS
     stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
     for t in prompt:  # primed token by token: holds the half character back
         stream.step(tok._tokenizer, t)
     expected = "".join(stream.step(tok._tokenizer, t) or "" for t in ids)
-    assert text == expected and "Emoji ahead" not in text, (text, expected)
     # through the gateway (prefill and decode pools), streamed and whole
     body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "ignore_eos": True}
@@ -400,15 +387,14 @@ def test_each_pool_runs_with_its_own_engine_arguments(disagg: RunningCluster) ->
 
 
 def test_worker_ports_refuse_callers_without_the_cluster_secret(disagg: RunningCluster) -> None:
-    """Worker gRPC, the framed stream port and the engine link take nobody without the
-    cluster secret `up` generated; with it (the control calls) they serve."""
+    """Worker gRPC and the engine link take nobody without the cluster secret `up`
+    generated; with it (the control calls) they serve."""
     import zmq
     import zmq.asyncio
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine import EngineCoreRequest
 
     from services.cluster_secret import ClusterSecret
-    from services.framed_stream import PREAMBLE, frame
     from services.gateway.link_client import LinkClient
     from services.grpc_auth import call_metadata
     from services.link import ADD, LinkKeys
@@ -428,27 +414,14 @@ def test_worker_ports_refuse_callers_without_the_cluster_secret(disagg: RunningC
         # gRPC: no token, another cluster's token -> UNAUTHENTICATED, nothing served
         async with grpc.aio.insecure_channel(decode["address"]) as ch:
             for metadata in (None, call_metadata(stranger)):
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10,
-                                                       metadata=metadata)
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    async for _ in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
-                            request_id=f"stranger-{len(str(metadata))}",
-                            prompt_token_ids=[5, 6, 7],
-                            sampling=pb.SamplingParams(max_tokens=2)), timeout=10,
-                            metadata=metadata):
-                        pass
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                for call in (pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10,
+                                                          metadata=metadata),
+                             pb_grpc.WorkerStub(ch).Health(pb.HealthRequest(), timeout=10,
+                                                           metadata=metadata)):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         before = await worker_stats(disagg, decode["address"])
-        # the stream port: a stranger's token -> closed, nothing generated
-        host, port = decode["stream_address"].rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(PREAMBLE + stranger.stream_token + frame(pb.GenerateStreamRequest(
-            start=pb.GenerateRequest(request_id="stranger-stream", prompt_token_ids=[5, 6],
-                                     sampling=pb.SamplingParams(max_tokens=2)))))
-        assert await asyncio.wait_for(reader.read(), 15) == b""
-        writer.close()
         # the engine link: a plain DEALER and one with another cluster's keys get nothing
         # through; the cluster's own keys do (the control)
         ctx = zmq.asyncio.Context()
@@ -510,7 +483,6 @@ def test_decode_worker_refuses_forged_expired_and_replayed_kv_params(
     prefill = next(w for w in ws if w["role"] == "prefill")
     decode = next(w for w in ws if w["role"] == "decode")
     prompt_ids = [7 + (time.time_ns() + i) % 900 for i in range(80)]  # unseen by any engine
-    sampling = pb.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     refused = "splitserve_worker_kv_params_refused_total"
 
     def refusals(reason: str) -> float:
@@ -521,20 +493,11 @@ def test_decode_worker_refuses_forged_expired_and_replayed_kv_params(
 
     async def scenario() -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        async with worker_channel(secret, prefill["address"]) as pch, \
-                worker_channel(secret, decode["address"]) as dch:
-            async def generate(rid: str, kv_json: str) -> list[int]:
-                ids: list[int] = []
-                async for chunk in pb_grpc.WorkerStub(dch).Generate(pb.GenerateRequest(
-                        request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
-                        kv_transfer_params_json=kv_json), timeout=120):
-                    ids.extend(chunk.token_ids)
-                return ids
+        async with EngineLinks(secret) as links:
+            async def generate(rid: str, kv: dict | None) -> list[int]:
+                return await links.generate(decode, rid, prompt_ids, 10, kv, ignore_eos=True)
 
-            resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
-                request_id="signed", prompt_token_ids=prompt_ids, sampling=sampling),
-                timeout=60)
-            signed = json.loads(resp.kv_transfer_params_json)
+            signed, _ = await links.prefill(prefill, "signed", prompt_ids)
             assert signed["splitserve_signature"]
             forged = {**signed, "remote_block_ids": [[b + 1 for b in group] for group in
                                                      signed["remote_block_ids"]]} if isinstance(
@@ -542,12 +505,12 @@ def test_decode_worker_refuses_forged_expired_and_replayed_kv_params(
                 **signed, "remote_block_ids": [b + 1 for b in signed["remote_block_ids"]]}
             unsigned = {k: v for k, v in signed.items() if not k.startswith("splitserve_")}
             stale = KVParamsSigner(secret, ttl_s=-5).sign("stale", unsigned)
-            out["signed"] = await generate("signed", resp.kv_transfer_params_json)
-            out["forged"] = await generate("forged", json.dumps(forged))
-            out["unsigned"] = await generate("unsigned", json.dumps(unsigned))
-            out["expired"] = await generate("expired", json.dumps(stale))
-            out["replayed"] = await generate("replayed", resp.kv_transfer_params_json)
-            out["local"] = await generate("local", "")
+            out["signed"] = await generate("signed", signed)
+            out["forged"] = await generate("forged", forged)
+            out["unsigned"] = await generate("unsigned", unsigned)
+            out["expired"] = await generate("expired", stale)
+            out["replayed"] = await generate("replayed", signed)
+            out["local"] = await generate("local", None)
         return out
 
     src = "vllm:prompt_tokens_by_source_total"

@@ -33,26 +33,28 @@ from tests.support.cluster import TEST_SECRET, RunningCluster
 pytestmark = pytest.mark.e2e
 KEY_A = "sk-e2e-alpha-5c1f0a9b77"
 KEY_B = "sk-e2e-bravo-0e4d2b6c31"
-KEY_A2 = "sk-e2e-alpha-two-7d3e91"  # a second key of tenant alpha (on the vLLM front end)
+KEY_A2 = "sk-e2e-alpha-two-7d3e91"  # a second key of tenant alpha
 HELLO = [{"role": "user", "content": "Hello! What does this module do?"}]
-SLOW_CLIENT_S = 3.0  # the vLLM front-end gateway's slow_client_timeout_s
+SLOW_CLIENT_S = 3.0  # the guarded gateway's slow_client_timeout_s
 
 
 @pytest.fixture(scope="module")
 def guarded(disagg: RunningCluster, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[GatewayProcess]:
-    """A second gateway on the disagg cluster with API keys and one request per client."""
+    """A second gateway on the disagg cluster with API keys of two tenants, one request per
+    client, a short slow-client timeout and tenant isolation."""
     run_dir = tmp_path_factory.mktemp("guarded")
     keys = run_dir / "keys"
-    keys.write_text(f"# e2e keys\n{KEY_A}\n{KEY_B}\n")
+    keys.write_text(f"# e2e keys\n{KEY_A} alpha\n{KEY_A2} alpha\n{KEY_B} bravo\n")
     gw = GatewayProcess(GatewayConfig(
         model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
         port=free_port(), grpc_port=free_port(), api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1), run_dir,
+        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1,
+        slow_client_timeout_s=SLOW_CLIENT_S, tenant_isolation=True), run_dir,
         disagg.run_dir / cluster_secret.FILE_NAME)
     gw.start()
     try:
-        gw.wait_ready(timeout_s=120)
+        gw.wait_ready(timeout_s=240)
         yield gw
     finally:
         gw.stop()
@@ -87,7 +89,7 @@ def test_api_keys_over_http_and_grpc(disagg: RunningCluster, guarded: GatewayPro
         assert good.chat(HELLO, max_tokens=24, temperature=0).text == out.choices[0].message.content
 
     log = (guarded.run_dir / "gateway.log").read_text(errors="replace")
-    assert "API keys: on (2 accepted)" in log
+    assert "API keys: on (3 accepted)" in log
     assert KEY_A not in log and KEY_B not in log
 
 
@@ -122,41 +124,19 @@ def test_per_client_limit(guarded: GatewayProcess) -> None:
     assert r.status_code == 200, r.text
 
 
-@pytest.fixture(scope="module")
-def guarded_vllm(disagg: RunningCluster, model_dir: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """A gateway with vLLM's front end on the disagg cluster, with API keys and one request
-    per client: the same guard as the splitserve front end's, in front of vLLM's server."""
-    run_dir = tmp_path_factory.mktemp("guarded-vllm")
-    keys = run_dir / "keys"
-    keys.write_text(f"{KEY_A} alpha\n{KEY_A2} alpha\n{KEY_B} bravo\n")
-    gw = GatewayProcess(GatewayConfig(
-        model=str(model_dir), served_model_name=MODEL, redis_url=disagg.redis_url,
-        port=free_port(), grpc_port=0, frontend="vllm", api_keys_file=keys,
-        api_keys_env="SPLITSERVE_E2E_NO_SUCH_VARIABLE", max_in_flight_per_client=1,
-        slow_client_timeout_s=SLOW_CLIENT_S, tenant_isolation=True), run_dir,
-        disagg.run_dir / cluster_secret.FILE_NAME)
-    gw.start()
-    try:
-        gw.wait_ready(timeout_s=240)
-        yield gw
-    finally:
-        gw.stop()
-
-
-def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayProcess) -> None:
-    url = guarded_vllm.url
+def test_api_keys_on_tokenize_and_the_client_limit(guarded: GatewayProcess) -> None:
+    url = guarded.url
     for path, body in [("/v1/chat/completions", {"model": MODEL, "messages": HELLO}),
                        ("/tokenize", {"model": MODEL, "prompt": "Hello"})]:
         r = httpx.post(f"{url}{path}", json=body, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", r.text
         assert r.headers["www-authenticate"] == "Bearer"
     with pytest.raises(openai.AuthenticationError):
-        openai_client(guarded_vllm, "sk-not-one-of-ours").models.list()
+        openai_client(guarded, "sk-not-one-of-ours").models.list()
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     metrics = httpx.get(f"{url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "splitserve_gateway_routing_decisions_total" in metrics.text
-    out = openai_client(guarded_vllm, KEY_A).completions.create(
+    out = openai_client(guarded, KEY_A).completions.create(
         model=MODEL, prompt="x", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 5
 
@@ -175,11 +155,11 @@ def test_api_keys_and_client_limit_on_the_vllm_front_end(guarded_vllm: GatewayPr
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2})
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert "this client" in r.json()["error"]["message"]
-            other = openai_client(guarded_vllm, KEY_B).completions.create(
+            other = openai_client(guarded, KEY_B).completions.create(
                 model=MODEL, prompt="x", max_tokens=2)
             assert other.usage.completion_tokens == 2
             assert next(x for x in lines if x).startswith("data: {")  # the held stream goes on
-    log = (guarded_vllm.run_dir / "gateway.log").read_text(errors="replace")
+    log = (guarded.run_dir / "gateway.log").read_text(errors="replace")
     assert "API keys: on (3 accepted)" in log and "tenant isolation: on (2 tenants" in log
     assert KEY_A not in log and KEY_B not in log
 
@@ -200,12 +180,12 @@ def _slot_free(url: str) -> bool:
     return r.status_code == 200
 
 
-def test_a_client_that_stops_reading_is_cut(guarded_vllm: GatewayProcess,
+def test_a_client_that_stops_reading_is_cut(guarded: GatewayProcess,
                                             disagg: RunningCluster) -> None:
     """A streaming client that never reads: once the socket buffers are full and a write has
     waited slow_client_timeout_s, the gateway cuts the response, frees the slot and the
     engines stop generating for it, long before max_tokens."""
-    url = guarded_vllm.url
+    url = guarded.url
     cut_before = _gateway_sample(url, "splitserve_gateway_slow_clients_cut_total")
     # Big events (8 choices, 20 logprobs each) fill the buffers in a few hundred steps.
     body = json.dumps({"model": MODEL, "prompt": "Never read. " * 10, "max_tokens": 1800,
@@ -248,11 +228,11 @@ def test_a_client_that_stops_reading_is_cut(guarded_vllm: GatewayProcess,
     assert not any(running), running
 
 
-def test_tenants_share_no_prefix_cache(guarded_vllm: GatewayProcess) -> None:
+def test_tenants_share_no_prefix_cache(guarded: GatewayProcess) -> None:
     """The same prompt from two tenants: the engine that computes it reports no cached token
     for the second tenant, while a second key of the first tenant hits its cache; the router,
     hashing with the same salts, predicts exactly that (no misprediction)."""
-    url = guarded_vllm.url
+    url = guarded.url
     prompt = "Tenant isolation probe: the quick brown fox jumps over a lazy dog. " * 25
     names = ("splitserve_gateway_route_audited_requests_total",
              "splitserve_gateway_route_reported_cached_tokens_total",

@@ -22,18 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 import httpx
 import psutil
 import pytest
 import redis
 
 from services.controller.redis_server import RedisServer
-from services.proto.v1 import worker_pb2 as pb
 from services.worker.shm import segments_mapped_by_children
-from services.proto.v1 import worker_pb2_grpc as pb_grpc
-from tests.support.cluster import (RunningCluster, cluster_secret, start_test_cluster,
-                                   worker_channel)
+from tests.support.cluster import RunningCluster, cluster_secret, start_test_cluster
+from tests.support.engine_link import EngineLinks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 MODEL = "splitserve-tiny"
@@ -258,28 +255,21 @@ def base_sizes(healing: Healing) -> None:
 
 def test_expired_kv_lease_is_recomputed_not_read(healing: Healing) -> None:
     """A decode that arrives after the prefill worker's lease window computes the prompt
-    itself (and releases the prefill worker's blocks), with the right output."""
+    itself (its KV transfer parameters are refused as expired), with the right output."""
     ws = wait_pools(healing, {"prefill": 1, "decode": 2})
     prefill = next(w for w in ws if w["role"] == "prefill")
     decode = next(w for w in ws if w["role"] == "decode")
     prompt_ids = list(range(5, 5 + 96))  # 3 blocks, not cached anywhere yet
-    sampling = pb.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     src = "vllm:prompt_tokens_by_source_total"
 
     async def run(delay_s: float, rid: str) -> list[int]:
-        secret = cluster_secret(healing.cluster)
-        async with worker_channel(secret, prefill["address"]) as pch, \
-                worker_channel(secret, decode["address"]) as dch:
-            resp = await pb_grpc.WorkerStub(pch).Prefill(pb.PrefillRequest(
-                request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling), timeout=60)
+        async with EngineLinks(cluster_secret(healing.cluster)) as links:
+            kv, _ = await links.prefill(prefill, rid, prompt_ids)
             await asyncio.sleep(delay_s)
-            out: list[int] = []
-            async for chunk in pb_grpc.WorkerStub(dch).Generate(pb.GenerateRequest(
-                    request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
-                    kv_transfer_params_json=resp.kv_transfer_params_json), timeout=120):
-                out.extend(chunk.token_ids)
-            return out
+            return await links.generate(decode, rid, prompt_ids, 12, kv, ignore_eos=True)
 
+    expired = metric(decode["metrics_url"], "splitserve_worker_kv_params_refused_total",
+                     reason="expired")
     before = (metric(decode["metrics_url"], src, source="external_kv_transfer"),
               metric(decode["metrics_url"], src, source="local_compute"))
     late = asyncio.run(run(LEASE_S * 2 / 3 - 1 + 1.0, "lease-late"))
@@ -288,6 +278,8 @@ def test_expired_kv_lease_is_recomputed_not_read(healing: Healing) -> None:
              metric(decode["metrics_url"], src, source="local_compute"))
     assert after[0] - before[0] == 0, "decode read KV after the lease window"
     assert after[1] - before[1] == len(prompt_ids), "decode did not compute the prompt"
+    assert metric(decode["metrics_url"], "splitserve_worker_kv_params_refused_total",
+                  reason="expired") == expired + 1
     # the same prompt pulled in time gives the same tokens
     in_time = asyncio.run(run(0.0, "lease-in-time"))
     assert late == in_time and len(late) == 12
@@ -387,23 +379,19 @@ def _scale(h: Healing, **sizes: int) -> None:
 
 def _streams_on(h: Healing, workers: list[dict], max_tokens: int
                 ) -> tuple[threading.Thread, list]:
-    """One long greedy stream straight to each worker's gRPC Generate (so every worker has a
+    """One long greedy stream straight to each worker's engine link (so every worker has a
     request in flight whatever the router would choose); the token counts each got."""
     got: list = []
 
-    async def one(w: dict, k: int) -> int:
-        async with worker_channel(cluster_secret(h.cluster), w["address"]) as ch:
-            n = 0
-            async for chunk in pb_grpc.WorkerStub(ch).Generate(pb.GenerateRequest(
-                    request_id=f"drain-{k}", prompt_token_ids=list(range(7 + k, 40 + k)),
-                    sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                               ignore_eos=True)), timeout=300):
-                n += len(chunk.token_ids)
-            return n
+    async def one(links: EngineLinks, w: dict, k: int) -> int:
+        ids = await links.generate(w, f"drain-{k}", list(range(7 + k, 40 + k)), max_tokens,
+                                   ignore_eos=True)
+        return len(ids)
 
     async def all_() -> None:
-        got.extend(await asyncio.gather(*(one(w, k) for k, w in enumerate(workers)),
-                                        return_exceptions=True))
+        async with EngineLinks(cluster_secret(h.cluster)) as links:
+            got.extend(await asyncio.gather(*(one(links, w, k) for k, w in enumerate(workers)),
+                                            return_exceptions=True))
 
     t = threading.Thread(target=lambda: asyncio.run(all_()), daemon=True)
     t.start()

@@ -1,8 +1,8 @@
-"""Conformance of the gateway's vLLM front end (`up --frontend vllm`): the same requests sent to
-vLLM's own OpenAI server and to splitserve clusters (disaggregated: the prompt's KV moves over
-NIXL; aggregated) on the built-in model give the same answers: text, token ids, logprobs,
-tool calls, finish reasons, usage; streamed and not. Bad input gets vLLM's own 400s, and the
-cluster keeps serving."""
+"""Conformance of the gateway's front end (vLLM's own OpenAI server over the cluster): the
+same requests sent to vLLM's own OpenAI server and to splitserve clusters (disaggregated: the
+prompt's KV moves over NIXL; aggregated) on the built-in model give the same answers: text,
+token ids, logprobs, tool calls, finish reasons, usage; streamed and not. Bad input gets
+vLLM's own 400s, and the cluster keeps serving."""
 
 from __future__ import annotations
 
@@ -311,7 +311,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """A cluster behind vLLM's front end, one mode at a time (the KV-aware policy with every
     prompt sent to the prefill worker, so that KV moves for short prompts too)."""
     mode = request.param
-    args = ["--frontend", "vllm", "--kv-local-prefill-tokens", "0", "--route-headers",
+    args = ["--kv-local-prefill-tokens", "0", "--route-headers",
             *ENGINE_ARGS,
             *[f"--frontend-arg={k}={v}" for k, v in TOOL_ARGS.items()]]
     args += ["--mode", "aggregated", "--workers", "1"] if mode == "aggregated" else [

@@ -1,7 +1,7 @@
 """The gateway's metrics on a port of their own (GatewayConfig.metrics_port): a real
-`splitserve gateway` process of each front end against a real Redis, no workers. The metrics
-port serves GET /metrics and nothing else; the API port still serves the API and answers
-/metrics with 404."""
+`splitserve gateway` process against a real Redis, no workers. The metrics port serves GET
+/metrics and nothing else (vLLM's families and the gateway's own); the API port still serves
+the API and answers /metrics with 404."""
 
 from __future__ import annotations
 
@@ -39,13 +39,12 @@ def model_dir() -> Path:
     return ensure_builtin_model(cache_dir_for_tests(), "tiny")
 
 
-def start_gateway(tmp_path: Path, model_dir: Path, redis_url: str, frontend: str
-                  ) -> GatewayProcess:
+def start_gateway(tmp_path: Path, model_dir: Path, redis_url: str) -> GatewayProcess:
     secret = tmp_path / "cluster-secret"
     secret.write_text(TEST_SECRET.text)
     secret.chmod(0o600)
     cfg = GatewayConfig(model=str(model_dir), served_model_name="m", redis_url=redis_url,
-                        port=free_port(), metrics_port=free_port(), frontend=frontend)
+                        port=free_port(), metrics_port=free_port())
     gw = GatewayProcess(cfg, tmp_path, secret)
     gw.start()
     return gw
@@ -100,35 +99,25 @@ async def _set_desired(redis_url: str, sizes: dict[str, int]) -> None:
         await client.aclose()
 
 
-def test_splitserve_front_end(tmp_path: Path, model_dir: Path, redis: RedisServer) -> None:
-    gw = start_gateway(tmp_path, model_dir, redis.url, "splitserve")
+def test_metrics_on_their_own_port(tmp_path: Path, model_dir: Path, redis: RedisServer) -> None:
+    """vLLM's server keeps its own /metrics route; the guard in front of it answers 404, and
+    the listener serves vLLM's registry (vllm:* and the gateway's own families)."""
+    gw = start_gateway(tmp_path, model_dir, redis.url)
     try:
-        wait_until_serving(gw, 180)
+        wait_until_serving(gw, 240)
         # the cluster gauges are read from Redis when the listener is scraped
         asyncio.run(_set_desired(redis.url, {"prefill": 3, "decode": 2}))
-        check_ports(gw, 'splitserve_pool_desired_replicas{pool="prefill"} 3.0', 503)  # no workers
+        check_ports(gw, 'splitserve_pool_desired_replicas{pool="prefill"} 3.0', 503)
         scraped = httpx.get(f"http://127.0.0.1:{gw.cfg.metrics_port}/metrics", timeout=10).text
+        assert "vllm:" in scraped
         # API requests are counted (the refused /metrics ones too), scrapes of the listener not
         assert 'route="/metrics",status="404"' in scraped
-        assert 'route="/health",status="503"' in scraped
+        assert 'route="/health",status="503"' in scraped  # no workers
     finally:
         gw.stop()
     # a clean stop (uvicorn re-raises the SIGTERM it handled once it has shut down)
     log = (gw.run_dir / "gateway.log").read_text(errors="replace")
     assert gw.proc is not None and gw.proc.returncode in (0, -15) and "Traceback" not in log, log
-
-
-def test_vllm_front_end(tmp_path: Path, model_dir: Path, redis: RedisServer) -> None:
-    """vLLM's server keeps its own /metrics route; the guard in front of it answers 404, and
-    the listener serves vLLM's registry (vllm:* and the gateway's own families)."""
-    gw = start_gateway(tmp_path, model_dir, redis.url, "vllm")
-    try:
-        wait_until_serving(gw, 240)
-        # vLLM's own families, from its registry; /health is 503 without a routable worker, as
-        # the splitserve front end answers
-        check_ports(gw, "vllm:", 503)
-    finally:
-        gw.stop()
 
 
 def test_metrics_port_must_differ_from_the_api_ports(model_dir: Path) -> None:

@@ -13,7 +13,7 @@ from services.cluster_secret import ENV, FILE_ENV, ClusterSecret, ClusterSecretE
 def test_generated_secrets_differ_and_derive_distinct_credentials() -> None:
     a, b = ClusterSecret.generate(), ClusterSecret.generate()
     assert a.text != b.text and len(a.text) >= 32
-    assert a.grpc_token != b.grpc_token and a.stream_token != b.stream_token
+    assert a.grpc_token != b.grpc_token and a.redis_password != b.redis_password
     purposes = {a.derive(p) for p in (b"one", b"two", b"three")}
     assert len(purposes) == 3 and all(len(d) == 32 for d in purposes)
     assert a.derive(b"one") == ClusterSecret.from_text(a.text).derive(b"one")  # deterministic

@@ -1,5 +1,5 @@
 """Worker gRPC takes only callers with the cluster's token: a real grpc.aio server and client,
-every call type the worker API has (unary, server streaming, bidirectional)."""
+every call of the worker API."""
 
 from __future__ import annotations
 
@@ -24,16 +24,9 @@ class Worker(pb_grpc.WorkerServicer):
         self.calls.append("Health")
         return pb.HealthResponse(healthy=True, worker_id="w")
 
-    async def Generate(self, request, context) -> AsyncIterator[pb.GenerateChunk]:
-        self.calls.append("Generate")
-        yield pb.GenerateChunk(token_ids=[7], finish_reason="length")
-
-    async def GenerateStream(self, request_iterator, context) -> None:
-        self.calls.append("GenerateStream")
-        async for msg in request_iterator:
-            await context.write(pb.GenerateStreamBatch(items=[pb.GenerateStreamItem(
-                request_id=msg.start.request_id, end=True)]))
-            return
+    async def Stats(self, request, context) -> pb.StatsResponse:
+        self.calls.append("Stats")
+        return pb.StatsResponse(worker_id="w")
 
 
 @pytest.fixture
@@ -58,25 +51,14 @@ async def _calls(stub: pb_grpc.WorkerStub, **kw) -> list[grpc.StatusCode]:
         except grpc.aio.AioRpcError as exc:
             codes.append(exc.code())
 
-    async def drain(call) -> None:
-        async for _ in call:
-            pass
-
-    async def stream() -> None:
-        call = stub.GenerateStream(**kw)
-        await call.write(pb.GenerateStreamRequest(start=pb.GenerateRequest(request_id="r")))
-        await call.read()
-        call.cancel()
-
     await one(stub.Health(pb.HealthRequest(), timeout=5, **kw))
-    await one(drain(stub.Generate(pb.GenerateRequest(request_id="r"), timeout=5, **kw)))
-    await one(stream())
+    await one(stub.Stats(pb.StatsRequest(), timeout=5, **kw))
     return codes
 
 
 async def test_callers_without_the_token_are_refused_before_the_handler(worker) -> None:
     w, address, auth = worker
-    unauth = [grpc.StatusCode.UNAUTHENTICATED] * 3
+    unauth = [grpc.StatusCode.UNAUTHENTICATED] * 2
     async with grpc.aio.insecure_channel(address) as ch:
         assert await _calls(pb_grpc.WorkerStub(ch)) == unauth
         wrong = ((HEADER, "Bearer " + "0" * 64),)
@@ -86,7 +68,7 @@ async def test_callers_without_the_token_are_refused_before_the_handler(worker) 
         # the raw secret is not the token either
         raw = ((HEADER, "Bearer " + SECRET.text),)
         assert await _calls(pb_grpc.WorkerStub(ch), metadata=raw) == unauth
-    assert w.calls == [] and auth.refused == 12
+    assert w.calls == [] and auth.refused == 8
     try:
         async with grpc.aio.insecure_channel(address) as ch:
             await pb_grpc.WorkerStub(ch).Health(pb.HealthRequest(), timeout=5)
@@ -96,10 +78,10 @@ async def test_callers_without_the_token_are_refused_before_the_handler(worker) 
 
 async def test_callers_with_the_token_are_served(worker) -> None:
     w, address, auth = worker
-    ok = [grpc.StatusCode.OK] * 3
+    ok = [grpc.StatusCode.OK] * 2
     async with grpc.aio.insecure_channel(address, interceptors=client_interceptors(SECRET)
                                          ) as ch:
         assert await _calls(pb_grpc.WorkerStub(ch)) == ok
     async with grpc.aio.insecure_channel(address) as ch:
         assert await _calls(pb_grpc.WorkerStub(ch), metadata=call_metadata(SECRET)) == ok
-    assert w.calls == ["Health", "Generate", "GenerateStream"] * 2 and auth.refused == 0
+    assert w.calls == ["Health", "Stats"] * 2 and auth.refused == 0

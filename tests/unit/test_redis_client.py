@@ -1,6 +1,6 @@
 """Redis clients from router/redis_client.py against a real redis-server that goes silent
 (SIGSTOP) and comes back (SIGCONT): calls fail within their bound instead of hanging, the
-gateway's real route path (WorkerDirectory + PDFlow + PrefixIndex) degrades to load-only
+gateway's real route path (WorkerDirectory + RouteStage + PrefixIndex) degrades to load-only
 routing on its last registry snapshot, and everything works again after SIGCONT."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from router.redis_client import (RedisClientConfig, RedisHealth, RedisUnavailabl
                                  redis_client, redis_env, stop_task, sync_redis_client)
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pd_flow import PDFlow
+from services.gateway.route_stage import RouteStage
 from services.gateway.worker_directory import WorkerDirectory
 from tests.support.redis import RedisServer, redis_server
 from tests.support.cluster import TEST_SECRET
@@ -149,7 +149,7 @@ async def test_gateway_routes_on_load_only_while_redis_is_silent(
     health = RedisHealth.from_config(CFG)
     directory = WorkerDirectory(client, ns, "m", TEST_SECRET, refresh_s=0.2, health=health)
     metrics = GatewayMetrics()
-    flow = PDFlow(directory, make_policy("kv"), index, metrics, timeout_s=30)
+    flow = RouteStage(directory, make_policy("kv"), index, metrics)
     beat_client = redis_client(own_redis.url)  # a worker's own client
     try:
         await directory.refresh()

@@ -2,7 +2,7 @@
 processes: a SIGKILLed redis-server is started again on its port, and the cluster's state comes
 back by itself: the registry from the workers' heartbeats, the prefix index from a real
 IndexUpdater's mirror of what vLLM's own KV-event publisher announced, and the gateway's real
-route path (WorkerDirectory + PDFlow + kv policy) routes by prefix again."""
+route path (WorkerDirectory + RouteStage + kv policy) routes by prefix again."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
 from services.controller.redis_server import RedisServer, RedisSupervisor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pd_flow import PDFlow
+from services.gateway.route_stage import RouteStage
 from services.gateway.worker_directory import WorkerDirectory
 
 import vllm.distributed.kv_events as vkv  # noqa: E402  (the engine's real publisher)
@@ -55,7 +55,7 @@ def test_a_private_redis_with_a_password_refuses_anyone_without_it(tmp_path: Pat
 
     secret = ClusterSecret.generate()
     password = secret.redis_password
-    assert password not in (secret.grpc_token, secret.stream_token.hex())
+    assert password != secret.grpc_token
     server = RedisServer(tmp_path, password=password)
     server.start()
     try:
@@ -163,8 +163,8 @@ async def test_registry_index_and_prefix_routing_come_back_after_redis_is_killed
                                                          topic="kv"), audit_interval_s=0.5))
         updater.start()
         directory = WorkerDirectory(gateway_client, NS, "m", TEST_SECRET, refresh_s=0.2)
-        flow = PDFlow(directory, make_policy("kv"), PrefixIndex(gateway_client, NS),
-                      GatewayMetrics(), timeout_s=30)
+        flow = RouteStage(directory, make_policy("kv"), PrefixIndex(gateway_client, NS),
+                        GatewayMetrics())
         try:
             await asyncio.wait_for(updater.ready.wait(), 10)
             await asyncio.sleep(1.0)  # PUB/SUB slow joiner

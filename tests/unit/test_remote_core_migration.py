@@ -1,7 +1,8 @@
-"""The vLLM front end's remote engine core moves a request off a decode worker that fails under
-it: real ZeroMQ engine links to scripted worker ends (ROUTER sockets that answer with vLLM's
-own msgpack EngineCoreOutputs), vLLM's own request and output types. The e2e suite kills real
-workers (tests/e2e/test_vllm_frontend.py); this one pins down what each failure does."""
+"""The gateway's remote engine core: the prefill -> decode hand-off, and a request moved off a
+decode worker that fails under it; its dispatch ledger and its request timeout. Real ZeroMQ
+engine links to scripted worker ends (ROUTER sockets that answer with vLLM's own msgpack
+EngineCoreOutputs), vLLM's own request and output types. The e2e suite kills real workers
+(tests/e2e/test_vllm_frontend.py, test_healing.py); this one pins down what each failure does."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from router.dispatch_ledger import DispatchLedger
+from router.policies import RouteDecision
+from services.gateway.config import MigrationConfig
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pd_flow import MigrationConfig, WorkerUnavailable
+from services.gateway.route_stage import RouteStage, WorkerUnavailable
 from services.link import ADD, LOST, OUTPUTS, LinkAuthenticator, LinkKeys
 from tests.support.cluster import TEST_SECRET
 
@@ -29,7 +33,7 @@ class ScriptedWorker:
         from vllm.v1.engine import EngineCoreRequest
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-        self.info = SimpleNamespace(worker_id=worker_id, link_address="")
+        self.info = SimpleNamespace(worker_id=worker_id, link_address="", block_size=16)
         keys = LinkKeys.derive(TEST_SECRET)  # the real link's CURVE and ZAP check
         self.ctx = ctx = zmq.asyncio.Context()  # one ZAP handler per context, as on a worker
         self.auth = LinkAuthenticator(ctx, keys)
@@ -55,11 +59,13 @@ class ScriptedWorker:
     async def next_request(self) -> Any:
         return await asyncio.wait_for(self.requests.get(), 10)
 
-    async def step(self, request_id: str, tokens: list[int], finished: bool = False) -> None:
+    async def step(self, request_id: str, tokens: list[int], finished: bool = False,
+                   kv_transfer_params: dict[str, Any] | None = None) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
         out = EngineCoreOutput(request_id=request_id, new_token_ids=tokens,
-                               finish_reason=FinishReason.LENGTH if finished else None)
+                               finish_reason=FinishReason.LENGTH if finished else None,
+                               kv_transfer_params=kv_transfer_params)
         assert self.gateway is not None
         await self.sock.send_multipart(
             [self.gateway, OUTPUTS, *self._encoder.encode(EngineCoreOutputs(outputs=[out]))],
@@ -81,12 +87,18 @@ class ScriptedWorker:
 
 
 class OneAtATime:
-    """The route stage: the first worker not excluded, decode only (no prefill)."""
+    """The route stage: the first worker not excluded, decode only (or with `prefill`, that
+    worker's prefill first); its ledger and `sent` are the real route stage's."""
+
+    sent = RouteStage.sent
+    ledger: DispatchLedger
 
     def __init__(self, workers: list[ScriptedWorker], migration: MigrationConfig) -> None:
         self.workers = workers
         self.migration = migration
         self.metrics = GatewayMetrics()
+        self.ledger = DispatchLedger()
+        self.prefill: ScriptedWorker | None = None
 
     def audit_ticket(self, route: Any, request_id: str, **_: Any) -> None:
         return None  # no prefix index here: nothing predicted, nothing to audit
@@ -95,7 +107,7 @@ class OneAtATime:
                     cache_salt: str | None = None) -> Any:
         for w in self.workers:
             if w.info.worker_id not in exclude:
-                return SimpleNamespace(prefill=None, decode=w.info)
+                return RouteDecision(decode=w.info, prefill=self.prefill and self.prefill.info)
         raise WorkerUnavailable("no decode worker left")
 
 
@@ -138,13 +150,14 @@ async def outputs_until_finished(core: Any, request_id: str) -> tuple[list[int],
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int, **migration: Any):
+async def cluster(n: int, request_timeout_s: float = 600.0, **migration: Any):
     from services.gateway.remote_core import RemoteEngineCore
 
     workers = [ScriptedWorker(f"decode-{k}") for k in range(n)]
     flow = OneAtATime(workers, MigrationConfig(**migration))
     directory = Directory(workers)
-    core = RemoteEngineCore(directory, flow)  # type: ignore[arg-type]
+    core = RemoteEngineCore(directory, flow,  # type: ignore[arg-type]
+                            request_timeout_s=request_timeout_s)
     try:
         yield core, workers, flow, directory
     finally:
@@ -252,7 +265,7 @@ def test_a_request_with_no_token_yet_starts_over_whatever_its_parameters() -> No
 
 def test_a_silent_worker_counts_as_failed_after_the_stall_timeout() -> None:
     async def main() -> None:
-        async with cluster(2, stall_timeout_s=1.0) as (core, (a, b), flow, _):
+        async with cluster(2, stall_timeout_s=3.0) as (core, (a, b), flow, _):
             await core.add_request_async(request("r5", [4], 3, temperature=0.0))
             await a.next_request()
             await a.step("r5", [40])
@@ -289,5 +302,119 @@ def test_a_client_set_kv_transfer_parameter_never_reaches_a_worker() -> None:
             assert a.requests.empty() and directory.in_flight == {}
             await core.add_request_async(request("r10", [1, 2], 1, temperature=0.0))
             assert (await a.next_request()).request_id == "r10"
+
+    asyncio.run(main())
+
+
+def ledger_view(flow: OneAtATime, worker: ScriptedWorker) -> Any:
+    return flow.ledger.view({worker.info.worker_id: 0.0})[worker.info.worker_id]
+
+
+def test_the_dispatch_ledger_follows_a_request_from_dispatch_to_its_end() -> None:
+    """What the kv policy knows between heartbeats: a request is pending on its worker (with
+    its prompt to compute) until its first token, then decoding, then gone."""
+    async def main() -> None:
+        async with cluster(1) as (core, (a,), flow, _):
+            await core.add_request_async(request("r11", list(range(40)), 3, temperature=0.0))
+            await a.next_request()
+            pending = ledger_view(flow, a)
+            assert (pending.pending_reqs, pending.pending_uncached_tokens,
+                    pending.decoding_reqs) == (1, 40, 0)
+            await a.step("r11", [1])
+            await asyncio.wait_for(core.get_output_async(), 10)
+            decoding = ledger_view(flow, a)
+            assert (decoding.pending_reqs, decoding.decoding_reqs) == (0, 1)
+            await a.step("r11", [2, 3], finished=True)
+            await outputs_until_finished(core, "r11")
+            ended = ledger_view(flow, a)
+            assert (ended.pending_reqs, ended.decoding_reqs) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_prefill_hands_its_kv_to_the_decode_worker_and_a_failed_one_computes_locally(
+        ) -> None:
+    """P gets a copy of the request (max_tokens 1, do_remote_decode); D gets the request with
+    the kv_transfer_params P returned. When P fails, D gets the request without them (it
+    computes the prompt itself) and the fallback is counted."""
+    async def main() -> None:
+        async with cluster(1) as (core, (d,), flow, _):
+            p = ScriptedWorker("prefill-0")
+            flow.prefill = p
+            try:
+                await core.add_request_async(request("r12", [1, 2, 3], 2, temperature=0.0))
+                pre = await p.next_request()
+                assert pre.request_id == "r12-prefill"
+                assert pre.sampling_params.max_tokens == 1
+                assert pre.sampling_params.extra_args["kv_transfer_params"] == {
+                    "do_remote_decode": True}
+                assert ledger_view(flow, p).pending_reqs == 1
+                held = {"remote_engine_id": "prefill-0", "remote_block_ids": [7]}
+                await p.step("r12-prefill", [9], finished=True, kv_transfer_params=held)
+                dec = await d.next_request()
+                assert dec.request_id == "r12"
+                assert dec.sampling_params.extra_args["kv_transfer_params"] == held
+                assert ledger_view(flow, p).pending_reqs == 0  # P's part is done
+                await d.step("r12", [4, 5], finished=True)
+                tokens, _ = await outputs_until_finished(core, "r12")
+                assert tokens == [4, 5]
+
+                await core.add_request_async(request("r13", [1, 2], 2, temperature=0.0))
+                assert (await p.next_request()).request_id == "r13-prefill"
+                await p.lose(["r13-prefill"])
+                dec = await d.next_request()
+                assert dec.request_id == "r13"
+                assert "kv_transfer_params" not in (dec.sampling_params.extra_args or {})
+                assert flow.metrics.prefill_fallbacks._value.get() == 1
+            finally:
+                p.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_gives_up_after_max_migrations() -> None:
+    async def main() -> None:
+        async with cluster(3, max_migrations=1) as (core, (a, b, c), flow, directory):
+            await core.add_request_async(request("r14", [3], 4, temperature=0.0))
+            await a.next_request()
+            await a.lose(["r14"])
+            await b.next_request()
+            await b.lose(["r14.m1"])
+            tokens, reason = await outputs_until_finished(core, "r14")
+            assert tokens == [] and reason.name == "ERROR"
+            assert c.requests.empty() and migrations(flow) == 1 and directory.in_flight == {}
+
+    asyncio.run(main())
+
+
+def test_a_request_past_its_timeout_ends_and_is_aborted_on_its_worker() -> None:
+    """request_timeout_s bounds a request's duration: past it the request ends with an error,
+    its worker is told to abort it, and it leaves the in-flight counts."""
+    async def main() -> None:
+        async with cluster(1, request_timeout_s=1.0) as (core, (a,), _, directory):
+            aborts: list[Any] = []
+            reader = a._reader
+            reader.cancel()
+
+            async def read() -> None:  # the scripted worker, also recording aborts
+                while True:
+                    frames = await a.sock.recv_multipart(copy=False)
+                    a.gateway = frames[0].bytes
+                    if frames[1].bytes == ADD:
+                        await a.requests.put(a._decoder.decode(frames[2:]))
+                    else:
+                        aborts.append(msgspec.msgpack.decode(frames[2].bytes))
+
+            a._reader = asyncio.create_task(read())
+            await core.add_request_async(request("r15", [3], 100, temperature=0.0))
+            await a.next_request()
+            await a.step("r15", [1])
+            tokens, reason = await outputs_until_finished(core, "r15")
+            assert tokens == [1] and reason.name == "ERROR"
+            for _ in range(50):
+                if aborts:
+                    break
+                await asyncio.sleep(0.1)
+            assert aborts == [["r15"]] and directory.in_flight == {}
 
     asyncio.run(main())

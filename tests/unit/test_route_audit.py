@@ -22,9 +22,8 @@ from router.policies import RouteDecision
 from router.registry import WorkerInfo, WorkerRole
 from router.route_audit import RouteAudit, predicted_tokens
 from services import tracing
-from services.gateway.app import route_headers
 from services.gateway.audit_ticket import AuditTicket
-from services.gateway.pd_flow import GenerationResult
+from services.gateway.route_note import RouteNote
 from services.gateway.request_context import RequestContextMiddleware
 from services.tracing import TracingConfig
 
@@ -135,12 +134,16 @@ def test_route_headers_carry_the_audit() -> None:
     audit = RouteAudit(CollectorRegistry())
     route = RouteDecision(decode=worker("w1", WorkerRole.BOTH), reason="aggregated",
                           predicted_cached_tokens=96)
-    result = GenerationResult(route=route, audit=AuditTicket.of(audit, route))
-    assert "x-splitserve-predicted-cached-tokens" not in route_headers(result)  # no report yet
-    assert result.audit is not None and result.audit.offer("w1", 80)
-    headers = route_headers(result)
-    assert headers["x-splitserve-predicted-cached-tokens"] == "96"
-    assert headers["x-splitserve-reported-cached-tokens"] == "80"
+    note = RouteNote(decode="w1", prefill="local", reason="aggregated",
+                     audit=AuditTicket.of(audit, route))
+    names = [k for k, _ in note.headers()]
+    assert b"x-splitserve-predicted-cached-tokens" not in names  # no report yet
+    assert note.audit is not None and note.audit.offer("w1", 80)
+    headers = dict(note.headers())
+    assert headers[b"x-splitserve-decode-worker"] == b"w1"
+    assert headers[b"x-splitserve-prefill-worker"] == b"local"
+    assert headers[b"x-splitserve-predicted-cached-tokens"] == b"96"
+    assert headers[b"x-splitserve-reported-cached-tokens"] == b"80"
 
 
 @pytest.fixture

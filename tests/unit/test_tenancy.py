@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from router.block_hash import BlockHasher
 from services.cluster_secret import ClusterSecret
 from services.gateway.auth import ApiKeyError, ApiKeys
-from services.gateway.config import GatewayConfig
 from services.gateway.tenancy import TenantSalts, current_tenant
 
 A1, A2, B, C = "sk-alpha-one-0001", "sk-alpha-two-0002", "sk-bravo-0003", "sk-charlie-0004"
@@ -56,10 +54,3 @@ def test_router_hashes_salted_prompts_as_the_engine_does() -> None:
     assert not set(plain) & set(salted)
     assert salted == h.block_hashes(tokens, cache_salt="s1")
     assert not set(salted) & set(h.block_hashes(tokens, cache_salt="s2"))
-
-
-def test_isolation_needs_the_vllm_front_end() -> None:
-    base = dict(model="m", redis_url="redis://127.0.0.1:1/0", tenant_isolation=True)
-    with pytest.raises(ValidationError, match="needs frontend: vllm"):
-        GatewayConfig(**base, frontend="splitserve")
-    assert GatewayConfig(**base).tenant_isolation

@@ -1,10 +1,11 @@
-"""Request id and trace context across a real gRPC hop (the gateway -> worker interceptors),
-spans recorded with OpenTelemetry's InMemorySpanExporter; the gateway's HTTP middleware."""
+"""Request id and trace context of real gRPC calls (the server interceptor of the worker API
+and of the gateway's public API), spans recorded with OpenTelemetry's InMemorySpanExporter;
+the gateway's HTTP middleware."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import grpc
 import httpx
@@ -16,7 +17,7 @@ from opentelemetry.trace import SpanKind
 from services import request_id, tracing
 from services.gateway.request_context import RequestContextMiddleware
 from services.logs import RequestIdFilter
-from services.grpc_context import ServerContextInterceptor, client_interceptors
+from services.grpc_context import ServerContextInterceptor
 from services.proto.v1 import worker_pb2 as pb
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
 from services.tracing import TracingConfig
@@ -36,15 +37,9 @@ class RecordingWorker(pb_grpc.WorkerServicer):
                           trace.get_current_span().get_span_context().trace_id))
         self.log.info("handling %s", method)
 
-    async def Prefill(self, request: pb.PrefillRequest, context: Any) -> pb.PrefillResponse:
-        self._record("Prefill")
-        return pb.PrefillResponse(kv_transfer_params_json="{}")
-
-    async def Generate(self, request: pb.GenerateRequest, context: Any
-                       ) -> AsyncIterator[pb.GenerateChunk]:
-        self._record("Generate")
-        for t in (1, 2, 3):
-            yield pb.GenerateChunk(token_ids=[t])
+    async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
+        self._record("Health")
+        return pb.HealthResponse(healthy=True)
 
 
 @pytest.fixture
@@ -71,36 +66,35 @@ async def test_tracing_is_off_without_endpoint() -> None:
         assert not span.is_recording()
 
 
-async def test_request_id_and_trace_cross_the_grpc_hop(exporter: InMemorySpanExporter) -> None:
+def caller_metadata(rid: str | None = None) -> tuple[tuple[str, str], ...]:
+    """What a traced caller sends: its request id and its span's W3C traceparent."""
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    given = (("x-request-id", rid),) if rid else ()
+    return (*given, *carrier.items())
+
+
+async def test_a_call_runs_with_the_callers_id_and_continues_its_trace(
+        exporter: InMemorySpanExporter) -> None:
     server, worker, address = await serve(public=False)
     try:
-        async with grpc.aio.insecure_channel(address,
-                                             interceptors=client_interceptors()) as ch:
+        async with grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.WorkerStub(ch)
-            with request_id.bound("req-7"), tracing.tracer().start_as_current_span(
-                    "gateway request") as root:
-                await stub.Prefill(pb.PrefillRequest(request_id="cmpl-1"))
-                chunks = [c async for c in stub.Generate(pb.GenerateRequest(
-                    request_id="cmpl-1"))]
-            # Without a bound id the worker falls back to the message's request_id.
-            await stub.Prefill(pb.PrefillRequest(request_id="cmpl-2"))
+            with tracing.tracer().start_as_current_span("caller") as root:
+                await stub.Health(pb.HealthRequest(), metadata=caller_metadata("req-7"))
+            await stub.Health(pb.HealthRequest())  # no id, no trace: made here
+            await stub.Health(pb.HealthRequest(), metadata=(("x-request-id", "x" * 200),))
     finally:
         await server.stop(None)
-    assert [c.token_ids[0] for c in chunks] == [1, 2, 3]
     trace_id = root.get_span_context().trace_id
-    assert worker.seen[:2] == [("Prefill", "req-7", trace_id), ("Generate", "req-7", trace_id)]
-    assert worker.seen[2][:2] == ("Prefill", "cmpl-2")
-    assert worker.seen[2][2] != trace_id
-
+    assert worker.seen[0] == ("Health", "req-7", trace_id)
+    assert worker.seen[1][1] and worker.seen[1][2] != trace_id
+    assert worker.seen[2][1] != "x" * 200  # internal API: an invalid id is replaced
     spans = {(s.name, s.kind): s for s in exporter.get_finished_spans()
              if s.context.trace_id == trace_id}
-    client = spans[("splitserve.worker.v1.Worker/Generate", SpanKind.CLIENT)]
-    server_span = spans[("splitserve.worker.v1.Worker/Generate", SpanKind.SERVER)]
-    assert client.parent.span_id == root.get_span_context().span_id
-    assert server_span.parent.span_id == client.context.span_id
+    server_span = spans[("splitserve.worker.v1.Worker/Health", SpanKind.SERVER)]
+    assert server_span.parent.span_id == root.get_span_context().span_id
     assert server_span.attributes["splitserve.request_id"] == "req-7"
-    assert client.attributes["rpc.grpc.status_code"] == 0
-    assert ("splitserve.worker.v1.Worker/Prefill", SpanKind.SERVER) in spans
 
 
 async def test_public_api_validates_and_returns_the_id() -> None:
@@ -108,16 +102,16 @@ async def test_public_api_validates_and_returns_the_id() -> None:
     try:
         async with grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.WorkerStub(ch)
-            call = stub.Prefill(pb.PrefillRequest(), metadata=(("x-request-id", "mine-1"),))
+            call = stub.Health(pb.HealthRequest(), metadata=(("x-request-id", "mine-1"),))
             await call
             assert dict(await call.initial_metadata())["x-request-id"] == "mine-1"
-            call = stub.Prefill(pb.PrefillRequest())
+            call = stub.Health(pb.HealthRequest())
             await call
             made = dict(await call.initial_metadata())["x-request-id"]
             assert len(made) == 32 and made != "mine-1"
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Prefill(pb.PrefillRequest(),
-                                   metadata=(("x-request-id", "x" * 200),))
+                await stub.Health(pb.HealthRequest(),
+                                  metadata=(("x-request-id", "x" * 200),))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "x-request-id" in (err.value.details() or "")
     finally:

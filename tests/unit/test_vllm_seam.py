@@ -76,7 +76,8 @@ def test_the_front_ends_build_and_serve_follows_vllms() -> None:
 
 def test_server_args_add_the_guard_to_vllms_middleware() -> None:
     from services.gateway.config import GatewayConfig
-    from services.gateway.vllm_frontend import (CONTEXT, COUNT, GUARD, FrontendGuard, needs_key,
+    from services.gateway.http_guard import needs_key
+    from services.gateway.vllm_frontend import (CONTEXT, COUNT, GUARD, FrontendGuard,
                                                 server_args)
 
     args = server_args(GatewayConfig(model="m", redis_url="redis://127.0.0.1:1/0",

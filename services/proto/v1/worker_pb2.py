@@ -24,45 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eservices/proto/v1/worker.proto\x12\x14splitserve.worker.v1\"\xc2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"v\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.splitserve.worker.v1.SamplingParams\"M\n\x0fPrefillResponse\x12\x1f\n\x17kv_transfer_params_json\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.splitserve.worker.v1.SamplingParams\x12\x1f\n\x17kv_transfer_params_json\x18\x04 \x01(\t\"}\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\x8f\x01\n\x15GenerateStreamRequest\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.splitserve.worker.v1.GenerateRequestH\x00\x12\x1b\n\x11\x63\x61ncel_request_id\x18\x02 \x01(\tH\x00\x12\x19\n\x11\x63\x61ller_request_id\x18\x03 \x01(\tB\x06\n\x04kind\"\x96\x01\n\x12GenerateStreamItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05\x63hunk\x18\x02 \x01(\x0b\x32#.splitserve.worker.v1.GenerateChunk\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"N\n\x13GenerateStreamBatch\x12\x37\n\x05items\x18\x01 \x03(\x0b\x32(.splitserve.worker.v1.GenerateStreamItem\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"E\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x17kv_transfer_params_json\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0f\n\rHealthRequest\"b\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x0e\n\x0cStatsRequest\"\x8f\x02\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x18\n\x10num_running_reqs\x18\x04 \x01(\r\x12\x18\n\x10num_waiting_reqs\x18\x05 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x18\n\x10requests_aborted\x18\n \x01(\x04\x12\x13\n\x0bstats_age_s\x18\x0b \x01(\x01\x32\xf9\x04\n\x06Worker\x12V\n\x07Prefill\x12$.splitserve.worker.v1.PrefillRequest\x1a%.splitserve.worker.v1.PrefillResponse\x12X\n\x08Generate\x12%.splitserve.worker.v1.GenerateRequest\x1a#.splitserve.worker.v1.GenerateChunk0\x01\x12l\n\x0eGenerateStream\x12+.splitserve.worker.v1.GenerateStreamRequest\x1a).splitserve.worker.v1.GenerateStreamBatch(\x01\x30\x01\x12P\n\x05\x41\x62ort\x12\".splitserve.worker.v1.AbortRequest\x1a#.splitserve.worker.v1.AbortResponse\x12V\n\x07Release\x12$.splitserve.worker.v1.ReleaseRequest\x1a%.splitserve.worker.v1.ReleaseResponse\x12S\n\x06Health\x12#.splitserve.worker.v1.HealthRequest\x1a$.splitserve.worker.v1.HealthResponse\x12P\n\x05Stats\x12\".splitserve.worker.v1.StatsRequest\x1a#.splitserve.worker.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eservices/proto/v1/worker.proto\x12\x14splitserve.worker.v1\"\x0f\n\rHealthRequest\"b\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x0e\n\x0cStatsRequest\"\x8f\x02\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x18\n\x10num_running_reqs\x18\x04 \x01(\r\x12\x18\n\x10num_waiting_reqs\x18\x05 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x18\n\x10requests_aborted\x18\n \x01(\x04\x12\x13\n\x0bstats_age_s\x18\x0b \x01(\x01\x32\xaf\x01\n\x06Worker\x12S\n\x06Health\x12#.splitserve.worker.v1.HealthRequest\x1a$.splitserve.worker.v1.HealthResponse\x12P\n\x05Stats\x12\".splitserve.worker.v1.StatsRequest\x1a#.splitserve.worker.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.proto.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGPARAMS']._serialized_start=57
-  _globals['_SAMPLINGPARAMS']._serialized_end=251
-  _globals['_PREFILLREQUEST']._serialized_start=253
-  _globals['_PREFILLREQUEST']._serialized_end=371
-  _globals['_PREFILLRESPONSE']._serialized_start=373
-  _globals['_PREFILLRESPONSE']._serialized_end=450
-  _globals['_GENERATEREQUEST']._serialized_start=453
-  _globals['_GENERATEREQUEST']._serialized_end=605
-  _globals['_GENERATECHUNK']._serialized_start=607
-  _globals['_GENERATECHUNK']._serialized_end=732
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=735
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=878
-  _globals['_GENERATESTREAMITEM']._serialized_start=881
-  _globals['_GENERATESTREAMITEM']._serialized_end=1031
-  _globals['_GENERATESTREAMBATCH']._serialized_start=1033
-  _globals['_GENERATESTREAMBATCH']._serialized_end=1111
-  _globals['_ABORTREQUEST']._serialized_start=1113
-  _globals['_ABORTREQUEST']._serialized_end=1147
-  _globals['_ABORTRESPONSE']._serialized_start=1149
-  _globals['_ABORTRESPONSE']._serialized_end=1179
-  _globals['_RELEASEREQUEST']._serialized_start=1181
-  _globals['_RELEASEREQUEST']._serialized_end=1250
-  _globals['_RELEASERESPONSE']._serialized_start=1252
-  _globals['_RELEASERESPONSE']._serialized_end=1269
-  _globals['_HEALTHREQUEST']._serialized_start=1271
-  _globals['_HEALTHREQUEST']._serialized_end=1286
-  _globals['_HEALTHRESPONSE']._serialized_start=1288
-  _globals['_HEALTHRESPONSE']._serialized_end=1386
-  _globals['_STATSREQUEST']._serialized_start=1388
-  _globals['_STATSREQUEST']._serialized_end=1402
-  _globals['_STATSRESPONSE']._serialized_start=1405
-  _globals['_STATSRESPONSE']._serialized_end=1676
-  _globals['_WORKER']._serialized_start=1679
-  _globals['_WORKER']._serialized_end=2312
+  _globals['_HEALTHREQUEST']._serialized_start=56
+  _globals['_HEALTHREQUEST']._serialized_end=71
+  _globals['_HEALTHRESPONSE']._serialized_start=73
+  _globals['_HEALTHRESPONSE']._serialized_end=171
+  _globals['_STATSREQUEST']._serialized_start=173
+  _globals['_STATSREQUEST']._serialized_end=187
+  _globals['_STATSRESPONSE']._serialized_start=190
+  _globals['_STATSRESPONSE']._serialized_end=461
+  _globals['_WORKER']._serialized_start=464
+  _globals['_WORKER']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

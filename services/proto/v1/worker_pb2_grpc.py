@@ -34,31 +34,6 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
-                '/splitserve.worker.v1.Worker/Prefill',
-                request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
-                _registered_method=True)
-        self.Generate = channel.unary_stream(
-                '/splitserve.worker.v1.Worker/Generate',
-                request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
-                _registered_method=True)
-        self.GenerateStream = channel.stream_stream(
-                '/splitserve.worker.v1.Worker/GenerateStream',
-                request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
-                response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamBatch.FromString,
-                _registered_method=True)
-        self.Abort = channel.unary_unary(
-                '/splitserve.worker.v1.Worker/Abort',
-                request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortResponse.FromString,
-                _registered_method=True)
-        self.Release = channel.unary_unary(
-                '/splitserve.worker.v1.Worker/Release',
-                request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
-                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/splitserve.worker.v1.Worker/Health',
                 request_serializer=services_dot_proto_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
@@ -73,47 +48,6 @@ class WorkerStub:
 
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Prefill(self, request, context):
-        """Computes the prompt's KV cache (one engine step, max_tokens=1) and keeps its blocks for a
-        decode worker to pull; returns the connector parameters that locate them.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Generate(self, request, context):
-        """Streams generated tokens. Cancelling the call aborts the request in the engine.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GenerateStream(self, request_iterator, context):
-        """Generate for many requests over one long-lived stream (one per gateway and worker): the
-        chunks of every request of an engine step travel in one message. The same engine calls
-        and results as Generate, at a fraction of the per-token cost (one gRPC message per step,
-        not one per token and request). The stream ending ends every request on it. Workers also
-        serve this stream on a TCP port of their own (the registry's stream_address), as
-        length-prefixed frames of the same messages; see services/framed_stream.py.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Abort(self, request, context):
-        """Aborts a request by id (prefill or generate).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Release(self, request, context):
-        """Releases a prefill worker's blocks held for a decode that will not run.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -130,31 +64,6 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=services_dot_proto_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
-            ),
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
-                    response_serializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
-            ),
-            'GenerateStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.GenerateStream,
-                    request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamRequest.FromString,
-                    response_serializer=services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamBatch.SerializeToString,
-            ),
-            'Abort': grpc.unary_unary_rpc_method_handler(
-                    servicer.Abort,
-                    request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=services_dot_proto_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
-            ),
-            'Release': grpc.unary_unary_rpc_method_handler(
-                    servicer.Release,
-                    request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
-                    response_serializer=services_dot_proto_dot_v1_dot_worker__pb2.ReleaseResponse.SerializeToString,
-            ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
                     request_deserializer=services_dot_proto_dot_v1_dot_worker__pb2.HealthRequest.FromString,
@@ -175,141 +84,6 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Prefill(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.worker.v1.Worker/Prefill',
-            services_dot_proto_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-            services_dot_proto_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/splitserve.worker.v1.Worker/Generate',
-            services_dot_proto_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
-            services_dot_proto_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GenerateStream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/splitserve.worker.v1.Worker/GenerateStream',
-            services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
-            services_dot_proto_dot_v1_dot_worker__pb2.GenerateStreamBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Abort(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.worker.v1.Worker/Abort',
-            services_dot_proto_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-            services_dot_proto_dot_v1_dot_worker__pb2.AbortResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Release(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.worker.v1.Worker/Release',
-            services_dot_proto_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
-            services_dot_proto_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Health(request,

@@ -352,20 +352,17 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
 
 
 def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
-    """gateway.frontend=vllm (the default): the gateway config names vLLM's front end, mirrors
-    the engines' shared engine arguments and carries the server settings, which vLLM's own
-    parser takes; gateway.frontend=splitserve names the splitserve front end."""
+    """The gateway config mirrors the engines' shared engine arguments and carries the server
+    settings (gateway.frontendArgs), which vLLM's own parser takes."""
     from services.gateway.vllm_frontend import check_frontend_args, server_args
 
     default, _, _ = gateway_config(render_named("default"))
-    assert default.frontend == "vllm" and not default.frontend_args
-    own, _, _ = gateway_config(render([], ("gateway.frontend=splitserve",)))
-    assert own.frontend == "splitserve" and not own.engine_args
+    assert not default.frontend_args
     cfg, _, _ = gateway_config(render([], (
         "engine.engineArgs.max_num_seqs=64",
         "gateway.frontendArgs.tool_call_parser=hermes",
         "gateway.frontendArgs.enable_auto_tool_choice=true")))
-    assert cfg.frontend == "vllm" and cfg.engine_args == {"max_num_seqs": 64}
+    assert cfg.engine_args == {"max_num_seqs": 64}
     assert cfg.frontend_args == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
     check_frontend_args(cfg.frontend_args)
     args = server_args(cfg)
@@ -373,14 +370,12 @@ def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
         "hermes", True, 64)
 
 
-def test_gateway_frontend_values_are_checked() -> None:
+def test_the_removed_frontend_value_is_refused() -> None:
+    """gateway.frontend chose between vLLM's front end and splitserve's own, which is gone:
+    a values file that still sets it fails the chart's schema, naming it."""
     from tests.support.chart import helm, template_args
 
-    out = helm(*template_args([], ("gateway.frontend=splitserve",
-                                   "gateway.frontendArgs.tool_call_parser=hermes")),
-               check=False)
-    assert out.returncode != 0 and "need gateway.frontend=vllm" in out.stderr
-    out = helm(*template_args([], ("gateway.frontend=sglang",)), check=False)
+    out = helm(*template_args([], ("gateway.frontend=splitserve",)), check=False)
     assert out.returncode != 0 and "frontend" in out.stderr
 
 
