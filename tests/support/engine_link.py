@@ -111,10 +111,14 @@ class EngineLinks:
     async def release(self, decode: dict[str, Any], request_id: str,
                       kv_transfer_params: dict[str, Any]) -> None:
         """Free the KV a prefill worker holds for a decode that will not run (through the
-        decode worker's connector, as the gateway does)."""
+        decode worker's connector, as the gateway does). Then one token on the decode worker:
+        the link delivers in order, so the release has reached its engine when that token
+        comes back, and the engine's step has sent the connector's notification to the
+        prefill worker (an idle engine sends none)."""
         await self.send(decode, engine_request(f"{request_id}-release", [0], 1,
                                                kv_transfer_params=kv_transfer_params,
                                                abort_immediately=True))
+        await self.generate(decode, f"{request_id}-released", [0], 1)
 
     async def generate(self, worker: dict[str, Any], request_id: str, prompt: list[int],
                        max_tokens: int, kv_transfer_params: dict[str, Any] | None = None,
