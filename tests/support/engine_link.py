@@ -47,6 +47,7 @@ class EngineLinks:
         self._ctx = zmq.asyncio.Context()
         self._links: dict[str, LinkClient] = {}
         self._waiting: dict[str, tuple[asyncio.Future, list[Any]]] = {}
+        self._worker_of: dict[str, str] = {}  # request id -> the worker it was sent to
 
     async def __aenter__(self) -> "EngineLinks":
         return self
@@ -78,7 +79,9 @@ class EngineLinks:
             entry[0].set_exception(LinkFailed(f"{worker_id} refused {request_id}: {message}"))
 
     def _on_lost(self, worker_id: str, request_ids: list[str] | None, reason: str) -> None:
-        for rid in request_ids or list(self._waiting):
+        if request_ids is None:  # the link to `worker_id` dropped: its requests, no others
+            request_ids = [r for r, w in self._worker_of.items() if w == worker_id]
+        for rid in request_ids:
             if (entry := self._waiting.get(rid)) is not None and not entry[0].done():
                 entry[0].set_exception(LinkFailed(f"{worker_id} lost {rid}: {reason}"))
 
@@ -87,11 +90,13 @@ class EngineLinks:
         """The request's outputs on `worker`, until its last."""
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[request.request_id] = (done, [])
+        self._worker_of[request.request_id] = worker["worker_id"]
         try:
             await self._link(worker).add(request)
             return await asyncio.wait_for(done, timeout_s)
         finally:
             self._waiting.pop(request.request_id, None)
+            self._worker_of.pop(request.request_id, None)
 
     async def send(self, worker: dict[str, Any], request: Any) -> None:
         """Send without waiting for outputs (a request that ends at once, e.g. a release)."""
