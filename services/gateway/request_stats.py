@@ -12,31 +12,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from services.stat_logger import stat_logger
+
 if TYPE_CHECKING:
     from services.gateway.metrics import GatewayMetrics
 
 
 def gateway_stat_logger(metrics: "GatewayMetrics") -> Callable[..., Any]:
     """A vLLM stat-logger factory (`AsyncLLM(stat_loggers=[...])`) recording into `metrics`."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class GatewayStatLogger(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
-
-        def record(self, scheduler_stats: Any, iteration_stats: Any,
-                   mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-            if iteration_stats is not None:
-                record_iteration(metrics, iteration_stats)
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return GatewayStatLogger
+    return stat_logger(lambda _, iteration: record_iteration(metrics, iteration))
 
 
 def record_iteration(metrics: "GatewayMetrics", stats: Any) -> None:
-    """One output step's figures (vLLM's IterationStats) into the gateway's metrics."""
+    """One output step's figures (vLLM's IterationStats; None: none) into the gateway's
+    metrics."""
+    if stats is None:
+        return
     for ttft in stats.time_to_first_tokens_iter:
         metrics.ttft.observe(ttft)
     for itl in stats.inter_token_latencies_iter:

@@ -23,6 +23,7 @@ from services.worker.config import (NIXL_ORDERED_DESCRIPTORS_KEY, NIXL_PROGRESS_
                                     WorkerConfig)
 from services.worker.engine_args import parse as parse_engine_args
 from services.worker.engine_speed import EngineSpeed
+from services.stat_logger import stat_logger
 from services.worker.link_stats import merged
 
 if TYPE_CHECKING:
@@ -125,25 +126,8 @@ class EngineHost:
         """Create the engine (loads the model; tens of seconds on CPU)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        host = self
-
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        class _LoadRecorder(StatLoggerBase):
-            """Keeps the scheduler's latest figures for the registry and Stats RPC."""
-
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(self, scheduler_stats: Any, iteration_stats: Any,
-                       mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-                if scheduler_stats is not None:
-                    host._on_scheduler_stats(scheduler_stats, iteration_stats)
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        self._engine = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[_LoadRecorder])
+        self._engine = AsyncLLM.from_engine_args(self.engine_args(),
+                                                 stat_loggers=[stat_logger(self._on_step)])
 
     def shutdown(self) -> None:
         """Stop the engine and its engine-core process."""
@@ -167,7 +151,11 @@ class EngineHost:
             manager.record(scheduler_stats=None, iteration_stats=iteration_stats,
                            engine_idx=engine_idx)
 
-    def _on_scheduler_stats(self, stats: Any, iteration_stats: Any = None) -> None:
+    def _on_step(self, stats: Any, iteration_stats: Any = None) -> None:
+        """The engine's figures of one step (vLLM's stat loggers): the scheduler's latest for
+        the registry and the Stats RPC, the step's for the speed figures."""
+        if stats is None:
+            return
         iteration_stats, self._link_step = merged(iteration_stats, self._link_step), None
         self.speed.step(stats.num_running_reqs, stats.num_waiting_reqs, iteration_stats)
         c = self.counters
