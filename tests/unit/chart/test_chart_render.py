@@ -822,9 +822,9 @@ def _gateway_metric_names() -> set[str]:
     from services.gateway.metrics import GatewayMetrics
 
     gm = GatewayMetrics()
-    gm.ttft.labels("chat").observe(0.1)
-    gm.itl.labels("chat").observe(0.01)
-    gm.e2e.labels("chat").observe(1)
+    gm.ttft.observe(0.1)
+    gm.itl.observe(0.01)
+    gm.e2e.observe(1)
     gm.requests.labels("/v1/chat/completions", "200").inc()
     gm.live_workers.labels("decode").set(1)
     gm.routes.labels("kv", "ok").inc()
