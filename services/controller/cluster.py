@@ -23,6 +23,7 @@ from services.cluster_secret import FILE_NAME, ClusterSecret
 from services.controller.config import ClusterConfig
 from services.controller.gateway_process import GatewayProcess
 from services.controller.pools import WorkerPools, plan_workers
+from services.controller.ray_session_dir import ray_session_dir, settle_ray_session_dir
 from services.controller.reconciler import PoolController, desired_in_redis
 from services.controller.redis_server import RedisServer, RedisSupervisor
 from services.controller.state_file import (ClusterState, process_started_at, remove_state,
@@ -53,6 +54,7 @@ class Cluster:
         self.controller: PoolController | None = None
         self.gateway: GatewayProcess | None = None
         self._ray_started = False
+        self._ray_session_dir: Path | None = None  # a local Ray's, once started
         self._descendants: set[int] = set()
         self._shm_segments: set[Path] = set()
 
@@ -111,6 +113,7 @@ class Cluster:
                      log_to_driver=False)
             return
         workers = len(plan_workers(self.cfg))
+        self._ray_session_dir = ray_session_dir(self.run_dir)
         # Custom resources the pools ask for (e.g. {"prefill": 1}) exist on a local node too,
         # with room for pools to grow to 4x their planned size.
         custom: dict[str, float] = {}
@@ -121,25 +124,11 @@ class Cluster:
             resources=custom or None,
             num_cpus=self.cfg.local_ray_num_cpus or max(os.cpu_count() or 1, 4 * workers),
             include_dashboard=False,
-            _temp_dir=str(self._ray_temp_dir()),
+            _temp_dir=str(self._ray_session_dir),
             namespace=self.cfg.namespace,
             log_to_driver=False,
         )
         self._ray_started = True
-
-    def _ray_temp_dir(self) -> Path:
-        """Ray's session directory: run_dir/ray, unless that is too deep for the AF_UNIX
-        socket paths Ray creates under it (107 bytes); then a short directory in the system
-        temp dir, linked from run_dir/ray."""
-        wanted = self.run_dir / "ray"
-        # session_<date>_<time>_<us>_<pid>/sockets/plasma_store adds about 65 bytes
-        if len(str(wanted)) <= 40:
-            return wanted
-        short = Path(tempfile.mkdtemp(prefix="ssray-", dir="/tmp"))
-        if not wanted.exists():
-            wanted.symlink_to(short, target_is_directory=True)
-        log.info("Ray session directory %s (run_dir/ray is too deep for its sockets)", short)
-        return short
 
     def _remember_descendants(self) -> None:
         try:
@@ -174,6 +163,8 @@ class Cluster:
         if self.redis:
             self.redis.stop()
         self._sweep()
+        if self._ray_session_dir is not None:  # Ray is gone: its logs join the run directory
+            settle_ray_session_dir(self.run_dir, self._ray_session_dir)
 
     def _sweep(self) -> None:
         """Kill any process this cluster started that is still alive (by PID)."""

@@ -37,6 +37,8 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str
              ) -> Iterator[RunningCluster]:
     run_dir = tmp_path_factory.mktemp(name) / "run"
     cluster = start_test_cluster(args, run_dir)
+    ray_dir = run_dir / "ray"
+    ray_session = ray_dir.resolve() if ray_dir.is_symlink() else None  # a short /tmp dir
     try:
         yield cluster
     finally:
@@ -49,6 +51,10 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str
         assert not leftovers, f"processes survived the cluster: {leftovers}"
         assert cluster.shm_segments, "expected the engines to map shared memory"
         assert not leaked, f"shared-memory segments left behind: {leaked}"
+        # Ray's logs stay with the run, and its short session directory is gone
+        assert ray_session is not None, "run_dir/ray should link to a short session directory"
+        assert not ray_session.exists(), f"Ray's session directory left behind: {ray_session}"
+        assert not ray_dir.is_symlink() and list(ray_dir.glob("session_*/logs/raylet.out"))
 
 
 @pytest.fixture(scope="session")
