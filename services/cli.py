@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from router.registry import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
+    from services.controller.config import ClusterConfig
     from services.worker.config import EngineConfig
 
 
@@ -94,18 +95,25 @@ def engine_config(ns: argparse.Namespace, cache_dir: Path,
 
 def _up(ns: argparse.Namespace) -> int:
     from services.controller.cluster import run_up
+
+    try:
+        cfg = cluster_config(ns)
+    except UpArgsError as exc:
+        print(f"splitserve up: {exc}", file=sys.stderr)
+        return 2
+    return run_up(cfg)
+
+
+def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
+    """The cluster `splitserve up` starts, from its parsed flags. Raises UpArgsError."""
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
     from services.gateway.config import MigrationConfig
     from router.policies import KVPolicyConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    try:
-        shared, pool_args = engine_args_maps(ns)
-        engine = engine_config(ns, cache_dir, shared)
-        frontend_args = frontend_args_map(ns)
-    except UpArgsError as exc:
-        print(f"splitserve up: {exc}", file=sys.stderr)
-        return 2
+    shared, pool_args = engine_args_maps(ns)
+    engine = engine_config(ns, cache_dir, shared)
+    frontend_args = frontend_args_map(ns)
     device = engine.device
     # one engine spans tensor x pipeline parallel GPUs
     gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
@@ -137,7 +145,7 @@ def _up(ns: argparse.Namespace) -> int:
             temperature=ns.kv_temperature),
         migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s),
         frontend_args=frontend_args)
-    return run_up(cfg)
+    return cfg
 
 
 def _up_file_tokens(up: argparse.ArgumentParser, flags: dict[str, Any]) -> list[str]:
