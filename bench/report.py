@@ -30,7 +30,7 @@ from rich.text import Text
 
 from bench.client import RequestResult
 from bench.engine_metrics import KvTransferReport, PrefixCacheReport
-from bench.queue_timeline import QueueSample
+from bench.queue_timeline import QueueSample, WorkerRequests
 from bench.stats import Percentiles, RequestSample, RunStats, TagStats
 
 RATIO_METRICS: tuple[str, ...] = (
@@ -86,6 +86,9 @@ class RunReport(BaseModel):
         "every worker's published load, sampled from the registry during the run"))
     queue_summary: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
         "per worker: mean and peak prompt tokens waiting, share of samples in a burst"))
+    request_summary: dict[str, WorkerRequests] = Field(default_factory=dict, description=(
+        "per worker, from the requests' route headers: the queued prefill they met, time "
+        "waited while a peer idled, time behind a cold prefill (bench/queue_timeline.py)"))
 
     @model_validator(mode="after")
     def _default_target(self) -> "RunReport":

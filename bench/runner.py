@@ -41,7 +41,7 @@ from bench.cpu_usage import cpu_seconds, usage
 from bench.engine_metrics import (EndpointSource, KvTransferReport, PrefixCacheReport,
                                   kv_transfer_report, prefix_cache_report, registry_endpoints,
                                   scrape_settled, server_endpoints)
-from bench.queue_timeline import sample_queues, summarize_timeline
+from bench.queue_timeline import sample_queues, summarize_requests, summarize_timeline
 from bench.report import BenchReport, RunReport, make_report, progress
 from bench.stats import summarize
 from bench.workload import Workload, scenario_config
@@ -194,6 +194,7 @@ async def measure(label: str, base_url: str, engines: EndpointSource | None,
     if timeline is not None:
         report.queue_timeline = timeline
         report.queue_summary = summarize_timeline(timeline)
+    report.request_summary = summarize_requests(report.samples)
     return report
 
 
