@@ -60,6 +60,10 @@ class RouteDecision:
     cost: float | None = None
     """kv policy: the route's estimated time to first token plus the other scorers' costs
     (seconds once the workers have measured their speed)."""
+    prompt_blocks: tuple[int, ...] = ()
+    """The prompt's block hashes as the computing worker hashes them (set by the gateway when
+    it looked the prompt up): the dispatch ledger remembers them there until the request
+    ends, for the requests that follow before the index knows them."""
 
     @property
     def outcome(self) -> str:
