@@ -23,6 +23,7 @@ from router.plugins import Candidate, GreedyPicker, Pipeline, RouteContext, Soft
 from router.registry import WorkerInfo, WorkerRole
 from router.scorers import SCORERS
 from router.scorers.cold_spread import AffinityRate
+from router.scorers.ttft import TTFTScorer
 
 
 class NoWorkersError(RuntimeError):
@@ -60,6 +61,11 @@ class RouteDecision:
     cost: float | None = None
     """kv policy: the route's estimated time to first token plus the other scorers' costs
     (seconds once the workers have measured their speed)."""
+    ttft_s: float | None = None
+    """kv policy: the estimated time from the route to the computing worker's first output
+    (the `ttft` scorer alone: the time to first token, or with the KV moving the prefill's
+    end), in seconds once the workers have measured their speed; the routing audit logs it
+    beside the measured one."""
     prompt_blocks: tuple[int, ...] = ()
     """The prompt's block hashes as the computing worker hashes them (set by the gateway when
     it looked the prompt up): the dispatch ledger remembers them there until the request
@@ -260,7 +266,7 @@ class KVPolicy:
             self._note_affinity(d, cands)
             return RouteDecision(decode=d.estimate.worker, reason="aggregated",
                                  predicted_cached_blocks=self._blocks(d, req),
-                                 cost=costs[cands.index(d)])
+                                 cost=costs[cands.index(d)], ttft_s=_TTFT.cost(d, ctx))
         p: Candidate | None = None
         p_cost = math.inf
         pcands: list[Candidate] = []
@@ -284,11 +290,16 @@ class KVPolicy:
             self._note_affinity(d, [*local, *pcands])
             reason = "short_uncached_remainder" if prefill else "no_prefill_worker"
             return RouteDecision(decode=d.estimate.worker, reason=reason,
-                                 predicted_cached_blocks=self._blocks(d, req), cost=cost)
+                                 predicted_cached_blocks=self._blocks(d, req), cost=cost,
+                                 ttft_s=_TTFT.cost(d, ctx))
         assert p is not None
         self._note_affinity(p, [*pcands, *local])
         return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
-                             predicted_cached_blocks=self._blocks(p, req), cost=cost)
+                             predicted_cached_blocks=self._blocks(p, req), cost=cost,
+                             ttft_s=_TTFT.cost(p, ctx))
+
+
+_TTFT = TTFTScorer()
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (KVPolicy, RoundRobinPolicy, RandomPolicy,
