@@ -12,7 +12,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -66,6 +66,10 @@ class RouteDecision:
     (the `ttft` scorer alone: the time to first token, or with the KV moving the prefill's
     end), in seconds once the workers have measured their speed; the routing audit logs it
     beside the measured one."""
+    candidates: tuple[dict[str, Any], ...] = ()
+    """kv policy: what the cost model saw of each worker that could compute the prompt (its
+    cached tokens, queued prefill tokens, waiting and decoding requests, each scorer's cost
+    and the total, seconds): the route's work, for its log line"""
     prompt_blocks: tuple[int, ...] = ()
     """The prompt's block hashes as the computing worker hashes them (set by the gateway when
     it looked the prompt up): the dispatch ledger remembers them there until the request
@@ -254,6 +258,19 @@ class KVPolicy:
     def _blocks(self, c: Candidate, req: RouteRequest) -> int:
         return req.cached_blocks.get(c.worker_id, 0)
 
+    def _explain(self, cands: Sequence[Candidate], ctx: RouteContext
+                 ) -> tuple[dict[str, Any], ...]:
+        out = []
+        for c in cands:
+            parts = self.pipeline.breakdown(c, ctx)
+            e = c.estimate
+            out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
+                        "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
+                        "decoding": e.decoding_reqs,
+                        **{k: round(v, 4) for k, v in parts.items()},
+                        "cost": round(sum(parts.values()), 4)})
+        return tuple(out)
+
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
         pool = PoolSpeed.of([*prefill, *decode])
@@ -266,7 +283,8 @@ class KVPolicy:
             self._note_affinity(d, cands)
             return RouteDecision(decode=d.estimate.worker, reason="aggregated",
                                  predicted_cached_blocks=self._blocks(d, req),
-                                 cost=costs[cands.index(d)], ttft_s=_TTFT.cost(d, ctx))
+                                 cost=costs[cands.index(d)], ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=self._explain(cands, ctx))
         p: Candidate | None = None
         p_cost = math.inf
         pcands: list[Candidate] = []
@@ -291,12 +309,14 @@ class KVPolicy:
             reason = "short_uncached_remainder" if prefill else "no_prefill_worker"
             return RouteDecision(decode=d.estimate.worker, reason=reason,
                                  predicted_cached_blocks=self._blocks(d, req), cost=cost,
-                                 ttft_s=_TTFT.cost(d, ctx))
+                                 ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=self._explain([*pcands, *local], ctx))
         assert p is not None
         self._note_affinity(p, [*pcands, *local])
         return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
                              predicted_cached_blocks=self._blocks(p, req), cost=cost,
-                             ttft_s=_TTFT.cost(p, ctx))
+                             ttft_s=_TTFT.cost(p, ctx),
+                             candidates=self._explain([*pcands, *local], ctx))
 
 
 _TTFT = TTFTScorer()

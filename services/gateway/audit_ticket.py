@@ -94,7 +94,8 @@ class AuditTicket:
                  "engine reported %d (%s)%s", self._request_id, where["decode_worker"],
                  where["prefill_worker"], where["route_reason"],
                  fields["predicted_cached_tokens"], fields["reported_cached_tokens"],
-                 fields["route_audit"], timing, extra={**where, **fields})
+                 fields["route_audit"], timing,
+                 extra={**where, **fields, "route_candidates": list(r.candidates)})
         if tracing.enabled():
             ctx = tracing.extract(dict(self._trace_headers)) if self._trace_headers else None
             span = tracing.tracer().start_span(
