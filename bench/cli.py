@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tgt.add_argument("--compare", metavar="KEY=V1,V2,...",
                      help="start one cluster per value of `splitserve up --KEY`, run the same "
                      "workload on each, report ratios against the first (e.g. policy=kv,"
-                     "round_robin)")
+                     "round_robin; values holding commas: separated by semicolons)")
     tgt.add_argument("--up-args", default="", help='more `splitserve up` flags for clusters '
                      'bench starts, one string (e.g. "--mode aggregated --workers 2")')
     tgt.add_argument("--run-dir", help="where started clusters keep logs (default: new tmp dir)")

@@ -96,10 +96,11 @@ class BenchConfig(BaseModel):
 
 
 def parse_compare(spec: str) -> tuple[str, list[str]]:
-    """`policy=kv,round_robin` -> ("policy", ["kv", "round_robin"])."""
+    """`policy=kv,round_robin` -> ("policy", ["kv", "round_robin"]); values that hold commas
+    themselves are separated by semicolons (`kv-scorer-weights=ttft=1,shared_step=1;ttft=1`)."""
     key, sep, values = spec.partition("=")
     key = key.strip().removeprefix("--")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
+    vals = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
     if not sep or not key or not vals:
         raise ValueError(f"--compare wants KEY=V1,V2,... (got {spec!r})")
     if len(set(vals)) != len(vals):

@@ -144,3 +144,4 @@ def test_rounds_with_compare_are_accepted_and_must_only_change_the_gateway() -> 
                                             "--up-args", up)))
     assert [rotated(["a", "b", "c"], k) for k in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
