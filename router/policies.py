@@ -236,9 +236,12 @@ class KVPolicy:
         self.pipeline = Pipeline(scorers, filters, picker)
         self.affinity = AffinityRate(c.affinity_half_life_s)
 
-    def _context(self, req: RouteRequest) -> RouteContext:
+    def _context(self, req: RouteRequest, workers: Sequence[WorkerInfo]) -> RouteContext:
         c = self.config
-        return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate)
+        best = max((min(req.cached_blocks.get(w.worker_id, 0) * w.block_size, req.num_tokens)
+                    for w in workers), default=0)
+        return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate,
+                            best)
 
     def candidates(self, workers: Sequence[WorkerInfo], req: RouteRequest, pool: PoolSpeed,
                    computes: bool) -> list[Candidate]:
@@ -274,7 +277,7 @@ class KVPolicy:
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
         pool = PoolSpeed.of([*prefill, *decode])
-        ctx = self._context(req)
+        ctx = self._context(req, [*prefill, *decode])
         pipe = self.pipeline
         if decode[0].role == WorkerRole.BOTH:
             cands = pipe.filter(self.candidates(decode, req, pool, True), ctx)
