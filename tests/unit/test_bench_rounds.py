@@ -88,8 +88,9 @@ def test_rounds_want_the_vllm_baseline() -> None:
 
 def test_plots_take_the_median_round_and_pool_the_distributions(tmp_path: Path) -> None:
     paths = write_plots(rounds_report([1.2, 0.9, 1.0, 1.1]), tmp_path / "r")
-    assert [p.name for p in paths] == ["r_distributions.png"]
+    assert [p.name for p in paths] == ["r_distributions.png", "r_head_to_head.png"]
     assert _png(paths[0])[..., :3].std() > 0.05
+    assert _png(paths[1])[..., :3].std() > 0.05
 
 
 def test_head_to_head_judges_the_first_target_against_every_other_beyond_the_interval(
