@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tgt.add_argument("--compare", metavar="KEY=V1,V2,...",
                      help="start one cluster per value of `splitserve up --KEY`, run the same "
                      "workload on each, report ratios against the first (e.g. policy=kv,"
-                     "round_robin)")
+                     "round_robin; values holding commas: separated by semicolons)")
     tgt.add_argument("--up-args", default="", help='more `splitserve up` flags for clusters '
                      'bench starts, one string (e.g. "--mode aggregated --workers 2")')
     tgt.add_argument("--run-dir", help="where started clusters keep logs (default: new tmp dir)")
@@ -75,11 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "mixed: no limit but their arrival times); a list (e.g. 1,2,4,8,16,32) is "
                     "a sweep: one run per value on each target")
     cl.add_argument("--rounds", type=int, default=1,
-                    help="with --target vllm: paired rounds per concurrency (each round a fresh "
-                    "workload both sides run back to back, order alternating); the report "
-                    "gives every round's ratios and their median, min and max. On a shared, "
-                    "noisy machine many short paired rounds measure a ratio better than one "
-                    "long run")
+                    help="paired rounds per concurrency (each round a fresh workload every "
+                    "side runs in turn, the order rotating); the report gives every round's "
+                    "ratios, their median, min and max, and a paired interval. With --target "
+                    "vllm; or with --compare of a gateway setting (e.g. policy=kv,round_robin,"
+                    "least_loaded): one cluster, a gateway per value, each run with a "
+                    "cache_salt of its own. On a shared, noisy machine many short paired "
+                    "rounds measure a ratio better than one long run")
     cl.add_argument("--request-rate", type=float, help="mean requests/s, Poisson arrivals "
                     "(default: as fast as --concurrency allows)")
     cl.add_argument("--max-seconds", type=float, default=600.0, help="limit on each run")
@@ -116,8 +118,8 @@ def config_from_args(ns: argparse.Namespace):
         raise ValueError("--url and --compare exclude each other")
     if ns.url and ns.target == "vllm":
         raise ValueError("--target vllm starts vLLM's server itself; it excludes --url")
-    if ns.rounds != 1 and ns.target != "vllm":
-        raise ValueError("--rounds pairs runs against vLLM's server: use it with --target vllm")
+    if ns.rounds != 1 and ns.target != "vllm" and not ns.compare:
+        raise ValueError("--rounds pairs runs: use it with --target vllm or --compare")
     if ns.compare and ns.target == "vllm":
         raise ValueError("--target vllm compares vLLM's server with one cluster (--up-args); "
                          "it excludes --compare")
@@ -156,7 +158,11 @@ def run(ns: argparse.Namespace) -> int:
         cfg = config_from_args(ns)
         scenario_config(cfg.scenario, cfg.scenario_params)
         if not cfg.url:
-            cluster_plan(cfg)
+            plan = cluster_plan(cfg)
+            if cfg.compare_key and cfg.rounds > 1 and cfg.target != "vllm":
+                from bench.gateway_rounds import check_gateway_only
+
+                check_gateway_only(plan)
         known = [*cfg.compare_values, *(["vllm"] if cfg.target == "vllm" else [])]
         if cfg.baseline and cfg.compare_values and cfg.baseline not in known:
             raise ValueError(f"--baseline {cfg.baseline!r} is not a --compare value")

@@ -55,6 +55,9 @@ class ClientConfig(BaseModel):
         "http: OpenAI endpoint with SSE; grpc: splitserve.v1.Inference streaming (same "
         "workload, same sampling; needs grpc_target)"))
     grpc_target: str | None = Field(None, description="host:port of the gateway's gRPC API")
+    cache_salt: str | None = Field(None, description=(
+        "vLLM's cache_salt on every request (HTTP): runs with different salts share no "
+        "cached prefix, so several runs can take turns on the same engines"))
 
     @property
     def root(self) -> str:
@@ -82,6 +85,11 @@ class RequestResult:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     content_chunks: int = 0
+    worker: str | None = None
+    """the worker that computed the prompt (the prefill worker when the KV moved, else the
+    decode worker), from the gateway's route headers (None: the server sends none)"""
+    predicted_cached_tokens: int | None = None
+    """the router's prediction of `cached_tokens` (route headers of an audited request)"""
 
     def text_chunk(self, start: float, last: float | None) -> float:
         """Record a chunk carrying text (TTFT for the first, an ITL gap after); returns its
@@ -146,12 +154,24 @@ async def discover_model(http: httpx.AsyncClient) -> str:
     return str(data[0]["id"])
 
 
+def note_route(result: RequestResult, headers: httpx.Headers) -> None:
+    """The route a gateway with route headers on (`--route-headers`) reports."""
+    prefill = headers.get("x-splitserve-prefill-worker")
+    result.worker = (prefill if prefill and prefill != "local"
+                     else headers.get("x-splitserve-decode-worker"))
+    predicted = headers.get("x-splitserve-predicted-cached-tokens")
+    result.predicted_cached_tokens = int(predicted) if predicted and predicted.isdigit() \
+        else None
+
+
 async def send(http: httpx.AsyncClient, req: BenchRequest, cfg: ClientConfig, model: str,
                result: RequestResult) -> None:
     """Send one streaming request and fill `result` (never raises for server errors)."""
     body: dict[str, Any] = {"model": model, **req.payload(), "stream": True,
                             "stream_options": {"include_usage": True},
                             "temperature": cfg.temperature, "ignore_eos": cfg.ignore_eos}
+    if cfg.cache_salt:
+        body["cache_salt"] = cfg.cache_salt
     path = "/v1/chat/completions" if req.api == "chat" else "/v1/completions"
     start = time.perf_counter()
     last: float | None = None
@@ -163,6 +183,7 @@ async def send(http: httpx.AsyncClient, req: BenchRequest, cfg: ClientConfig, mo
             if resp.status_code != 200:
                 result.error = _error_text(resp.status_code, await resp.aread())
                 return
+            note_route(result, resp.headers)
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue

@@ -5,7 +5,10 @@
 - ``PREFIX_throughput.png``: output tokens/s vs concurrency, one line per target (sweeps),
 - ``PREFIX_distributions.png``: the TTFT empirical CDF and the ITL tail (fraction of gaps above
   x, log scale), one line per run (for a sweep, the runs at its highest concurrency; for a
-  workload with request classes, per class too).
+  workload with request classes, per class too),
+- ``PREFIX_head_to_head.png`` (paired rounds): the first target's ratio to every other on TTFT
+  p50, TTFT p99 and throughput, per concurrency, with its 95% paired interval (log scale; a
+  bar that does not cross 1 is a difference beyond the interval).
 
 With paired rounds (`--rounds`), a target's figure at a concurrency is the median over its
 rounds, and its distributions pool the samples of every round.
@@ -165,6 +168,39 @@ def plot_distributions(report: BenchReport, path: Path) -> Path:
     return path
 
 
+def plot_head_to_head(report: BenchReport, path: Path) -> Path:
+    """The head-to-head ratios with their intervals, one panel per figure."""
+    from bench.report import HEAD_TO_HEAD_METRICS, HIGHER_IS_BETTER
+
+    keys = list(report.head_to_head)
+    titles = {"ttft_ms.p50": "TTFT p50", "ttft_ms.p99": "TTFT p99",
+              "output_tok_s": "output tokens/s"}
+    fig, axes = plt.subplots(1, len(HEAD_TO_HEAD_METRICS), sharey=True,
+                             figsize=(4.2 * len(HEAD_TO_HEAD_METRICS), 0.45 * len(keys) + 1.6))
+    for ax, m in zip(axes, HEAD_TO_HEAD_METRICS):
+        for y, key in enumerate(keys):
+            p = report.head_to_head[key].get(m)
+            if p is None:
+                continue
+            lo, hi = p.ci95 if p.ci95 else (p.ratio, p.ratio)
+            color = {"better": "tab:green", "worse": "tab:red"}.get(p.verdict, "tab:gray")
+            ax.errorbar([p.ratio], [y], xerr=[[p.ratio - lo], [hi - p.ratio]], fmt="o",
+                        color=color, capsize=3)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
+        better = "right" if m in HIGHER_IS_BETTER else "left"
+        ax.set_title(f"{titles.get(m, m)} ratio ({better} is better)", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(keys)), keys, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: BenchReport, prefix: str | Path) -> list[Path]:
     """Write the plots that fit the report (vs-concurrency plots only for sweeps)."""
     base = Path(prefix)
@@ -174,6 +210,8 @@ def write_plots(report: BenchReport, prefix: str | Path) -> list[Path]:
         out.append(plot_latency(report, base.with_name(base.name + "_latency.png")))
         out.append(plot_throughput(report, base.with_name(base.name + "_throughput.png")))
     out.append(plot_distributions(report, base.with_name(base.name + "_distributions.png")))
+    if report.head_to_head:
+        out.append(plot_head_to_head(report, base.with_name(base.name + "_head_to_head.png")))
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, Field
 
@@ -97,3 +97,72 @@ def summarize_timeline(samples: list[QueueSample]) -> dict[str, dict[str, float]
         o["mean_pending_prompt_tokens"] = round(o["mean_pending_prompt_tokens"] / n, 1)
         o["burst_share"] = round(o["burst_share"] / n, 3)
     return out
+
+
+class WorkerRequests(BaseModel):
+    """One worker's requests in a run, seen from the client (route headers name the worker)."""
+
+    requests: int = Field(description="requests whose prompt it computed")
+    uncached_tokens: int = Field(description="prompt tokens it computed (prompt - cached)")
+    mean_ahead_tokens: float = Field(description=(
+        "per request: uncached prompt tokens of the requests on the same worker sent before "
+        "it and still without their first token when it was sent (the queued prefill it "
+        "really met), averaged"))
+    peak_ahead_tokens: int = Field(description="the largest of those")
+    ttft_ms: float = Field(description="sum of its requests' TTFT")
+    peer_idle_ms: float = Field(description=(
+        "of that time, the part during which another worker had no request at all (a "
+        "burst onto this worker while a peer idled)"))
+    behind_cold_ms: float = Field(description=(
+        "of that time, the part a request whose prompt was mostly cached spent waiting while "
+        "a mostly cold prefill sent before it on the same worker was unfinished"))
+
+
+def summarize_requests(samples: list[Any]) -> dict[str, WorkerRequests]:
+    """Per worker, from per-request samples (bench.stats.RequestSample with `worker`,
+    `sent_ms`, `ttft_ms`, `e2e_ms`, `prompt_tokens`, `cached_tokens`): what each request
+    met there. Requests without a worker (no route headers) are left out."""
+    rows = [s for s in samples if s.worker and s.sent_ms is not None and s.ttft_ms is not None]
+    unc = {id(s): max((s.prompt_tokens or 0) - (s.cached_tokens or 0), 0) for s in rows}
+    workers = sorted({s.worker for s in rows})
+    out: dict[str, WorkerRequests] = {}
+    for w in workers:
+        mine = [s for s in rows if s.worker == w]
+        peers = [s for s in rows if s.worker != w]
+        ahead = []
+        peer_idle = behind = 0.0
+        for s in mine:
+            t0, t1 = s.sent_ms, s.sent_ms + s.ttft_ms
+            ahead.append(sum(unc[id(o)] for o in mine if o is not s and o.sent_ms <= t0
+                             < o.sent_ms + o.ttft_ms))
+            if peers:
+                peer_idle += _uncovered(t0, t1, [(o.sent_ms, o.sent_ms + (o.e2e_ms or o.ttft_ms))
+                                                 for o in peers])
+            if s.prompt_tokens and unc[id(s)] * 2 < s.prompt_tokens:  # mostly cached
+                cold = [(o.sent_ms, o.sent_ms + o.ttft_ms) for o in mine if o is not s
+                        and o.sent_ms <= t0 and o.prompt_tokens
+                        and unc[id(o)] * 2 >= o.prompt_tokens]
+                behind += (t1 - t0) - _uncovered(t0, t1, cold)
+        out[w] = WorkerRequests(
+            requests=len(mine), uncached_tokens=sum(unc[id(s)] for s in mine),
+            mean_ahead_tokens=round(sum(ahead) / len(ahead), 1) if ahead else 0.0,
+            peak_ahead_tokens=max(ahead, default=0),
+            ttft_ms=round(sum(s.ttft_ms for s in mine), 1), peer_idle_ms=round(peer_idle, 1),
+            behind_cold_ms=round(behind, 1))
+    return out
+
+
+def _uncovered(t0: float, t1: float, spans: list[tuple[float, float]]) -> float:
+    """The length of [t0, t1] that none of `spans` covers."""
+    covered = 0.0
+    at = t0
+    for a, b in sorted(spans):
+        if b <= at or a >= t1:
+            continue
+        if a > at:
+            at = a
+        covered += min(b, t1) - at
+        at = min(b, t1)
+        if at >= t1:
+            break
+    return (t1 - t0) - covered

@@ -30,7 +30,7 @@ from rich.text import Text
 
 from bench.client import RequestResult
 from bench.engine_metrics import KvTransferReport, PrefixCacheReport
-from bench.queue_timeline import QueueSample
+from bench.queue_timeline import QueueSample, WorkerRequests
 from bench.stats import Percentiles, RequestSample, RunStats, TagStats
 
 RATIO_METRICS: tuple[str, ...] = (
@@ -86,6 +86,9 @@ class RunReport(BaseModel):
         "every worker's published load, sampled from the registry during the run"))
     queue_summary: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
         "per worker: mean and peak prompt tokens waiting, share of samples in a burst"))
+    request_summary: dict[str, WorkerRequests] = Field(default_factory=dict, description=(
+        "per worker, from the requests' route headers: the queued prefill they met, time "
+        "waited while a peer idled, time behind a cold prefill (bench/queue_timeline.py)"))
 
     @model_validator(mode="after")
     def _default_target(self) -> "RunReport":
@@ -129,9 +132,58 @@ class Spread(BaseModel):
     values: list[float] = Field(description="per round, in round order")
 
 
-PAIRED_METRICS: tuple[str, ...] = ("output_tok_s", "ttft_ms.p50", "itl_ms.p50", "tpot_ms.p50",
-                                   "e2e_ms.p50")
+PAIRED_METRICS: tuple[str, ...] = ("output_tok_s", "ttft_ms.p50", "ttft_ms.p99", "itl_ms.p50",
+                                   "tpot_ms.p50", "e2e_ms.p50")
 """The ratios summarised over paired rounds."""
+
+HEAD_TO_HEAD_METRICS: tuple[str, ...] = ("ttft_ms.p50", "ttft_ms.p99", "output_tok_s")
+"""The figures the first target is judged on against every other (`head_to_head`)."""
+
+HIGHER_IS_BETTER = frozenset({"output_tok_s", "req_s", "prefix_hit_rate"})
+
+# Student's t, two-sided 95%, by degrees of freedom (1..30); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class PairedRatio(BaseModel):
+    """One figure of a run against another's over paired rounds.
+
+    Each round gives one ratio (run / other, same workload, back to back); the rounds' log
+    ratios are treated as a sample: their mean (the geometric mean ratio) and its 95%
+    t-interval. Pairing by round takes out what the rounds share (the machine's state, the
+    workload's seed); the interval is what is left of the noise."""
+
+    ratio: float = Field(description="geometric mean of the per-round ratios")
+    ci95: tuple[float, float] | None = Field(description=(
+        "95% t-interval of the geometric mean ratio (None with one round)"))
+    values: list[float] = Field(description="per round, in round order")
+    verdict: str = Field(description=(
+        "for the run: `better` or `worse` when the whole interval is on that side of 1 "
+        "(lower latency, higher throughput is better), else `same` (within the interval)"))
+
+
+def paired_ratio(values: list[float], higher_is_better: bool) -> PairedRatio | None:
+    """The paired summary of per-round ratios (None without a positive one)."""
+    import math
+    import statistics
+
+    logs = [math.log(v) for v in values if v > 0]
+    if not logs:
+        return None
+    mean = statistics.fmean(logs)
+    ci = None
+    verdict = "same"
+    if len(logs) > 1:
+        half = (_T975[len(logs) - 2] if len(logs) - 1 <= len(_T975) else 1.96) * \
+            statistics.stdev(logs) / math.sqrt(len(logs))
+        ci = (math.exp(mean - half), math.exp(mean + half))
+        if ci[0] > 1:
+            verdict = "better" if higher_is_better else "worse"
+        elif ci[1] < 1:
+            verdict = "worse" if higher_is_better else "better"
+    return PairedRatio(ratio=math.exp(mean), ci95=ci, values=values, verdict=verdict)
 
 BOOTSTRAP_RESAMPLES = 2000
 """Resamples behind a pooled difference's confidence interval."""
@@ -191,6 +243,9 @@ class BenchReport(BaseModel):
     pooled: dict[str, PooledDifference] = Field(default_factory=dict, description=(
         "with --rounds: per '<target>/<baseline>@c<N>', the TTFT p50 added over the requests "
         "of all rounds pooled, with its 95% interval"))
+    head_to_head: dict[str, dict[str, PairedRatio]] = Field(default_factory=dict, description=(
+        "with --rounds: the first target against every other, per '<first>/<other>@c<N>': "
+        "each HEAD_TO_HEAD_METRICS ratio over the rounds, its interval and verdict"))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -271,6 +326,27 @@ def pooled_summary(runs: list[RunReport], base_target: str) -> dict[str, PooledD
     return out
 
 
+def head_to_head(runs: list[RunReport]) -> dict[str, dict[str, PairedRatio]]:
+    """For runs with paired rounds: the first target against every other target, at each
+    concurrency (whatever the baseline of the ratios)."""
+    if not runs:
+        return {}
+    first = runs[0].target
+    out: dict[str, dict[str, PairedRatio]] = {}
+    for other in dict.fromkeys(r.target for r in runs if r.target != first):
+        for key, pairs in _paired_groups([r for r in runs if r.target in (first, other)],
+                                         other).items():
+            pairs.sort(key=lambda p: p[0].round or 0)
+            row = {}
+            for m in HEAD_TO_HEAD_METRICS:
+                vals = [v for r, b in pairs if (v := ratio(r.metric(m), b.metric(m)))
+                        is not None]
+                if (pr := paired_ratio(vals, m in HIGHER_IS_BETTER)) is not None:
+                    row[m] = pr
+            out[key] = row
+    return out
+
+
 def make_report(runs: list[RunReport], baseline: str | None = None) -> BenchReport:
     """The report, with ratios against the runs of target (or label) `baseline` (default:
     the first run's target)."""
@@ -285,7 +361,8 @@ def make_report(runs: list[RunReport], baseline: str | None = None) -> BenchRepo
         baseline = baseline if baseline in targets else by_label[baseline]
     base = baseline if baseline is not None else runs[0].target
     return BenchReport(runs=runs, ratios=compute_ratios(runs, base), baseline=base,
-                       paired=paired_summary(runs, base), pooled=pooled_summary(runs, base))
+                       paired=paired_summary(runs, base), pooled=pooled_summary(runs, base),
+                       head_to_head=head_to_head(runs))
 
 
 def write_json(report: BenchReport, path: Path) -> None:
@@ -375,9 +452,24 @@ def pooled_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def head_to_head_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the head-to-head table: one row per pair and figure."""
+    header = ["first vs other", "ratio", "95% interval", "rounds", "verdict", "every round"]
+    body = []
+    for key, row in report.head_to_head.items():
+        for metric, p in row.items():
+            ci = f"{p.ci95[0]:.3f} .. {p.ci95[1]:.3f}" if p.ci95 else "-"
+            body.append([f"{key}: {metric}", f"{p.ratio:.3f}", ci, str(len(p.values)),
+                         p.verdict, " ".join(f"{v:.3f}" for v in p.values)])
+    return header, body
+
+
 def _summary_tables(report: BenchReport) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
     """(title, table) of each paired-rounds summary the report has."""
     out = []
+    if report.head_to_head:
+        out.append(("head to head (first target / other, paired by round)",
+                    head_to_head_cells(report)))
     if report.paired:
         out.append(("paired rounds (run / baseline in the same round)", paired_cells(report)))
     if report.pooled:

@@ -41,7 +41,7 @@ from bench.cpu_usage import cpu_seconds, usage
 from bench.engine_metrics import (EndpointSource, KvTransferReport, PrefixCacheReport,
                                   kv_transfer_report, prefix_cache_report, registry_endpoints,
                                   scrape_settled, server_endpoints)
-from bench.queue_timeline import sample_queues, summarize_timeline
+from bench.queue_timeline import sample_queues, summarize_requests, summarize_timeline
 from bench.report import BenchReport, RunReport, make_report, progress
 from bench.stats import summarize
 from bench.workload import Workload, scenario_config
@@ -68,8 +68,9 @@ class BenchConfig(BaseModel):
     concurrencies: list[int] = Field(default_factory=list, description=(
         "a sweep: run the workload once per value (default: [concurrency])"))
     rounds: int = Field(1, ge=1, description=(
-        "with --target vllm: paired rounds per concurrency, each a fresh workload that both "
-        "sides run back to back (order alternating); ratios per round and their spread"))
+        "paired rounds per concurrency, each a fresh workload that every side runs in turn "
+        "(order alternating): with --target vllm, or with --compare of a gateway setting "
+        "(one cluster, a gateway per value); ratios per round and their spread"))
     target: str = Field("splitserve", description=(
         "splitserve: the cluster(s); vllm: vLLM's own server first, as the baseline"))
     request_rate: float | None = Field(None, gt=0, description="mean requests/s (Poisson)")
@@ -84,9 +85,10 @@ class BenchConfig(BaseModel):
     def sweep(self) -> list[int]:
         return self.concurrencies or [self.concurrency]
 
-    def client(self, base_url: str, concurrency: int | None = None) -> ClientConfig:
+    def client(self, base_url: str, concurrency: int | None = None,
+               cache_salt: str | None = None) -> ClientConfig:
         return ClientConfig(base_url=base_url, model=self.model, api_key=self.api_key,
-                            concurrency=concurrency or self.concurrency,
+                            concurrency=concurrency or self.concurrency, cache_salt=cache_salt,
                             request_rate=self.request_rate,
                             max_seconds=self.max_seconds,
                             request_timeout_s=self.request_timeout_s,
@@ -94,10 +96,11 @@ class BenchConfig(BaseModel):
 
 
 def parse_compare(spec: str) -> tuple[str, list[str]]:
-    """`policy=kv,round_robin` -> ("policy", ["kv", "round_robin"])."""
+    """`policy=kv,round_robin` -> ("policy", ["kv", "round_robin"]); values that hold commas
+    themselves are separated by semicolons (`kv-scorer-weights=ttft=1,shared_step=1;ttft=1`)."""
     key, sep, values = spec.partition("=")
     key = key.strip().removeprefix("--")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
+    vals = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
     if not sep or not key or not vals:
         raise ValueError(f"--compare wants KEY=V1,V2,... (got {spec!r})")
     if len(set(vals)) != len(vals):
@@ -158,12 +161,13 @@ async def measure(label: str, base_url: str, engines: EndpointSource | None,
                   workload: Workload, cfg: BenchConfig, config: dict[str, Any],
                   console: Console, concurrency: int | None = None,
                   target: str = "", root_pid: int | None = None,
-                  registry: tuple[str, str] | None = None) -> RunReport:
+                  registry: tuple[str, str] | None = None,
+                  cache_salt: str | None = None) -> RunReport:
     """Warm up, snapshot the engines' counters (and the CPU time of the target's processes,
     when this benchmark started it), run the workload, snapshot again. With `registry`
     (Redis URL, namespace) every worker's published load is sampled during the run (the
-    per-worker queue timeline)."""
-    client = cfg.client(base_url, concurrency)
+    per-worker queue timeline); with `cache_salt`, every request carries it."""
+    client = cfg.client(base_url, concurrency, cache_salt)
     await warm_up(client, cfg.warmup)
     before = None
     if engines is not None:
@@ -191,17 +195,18 @@ async def measure(label: str, base_url: str, engines: EndpointSource | None,
     if timeline is not None:
         report.queue_timeline = timeline
         report.queue_summary = summarize_timeline(timeline)
+    report.request_summary = summarize_requests(report.samples)
     return report
 
 
-def _workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
+def workload_config(workload: Workload, cfg: BenchConfig) -> dict[str, Any]:
     return {"scenario": workload.scenario, "scenario_config": workload.config,
             "workload_requests": len(workload.requests),
             "workload_sha256": workload.fingerprint(),
             "request_rate": cfg.request_rate, "max_seconds": cfg.max_seconds}
 
 
-def _stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
+def stop_starting_cluster(run_dir: Path, timeout_s: float = 90) -> None:
     """Interrupted while a cluster was starting: stop our `splitserve up` child for `run_dir`
     (by PID, as an operator's Ctrl-C; killed if it does not stop)."""
     import signal
@@ -232,15 +237,15 @@ def _measure_all(target: str, url: str, engines: EndpointSource | None,
     sweep = cfg.sweep
     runs = []
     for i, c in enumerate(sweep):
-        wl = workload if i == 0 else _workload_for_step(cfg, i)
-        cfg_i = config if i == 0 else {**config, **_workload_config(wl, cfg)}
+        wl = workload if i == 0 else workload_for_step(cfg, i)
+        cfg_i = config if i == 0 else {**config, **workload_config(wl, cfg)}
         runs.append(asyncio.run(measure(target if len(sweep) == 1 else f"{target}@c{c}", url,
                                         engines, wl, cfg, cfg_i, err, c, target,
                                         root_pid, registry)))
     return runs
 
 
-def _workload_for_step(cfg: BenchConfig, step: int) -> Workload:
+def workload_for_step(cfg: BenchConfig, step: int) -> Workload:
     params = {**cfg.scenario_params}
     params["seed"] = int(params.get("seed", 0)) + step
     return scenario_config(cfg.scenario, params).build()
@@ -250,7 +255,7 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
     """Run every target; returns the report and, if a run could not be done, why (the
     report then holds the runs done before it)."""
     workload = scenario_config(cfg.scenario, cfg.scenario_params).build()
-    base = _workload_config(workload, cfg)
+    base = workload_config(workload, cfg)
     err.print(f"workload: {workload.scenario}, {len(workload.requests)} requests in "
               f"{workload.conversations} conversation(s), sha256 {workload.fingerprint()[:16]}")
     runs: list[RunReport] = []
@@ -280,6 +285,12 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
         failure = _run_vllm(cfg, plan[0], root, cache_dir, workload, base, runs, err,
                             namespace)
         plan = []
+    elif cfg.compare_key and cfg.rounds > 1:
+        from bench.gateway_rounds import run_gateway_rounds
+
+        failure = run_gateway_rounds(cfg, plan, root, cache_dir, workload, base, runs, err,
+                                     namespace)
+        plan = []
     for i, (label, args, extra) in enumerate(plan):
         if failure:
             break
@@ -290,7 +301,7 @@ def run_bench(cfg: BenchConfig, err: Console) -> tuple[BenchReport, str | None]:
         try:
             cluster = start_cluster(args, run_dir, cache_dir, cfg.cluster_timeout_s)
         except KeyboardInterrupt:
-            _stop_starting_cluster(run_dir)
+            stop_starting_cluster(run_dir)
             raise
         except (RuntimeError, TimeoutError) as exc:
             failure = f"{label}: the cluster did not start: {str(exc)[-2000:]}"
@@ -338,7 +349,7 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
         try:
             cluster = start_cluster(args, root / "c0", cache_dir, cfg.cluster_timeout_s)
         except KeyboardInterrupt:
-            _stop_starting_cluster(root / "c0")
+            stop_starting_cluster(root / "c0")
             raise
         except (RuntimeError, TimeoutError) as exc:
             return f"{label}: the cluster did not start: {str(exc)[-2000:]}"
@@ -353,10 +364,10 @@ def _run_vllm(cfg: BenchConfig, cluster_spec: tuple[str, list[str], dict[str, An
         for i, c in enumerate(sweep):
             for k in range(cfg.rounds):
                 step = i * cfg.rounds + k  # every step and round sends prompts of its own
-                wl = workload if step == 0 else _workload_for_step(cfg, step)
+                wl = workload if step == 0 else workload_for_step(cfg, step)
                 for name, url, engines, pid, config in (sides if step % 2 == 0
                                                           else sides[::-1]):
-                    cfg_i = config if step == 0 else {**config, **_workload_config(wl, cfg)}
+                    cfg_i = config if step == 0 else {**config, **workload_config(wl, cfg)}
                     run_label = name if len(sweep) == 1 else f"{name}@c{c}"
                     if cfg.rounds > 1:
                         run_label += f"#{k + 1}"

@@ -59,6 +59,15 @@ class RequestSample(BaseModel):
     itl_ms: list[float] = Field(default_factory=list, description="gaps between content chunks")
     output_tokens: int = Field(description="tokens generated")
     chunks: int = Field(description="content chunks received")
+    index: int | None = Field(None, description="the request's position in the workload")
+    sent_ms: float | None = Field(None, description="sent this long after the run started")
+    e2e_ms: float | None = Field(None, description="send to end of stream")
+    worker: str | None = Field(None, description=(
+        "the worker that computed its prompt (gateway route headers; None without them)"))
+    prompt_tokens: int | None = Field(None, description="prompt tokens (usage)")
+    cached_tokens: int | None = Field(None, description="of which cached (usage)")
+    predicted_cached_tokens: int | None = Field(None, description=(
+        "the router's prediction of cached_tokens (route headers of an audited request)"))
 
 
 class RunStats(BaseModel):
@@ -127,7 +136,12 @@ def summarize(run: RunResult, max_error_samples: int = 5) -> RunStats:
         samples=[RequestSample(tag=r.tag, ttft_ms=None if r.ttft_s is None
                                else round(r.ttft_s * 1000, 3),
                                itl_ms=[round(x * 1000, 3) for x in r.itl_s],
-                               output_tokens=r.output_tokens, chunks=r.content_chunks)
+                               output_tokens=r.output_tokens, chunks=r.content_chunks,
+                               index=r.index, sent_ms=round(r.sent_at * 1000, 3),
+                               e2e_ms=None if r.e2e_s is None else round(r.e2e_s * 1000, 3),
+                               worker=r.worker, prompt_tokens=r.prompt_tokens,
+                               cached_tokens=r.cached_tokens,
+                               predicted_cached_tokens=r.predicted_cached_tokens)
                  for r in ok],
         error_samples=[f"#{r.index}: {r.error}" for r in bad[:max_error_samples]],
     )

@@ -6,6 +6,13 @@ here, exactly and at once: for each worker, the requests this gateway has there 
 produced their first token yet (and the prompt tokens each will compute, as the router
 predicted them), and those decoding.
 
+It also knows which prompts it sent where before any engine has published their blocks: a
+worker's engine registers a prompt's blocks in its prefix cache when it schedules the prompt,
+but the index learns them only from the events published after that step. So the ledger keeps
+the block hashes of the prompts being computed on each worker (`pending_prefixes`): a request
+sharing a prefix with one of them (the same system prompt or document, sent a moment later) is
+priced as the engine will serve it, from that cache, instead of as a cold prefill elsewhere.
+
 The worker's published figures include this gateway's requests too. To count each request
 once, :meth:`DispatchLedger.view` also says how much of this gateway's own work was pending
 at the moment of the worker's snapshot (its `updated_at`): the rest of the published figure
@@ -15,9 +22,9 @@ is other gateways' work (see router/cost_model.py).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class _Entry:
     sent_at: float
     first_at: float | None = None
     done_at: float | None = None
+    blocks: Sequence[int] = ()
 
 
 class DispatchLedger:
@@ -58,14 +66,50 @@ class DispatchLedger:
         self._history_s = history_s
         self._open: dict[str, list[_Entry]] = {}
         self._closed: deque[_Entry] = deque()
+        self._blocks: dict[str, Counter[int]] = {}  # worker -> block hash -> prompts holding it
 
     def sent(self, request_id: str, worker_id: str, prompt_tokens: int, uncached_tokens: int,
-             prefills: bool) -> None:
+             prefills: bool, blocks: Sequence[int] = ()) -> None:
         """`request_id` went to `worker_id`; `prefills`: the worker computes the prompt there
-        (`uncached_tokens` of it); otherwise it receives the KV from a prefill worker."""
-        self._open.setdefault(request_id, []).append(_Entry(
-            worker_id, prompt_tokens, uncached_tokens if prefills else 0, prefills,
-            self._clock()))
+        (`uncached_tokens` of it; `blocks`: the prompt's block hashes as that worker hashes
+        them, known to it until the request ends); otherwise it receives the KV from a
+        prefill worker."""
+        e = _Entry(worker_id, prompt_tokens, uncached_tokens if prefills else 0, prefills,
+                   self._clock(), blocks=blocks if prefills else ())
+        self._open.setdefault(request_id, []).append(e)
+        if e.blocks:
+            self._blocks.setdefault(worker_id, Counter()).update(e.blocks)
+
+    def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Iterable[str]
+                         ) -> dict[str, int]:
+        """Worker id -> the longest prefix of a prompt (its block hashes, in order), in
+        blocks, that a prompt this gateway sent there and that has not ended holds; workers
+        with none are left out."""
+        out = {}
+        for w in worker_ids:
+            held = self._blocks.get(w)
+            if not held:
+                continue
+            n = 0
+            for h in block_hashes:
+                if held[h] <= 0:
+                    break
+                n += 1
+            if n:
+                out[w] = n
+        return out
+
+    def _release_blocks(self, e: _Entry) -> None:
+        held = self._blocks.get(e.worker_id)
+        if held is None or not e.blocks:
+            return
+        held.subtract(e.blocks)
+        for h in e.blocks:
+            if held[h] <= 0:
+                del held[h]
+        if not held:
+            del self._blocks[e.worker_id]
+        e.blocks = ()
 
     def first_token(self, request_id: str, worker_id: str) -> None:
         """The request's first token (or, on a prefill worker, its prefill) is done there."""
@@ -83,6 +127,7 @@ class DispatchLedger:
                 e.done_at = now
                 if e.first_at is None:
                     e.first_at = now
+                self._release_blocks(e)
                 self._closed.append(e)
             else:
                 keep.append(e)

@@ -44,9 +44,16 @@ class RouteContext:
     step_tokens: int = 2048
     affinity_rate: Callable[[str], float] = field(default=lambda worker_id: 0.0)
     """requests per second recently routed to a worker for its cache (see AffinityRate)"""
+    best_cached: int = 0
+    """the most prompt tokens any candidate holds"""
 
     def uncached(self, c: Candidate) -> int:
         return max(self.prompt_tokens - c.cached_tokens, 0) if c.computes else 0
+
+    def cold(self, c: Candidate) -> int:
+        """The prompt tokens `c` would compute that no worker holds (0: it receives the KV):
+        prefill work some worker must do, wherever the request goes."""
+        return min(self.uncached(c), max(self.prompt_tokens - self.best_cached, 0))
 
 
 class Filter(Protocol):

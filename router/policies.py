@@ -12,7 +12,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -23,6 +23,7 @@ from router.plugins import Candidate, GreedyPicker, Pipeline, RouteContext, Soft
 from router.registry import WorkerInfo, WorkerRole
 from router.scorers import SCORERS
 from router.scorers.cold_spread import AffinityRate
+from router.scorers.ttft import TTFTScorer
 
 
 class NoWorkersError(RuntimeError):
@@ -60,6 +61,19 @@ class RouteDecision:
     cost: float | None = None
     """kv policy: the route's estimated time to first token plus the other scorers' costs
     (seconds once the workers have measured their speed)."""
+    ttft_s: float | None = None
+    """kv policy: the estimated time from the route to the computing worker's first output
+    (the `ttft` scorer alone: the time to first token, or with the KV moving the prefill's
+    end), in seconds once the workers have measured their speed; the routing audit logs it
+    beside the measured one."""
+    candidates: tuple[dict[str, Any], ...] = ()
+    """kv policy: what the cost model saw of each worker that could compute the prompt (its
+    cached tokens, queued prefill tokens, waiting and decoding requests, each scorer's cost
+    and the total, seconds): the route's work, for its log line"""
+    prompt_blocks: tuple[int, ...] = ()
+    """The prompt's block hashes as the computing worker hashes them (set by the gateway when
+    it looked the prompt up): the dispatch ledger remembers them there until the request
+    ends, for the requests that follow before the index knows them."""
 
     @property
     def outcome(self) -> str:
@@ -222,9 +236,12 @@ class KVPolicy:
         self.pipeline = Pipeline(scorers, filters, picker)
         self.affinity = AffinityRate(c.affinity_half_life_s)
 
-    def _context(self, req: RouteRequest) -> RouteContext:
+    def _context(self, req: RouteRequest, workers: Sequence[WorkerInfo]) -> RouteContext:
         c = self.config
-        return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate)
+        best = max((min(req.cached_blocks.get(w.worker_id, 0) * w.block_size, req.num_tokens)
+                    for w in workers), default=0)
+        return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate,
+                            best)
 
     def candidates(self, workers: Sequence[WorkerInfo], req: RouteRequest, pool: PoolSpeed,
                    computes: bool) -> list[Candidate]:
@@ -244,10 +261,23 @@ class KVPolicy:
     def _blocks(self, c: Candidate, req: RouteRequest) -> int:
         return req.cached_blocks.get(c.worker_id, 0)
 
+    def _explain(self, cands: Sequence[Candidate], ctx: RouteContext
+                 ) -> tuple[dict[str, Any], ...]:
+        out = []
+        for c in cands:
+            parts = self.pipeline.breakdown(c, ctx)
+            e = c.estimate
+            out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
+                        "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
+                        "decoding": e.decoding_reqs,
+                        **{k: round(v, 4) for k, v in parts.items()},
+                        "cost": round(sum(parts.values()), 4)})
+        return tuple(out)
+
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
         pool = PoolSpeed.of([*prefill, *decode])
-        ctx = self._context(req)
+        ctx = self._context(req, [*prefill, *decode])
         pipe = self.pipeline
         if decode[0].role == WorkerRole.BOTH:
             cands = pipe.filter(self.candidates(decode, req, pool, True), ctx)
@@ -256,7 +286,8 @@ class KVPolicy:
             self._note_affinity(d, cands)
             return RouteDecision(decode=d.estimate.worker, reason="aggregated",
                                  predicted_cached_blocks=self._blocks(d, req),
-                                 cost=costs[cands.index(d)])
+                                 cost=costs[cands.index(d)], ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=self._explain(cands, ctx))
         p: Candidate | None = None
         p_cost = math.inf
         pcands: list[Candidate] = []
@@ -280,11 +311,18 @@ class KVPolicy:
             self._note_affinity(d, [*local, *pcands])
             reason = "short_uncached_remainder" if prefill else "no_prefill_worker"
             return RouteDecision(decode=d.estimate.worker, reason=reason,
-                                 predicted_cached_blocks=self._blocks(d, req), cost=cost)
+                                 predicted_cached_blocks=self._blocks(d, req), cost=cost,
+                                 ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=self._explain([*pcands, *local], ctx))
         assert p is not None
         self._note_affinity(p, [*pcands, *local])
         return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
-                             predicted_cached_blocks=self._blocks(p, req), cost=cost)
+                             predicted_cached_blocks=self._blocks(p, req), cost=cost,
+                             ttft_s=_TTFT.cost(p, ctx),
+                             candidates=self._explain([*pcands, *local], ctx))
+
+
+_TTFT = TTFTScorer()
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (KVPolicy, RoundRobinPolicy, RandomPolicy,

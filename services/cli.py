@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from router.registry import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
+    from services.controller.config import ClusterConfig
     from services.worker.config import EngineConfig
 
 
@@ -94,18 +95,25 @@ def engine_config(ns: argparse.Namespace, cache_dir: Path,
 
 def _up(ns: argparse.Namespace) -> int:
     from services.controller.cluster import run_up
+
+    try:
+        cfg = cluster_config(ns)
+    except UpArgsError as exc:
+        print(f"splitserve up: {exc}", file=sys.stderr)
+        return 2
+    return run_up(cfg)
+
+
+def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
+    """The cluster `splitserve up` starts, from its parsed flags. Raises UpArgsError."""
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
     from services.gateway.config import MigrationConfig
     from router.policies import KVPolicyConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    try:
-        shared, pool_args = engine_args_maps(ns)
-        engine = engine_config(ns, cache_dir, shared)
-        frontend_args = frontend_args_map(ns)
-    except UpArgsError as exc:
-        print(f"splitserve up: {exc}", file=sys.stderr)
-        return 2
+    shared, pool_args = engine_args_maps(ns)
+    engine = engine_config(ns, cache_dir, shared)
+    frontend_args = frontend_args_map(ns)
     device = engine.device
     # one engine spans tensor x pipeline parallel GPUs
     gpus = float(ns.tensor_parallel_size * ns.pipeline_parallel_size) if device == "cuda" else 0.0
@@ -134,10 +142,11 @@ def _up(ns: argparse.Namespace) -> int:
         run_dir=Path(ns.run_dir) if ns.run_dir else None, cache_dir=cache_dir,
         policy=ns.policy, kv_policy=KVPolicyConfig(
             load_weight=ns.kv_load_weight, local_prefill_tokens=ns.kv_local_prefill_tokens,
-            temperature=ns.kv_temperature),
+            temperature=ns.kv_temperature,
+            **({"scorer_weights": ns.kv_scorer_weights} if ns.kv_scorer_weights else {})),
         migration=MigrationConfig(prefill_timeout_s=ns.prefill_timeout_s),
         frontend_args=frontend_args)
-    return run_up(cfg)
+    return cfg
 
 
 def _up_file_tokens(up: argparse.ArgumentParser, flags: dict[str, Any]) -> list[str]:
@@ -185,6 +194,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[name]
+
+
+def _scorer_weights(text: str) -> dict[str, float]:
+    """argparse type: `name=weight` pairs, comma separated."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"want NAME=WEIGHT pairs, got {item!r}")
+    if not out:
+        raise argparse.ArgumentTypeError("no scorer named")
+    return out
 
 
 def _resources(text: str) -> dict[str, float]:
@@ -443,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv policy: decode prefills locally up to this uncached remainder")
     up.add_argument("--kv-temperature", type=float, default=0.0,
                     help="kv policy: 0 picks the cheapest worker, >0 samples softmax(-cost/T)")
+    up.add_argument("--kv-scorer-weights", type=_scorer_weights, metavar="NAME=W,...",
+                    help="kv policy: the scorers and their weights, e.g. ttft=1,shared_step=1 "
+                    "(scorers not named are off; default: docs/routing.md)")
     up.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     up.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     up.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Redis key namespace")

@@ -1,11 +1,19 @@
 """Cold long prefills go where they delay the fewest cached requests.
 
-A long uncached prefill on a worker holds up every request that arrives there while it runs
-(the engine schedules first come, first served). Requests routed to a worker *for its cache*
-cannot move elsewhere without losing it, so a worker that keeps receiving them is a bad place
-for a cold prefill even when its queue is short right now. With λ(w) such requests per second
-arriving at w and a prefill of p = u / R(w) seconds, about λ·p of them arrive during it, each
-waiting p/2 on average: the scorer's cost is λ(w)·p²/2 seconds of other requests' time.
+A long prefill of a prompt no worker holds must run somewhere, and it holds up every request
+that arrives there while it runs (the engine schedules first come, first served). Requests
+routed to a worker *for its cache* cannot move elsewhere without losing it, so a worker that
+keeps receiving them is a bad place for such a prefill even when its queue is short right
+now. With λ(w) such requests per second arriving at w and a prefill of p = c / R(w) seconds,
+about λ·p of them arrive during it, each waiting p/2 on average: the scorer's cost is
+λ(w)·p²/2 seconds of other requests' time.
+
+Only the *cold* part c of the prompt counts: the tokens no worker holds. Computing on w what
+another worker holds (the prompt's system prompt, a document) is not work that must happen
+somewhere: it is a choice the `ttft` and `shared_step` scorers price, and it makes w a second
+holder of that prefix. Charging it here would keep every prefix on the workers that first
+computed it: a hot prefix on one worker while another idles, whose affinity traffic (counted
+when it had some) would forbid it to take a copy.
 """
 
 from __future__ import annotations
@@ -40,13 +48,14 @@ class AffinityRate:
 
 
 class ColdSpreadScorer:
-    """λ(w)·p²/2: the wait a prefill of p seconds adds to the cached requests expected to
-    arrive at w during it. Zero for workers that have not measured their speed (p unknown)."""
+    """λ(w)·p²/2: the wait a prefill of p seconds of tokens no worker holds adds to the cached
+    requests expected to arrive at w during it. Zero for workers that have not measured their
+    speed (p unknown)."""
 
     name = "cold_spread"
 
     def cost(self, c: Candidate, ctx: RouteContext) -> float:
         if not c.computes or not c.estimate.measured:
             return 0.0
-        p = ctx.uncached(c) / c.estimate.prefill_tokens_per_s
+        p = ctx.cold(c) / c.estimate.prefill_tokens_per_s
         return ctx.affinity_rate(c.worker_id) * p * p / 2

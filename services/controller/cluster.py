@@ -39,6 +39,23 @@ ALIVE_FILE = "controller.alive"
 """In the run directory: touched after every pass of the controller's loop (its liveness)."""
 
 
+def gateway_config(cfg: ClusterConfig, redis_url: str, port: int, grpc_port: int
+                   ) -> GatewayConfig:
+    """The settings of a gateway of cluster `cfg` (whose Redis is `redis_url`) on these
+    ports: the one `up` starts, or another one started beside it (`splitserve bench`)."""
+    return GatewayConfig(
+        model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
+        max_model_len=cfg.engine.max_model_len or 2048, redis_url=redis_url,
+        namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=grpc_port,
+        policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight,
+        max_in_flight_per_client=cfg.max_in_flight_per_client,
+        max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
+        tenant_isolation=cfg.tenant_isolation,
+        slow_client_timeout_s=cfg.slow_client_timeout_s, route_headers=cfg.route_headers,
+        migration=cfg.migration,
+        engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
+
+
 class Cluster:
     """One running cluster and everything it owns."""
 
@@ -87,17 +104,8 @@ class Cluster:
         cfg = self.cfg
         port = cfg.port or free_port(cfg.host)
         grpc_port = free_port(cfg.host) if cfg.grpc_port == -1 else cfg.grpc_port
-        gcfg = GatewayConfig(
-            model=cfg.engine.model, served_model_name=cfg.engine.served_model_name,
-            max_model_len=cfg.engine.max_model_len or 2048, redis_url=self.redis_url,
-            namespace=cfg.namespace, host=cfg.host, port=port, grpc_port=grpc_port,
-            policy=cfg.policy, kv_policy=cfg.kv_policy, max_in_flight=cfg.max_in_flight,
-            max_in_flight_per_client=cfg.max_in_flight_per_client,
-            max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
-            tenant_isolation=cfg.tenant_isolation,
-            slow_client_timeout_s=cfg.slow_client_timeout_s, route_headers=cfg.route_headers,
-            migration=cfg.migration,
-            engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
+        assert self.redis_url is not None
+        gcfg = gateway_config(cfg, self.redis_url, port, grpc_port)
         assert self.secret_file is not None
         self.gateway = GatewayProcess(gcfg, self.run_dir, self.secret_file)
         self.gateway.start()

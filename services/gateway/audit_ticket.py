@@ -38,6 +38,9 @@ class AuditTicket:
         self._trace_headers = trace_headers
         self._announce = announce
         self._started_ns = time.time_ns()
+        self._routed_at = time.monotonic()
+        self.took_s: float | None = None
+        """route to the computing worker's first output, measured here"""
 
     @classmethod
     def of(cls, audit: RouteAudit, route: RouteDecision, **kw: Any) -> "AuditTicket | None":
@@ -51,6 +54,7 @@ class AuditTicket:
         cache. Recorded (True) only the first time, and only from the computing worker."""
         if self.record is not None or worker_id != self.route.computes.worker_id:
             return False
+        self.took_s = time.monotonic() - self._routed_at
         self.record = self._audit.record(self.predicted, max(int(cached_tokens), 0),
                                          self.route.computes.block_size)
         if self._announce:
@@ -69,9 +73,13 @@ class AuditTicket:
         """The audit as log fields / span attributes (empty until recorded)."""
         if self.record is None:
             return {}
-        return {"predicted_cached_tokens": self.record.predicted,
-                "reported_cached_tokens": self.record.reported,
-                "route_audit": self.record.verdict}
+        out: dict[str, Any] = {"predicted_cached_tokens": self.record.predicted,
+                               "reported_cached_tokens": self.record.reported,
+                               "route_audit": self.record.verdict}
+        if self.route.ttft_s is not None and self.took_s is not None:
+            out["estimated_ttft_ms"] = round(self.route.ttft_s * 1000, 1)
+            out["measured_ttft_ms"] = round(self.took_s * 1000, 1)
+        return out
 
     def _log_and_trace(self) -> None:
         r = self.route
@@ -79,11 +87,15 @@ class AuditTicket:
                  "prefill_worker": r.prefill.worker_id if r.prefill else "local",
                  "route_reason": r.reason}
         fields = self.fields()
+        timing = (f"; estimated {fields['estimated_ttft_ms']:.0f} ms to its first output, "
+                  f"took {fields['measured_ttft_ms']:.0f} ms"
+                  if "estimated_ttft_ms" in fields else "")
         log.info("request %s routed to %s (prefill %s, %s): predicted %d cached tokens, "
-                 "engine reported %d (%s)", self._request_id, where["decode_worker"],
+                 "engine reported %d (%s)%s", self._request_id, where["decode_worker"],
                  where["prefill_worker"], where["route_reason"],
                  fields["predicted_cached_tokens"], fields["reported_cached_tokens"],
-                 fields["route_audit"], extra={**where, **fields})
+                 fields["route_audit"], timing,
+                 extra={**where, **fields, "route_candidates": list(r.candidates)})
         if tracing.enabled():
             ctx = tracing.extract(dict(self._trace_headers)) if self._trace_headers else None
             span = tracing.tracer().start_span(

@@ -56,10 +56,14 @@ class RouteStage:
         return self._hashers[scheme]
 
     async def _cached_blocks(self, token_ids: Sequence[int], workers: list[WorkerInfo],
-                             cache_salt: str | None = None) -> dict[str, int] | None:
+                             cache_salt: str | None = None,
+                             hashes: dict[str, list[int]] | None = None
+                             ) -> dict[str, int] | None:
         """Every worker's longest cached prefix of the prompt: one hash pass per hashing
-        scheme in use (normally one), one Redis round trip per scheme. None: no index, or
-        it could not be asked."""
+        scheme in use (normally one), one Redis round trip per scheme; a prefix this gateway
+        has just sent to a worker counts before the index knows it (the dispatch ledger's
+        pending prefixes). None: no index, or it could not be asked. `hashes` gets each
+        worker's block hashes of the prompt."""
         if self.index is None or not workers:
             return None
         health = self.directory.health
@@ -74,10 +78,15 @@ class RouteStage:
         index = self.index
         try:
             for scheme, ids in by_scheme.items():
-                hashes = self._hasher(scheme).block_hashes(token_ids, cache_salt=cache_salt)
-                if hashes:
-                    cached.update(await health.call(
-                        lambda h=hashes, i=ids: index.longest_prefixes(h, i)))
+                blocks = self._hasher(scheme).block_hashes(token_ids, cache_salt=cache_salt)
+                if hashes is not None:
+                    hashes.update(dict.fromkeys(ids, blocks))
+                if blocks:
+                    found = dict(await health.call(
+                        lambda h=blocks, i=ids: index.longest_prefixes(h, i)))
+                    for w, n in self.ledger.pending_prefixes(blocks, ids).items():
+                        found[w] = max(found.get(w, 0), n)
+                    cached.update(found)
         except Exception as exc:  # Redis away: route on load alone (last registry snapshot)
             log.warning("prefix index lookup failed (%s: %s); routing on load only",
                         type(exc).__name__, exc)
@@ -114,7 +123,8 @@ class RouteStage:
         d = self.directory
         prefill, decode = await self._candidates(exclude)
         lookup = self.policy.uses_prefix_index and not decision_is_forced(prefill, decode)
-        cached = (await self._cached_blocks(token_ids, prefill + decode, cache_salt)
+        hashes: dict[str, list[int]] = {}
+        cached = (await self._cached_blocks(token_ids, prefill + decode, cache_salt, hashes)
                   if lookup else None)
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached or {},
                            in_flight=dict(d.in_flight), own=d.ledger.view(
@@ -129,7 +139,8 @@ class RouteStage:
             self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
         if cached is not None:  # chosen with the index: the prediction can be audited
             decision = dataclasses.replace(decision, predicted_cached_tokens=predicted_tokens(
-                decision.predicted_cached_blocks, decision.computes.block_size, len(token_ids)))
+                decision.predicted_cached_blocks, decision.computes.block_size, len(token_ids)),
+                prompt_blocks=tuple(hashes.get(decision.computes.worker_id, ())))
         return decision
 
     def audit_ticket(self, route: RouteDecision, request_id: str = "", **kw: Any
@@ -146,9 +157,11 @@ class RouteStage:
     def sent(self, route: RouteDecision, request_id: str, num_tokens: int) -> None:
         """`request_id` (a prompt of `num_tokens`) went to the workers of `route`: into the
         ledger, the worker that computes the prompt with the part the index did not predict
-        cached. Its first token and its end are `ledger.first_token` / `ledger.finished`."""
+        cached and the prompt's block hashes (its pending prefix there until the request
+        ends). Its first token and its end are `ledger.first_token` / `ledger.finished`."""
         computes = route.computes
         uncached = max(num_tokens - route.predicted_cached_blocks * computes.block_size, 0)
         for w in (route.prefill, route.decode):
             if w is not None:
-                self.ledger.sent(request_id, w.worker_id, num_tokens, uncached, w is computes)
+                self.ledger.sent(request_id, w.worker_id, num_tokens, uncached, w is computes,
+                                 route.prompt_blocks if w is computes else ())

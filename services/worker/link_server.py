@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from vllm.v1.metrics.stats import IterationStats
 
     from services.worker.engine import EngineCounters
+    from services.worker.engine_speed import EngineSpeed
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class LinkServer:
                  signer: KVParamsSigner,
                  on_refused: Callable[[Reason], None] = lambda reason: None,
                  counters: "EngineCounters | None" = None,
-                 on_step_stats: "Callable[[IterationStats, int], None] | None" = None) -> None:
+                 on_step_stats: "Callable[[IterationStats, int], None] | None" = None,
+                 speed: "EngineSpeed | None" = None) -> None:
         from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
         from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -65,6 +67,7 @@ class LinkServer:
         self._auth: LinkAuthenticator | None = None
         self._counters, self._on_step_stats = counters, on_step_stats
         self._stats = LinkRequestStats() if on_step_stats is not None else None
+        self._speed = speed  # the router's figures: prompt work waiting, batch (engine_speed.py)
 
     @property
     def refused_clients(self) -> int:
@@ -109,7 +112,8 @@ class LinkServer:
             self._reader.cancel()
         if self._owner:
             ids = list(self._owner)
-            self._owner.clear()
+            for request_id in ids:
+                self._untrack(request_id)
             try:
                 await self._core.abort_requests_async(ids)
             except Exception:
@@ -132,7 +136,7 @@ class LinkServer:
                 elif kind == ABORT:
                     ids = msgspec.msgpack.decode(body[0].bytes)
                     for request_id in ids:
-                        if self._owner.pop(request_id, None) is not None:
+                        if self._untrack(request_id) is not None:
                             self._count_abort(request_id)
                     await self._core.abort_requests_async(ids)
                 else:
@@ -149,15 +153,13 @@ class LinkServer:
             await self._fail(gateway, request.request_id, "request id already in flight")
             return
         if not request.abort_immediately:
-            if not self._owner or self._busy_since is None:
-                self._busy_since = time.time()
-            self._owner[request.request_id] = gateway
+            self._track(request, gateway)
         try:
             await self._core.add_request_async(request)
         except Exception as exc:
             from vllm.v1.engine.exceptions import EngineDeadError
 
-            self._owner.pop(request.request_id, None)
+            self._untrack(request.request_id)
             message = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, EngineDeadError):  # the worker failed, not the request: the
                 assert self._sock is not None      # gateway moves it to another worker
@@ -172,6 +174,26 @@ class LinkServer:
             if self._stats is not None:
                 self._stats.add(request)
             _log_request(request)
+
+    def _track(self, request: Any, gateway: bytes) -> None:
+        """The engine works on a link request from `gateway`: in flight (busy_since), and
+        in the engine's speed figures (prompt work waiting, batch) until `_untrack`."""
+        if not self._owner or self._busy_since is None:
+            self._busy_since = time.time()
+        self._owner[request.request_id] = gateway
+        if self._speed is not None:
+            kv = (getattr(request.sampling_params, "extra_args", None) or {}).get(
+                "kv_transfer_params") or {}
+            self._speed.started(request.request_id, len(request.prompt_token_ids or ()),
+                                remote=bool(kv.get("do_remote_prefill")))
+
+    def _untrack(self, request_id: str) -> bytes | None:
+        """The request left the engine (finished, aborted, failed): no longer in flight;
+        returns the gateway that sent it (None: not a link request in flight)."""
+        gateway = self._owner.pop(request_id, None)
+        if gateway is not None and self._speed is not None:
+            self._speed.ended(request_id)
+        return gateway
 
     def _count_abort(self, request_id: str) -> None:
         if self._counters is not None:
@@ -205,11 +227,12 @@ class LinkServer:
         if not self._owner or self._sock is None:
             return
         by_gateway: dict[bytes, list[str]] = {}
-        for request_id, gateway in self._owner.items():
+        for request_id in list(self._owner):
+            gateway = self._untrack(request_id)
+            assert gateway is not None
             by_gateway.setdefault(gateway, []).append(request_id)
             if self._stats is not None:
                 self._stats.forget(request_id)
-        self._owner.clear()
         message = f"the worker's engine failed: {type(exc).__name__}: {exc}"
         log.error("engine failed under %d link requests: %s", sum(map(len, by_gateway.values())),
                   message)
@@ -233,8 +256,10 @@ class LinkServer:
             if out.kv_transfer_params:  # a prefill's: where its KV is held, signed
                 out.kv_transfer_params = self._signer.sign(out.request_id,
                                                            dict(out.kv_transfer_params))
+            if self._speed is not None:
+                self._speed.first_output(out.request_id)  # a no-op after the first
             if out.finish_reason is not None:
-                del self._owner[out.request_id]
+                self._untrack(out.request_id)
         if not by_gateway:
             return
         outputs.outputs = rest

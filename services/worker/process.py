@@ -159,7 +159,7 @@ class WorkerProcess:
         await self._server.start()
         self._link_server = LinkServer(self.host.engine, cfg.host, cfg.link_port, link_keys,
                                        signer, metrics.kv_params_refused_by, self.host.counters,
-                                       self.host.record_link_step)
+                                       self.host.record_link_step, self.host.speed)
         link_port = await self._link_server.start()
         self.host.link = self._link_server
 

@@ -17,6 +17,9 @@ def test_parse_compare() -> None:
     assert parse_compare("policy=kv,round_robin") == ("policy", ["kv", "round_robin"])
     assert parse_compare("--mode=aggregated, disaggregated") == (
         "mode", ["aggregated", "disaggregated"])
+    # values that hold commas themselves: separated by semicolons
+    assert parse_compare("kv-scorer-weights=ttft=1,shared_step=1;ttft=1") == (
+        "kv-scorer-weights", ["ttft=1,shared_step=1", "ttft=1"])
     for bad in ("policy", "policy=", "=a,b", "policy=a,a"):
         with pytest.raises(ValueError):
             parse_compare(bad)

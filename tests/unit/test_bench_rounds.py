@@ -88,5 +88,61 @@ def test_rounds_want_the_vllm_baseline() -> None:
 
 def test_plots_take_the_median_round_and_pool_the_distributions(tmp_path: Path) -> None:
     paths = write_plots(rounds_report([1.2, 0.9, 1.0, 1.1]), tmp_path / "r")
-    assert [p.name for p in paths] == ["r_distributions.png"]
+    assert [p.name for p in paths] == ["r_distributions.png", "r_head_to_head.png"]
     assert _png(paths[0])[..., :3].std() > 0.05
+    assert _png(paths[1])[..., :3].std() > 0.05
+
+
+def test_head_to_head_judges_the_first_target_against_every_other_beyond_the_interval(
+        ) -> None:
+    """Three policies, four rounds: kv / round_robin has its TTFT ratio 0.5 every round
+    (better beyond any interval), kv / least_loaded scatters around 1 (same), and throughput
+    follows TTFT (scale 1/x)."""
+    from bench.report import markdown, paired_ratio
+
+    scale = {"kv": [0.5, 0.5, 0.5, 0.5], "round_robin": [1.0] * 4,
+             "least_loaded": [0.4, 0.6, 0.45, 0.55]}
+    runs = []
+    for target in scale:
+        for k, s in enumerate(scale[target], start=1):
+            r = _run(target, 6, s)
+            r.label, r.round = f"{target}#{k}", k
+            runs.append(r)
+    report = make_report(runs)
+    assert set(report.head_to_head) == {"kv/round_robin@c6", "kv/least_loaded@c6"}
+    rr = report.head_to_head["kv/round_robin@c6"]
+    assert rr["ttft_ms.p50"].ratio == pytest.approx(0.5)
+    assert rr["ttft_ms.p50"].ci95 == pytest.approx((0.5, 0.5))
+    assert rr["ttft_ms.p50"].verdict == "better" and rr["output_tok_s"].verdict == "better"
+    ll = report.head_to_head["kv/least_loaded@c6"]
+    assert ll["ttft_ms.p50"].values == pytest.approx([0.5 / 0.4, 0.5 / 0.6, 0.5 / 0.45,
+                                                      0.5 / 0.55])
+    lo, hi = ll["ttft_ms.p50"].ci95
+    assert lo < 1 < hi and ll["ttft_ms.p50"].verdict == "same"
+    assert "| kv/round_robin@c6: ttft_ms.p50 | 0.500 | 0.500 .. 0.500 | 4 | better |" \
+        in markdown(report)
+    # the interval: geometric mean of the ratios, Student's t on their logs (3 d.o.f.)
+    p = paired_ratio([1.2, 1.1, 1.3, 1.15], higher_is_better=False)
+    assert p is not None and p.verdict == "worse"
+    assert p.ratio == pytest.approx((1.2 * 1.1 * 1.3 * 1.15) ** 0.25)
+    assert p.ci95[0] == pytest.approx(1.0584, abs=1e-3) and p.ci95[1] == pytest.approx(
+        1.3272, abs=1e-3)
+    one = paired_ratio([0.9], higher_is_better=True)
+    assert one is not None and one.ci95 is None and one.verdict == "same"
+
+
+def test_rounds_with_compare_are_accepted_and_must_only_change_the_gateway() -> None:
+    from bench.gateway_rounds import check_gateway_only, rotated
+    from bench.runner import cluster_plan
+
+    up = "--mode aggregated --workers 2 --model /nonexistent/m --served-model-name m"
+    c = cfg("--compare", "policy=kv,round_robin,least_loaded", "--rounds", "5",
+            "--up-args", up)
+    assert (c.rounds, c.compare_values) == (5, ["kv", "round_robin", "least_loaded"])
+    check_gateway_only(cluster_plan(c))
+    with pytest.raises(ValueError, match="changes engine"):
+        check_gateway_only(cluster_plan(cfg("--compare", "kv-blocks=100,200", "--rounds", "2",
+                                            "--up-args", up)))
+    assert [rotated(["a", "b", "c"], k) for k in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+

@@ -96,3 +96,21 @@ async def test_scale_cli_refuses_what_cannot_be_done(r: Redis, redis_srv) -> Non
     assert out.returncode == 0 and await sizes.desired() == {"both": 3}
     out = _scale_cli("--decode", "2", "--redis-url", "redis://127.0.0.1:1")
     assert out.returncode == 2 and "cannot reach Redis" in out.stderr
+
+
+def test_kv_scorer_weights_from_up_flags() -> None:
+    """`up --kv-scorer-weights` sets the kv policy's scorers (a gateway setting: comparable
+    in paired rounds on one cluster)."""
+    import argparse
+
+    from services.cli import _scorer_weights, cluster_config, parse_args
+
+    up = ["--mode", "aggregated", "--workers", "2", "--model", "/nonexistent/m",
+          "--served-model-name", "m"]
+    cc = cluster_config(parse_args(["up", *up, "--kv-scorer-weights", "ttft=1, shared_step=0.5"]))
+    assert cc.kv_policy.scorer_weights == {"ttft": 1.0, "shared_step": 0.5}
+    assert cluster_config(parse_args(["up", *up])).kv_policy.scorer_weights == \
+        {"ttft": 1.0, "kv_pressure": 1.0, "cold_spread": 1.0, "shared_step": 1.0}
+    for bad in ("ttft", "ttft=x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _scorer_weights(bad)

@@ -174,3 +174,32 @@ def test_a_burst_onto_the_cached_worker_spreads_once_it_delays_the_waiting_ones(
                                     (9, "cold", "cold")]:
         assert shared.choose([], pool, req_for(n)).decode.worker_id == with_shared, n
         assert alone.choose([], pool, req_for(n)).decode.worker_id == without, n
+
+
+def test_a_copy_of_a_prefix_another_worker_holds_is_not_a_cold_prefill() -> None:
+    """A hot system prompt on "holder" (608 of the prompt's 720 tokens), with four requests
+    waiting there (440 uncached tokens); "idle" holds none of it, but requests came to it for
+    its own cache lately (20 of them: 2.8/s at the 5 s half-life). The 608 tokens "idle"
+    would compute are held elsewhere: not work that must happen somewhere, so cold_spread
+    charges only the 112 nobody holds, and "idle" takes a copy:
+
+        holder: (440 + 112) / 2000 + 6 ms + shared_step 4 x 56 ms        = 0.506 s
+        idle:   720 / 2000 + 6 ms + cold_spread 2.77 x 0.056^2 / 2       = 0.370 s
+
+    Charging all 720 tokens as cold (2.77 x 0.36^2 / 2 = 0.18 s) would make it 0.546 s and
+    keep the prompt on "holder" for as long as "idle" has affinity traffic of its own."""
+    policy = KVPolicy(KVPolicyConfig(scorer_weights={"ttft": 1.0, "shared_step": 1.0,
+                                                     "cold_spread": 1.0}))
+    for _ in range(20):
+        policy.affinity.record("idle")
+    pool = [w("holder"), w("idle")]
+    req = RouteRequest(num_tokens=720, cached_blocks={"holder": 19},
+                       own={"holder": OwnLoad(pending_reqs=4, pending_uncached_tokens=440),
+                            "idle": OwnLoad()})
+    d = policy.choose([], pool, req)
+    assert d.decode.worker_id == "idle"
+    costs = {c["worker"]: c for c in d.candidates}
+    assert costs["holder"]["cost"] == pytest.approx(0.506, abs=1e-3)
+    assert costs["idle"]["cold_spread"] == pytest.approx(
+        policy.affinity.rate("idle") * (112 / R) ** 2 / 2, abs=1e-4)
+    assert costs["idle"]["cost"] == pytest.approx(0.370, abs=1e-3)

@@ -64,3 +64,23 @@ def test_ended_requests_are_forgotten_once_no_snapshot_can_hold_them() -> None:
     clock.t = 101.0
     ledger.view({"b0": 100.5})  # every snapshot is later than their end
     assert len(ledger._closed) == 0
+
+
+def test_pending_prefixes_are_the_prompts_being_computed_until_they_end() -> None:
+    """A prompt sent to a worker is known there before its engine publishes its blocks: a
+    later prompt sharing its first blocks is told so, for the worker that computes it (not the
+    one that receives the KV), until the request ends."""
+    ledger = DispatchLedger(clock=Clock())
+    system = [11, 12, 13]  # the shared system prompt's blocks
+    ledger.sent("a", "p0", 130, 130, True, blocks=[*system, 14])
+    ledger.sent("a", "d0", 130, 130, False, blocks=[*system, 14])  # receives the KV
+    ledger.sent("b", "p1", 100, 100, True, blocks=[21, 22, 23])
+    assert ledger.pending_prefixes([*system, 99], ["p0", "p1", "d0"]) == {"p0": 3}
+    assert ledger.pending_prefixes([*system, 14, 15], ["p0"]) == {"p0": 4}
+    ledger.sent("c", "p0", 100, 4, True, blocks=[*system])  # a second holder of it
+    ledger.finished("a", "p0")                              # a's prefill is done
+    assert ledger.pending_prefixes([*system, 14], ["p0"]) == {"p0": 3}
+    ledger.finished("c")
+    ledger.finished("b")
+    assert ledger.pending_prefixes([*system, 14], ["p0", "p1"]) == {}
+    assert ledger.pending_prefixes([21, 22], ["p1"]) == {}

@@ -107,7 +107,8 @@ class OneAtATime:
                     cache_salt: str | None = None) -> Any:
         for w in self.workers:
             if w.info.worker_id not in exclude:
-                return RouteDecision(decode=w.info, prefill=self.prefill and self.prefill.info)
+                return RouteDecision(decode=w.info, prefill=self.prefill and self.prefill.info,
+                                     prompt_blocks=tuple(token_ids))  # a "block" per token
         raise WorkerUnavailable("no decode worker left")
 
 
@@ -187,17 +188,21 @@ def test_a_dropped_link_moves_the_request_with_its_tokens() -> None:
                 first += (await asyncio.wait_for(core.get_output_async(), 10)).outputs
             assert [o.new_token_ids for o in first] == [[10], [11]]
             assert directory.in_flight == {"decode-0": 1}
+            pending = flow.ledger.pending_prefixes  # the prompt being computed, per worker
+            assert pending([1, 2, 3], ["decode-0", "decode-1"]) == {"decode-0": 3}
             a.die()
             moved = await b.next_request()
             assert moved.request_id == "r1.m1"
             assert moved.prompt_token_ids == [1, 2, 3, 10, 11]
             assert moved.sampling_params.max_tokens == 4
             assert directory.in_flight == {"decode-1": 1}
+            assert pending([1, 2, 3], ["decode-0", "decode-1"]) == {"decode-1": 3}
             await b.step("r1.m1", [12, 13])
             await b.step("r1.m1", [14, 15], finished=True)
             tokens, reason = await outputs_until_finished(core, "r1")
             assert tokens == [12, 13, 14, 15] and reason.name == "LENGTH"
             assert migrations(flow) == 1 and directory.in_flight == {}
+            assert pending([1, 2, 3], ["decode-0", "decode-1"]) == {}
 
     asyncio.run(main())
 

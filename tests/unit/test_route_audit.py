@@ -160,7 +160,8 @@ def test_announced_ticket_logs_a_line_and_a_span(exporter: InMemorySpanExporter,
     audit = RouteAudit(CollectorRegistry())
     route = RouteDecision(decode=worker("d", WorkerRole.DECODE),
                           prefill=worker("p", WorkerRole.PREFILL), reason="kv",
-                          predicted_cached_tokens=0)
+                          predicted_cached_tokens=0, ttft_s=0.25,
+                          candidates=({"worker": "p", "cached_tokens": 0, "cost": 0.3},))
     parent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     t = AuditTicket.of(audit, route, request_id="cmpl-1", announce=True, trace_headers=parent)
     assert t is not None
@@ -175,6 +176,11 @@ def test_announced_ticket_logs_a_line_and_a_span(exporter: InMemorySpanExporter,
     assert span.attributes["splitserve.predicted_cached_tokens"] == 0
     assert span.attributes["splitserve.reported_cached_tokens"] == 48
     assert span.attributes["splitserve.route_audit"] == "under"
+    # the cost model's estimate beside the time the gateway measured, to the same output
+    assert rec.estimated_ttft_ms == 250.0 and 0 <= rec.measured_ttft_ms < 1000
+    assert "estimated 250 ms to its first output, took" in rec.getMessage()
+    assert rec.route_candidates == [{"worker": "p", "cached_tokens": 0, "cost": 0.3}]
+    assert span.attributes["splitserve.estimated_ttft_ms"] == 250.0
 
 
 async def test_access_log_and_span_carry_the_figures(exporter: InMemorySpanExporter,

@@ -13,6 +13,7 @@ import shlex
 import pytest
 
 from tests.support.chart import (CHART, NAMESPACE, RELEASE, VALUES_FILES, Manifests, container,
+                                 helm, template_args,
                                  env_of, expand, render, render_named)
 
 FULL = f"{RELEASE}-splitserve"
@@ -349,6 +350,22 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
     cfg, _, _ = gateway_config(render([], ("gateway.slowClientTimeoutSeconds=5",
                                            "gateway.routeHeaders=true")))
     assert cfg.slow_client_timeout_s == 5 and cfg.route_headers is True
+
+
+def test_gateway_kv_policy_scorer_weights() -> None:
+    """serving.kvPolicy.scorerWeights: empty keeps the kv policy's default scorers; set, the
+    gateway's config names exactly those (checked by KVPolicyConfig); unknown names are
+    refused by the schema."""
+    from router.policies import KVPolicyConfig
+
+    default, _, _ = gateway_config(render_named("default"))
+    assert default.kv_policy.scorer_weights == KVPolicyConfig().scorer_weights
+    cfg, _, _ = gateway_config(render([], ("serving.kvPolicy.scorerWeights.ttft=1",
+                                           "serving.kvPolicy.scorerWeights.shared_step=2")))
+    assert cfg.kv_policy.scorer_weights == {"ttft": 1.0, "shared_step": 2.0}
+    bad = helm(*template_args([], ("serving.kvPolicy.scorerWeights.telepathy=1",)),
+               check=False)
+    assert bad.returncode != 0 and "invalid propertyName 'telepathy'" in bad.stderr
 
 
 def test_gateway_runs_vllms_front_end_with_the_engines_arguments() -> None:
