@@ -1,23 +1,30 @@
 """The prefix index at fleet scale (`python -m bench.index_scale`; not a test).
 
 Starts a local Redis Cluster (`--primaries` x (1 + `--replicas`) redis-servers) and a single
-Redis, and on each builds an index of `--workers` workers and `--blocks` indexed blocks: the
-new layout (router/prefix_index.py) on the cluster, today's single-Redis Lua index
-(bench/index_baseline.py) on the single Redis as the baseline (with at most
-`--baseline-blocks`: it needs ~190 bytes per pair). Then, for each:
+Redis. On the cluster it builds the index (router/prefix_index.py) of `--workers` workers and
+`--blocks` indexed blocks; on the single Redis, today's single-Redis Lua index
+(bench/index_baseline.py) as the baseline (with at most `--baseline-blocks`: it needs ~190-280
+bytes per pair). Then, for each:
 
-- writes: `--writer-procs` processes publish event batches for the simulated workers as fast
-  as the index absorbs them (an engine step: `--step-stored` BlockStored + as many
-  BlockRemoved); reported as block events/s, per shard, and per Redis CPU-second of a shard
-  (INFO cpu deltas: what one shard core can absorb, independent of this machine's load);
-- routing: `--router-procs` processes make decisions (hash a `--prompt-blocks`-block prompt
-  with vLLM's algorithm, look up every live worker's cached prefix, pick the best: the longest
-  prefix, ties to the least loaded) while one writer process keeps publishing at
-  `--background-rate` block events/s; reported as decisions per routing CPU-second (a routing
-  core), and lookup p50/p99;
-- the new layout on the single Redis too (its one-EVALSHA lookup), unless `--no-single`;
-- memory: bytes per (block, worker) pair from INFO used_memory (primaries only) before and
-  after the index was built.
+- writes: `--writer-procs` processes publish engine steps for the simulated workers as fast as
+  the index absorbs them (a step: `--step-stored` BlockStored + as many BlockRemoved, one
+  `apply` per step); reported as block events/s, per shard, and per Redis CPU-second of a shard
+  (INFO cpu deltas: what one shard core absorbs, independent of this machine's load). On the
+  cluster one gateway replica follows the change logs meanwhile: its CPU per change applied
+  and its lag (a change's write to its application) under saturated writes;
+- routing: `--router-procs` gateway processes make routing decisions while one writer keeps
+  publishing at `--background-rate` block events/s. A decision: hash a `--prompt-blocks`-block
+  prompt with vLLM's algorithm, look up the cached prefixes, score with the kv policy
+  (router/policies.py), note the dispatch. Paths:
+    * `baseline`: today's gateway: the Lua lookup of every worker, the policy scores all of them;
+    * `redis`: the new index on the cluster (one pipeline per shard), the policy scores the
+      shortlist (router/shortlist.py: the holders of the longest prefixes + the least loaded);
+    * `replica`: each gateway warms a local replica from the cluster (router/index_replica.py)
+      and follows its change logs; lookups need no round trip; the policy scores the shortlist.
+  Reported: decisions per CPU-second of the gateway process (its replica's upkeep included),
+  decision and lookup p50/p99, the replica's lag p50/p99, warm-up time and memory;
+- memory: bytes per (block, worker) pair from INFO used_memory (primaries only), change logs
+  trimmed (their fixed size is reported apart).
 
 Prints a table and writes JSON (`--json`, default bench/results/index_scale.json) with every
 figure and the new/baseline ratios.
@@ -46,8 +53,13 @@ from redis.asyncio.cluster import RedisCluster
 from bench.index_baseline import LegacyPrefixIndex
 from bench.redis_cluster import redis_cluster
 from router.block_hash import BlockHasher
+from router.cost_model import queue_depth
+from router.index_replica import IndexReplica, IndexReplicaConfig
 from router.kv_events import BlockRemoved, BlockStored
+from router.policies import KVPolicy, RouteRequest
 from router.prefix_index import PrefixIndex
+from router.registry import WorkerInfo, WorkerLoad, WorkerRole
+from router.shortlist import LoadOrder, shortlist
 
 NS = "bench"
 BLOCK_SIZE = 16
@@ -74,15 +86,32 @@ def _hot_docs(args: argparse.Namespace) -> list[list[int]]:
     return docs
 
 
+def _infos(workers: list[str], seed: int) -> dict[str, WorkerInfo]:
+    """Aggregated workers with measured speeds and some load, as heartbeats publish them."""
+    rng = random.Random(seed)
+    out = {}
+    for w in workers:
+        pending = rng.randrange(4)
+        out[w] = WorkerInfo(worker_id=w, role=WorkerRole.BOTH, address="127.0.0.1:1",
+                            model="bench", load=WorkerLoad(
+                                num_running_reqs=rng.randrange(8), num_waiting_reqs=pending,
+                                in_flight=pending, pending_prefill_reqs=pending,
+                                pending_prompt_tokens=pending * 1024, decoding_reqs=rng.randrange(8),
+                                kv_cache_usage=rng.random() * 0.8, prefill_tokens_per_s=8000.0,
+                                step_s=0.02, step_per_seq_s=0.001, updated_at=time.time()))
+    return out
+
+
 def _bucket_bits(pairs: int) -> int:
     """Buckets of ~64 members on average: listpack-encoded (zset-max-listpack-entries 128)."""
     return max(8, min(24, (max(pairs // 64, 1)).bit_length()))
 
 
-def _make_index(kind: str, client: Any, bucket_bits: int) -> Any:
+def _make_index(kind: str, client: Any, args: argparse.Namespace | dict, bits: int) -> Any:
     if kind == "baseline":
         return LegacyPrefixIndex(client, NS)
-    return PrefixIndex(client, NS, bucket_bits=bucket_bits, liveness_cache_s=1.0)
+    parts = args["partitions"] if isinstance(args, dict) else args.partitions
+    return PrefixIndex(client, NS, bucket_bits=bits, partitions=parts, liveness_cache_s=1.0)
 
 
 def _client(kind: str, url: str, **kw: Any) -> Any:
@@ -92,10 +121,11 @@ def _client(kind: str, url: str, **kw: Any) -> Any:
 
 
 async def _populate(kind: str, url: str, args: argparse.Namespace, blocks: int,
-                    bucket_bits: int) -> dict[str, Any]:
-    """Register the workers, index the hot documents and `blocks` filler blocks."""
+                    bits: int) -> dict[str, Any]:
+    """Register the workers, index the hot documents (through `add_blocks`) and filler blocks
+    (new index: bulk-loaded bucket by bucket, then the change logs trimmed)."""
     client = _client(kind, url, max_connections=64)
-    idx = _make_index(kind, client, bucket_bits)
+    idx = _make_index(kind, client, args, bits)
     workers = _workers(args.workers)
     async with client.pipeline(transaction=False) as pipe:
         for w in workers:
@@ -129,23 +159,55 @@ async def _populate(kind: str, url: str, args: argparse.Namespace, blocks: int,
             await idx.add_blocks(w, hs)
 
     await asyncio.gather(*[add(w, hs) for w, hs in per_worker.items() if hs])
-    chunk = 20_000
-    done = 0
-    while done < filler:
-        n = min(chunk, filler - done)
-        w = workers[(done // chunk) % len(workers)]
-        batch = [rng.getrandbits(64) for _ in range(n)]
-        await add(w, batch)
-        pairs += n
-        done += n
-        if done % 1_000_000 < chunk:
-            print(f"  {kind}: {done:,}/{filler:,} filler blocks", file=sys.stderr, flush=True)
+    if kind == "baseline":
+        chunk = 20_000
+        done = 0
+        while done < filler:
+            n = min(chunk, filler - done)
+            await add(workers[(done // chunk) % len(workers)],
+                      [rng.getrandbits(64) for _ in range(n)])
+            done += n
+    else:
+        await _bulk_fill(idx, workers, filler, rng)
+        logs = [idx.layout.log_key(p) for p in range(idx.layout.partitions)]
+        await idx.nodes.run([("XTRIM", k, "MAXLEN", 0) for k in logs])
+    pairs += filler
     elapsed = time.perf_counter() - start
     if kind != "baseline":
         await idx.aclose()
     await client.aclose()
     return {"pairs": pairs, "blocks": hot_blocks + filler, "populate_s": round(elapsed, 1),
             "populate_pairs_per_s": round(pairs / elapsed)}
+
+
+async def _bulk_fill(idx: PrefixIndex, workers: list[str], filler: int, rng: random.Random
+                     ) -> None:
+    """`filler` random blocks spread evenly over the buckets, round robin over the workers:
+    one ZADD per bucket, per-node pipelines (what the writes would leave, much faster)."""
+    cids = [await idx.epoch(w) for w in workers]
+    layout = idx.layout
+    nb = 2 ** layout.bucket_bits
+    per, extra = divmod(filler, nb)
+    low = (1 << layout.shift) - 1
+    k = 0
+    cmds: list[tuple] = []
+    for b in range(nb):
+        n = per + (1 if b < extra else 0)
+        if not n:
+            continue
+        members = []
+        for _ in range(n):
+            h = (b << layout.shift) | (rng.getrandbits(64) & low)
+            members += (0, f"{h:016x}{cids[k % len(cids)]}")
+            k += 1
+        cmds.append(("ZADD", layout.bucket_key(b << layout.shift), *members))
+        if len(cmds) >= 2000:
+            await idx.nodes.run(cmds, writes=True)
+            cmds = []
+        if b and b % (nb // 8 or 1) == 0:
+            print(f"  filler: {k:,}/{filler:,}", file=sys.stderr, flush=True)
+    if cmds:
+        await idx.nodes.run(cmds, writes=True)
 
 
 # -- node statistics ---------------------------------------------------------------------------
@@ -165,23 +227,35 @@ def _primary_stats(ports: list[int]) -> dict[int, dict[str, float]]:
     return out
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _pct(xs: list[float], q: float, scale: float = 1e3) -> float | None:
+    xs = sorted(xs)
+    return round(xs[min(int(len(xs) * q), len(xs) - 1)] * scale, 3) if xs else None
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 def _writer_proc(kind: str, url: str, args: dict, seed: int, seconds: float, rate: float,
-                 workers: list[str], bucket_bits: int, out: Any) -> None:
+                 workers: list[str], bits: int, go: Any, out: Any) -> None:
     """Publish engine steps for `workers` (round robin) for `seconds`; `rate` > 0 caps block
     events/s, 0 is as fast as the index absorbs them."""
 
     async def main() -> dict[str, float]:
         client = _client(kind, url, max_connections=32)
-        idx = _make_index(kind, client, bucket_bits)
+        idx = _make_index(kind, client, args, bits)
         rng = random.Random(seed)
         held: dict[str, list[int]] = {w: [] for w in workers}
         events = 0
         k = args["step_stored"]
-        if kind == "cluster":
+        if kind != "baseline":
             for w in workers:  # epochs read once, one at a time (not timed)
                 await idx.epoch(w)
+        if go is not None:
+            go.wait()
         stop = time.perf_counter() + seconds
         start = time.perf_counter()
 
@@ -213,66 +287,254 @@ def _writer_proc(kind: str, url: str, args: dict, seed: int, seconds: float, rat
     out.put(asyncio.run(main()))
 
 
-def _router_proc(kind: str, url: str, args: dict, seed: int, seconds: float,
-                 bucket_bits: int, out: Any) -> None:
-    """Decide routes for `seconds`, one at a time: hash + lookup + score."""
+def _follower_proc(url: str, args: dict, bits: int, seconds: float, ready: Any, out: Any) -> None:
+    """One gateway's replica following the change logs while the writers saturate the index:
+    the CPU it spends per change applied, its lag."""
 
     async def main() -> dict[str, Any]:
-        client = _client(kind, url, max_connections=8)
-        idx = _make_index(kind, client, bucket_bits)
+        client = _client("cluster", url, max_connections=64)
+        idx = _make_index("cluster", client, args, bits)
+        rep = IndexReplica(idx, IndexReplicaConfig(lag_samples=1_000_000))
+        await rep.start()
+        ready.set()
+        c0, n0 = time.process_time(), rep.stats.changes
+        rep.lag_ms.clear()
+        await asyncio.sleep(seconds + 1.0)
+        cpu = time.process_time() - c0
+        changes = rep.stats.changes - n0
+        lags = list(rep.lag_ms)
+        await rep.stop()
+        await idx.aclose()
+        await client.aclose()
+        return {"changes": changes, "cpu_s": cpu, "lag": lags}
+
+    out.put(asyncio.run(main()))
+
+
+def _router_proc(mode: str, url: str, args: dict, seed: int, seconds: float, bits: int,
+                 ready: Any, go: Any, out: Any) -> None:
+    """A gateway: decide routes for `seconds`, one at a time (see the module doc)."""
+
+    async def main() -> dict[str, Any]:
+        kind = "baseline" if mode == "baseline" else "cluster"
+        client = _client(kind, url, max_connections=16)
+        idx = _make_index(kind, client, args, bits)
         ns = argparse.Namespace(**args)
         docs = _hot_docs(ns)
         workers = _workers(ns.workers)
-        load = {w: random.Random(seed).randrange(8) for w in workers}
+        infos = _infos(workers, seed)
+        pool = set(workers)
+        in_flight: dict[str, int] = {}
+        order = LoadOrder()
+        for w, info in infos.items():
+            order.set(w, queue_depth(info, in_flight))
+        policy = KVPolicy()
         hasher = BlockHasher(BLOCK_SIZE, "sha256", hash_seed="0")
         rng = random.Random(seed)
+        rep: IndexReplica | None = None
+        warm: dict[str, Any] = {}
+        if mode == "replica":
+            rss0 = _rss()
+            rep = IndexReplica(idx, IndexReplicaConfig(lag_samples=1_000_000))
+            await rep.start()
+            pairs = rep.pairs
+            warm = {"warm_s": round(rep.stats.warm_s, 2), "pairs": pairs,
+                    "bytes_per_pair": round((_rss() - rss0) / max(pairs, 1), 1)}
+
+        dispatched: list[str] = []
+
+        async def decide(tokens: list[int]) -> tuple[float, float, bool]:
+            t0 = time.perf_counter()
+            if rep is not None:  # blocks hashed as the walk needs them: hash + lookup
+                t1 = t0
+                cached = rep.longest_prefixes(hasher.iter_block_hashes(tokens), pool)
+            else:
+                hashes = hasher.block_hashes(tokens)
+                t1 = time.perf_counter()
+                cached = await idx.longest_prefixes(hashes, workers)
+            t2 = time.perf_counter()
+            if mode == "baseline":
+                cands = list(infos.values())
+            else:
+                cands = [infos[w] for w in shortlist(cached, order)]
+            d = policy.choose([], cands, RouteRequest(num_tokens=len(tokens), cached_blocks=cached,
+                                                      in_flight=in_flight))
+            w = d.decode.worker_id
+            in_flight[w] = in_flight.get(w, 0) + 1  # the dispatch; the oldest one completes
+            dispatched.append(w)
+            order.set(w, queue_depth(infos[w], in_flight))
+            if len(dispatched) > 256:
+                done = dispatched.pop(0)
+                in_flight[done] -= 1
+                order.set(done, queue_depth(infos[done], in_flight))
+            return time.perf_counter() - t0, t2 - t1, d.predicted_cached_blocks > 0
+
         for _ in range(50):  # warm up: scripts loaded, slots and epoch map cached
-            await idx.longest_prefixes(hasher.block_hashes(docs[0]), workers)
+            await decide(docs[rng.randrange(len(docs))])
+        ready.set()
+        go.wait()
+        if rep is not None:
+            rep.lag_ms.clear()
         lat: list[float] = []
         lookups: list[float] = []
         hits = 0
         cpu0 = time.process_time()
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
-            tokens = docs[rng.randrange(len(docs))]
-            t0 = time.perf_counter()
-            hashes = hasher.block_hashes(tokens)
-            t1 = time.perf_counter()
-            cached = await idx.longest_prefixes(hashes, workers)
-            t2 = time.perf_counter()
-            best = max(cached.items(), key=lambda kv: (kv[1], -load[kv[0]]), default=None)
-            if best is not None and best[1] > 0:
-                hits += 1
-            lat.append(time.perf_counter() - t0)
-            lookups.append(t2 - t1)
+            t, tl, hit = await decide(docs[rng.randrange(len(docs))])
+            lat.append(t)
+            lookups.append(tl)
+            hits += hit
+            if rep is not None:
+                await asyncio.sleep(0)  # the replica's follower runs between decisions
         cpu = time.process_time() - cpu0
+        res = {"decisions": len(lat), "cpu_s": cpu, "lat": lat, "lookup": lookups, "hits": hits,
+               **warm}
+        if rep is not None:
+            res["lag"] = list(rep.lag_ms)
+            res["synced"] = rep.synced()
+            res["replica_stats"] = vars(rep.stats)
+            await rep.stop()
         if kind != "baseline":
             await idx.aclose()
         await client.aclose()
-        return {"decisions": len(lat), "cpu_s": cpu, "lat": lat, "lookup": lookups, "hits": hits}
+        return res
 
     out.put(asyncio.run(main()))
 
 
-def _run_procs(target: Any, argsets: list[tuple]) -> list[dict]:
+def _collect(q: Any, procs: list[Any], n: int) -> list[dict]:
+    """`n` results from `q`; raises once a process exited without leaving its result."""
+    out: list[dict] = []
+    while len(out) < n:
+        try:
+            out.append(q.get(timeout=2.0))
+        except Exception:
+            if sum(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                raise RuntimeError("a benchmark process failed (see its traceback above)")
+    return out
+
+
+# -- phases --------------------------------------------------------------------------------------
+
+def _writes(kind: str, url: str, ports: list[int], args: argparse.Namespace, bits: int,
+            shards: int) -> dict[str, Any]:
+    """Saturated writes; on the cluster with one replica following."""
     ctx = mp.get_context("spawn")
+    aargs = _plain(args)
+    workers = _workers(args.workers)
+    n = args.writer_procs
     q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, q)) for a in argsets]
-    for p in procs:
+    go = ctx.Event()
+    follower = None
+    if kind == "cluster":
+        follower = ctx.Process(target=_follower_proc, args=(url, aargs, bits, args.seconds, go, q))
+        follower.start()
+    else:
+        go.set()
+    writers = [ctx.Process(target=_writer_proc, args=(kind, url, aargs, 100 + i, args.seconds,
+                                                      0.0, workers[i::n], bits, go, q))
+               for i in range(n)]
+    for p in writers:
         p.start()
-    results = [q.get() for _ in procs]
-    for p in procs:
+    while not go.wait(1.0):
+        if follower is not None and follower.exitcode is not None:
+            raise RuntimeError("the replica follower failed (see its traceback above)")
+    s0 = _primary_stats(ports)
+    res = _collect(q, [*writers, *([follower] if follower else [])], n + (follower is not None))
+    s1 = _primary_stats(ports)
+    for p in [*writers, *([follower] if follower else [])]:
         p.join()
-    return results
+    wres = [r for r in res if "events" in r]
+    events = sum(r["events"] for r in wres)
+    elapsed = max(r["elapsed"] for r in wres)
+    shard_cpu = [s1[p]["cpu"] - s0[p]["cpu"] for p in s1 if p in s0]
+    out: dict[str, Any] = {
+        "events_per_s": round(events / elapsed),
+        "events_per_s_per_shard": round(events / elapsed / shards),
+        "shard_cpu_s": [round(c, 2) for c in shard_cpu],
+        # what one shard core absorbs: events it received per CPU-second it spent
+        "events_per_shard_cpu_s": round(events / shards / max(statistics.mean(shard_cpu), 1e-9)),
+    }
+    fres = [r for r in res if "changes" in r]
+    if fres:
+        f = fres[0]
+        out["replica_follow"] = {
+            "changes_applied": f["changes"],
+            "changes_per_cpu_s": round(f["changes"] / max(f["cpu_s"], 1e-9)),
+            "lag_p50_ms": _pct(f["lag"], 0.5, 1), "lag_p99_ms": _pct(f["lag"], 0.99, 1),
+        }
+    return out
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(int(len(xs) * q), len(xs) - 1)] * 1e3, 3) if xs else 0.0
-
-
-def _measure(kind: str, url: str, ports: list[int], args: argparse.Namespace, blocks: int
+def _routing(mode: str, url: str, ports: list[int], args: argparse.Namespace, bits: int
              ) -> dict[str, Any]:
+    """Gateways routing while one writer publishes at `--background-rate`."""
+    kind = "baseline" if mode == "baseline" else "cluster"
+    ctx = mp.get_context("spawn")
+    aargs = _plain(args)
+    q = ctx.Queue()
+    go = ctx.Event()
+    readies = [ctx.Event() for _ in range(args.router_procs)]
+    routers = [ctx.Process(target=_router_proc, args=(mode, url, aargs, 200 + i, args.seconds,
+                                                      bits, readies[i], go, q))
+               for i in range(args.router_procs)]
+    for p in routers:
+        p.start()
+    for r in readies:
+        while not r.wait(1.0):
+            if any(p.exitcode is not None for p in routers):
+                raise RuntimeError("a router process failed (see its traceback above)")
+    bg = ctx.Process(target=_writer_proc, args=(kind, url, aargs, 999, args.seconds + 4,
+                                                args.background_rate, _workers(args.workers),
+                                                bits, None, q))
+    bg.start()
+    time.sleep(1.0)  # the background writer runs
+    s0 = _primary_stats(ports)
+    go.set()
+    res = _collect(q, [*routers, bg], args.router_procs + 1)
+    s1 = _primary_stats(ports)
+    for p in [*routers, bg]:
+        p.join()
+    bgres = next(r for r in res if "events" in r)
+    res = [r for r in res if "decisions" in r]
+    lat = [x for r in res for x in r["lat"]]
+    look = [x for r in res for x in r["lookup"]]
+    decisions = sum(r["decisions"] for r in res)
+    cpu = sum(r["cpu_s"] for r in res)
+    shard_cpu = [s1[p]["cpu"] - s0[p]["cpu"] for p in s1 if p in s0]
+    out: dict[str, Any] = {
+        "decisions": decisions,
+        "decisions_per_gateway_cpu_s": round(decisions / cpu),
+        "decision_p50_ms": _pct(lat, 0.5), "decision_p99_ms": _pct(lat, 0.99),
+        "lookup_p50_ms": _pct(look, 0.5), "lookup_p99_ms": _pct(look, 0.99),
+        "hit_rate": round(sum(r["hits"] for r in res) / max(decisions, 1), 3),
+        "redis_cpu_ms_per_decision": round(sum(shard_cpu) / max(decisions, 1) * 1e3, 4),
+        "background_events_per_s": round(bgres["events"] / bgres["elapsed"]),
+    }
+    if mode == "replica":
+        lags = [x for r in res for x in r["lag"]]
+        out["replica"] = {
+            "lag_p50_ms": _pct(lags, 0.5, 1), "lag_p99_ms": _pct(lags, 0.99, 1),
+            "lag_samples": len(lags), "synced_at_end": all(r["synced"] for r in res),
+            "warm_s": max(r["warm_s"] for r in res), "pairs": res[0]["pairs"],
+            "bytes_per_pair": statistics.mean(r["bytes_per_pair"] for r in res),
+            "stats": [r["replica_stats"] for r in res],
+        }
+    return out
+
+
+def _plain(args: argparse.Namespace) -> dict[str, Any]:
+    d = vars(args).copy()
+    d.pop("json", None)
+    return d
+
+
+def _measure(kind: str, url: str, ports: list[int], args: argparse.Namespace, blocks: int,
+             modes: list[str]) -> dict[str, Any]:
     bits = _bucket_bits(blocks + args.hot_docs * args.prompt_blocks * 3)
     before = _primary_stats(ports)
     pop = asyncio.run(_populate(kind, url, args, blocks, bits))
@@ -280,53 +542,30 @@ def _measure(kind: str, url: str, ports: list[int], args: argparse.Namespace, bl
     mem = sum(after[p]["mem"] - before.get(p, {"mem": 0})["mem"] for p in after)
     shards = len(after)
     result: dict[str, Any] = {"shards": shards, "bucket_bits": bits if kind != "baseline" else None,
+                              "partitions": args.partitions if kind != "baseline" else None,
                               **pop, "bytes_per_pair": round(mem / pop["pairs"], 1)}
-    workers = _workers(args.workers)
-    aargs = vars(args).copy()
-    aargs.pop("json", None)
-    # writes, saturated
-    n = args.writer_procs
-    s0 = _primary_stats(ports)
-    res = _run_procs(_writer_proc, [(kind, url, aargs, 100 + i, args.seconds, 0.0,
-                                     workers[i::n], bits) for i in range(n)])
-    s1 = _primary_stats(ports)
-    events = sum(r["events"] for r in res)
-    elapsed = max(r["elapsed"] for r in res)
-    shard_cpu = [s1[p]["cpu"] - s0[p]["cpu"] for p in s1 if p in s0]
-    result["writes"] = {
-        "events_per_s": round(events / elapsed),
-        "events_per_s_per_shard": round(events / elapsed / shards),
-        "shard_cpu_s": [round(c, 2) for c in shard_cpu],
-        # what one shard core absorbs: events it received per CPU-second it spent
-        "events_per_shard_cpu_s": round(events / shards / max(statistics.mean(shard_cpu), 1e-9)),
-    }
-    # routing, with a background writer at a GPU-like rate
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    bg = ctx.Process(target=_writer_proc, args=(kind, url, aargs, 999, args.seconds + 8,
-                                                args.background_rate, workers, bits, q))
-    bg.start()
-    s0 = _primary_stats(ports)
-    res = _run_procs(_router_proc, [(kind, url, aargs, 200 + i, args.seconds, bits)
-                                    for i in range(args.router_procs)])
-    s1 = _primary_stats(ports)
-    bgres = q.get()
-    bg.join()
-    lat = [x for r in res for x in r["lat"]]
-    look = [x for r in res for x in r["lookup"]]
-    decisions = sum(r["decisions"] for r in res)
-    cpu = sum(r["cpu_s"] for r in res)
-    shard_cpu = [s1[p]["cpu"] - s0[p]["cpu"] for p in s1 if p in s0]
-    result["routing"] = {
-        "decisions": decisions,
-        "decisions_per_routing_cpu_s": round(decisions / cpu),
-        "decision_p50_ms": _pct(lat, 0.5), "decision_p99_ms": _pct(lat, 0.99),
-        "lookup_p50_ms": _pct(look, 0.5), "lookup_p99_ms": _pct(look, 0.99),
-        "hit_rate": round(sum(r["hits"] for r in res) / max(decisions, 1), 3),
-        "redis_cpu_ms_per_lookup": round(sum(shard_cpu) / max(decisions, 1) * 1e3, 3),
-        "background_events_per_s": round(bgres["events"] / bgres["elapsed"]),
-    }
+    print(f"{kind}: populated {pop['pairs']:,} pairs in {pop['populate_s']} s",
+          file=sys.stderr, flush=True)
+    result["writes"] = _writes(kind, url, ports, args, bits, shards)
+    print(f"{kind}: writes {result['writes']}", file=sys.stderr, flush=True)
+    if kind != "baseline":
+        result["log_bytes_after_writes"] = _log_bytes(url, args, bits)
+    for mode in modes:
+        result[f"routing_{mode}"] = _routing(mode, url, ports, args, bits)
+        print(f"{kind}: routing {mode} {result[f'routing_{mode}']}", file=sys.stderr, flush=True)
     return result
+
+
+def _log_bytes(url: str, args: argparse.Namespace, bits: int) -> int:
+    async def main() -> int:
+        client = _client("cluster", url)
+        idx = _make_index("cluster", client, args, bits)
+        keys = [idx.layout.log_key(p) for p in range(idx.layout.partitions)]
+        sizes = await idx.nodes.run([("MEMORY", "USAGE", k) for k in keys])
+        await idx.aclose()
+        await client.aclose()
+        return sum(int(s or 0) for s in sizes)
+    return asyncio.run(main())
 
 
 def main() -> None:
@@ -334,7 +573,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1000, help="simulated workers (engines)")
     ap.add_argument("--blocks", type=int, default=2_000_000, help="indexed blocks (new layout)")
     ap.add_argument("--baseline-blocks", type=int, default=300_000,
-                    help="indexed blocks of the baseline (it needs ~190 B per pair)")
+                    help="indexed blocks of the baseline (it needs ~190-280 B per pair)")
     ap.add_argument("--prompt-blocks", type=int, default=64)
     ap.add_argument("--hot-docs", type=int, default=1000, help="prompts the routers look up")
     ap.add_argument("--shared-blocks", type=int, default=4,
@@ -343,20 +582,24 @@ def main() -> None:
                     help="workers holding that system prompt")
     ap.add_argument("--primaries", type=int, default=3)
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--partitions", type=int, default=6,
+                    help="index partitions (a multiple of --primaries spreads them evenly)")
     ap.add_argument("--writer-procs", type=int, default=2)
     ap.add_argument("--writer-concurrency", type=int, default=16,
                     help="engine steps in flight per writer process")
     ap.add_argument("--step-stored", type=int, default=16, help="blocks stored per engine step")
-    ap.add_argument("--router-procs", type=int, default=2)
+    ap.add_argument("--router-procs", type=int, default=2, help="gateway processes routing")
     ap.add_argument("--background-rate", type=float, default=20_000,
                     help="block events/s published while routing")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--no-single", action="store_true",
-                    help="skip the new layout on the single Redis (its Lua lookup path)")
+    ap.add_argument("--steps-per-s", type=float, default=20.0,
+                    help="engine steps per second of a GPU engine (for the fleet figures)")
+    ap.add_argument("--no-redis-routing", action="store_true",
+                    help="skip routing by Redis lookups on the cluster (the replica's is kept)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/index_scale.json"))
     args = ap.parse_args()
     for name in ("workers", "blocks", "prompt_blocks", "hot_docs", "primaries", "writer_procs",
-                 "router_procs", "step_stored", "writer_concurrency"):
+                 "router_procs", "step_stored", "writer_concurrency", "partitions"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.seconds <= 0:
@@ -373,42 +616,52 @@ def main() -> None:
         stack.callback(single.stop)
         print(f"cluster {args.primaries}x{1 + args.replicas} on {cluster.ports}, single on "
               f"{single.port}", file=sys.stderr, flush=True)
+        modes = ["replica"] if args.no_redis_routing else ["redis", "replica"]
         runs = {
-            "cluster": _measure("cluster", cluster.url, cluster.ports, args, args.blocks),
+            "cluster": _measure("cluster", cluster.url, cluster.ports, args, args.blocks, modes),
             "baseline": _measure("baseline", single.url, [single.port], args,
-                                 min(args.blocks, args.baseline_blocks)),
+                                 min(args.blocks, args.baseline_blocks), ["baseline"]),
         }
-        if not args.no_single:
-            redis.Redis(port=single.port).flushall()
-            runs["single"] = _measure("single", single.url, [single.port], args,
-                                      min(args.blocks, args.baseline_blocks))
     new, old = runs["cluster"], runs["baseline"]
+    rep, base = new["routing_replica"], old["routing_baseline"]
     ratios = {
-        "decisions_per_routing_cpu_s": round(new["routing"]["decisions_per_routing_cpu_s"]
-                                             / old["routing"]["decisions_per_routing_cpu_s"], 3),
-        "lookup_p99_ms": round(new["routing"]["lookup_p99_ms"] / old["routing"]["lookup_p99_ms"], 3),
+        "decisions_per_gateway_cpu_s": round(rep["decisions_per_gateway_cpu_s"]
+                                             / base["decisions_per_gateway_cpu_s"], 2),
+        "decision_p99_ms": round(rep["decision_p99_ms"] / base["decision_p99_ms"], 3),
+        "lookup_p99_ms": round(rep["lookup_p99_ms"] / base["lookup_p99_ms"], 3),
         "events_per_shard_cpu_s": round(new["writes"]["events_per_shard_cpu_s"]
                                         / old["writes"]["events_per_shard_cpu_s"], 3),
         "bytes_per_pair": round(new["bytes_per_pair"] / old["bytes_per_pair"], 3),
     }
-    # shards 1,000 GPU engines need for writes, from what one shard core absorbed
-    engines_rate = 1000 * args.step_stored * 2 * 20  # 20 steps/s, stored + removed per step
+    # a 1,000-engine GPU fleet: stored + removed blocks per step, `--steps-per-s` steps/s
+    fleet_rate = round(1000 * args.step_stored * 2 * args.steps_per_s)
+    follow = new["writes"].get("replica_follow", {})
     out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "wall_s": round(time.time() - started, 1), "runs": runs, "ratios": {"new/baseline": ratios},
+           "wall_s": round(time.time() - started, 1), "runs": runs,
+           "ratios": {"new/baseline": ratios},
            "derived": {
-               "gpu_fleet_events_per_s": engines_rate,
-               "shards_for_gpu_fleet": -(-engines_rate // max(new["writes"]["events_per_shard_cpu_s"], 1)),
+               "gpu_fleet_events_per_s": fleet_rate,
+               "shards_for_gpu_fleet": -(-fleet_rate // max(new["writes"]["events_per_shard_cpu_s"], 1)),
                "bytes_for_100M_pairs_GiB": round(new["bytes_per_pair"] * 100e6 / 2**30, 2),
-               "consistency_lag_p99_ms": None,  # no gateway-local replica yet
+               "replica_lag_p99_ms": rep["replica"]["lag_p99_ms"],
+               "replica_lag_p99_ms_saturated_writes": follow.get("lag_p99_ms"),
+               "gateway_cores_to_follow_gpu_fleet": round(
+                   fleet_rate / follow["changes_per_cpu_s"], 3) if follow else None,
            }}
-    print(f"{'':10} {'dec/cpu-s':>10} {'dec p50':>8} {'dec p99':>8} {'look p50':>9} {'look p99':>9} "
-          f"{'ev/s/shard':>11} {'ev/shard-cpu-s':>15} {'B/pair':>7} {'pairs':>11}")
+    print(f"{'':18} {'dec/cpu-s':>10} {'dec p50':>8} {'dec p99':>8} {'look p50':>9} "
+          f"{'look p99':>9} {'lag p99':>8}")
     for name, f in runs.items():
-        rt, wr = f["routing"], f["writes"]
-        print(f"{name:10} {rt['decisions_per_routing_cpu_s']:>10} {rt['decision_p50_ms']:>8} "
-              f"{rt['decision_p99_ms']:>8} {rt['lookup_p50_ms']:>9} {rt['lookup_p99_ms']:>9} "
-              f"{wr['events_per_s_per_shard']:>11} {wr['events_per_shard_cpu_s']:>15} "
-              f"{f['bytes_per_pair']:>7} {f['pairs']:>11,}")
+        for key in [k for k in f if k.startswith("routing_")]:
+            rt = f[key]
+            lag = rt.get("replica", {}).get("lag_p99_ms", "")
+            print(f"{name + '/' + key[8:]:18} {rt['decisions_per_gateway_cpu_s']:>10} "
+                  f"{rt['decision_p50_ms']:>8} {rt['decision_p99_ms']:>8} {rt['lookup_p50_ms']:>9} "
+                  f"{rt['lookup_p99_ms']:>9} {lag:>8}")
+    print(f"{'':10} {'ev/s/shard':>11} {'ev/shard-cpu-s':>15} {'B/pair':>7} {'pairs':>12}")
+    for name, f in runs.items():
+        wr = f["writes"]
+        print(f"{name:10} {wr['events_per_s_per_shard']:>11} {wr['events_per_shard_cpu_s']:>15} "
+              f"{f['bytes_per_pair']:>7} {f['pairs']:>12,}")
     print("new/baseline", json.dumps(ratios))
     print("derived", json.dumps(out["derived"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ import logging
 import os
 import pickle
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 logger = logging.getLogger(__name__)
@@ -295,6 +295,38 @@ class BlockHasher:
     ) -> list[int]:
         """Hashes of the prompt's full blocks in the form the engine publishes (low 64 bits, int)."""
         return [int.from_bytes(d[-8:], "big") for d in self.block_digests(token_ids, lora=lora, cache_salt=cache_salt)]
+
+    def iter_block_hashes(
+        self,
+        token_ids: Sequence[int],
+        *,
+        lora: tuple[str, str] | None = None,
+        cache_salt: str | None = None,
+    ) -> Iterator[int]:
+        """The same hashes as :meth:`block_hashes`, each computed only when asked for: a
+        prefix lookup that stops at the first block nobody holds hashes no further."""
+        tokens = _as_int_list(token_ids)
+        bs = self.block_size
+        n_full = len(tokens) // bs
+        if lora is not None or cache_salt or self.algorithm != "sha256":
+            prev = b""
+            for i in range(n_full):
+                block = tokens[i * bs:(i + 1) * bs]
+                prev = (self.block_digests(block, lora=lora, cache_salt=cache_salt)[0] if i == 0
+                        else self._next(prev, block, lora))
+                yield int.from_bytes(prev[-8:], "big")
+            return
+        dumps, sha = pickle.dumps, hashlib.sha256
+        proto = _PICKLE_PROTOCOL
+        prev = self.none_hash
+        for start in range(0, n_full * bs, bs):
+            prev = sha(dumps((prev, tuple(tokens[start:start + bs]), None), protocol=proto)).digest()
+            yield int.from_bytes(prev[-8:], "big")
+
+    def _next(self, prev: bytes, block: Sequence[int], lora: tuple[str, str] | None) -> bytes:
+        """The digest of a block that is not the prompt's first, after ``prev``."""
+        extra = (("lora", lora[0], lora[1]),) if lora is not None else None
+        return self._hash_fn((prev, tuple(block), extra))
 
 
 def _as_int_list(token_ids: Sequence[int]) -> Sequence[int]:

@@ -1,27 +1,9 @@
 """Redis prefix index: which worker holds which KV-cache blocks, on one Redis or a Redis Cluster.
 
-Keyspace (``ns`` = namespace, default ``"splitserve"``; ``<h>`` = a block hash as 16 lowercase hex
-digits, i.e. the 64-bit int vLLM publishes; ``<b>`` = the hash's top ``bucket_bits`` bits in hex)::
-
-    ns:kv:b:{<b>}       ZSET, all scores 0, members "<h><cid>": worker epoch <cid> holds block <h>
-    ns:kv:n:{<id>}      STRING: how many blocks worker <id>'s current epoch holds
-    {ns:kv}:ids         HASH worker id -> its current epoch id <cid> (a small decimal integer)
-    {ns:kv}:names       HASH <cid> -> worker id (current and retired epochs, until swept)
-    {ns:kv}:next        STRING, the last <cid> allocated (INCR)
-    {ns:kv}:ver         STRING, bumped whenever {ns:kv}:ids changes
-    {ns:kv}:retired     ZSET <cid> -> unix time it was retired (garbage the sweep removes)
-
-Registry keys, owned by ``router.registry`` and only read here::
-
-    ns:workers              SET of known worker ids
-    ns:worker:<id>:alive    STRING with a TTL, refreshed by the live worker
-
-Every key a command touches is declared, and the text between braces is the Redis Cluster hash
-tag: the ``{ns:kv}`` metadata lives in one slot, the buckets spread over all slots (65,536
-buckets by default). A bucket holds the blocks whose hashes share their top bits, so a
-prompt's blocks land on buckets all over the cluster; a member is ~20 bytes in a listpack
-(compact worker epoch ids instead of worker names, no reverse set per block, no forward set
-per worker).
+Keys (router/index_layout.py): the buckets and change log of each *partition* share one hash
+slot; a block's bucket is its hash's top ``bucket_bits`` bits; a bucket holds members
+``<16 hex digits of the block hash><epoch id>``. The epoch metadata (``{ns:kv}:ids`` and
+friends) is one more slot. Every key a command or script touches is declared.
 
 **Epochs.** A worker writes under a compact *epoch id* allocated in ``{ns:kv}:ids``. Clearing a
 worker (start, lost events, ``AllBlocksCleared``, death) retires its epoch in ONE metadata
@@ -30,9 +12,14 @@ exact and O(1). When the caller knows the blocks (the updater's mirror of its en
 deleted at once; otherwise (a crashed worker) :meth:`PrefixIndex.purge_dead` sweeps the retired
 epochs' members out of the buckets later.
 
-**Writes** (:meth:`PrefixIndex.apply`): one event batch is collapsed to its final state per
-block and sent as one ZADD/ZREM per bucket touched, in one pipeline: one round trip per shard
-(in parallel on a cluster), then one INCRBY of the worker's block count.
+**Writes** (:meth:`PrefixIndex.apply`): one event batch (an engine step) is collapsed to its
+final state per block and sent as plain ZADD/ZREM per bucket touched plus, for each partition
+touched, one ``XADD`` of the change to the partition's log (``c`` epoch id, ``a`` hashes added,
+``r`` hashes removed, as concatenated 16-hex-digit strings), after that partition's bucket
+writes: one pipeline per shard, all shards in parallel, then one INCRBY of the worker's block
+count. Every change of a bucket, sweeps included, goes through the log, so a gateway can keep
+a replica (router/index_replica.py). Epoch allocations and retirements are logged in
+``{ns:kv}:log`` by the scripts that make them.
 
 **Lookups** (:meth:`PrefixIndex.longest_prefixes`) take the prompt's block hashes in order:
 
@@ -53,7 +40,6 @@ can be seen up to ``liveness_cache_s`` late.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -61,9 +47,9 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from router.cluster_nodes import NodeClients
+from router.index_layout import IndexLayout
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from router.registry import DEFAULT_NAMESPACE
 
@@ -71,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_NAMESPACE", "PrefixIndex", "hash_hex"]
 
-# KEYS: ids, names, next, ver. ARGV: worker. Returns the worker's epoch id, allocating one.
+# KEYS: ids, names, next, ver, meta log. ARGV: worker, log maxlen. Returns the worker's epoch
+# id, allocating (and logging) one.
 _EPOCH_LUA: Final = """
 local cid = redis.call('HGET', KEYS[1], ARGV[1])
 if cid then return cid end
@@ -79,17 +66,20 @@ cid = tostring(redis.call('INCR', KEYS[3]))
 redis.call('HSET', KEYS[1], ARGV[1], cid)
 redis.call('HSET', KEYS[2], cid, ARGV[1])
 redis.call('INCR', KEYS[4])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'o', 'n', 'w', ARGV[1], 'c', cid)
 return cid
 """
 
-# KEYS: ids, ver, retired. ARGV: now, worker... Retires their epochs; returns {worker, cid, ...}.
+# KEYS: ids, ver, retired, meta log. ARGV: now, log maxlen, worker... Retires their epochs
+# (and logs it); returns {worker, cid, ...}.
 _RETIRE_LUA: Final = """
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local cid = redis.call('HGET', KEYS[1], ARGV[i])
   if cid then
     redis.call('HDEL', KEYS[1], ARGV[i])
     redis.call('ZADD', KEYS[3], tonumber(ARGV[1]), cid)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'o', 'x', 'w', ARGV[i], 'c', cid)
     out[#out + 1] = ARGV[i]
     out[#out + 1] = cid
   end
@@ -167,34 +157,35 @@ class PrefixIndex:
         max_ops_per_call: int = 4096,
         clear_chunk: int = 2048,
         bucket_bits: int = 16,
+        partitions: int = 6,
+        log_maxlen: int = 100_000,
         liveness_cache_s: float = 0.0,
     ) -> None:
         """Use ``redis`` (a ``Redis`` or a ``RedisCluster``, any ``decode_responses``).
 
         ``max_ops_per_call`` bounds the members in one ZADD/ZREM and ``clear_chunk`` the keys
-        swept per pipeline, so no single command blocks Redis long. ``bucket_bits`` sets the
-        number of bucket keys (``2**bucket_bits``); every writer and reader of one index must
-        use the same value. ``liveness_cache_s`` (cluster only): see the module doc.
+        swept per pipeline, so no single command blocks Redis long. ``bucket_bits`` and
+        ``partitions``: see router/index_layout.py (every writer and reader of one index must
+        use the same values). ``log_maxlen``: entries each change log keeps (at least: Redis
+        trims whole nodes of a stream; a replica that falls further behind warms again). ``liveness_cache_s`` (cluster only): see the
+        module doc.
         """
-        if not namespace or any(c.isspace() or c in "{}" for c in namespace):
-            raise ValueError(f"invalid namespace {namespace!r}")
-        if not 1 <= bucket_bits <= 24:
-            raise ValueError(f"bucket_bits must be in 1..24, not {bucket_bits}")
+        self.layout = layout = IndexLayout(namespace, bucket_bits, partitions)
         self.redis = redis
         self.namespace = namespace
         self.max_ops_per_call = max_ops_per_call
         self.clear_chunk = clear_chunk
         self.bucket_bits = bucket_bits
+        self.log_maxlen = log_maxlen
         self.liveness_cache_s = liveness_cache_s
         self.clustered = isinstance(redis, RedisCluster)
-        self._shift = 64 - bucket_bits
-        self._bucket_fmt = f"{namespace}:kv:b:{{{{{{:0{(bucket_bits + 3) // 4}x}}}}}}"
-        meta = f"{{{namespace}:kv}}"
-        self.ids_key = f"{meta}:ids"
-        self.names_key = f"{meta}:names"
-        self.next_key = f"{meta}:next"
-        self.ver_key = f"{meta}:ver"
-        self.retired_key = f"{meta}:retired"
+        self.nodes = NodeClients(redis)
+        self.ids_key = layout.ids_key
+        self.names_key = layout.names_key
+        self.next_key = layout.next_key
+        self.ver_key = layout.ver_key
+        self.retired_key = layout.retired_key
+        self.meta_log_key = layout.meta_log_key
         self._epoch_script = redis.register_script(_EPOCH_LUA)
         self._retire_script = redis.register_script(_RETIRE_LUA)
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
@@ -202,30 +193,29 @@ class PrefixIndex:
         self._epochs: dict[str, str] | None = None  # reader side (cluster): worker -> epoch id
         self._epochs_ver: bytes | str | None = None
         self._lease: dict[str, float] = {}  # reader side (cluster): worker -> alive until
-        self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: "host:port" -> client
 
     # -- keyspace ------------------------------------------------------------------------------
 
     def block_key(self, block_hash: int) -> str:
         """Key of the bucket (ZSET) that holds ``block_hash``'s members."""
-        return self._bucket_fmt.format(block_hash >> self._shift)
+        return self.layout.bucket_key(block_hash)
 
     def count_key(self, worker_id: str) -> str:
         """Key of the number of blocks ``worker_id``'s current epoch holds."""
-        return f"{self.namespace}:kv:n:{{{worker_id}}}"
+        return self.layout.count_key(worker_id)
 
     def bucket_pattern(self) -> str:
         """SCAN pattern matching every bucket key."""
-        return f"{self.namespace}:kv:b:*"
+        return self.layout.bucket_pattern()
 
     def alive_key(self, worker_id: str) -> str:
         """The registry's liveness key of ``worker_id`` (read only here)."""
-        return f"{self.namespace}:worker:{worker_id}:alive"
+        return self.layout.alive_key(worker_id)
 
     @property
     def workers_key(self) -> str:
         """The registry's set of known worker ids (read only here)."""
-        return f"{self.namespace}:workers"
+        return self.layout.workers_key
 
     # -- epochs ----------------------------------------------------------------------------------
 
@@ -234,7 +224,8 @@ class PrefixIndex:
         cid = self._own.get(worker_id)
         if cid is None:
             cid = _text(await self._epoch_script(
-                keys=[self.ids_key, self.names_key, self.next_key, self.ver_key], args=[worker_id]))
+                keys=[self.ids_key, self.names_key, self.next_key, self.ver_key,
+                      self.meta_log_key], args=[worker_id, self.log_maxlen]))
             self._own[worker_id] = cid
         return cid
 
@@ -254,8 +245,9 @@ class PrefixIndex:
         return True
 
     async def _retire(self, worker_ids: Sequence[str]) -> dict[str, str]:
-        flat = await self._retire_script(keys=[self.ids_key, self.ver_key, self.retired_key],
-                                         args=[int(time.time()), *worker_ids])
+        flat = await self._retire_script(
+            keys=[self.ids_key, self.ver_key, self.retired_key, self.meta_log_key],
+            args=[int(time.time()), self.log_maxlen, *worker_ids])
         for w in worker_ids:
             self._own.pop(w, None)
         return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -285,32 +277,50 @@ class PrefixIndex:
         if not final:
             return
         cid = await self.epoch(worker_id)
-        adds: dict[str, list[str]] = {}
-        rems: dict[str, list[str]] = {}
-        for h, stored in final.items():
-            (adds if stored else rems).setdefault(self.block_key(h), []).append(f"{h:016x}{cid}")
+        adds = [h for h, stored in final.items() if stored]
+        rems = [h for h, stored in final.items() if not stored]
+        delta = await self._mutate(cid, adds, rems)
+        if delta:
+            await self.redis.incrby(self.count_key(worker_id), delta)
+
+    async def _mutate(self, cid: str, adds: Iterable[int], rems: Iterable[int]) -> int:
+        """Add and remove members of epoch ``cid`` (each block once) and log the change per
+        partition; returns members added less members removed."""
+        layout = self.layout
+        shift, nparts, tags = layout.shift, layout.partitions, layout.tags
+        # partition -> ({bucket key: [member]} added, the same removed, [hex] added, [hex] removed)
+        parts: dict[int, tuple[dict[str, list[str]], dict[str, list[str]], list[str], list[str]]] = {}
+        for which, hashes in ((0, adds), (1, rems)):
+            for h in hashes:
+                b = h >> shift
+                p = b % nparts
+                part = parts.get(p)
+                if part is None:
+                    part = parts[p] = ({}, {}, [], [])
+                hx = f"{h:016x}"
+                part[which].setdefault(f"{{{tags[p]}}}:b:{b:x}", []).append(hx + cid)
+                part[2 + which].append(hx)
+        if not parts:
+            return 0
         step = self.max_ops_per_call
         cmds: list[tuple] = []
         signs: list[int] = []
-        for groups, sign in ((adds, 1), (rems, -1)):
-            for key, members in groups.items():
+        for p, (add_by_key, rem_by_key, add_hex, rem_hex) in parts.items():
+            for key, members in add_by_key.items():
                 for i in range(0, len(members), step):
-                    chunk = members[i:i + step]
-                    if sign > 0:
-                        cmds.append(("ZADD", key, *[x for m in chunk for x in (0, m)]))
-                    else:
-                        cmds.append(("ZREM", key, *chunk))
-                    signs.append(sign)
-        if self.clustered:
-            counts = await self._per_node(cmds, writes=True)  # ZADD/ZREM: idempotent
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for c in cmds:
-                    pipe.execute_command(*c)
-                counts = await pipe.execute()
-        delta = sum(s * int(c) for s, c in zip(signs, counts))
-        if delta:
-            await self.redis.incrby(self.count_key(worker_id), delta)
+                    cmds.append(("ZADD", key, *[x for m in members[i:i + step] for x in (0, m)]))
+                    signs.append(1)
+            for key, members in rem_by_key.items():
+                for i in range(0, len(members), step):
+                    cmds.append(("ZREM", key, *members[i:i + step]))
+                    signs.append(-1)
+            # after the partition's bucket writes, on the same connection: a reader that sees
+            # the entry sees the writes
+            cmds.append(("XADD", layout.log_key(p), "MAXLEN", "~", self.log_maxlen, "*",
+                         "c", cid, "a", "".join(add_hex), "r", "".join(rem_hex)))
+            signs.append(0)
+        counts = await self.nodes.run(cmds, writes=True)  # ZADD/ZREM: idempotent
+        return sum(s * int(c) for s, c in zip(signs, counts) if s)
 
     async def clear_worker(self, worker_id: str, blocks: Iterable[int] | None = None) -> None:
         """Drop every index entry of ``worker_id`` at once (its epoch is retired).
@@ -325,17 +335,10 @@ class PrefixIndex:
         cid = retired.get(worker_id)
         if cid is None or blocks is None:
             return
-        by_key: dict[str, list[str]] = {}
-        for h in blocks:
-            by_key.setdefault(self.block_key(h), []).append(f"{h:016x}{cid}")
-        if not by_key:
-            return
-        keys = list(by_key.items())
-        for start in range(0, len(keys), self.clear_chunk):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, members in keys[start:start + self.clear_chunk]:
-                    pipe.zrem(key, *members)
-                await pipe.execute()
+        hashes = list(dict.fromkeys(blocks))
+        chunk = self.clear_chunk * 8
+        for start in range(0, len(hashes), chunk):
+            await self._mutate(cid, (), hashes[start:start + chunk])
 
     async def purge_dead(self) -> list[str]:
         """Retire the epochs of indexed workers whose alive key is gone, sweep retired epochs'
@@ -343,17 +346,11 @@ class PrefixIndex:
         indexed = [_text(w) for w in await self.redis.hkeys(self.ids_key)]
         dead: list[str] = []
         if indexed:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for w in indexed:
-                    pipe.exists(self.alive_key(w))
-                alive = await pipe.execute()
+            alive = await self.nodes.run([("EXISTS", self.alive_key(w)) for w in indexed])
             dead = [w for w, a in zip(indexed, alive) if not a]
         if dead:
             await self._retire(dead)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for w in dead:
-                    pipe.delete(self.count_key(w))
-                await pipe.execute()
+            await self.nodes.run([("DEL", self.count_key(w)) for w in dead])
             logger.info("retired prefix-index entries of dead workers: %s", dead)
         await self.sweep()
         return dead
@@ -361,8 +358,9 @@ class PrefixIndex:
     async def sweep(self) -> int:
         """Remove the members of every retired epoch from the buckets; returns how many.
 
-        One SCAN over every primary; buckets are read and cleaned ``clear_chunk`` at a time
-        (two pipelines). Epochs retired while the sweep runs wait for the next one.
+        One SCAN over every primary; buckets are read ``clear_chunk`` at a time and the
+        retired members removed through the change logs. Epochs retired while the sweep runs
+        wait for the next one.
         """
         retired = [_text(c) for c in await self.redis.zrange(self.retired_key, 0, -1)]
         if not retired:
@@ -375,17 +373,16 @@ class PrefixIndex:
             # read the buckets, then delete the retired epochs' members: a retired epoch is
             # never written again, so nothing between the two steps can make a removal wrong
             nonlocal removed
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in batch:
-                    pipe.zrange(key, 0, -1)
-                contents = await pipe.execute()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, members in zip(batch, contents):
-                    gone = [m for m in members if _text(m)[16:] in dead]
-                    for i in range(0, len(gone), self.max_ops_per_call):
-                        pipe.zrem(key, *gone[i:i + self.max_ops_per_call])
-                    removed += len(gone)
-                await pipe.execute()
+            contents = await self.nodes.run([("ZRANGE", key, 0, -1) for key in batch])
+            by_cid: dict[str, list[int]] = {}
+            for members in contents:
+                for m in members:
+                    m = _text(m)
+                    if m[16:] in dead:
+                        by_cid.setdefault(m[16:], []).append(int(m[:16], 16))
+            for c, hashes in by_cid.items():
+                await self._mutate(c, (), hashes)
+                removed += len(hashes)
             batch.clear()
 
         async for key in self.redis.scan_iter(match=self.bucket_pattern(), count=1000):
@@ -416,8 +413,9 @@ class PrefixIndex:
         if self.clustered:
             return await self._lookup_cluster(block_hashes, worker_ids)
         names = list(dict.fromkeys(worker_ids))
+        bucket_key = self.layout.bucket_key
         keys = [self.ids_key, *[self.alive_key(w) for w in names],
-                *[self.block_key(h) for h in block_hashes]]
+                *[bucket_key(h) for h in block_hashes]]
         hexes = "".join([f"{h:016x}" for h in block_hashes])
         flat = await self._lookup_script(keys=keys, args=[len(names), *names, hexes])
         return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -428,13 +426,14 @@ class PrefixIndex:
         sent = time.monotonic()
         cache_s = self.liveness_cache_s
         check = [w for w in names if self._lease.get(w, 0.0) <= sent] if cache_s > 0 else names
-        hexes = [f"{h:016x}" for h in block_hashes]
+        bucket_key = self.layout.bucket_key
         cmds: list[tuple] = [("GET", self.ver_key)]
         op = "PTTL" if cache_s > 0 else "EXISTS"
         cmds.extend((op, self.alive_key(w)) for w in check)
-        cmds.extend(("ZRANGEBYLEX", self.block_key(h), "(" + hx, "(" + hx + ":")
-                    for h, hx in zip(block_hashes, hexes))
-        res = await self._per_node(cmds)
+        for h in block_hashes:
+            hx = f"{h:016x}"
+            cmds.append(("ZRANGEBYLEX", bucket_key(h), "(" + hx, "(" + hx + ":"))
+        res = await self.nodes.run(cmds)
         ver, states, holders = res[0], res[1:1 + len(check)], res[1 + len(check):]
         if cache_s > 0:
             for w, ttl_ms in zip(check, states):
@@ -472,62 +471,9 @@ class PrefixIndex:
             active = still
         return depth
 
-    async def _per_node(self, cmds: list[tuple], writes: bool = False) -> list[Any]:
-        """Run idempotent single-key commands on a cluster in one round trip per node, in parallel.
-
-        The slot map of the cluster client routes them, and each node's share goes out as one
-        plain pipeline (much less client CPU than redis-py's cluster pipeline). On any error
-        (a MOVED after a failover, a node away) the cluster pipeline runs them instead: it
-        follows redirections and refreshes the slot map. For ``writes``, a lost connection is
-        raised instead (after a primary's crash its writer must rebuild under a new epoch: the
-        promoted replica may lack acknowledged writes or keep removed members).
-        """
-        rc = self.redis
-        try:
-            groups: dict[str, list[int]] = {}
-            for i, c in enumerate(cmds):
-                groups.setdefault(rc.get_node_from_key(c[1]).name, []).append(i)
-            out: list[Any] = [None] * len(cmds)
-
-            async def run(name: str, idxs: list[int]) -> None:
-                client = self._node_clients.get(name)
-                if client is None:
-                    host, port = name.rsplit(":", 1)
-                    client = self._node_clients[name] = aioredis.Redis(
-                        host=host, port=int(port), **self._node_kwargs())
-                async with client.pipeline(transaction=False) as pipe:
-                    for i in idxs:
-                        pipe.execute_command(*cmds[i])
-                    for i, v in zip(idxs, await pipe.execute()):
-                        out[i] = v
-
-            await asyncio.gather(*[run(n, ix) for n, ix in groups.items()])
-            return out
-        except Exception as exc:
-            logger.debug("per-node pipeline failed; using the cluster pipeline", exc_info=True)
-            for c in self._node_clients.values():
-                await c.aclose()
-            self._node_clients.clear()
-            if writes and isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-                raise
-        async with rc.pipeline(transaction=False) as pipe:
-            for c in cmds:
-                pipe.execute_command(*c)
-            return await pipe.execute()
-
-    def _node_kwargs(self) -> dict[str, Any]:
-        """Connection settings of the cluster client, for its per-node plain clients."""
-        kw = self.redis.get_connection_kwargs()
-        keep = ("username", "password", "socket_timeout", "socket_connect_timeout",
-                "decode_responses", "encoding", "ssl", "ssl_ca_certs", "ssl_certfile",
-                "ssl_keyfile", "retry", "health_check_interval")
-        return {k: kw[k] for k in keep if k in kw}
-
     async def aclose(self) -> None:
         """Close the per-node connections a cluster lookup opened (the client is the caller's)."""
-        for c in self._node_clients.values():
-            await c.aclose()
-        self._node_clients.clear()
+        await self.nodes.aclose()
 
     async def worker_block_count(self, worker_id: str) -> int:
         """How many blocks the index attributes to ``worker_id``'s current epoch."""

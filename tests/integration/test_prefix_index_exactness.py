@@ -206,7 +206,7 @@ async def test_liveness_cache_drops_an_expired_worker_on_time(cluster: RedisClus
         for w in ("a", "b"):
             await writer.add_blocks(w, [1, 2, 3])
         assert await reader.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3, "b": 3}
-        assert reader._node_clients  # the lookup went out as plain per-node pipelines
+        assert reader.nodes._clients  # the lookup went out as plain per-node pipelines
         await asyncio.sleep(0.5)
         assert await reader.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3}
         # a clear anywhere bumps the epoch map's version: the reader re-reads it at once

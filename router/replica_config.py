@@ -1,0 +1,27 @@
+"""Settings of a gateway's local replica of the prefix index (router/index_replica.py)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class IndexReplicaConfig(BaseModel):
+    """How a replica follows the index's change logs and how stale it may be used."""
+
+    max_staleness_s: float = Field(1.0, gt=0, description=(
+        "a lookup trusts a partition of the replica only while its change log was read to "
+        "the end by a read sent at most this long ago; blocks of a partition that is not (a "
+        "connection lost, a failover, a warm-up) end the prefix there (the replica "
+        "under-reports). So a block removed longer ago than this is never reported"))
+    block_ms: int = Field(100, ge=1, description=(
+        "longest wait of one blocking read of a change log (XREAD BLOCK); kept below the "
+        "client's socket timeout"))
+    read_count: int = Field(2000, ge=1, description=(
+        "log entries one read returns at most; at most the index's log_maxlen"))
+    warm_chunk: int = Field(1000, ge=1, description=(
+        "buckets read per pipeline while warming from Redis"))
+    retry_s: float = Field(0.2, gt=0, description=(
+        "wait before reading a change log again after an error"))
+    lag_samples: int = Field(20_000, ge=1, description=(
+        "how many recent replica lag samples (a change's write to its application here) "
+        "are kept for percentiles"))

@@ -1,0 +1,47 @@
+"""router.shortlist: the candidates a decision scores."""
+
+from __future__ import annotations
+
+from router.shortlist import LoadOrder, shortlist
+
+
+def _order(loads: dict[str, float]) -> LoadOrder:
+    o = LoadOrder()
+    for w, x in loads.items():
+        o.set(w, x)
+    return o
+
+
+def test_load_order_follows_changes() -> None:
+    o = _order({"a": 3, "b": 1, "c": 2})
+    assert list(o.ascending()) == ["b", "c", "a"]
+    o.set("b", 5)
+    o.set("c", 2)  # unchanged
+    assert list(o.ascending()) == ["c", "a", "b"] and o.load("b") == 5
+    o.discard("a")
+    o.discard("zz")
+    assert list(o.ascending()) == ["c", "b"] and "a" not in o and len(o) == 2
+    o.set("d", 2)  # ties by id
+    assert list(o.ascending()) == ["c", "d", "b"]
+
+
+def test_holders_first_then_the_least_loaded() -> None:
+    loads = {f"w{i}": float(i) for i in range(100)}
+    o = _order(loads)
+    got = shortlist({"w50": 10, "w60": 3, "w70": 0}, o, holders=8, least_loaded=2)
+    assert got == ["w50", "w60", "w0", "w1"]  # w70 holds nothing: not a holder
+    # holders that are also among the least loaded are not taken twice
+    assert shortlist({"w0": 4}, o, holders=8, least_loaded=2) == ["w0", "w1", "w2"]
+    # workers not in the pool are never taken
+    assert shortlist({"gone": 64}, o, holders=8, least_loaded=1) == ["w0"]
+
+
+def test_many_holders_keep_the_longest_and_among_ties_the_least_loaded() -> None:
+    o = _order({f"w{i}": float(100 - i) for i in range(100)})  # w99 is the least loaded
+    cached = {f"w{i}": 4 for i in range(60)}  # a system prompt on 60 workers
+    cached.update({"w10": 30, "w20": 9})
+    got = shortlist(cached, o, holders=5, least_loaded=2)
+    assert got[:2] == ["w10", "w20"]
+    assert set(got[2:5]) == {"w59", "w58", "w57"}  # tied at 4: the least loaded of them
+    assert got[5:] == ["w99", "w98"]
+    assert len(shortlist(cached, o, holders=8, least_loaded=4)) == 12
