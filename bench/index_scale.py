@@ -582,8 +582,9 @@ def main() -> None:
                     help="workers holding that system prompt")
     ap.add_argument("--primaries", type=int, default=3)
     ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--partitions", type=int, default=6,
-                    help="index partitions (a multiple of --primaries spreads them evenly)")
+    ap.add_argument("--partitions", type=int, default=None,
+                    help="index partitions (default: --primaries, one per primary; a multiple "
+                         "of --primaries spreads them evenly)")
     ap.add_argument("--writer-procs", type=int, default=2)
     ap.add_argument("--writer-concurrency", type=int, default=16,
                     help="engine steps in flight per writer process")
@@ -598,6 +599,8 @@ def main() -> None:
                     help="skip routing by Redis lookups on the cluster (the replica's is kept)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/index_scale.json"))
     args = ap.parse_args()
+    if args.partitions is None:
+        args.partitions = args.primaries
     for name in ("workers", "blocks", "prompt_blocks", "hot_docs", "primaries", "writer_procs",
                  "router_procs", "step_stored", "writer_concurrency", "partitions"):
         if getattr(args, name) < 1:

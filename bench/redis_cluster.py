@@ -28,6 +28,7 @@ class RedisClusterServer:
     ports: list[int]
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    extra: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -74,6 +75,49 @@ class RedisClusterServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster not ok; see {self.run_dir}")
             time.sleep(0.1)
+
+    def wait_replicated(self, timeout_s: float = 60.0) -> None:
+        """Until every running replica's link to its primary is up (a replica that never
+        synced refuses to fail over: its data is too old)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pending = []
+            for port in self.ports:
+                if self.procs[port].poll() is not None:
+                    continue
+                try:
+                    with contextlib.closing(self.node(port)) as c:
+                        info = c.info("replication")
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        pending.append(port)
+                except redis.RedisError:
+                    pending.append(port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} not in sync; see {self.run_dir}")
+            time.sleep(0.1)
+
+    def kill(self, port: int) -> None:
+        """Kill one node (SIGKILL: a crash, nothing saved)."""
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait()
+
+    def restart(self, port: int, timeout_s: float = 30.0) -> None:
+        """Start a stopped node again, on its port and directory: it rejoins the cluster
+        from its nodes.conf (as a replica, if it was failed over meanwhile)."""
+        self.procs[port] = proc = _start_node(self.run_dir, self.host, port, self.extra)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with contextlib.closing(self.node(port)) as c:
+                    c.ping()
+                return
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"node {port} did not restart; see {self.run_dir}")
+                time.sleep(0.05)
 
     def stop(self) -> None:
         """Terminate every node by PID (SIGTERM, then SIGKILL)."""
@@ -156,10 +200,10 @@ def redis_cluster(primaries: int = 3, replicas: int = 1, host: str = "127.0.0.1"
     """Start ``primaries * (1 + replicas)`` cluster-enabled redis-servers, join them with
     ``redis-cli --cluster create``, yield the cluster, stop every node by PID."""
     with tempfile.TemporaryDirectory(prefix="splitserve-rcluster-") as d:
-        srv = RedisClusterServer(Path(d), [], host=host)
+        srv = RedisClusterServer(Path(d), [], host=host, extra=list(extra or []))
         try:
             for _ in range(primaries * (1 + replicas)):
-                _start_node_on_free_ports(srv, extra or [])
+                _start_node_on_free_ports(srv, srv.extra)
             subprocess.run(
                 ["redis-cli", "--cluster", "create", *[f"{host}:{p}" for p in srv.ports],
                  "--cluster-replicas", str(replicas), "--cluster-yes"],

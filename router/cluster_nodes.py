@@ -154,23 +154,30 @@ class NodeClients:
 async def burst(client: aioredis.Redis, cmds: list[tuple]) -> list[Any]:
     """Send ``cmds`` on one pooled connection of ``client`` in one write (packed by hiredis),
     then read their replies in order; an error reply comes back as its ResponseError. A
-    failed connection is dropped and the error raised."""
+    connection that fails before any reply (a pooled one the server closed when it restarted)
+    is replaced once; a failure after that drops the connection and raises."""
     if not cmds:
         return []
+    packed = b"".join([hiredis.pack_command(c) for c in cmds])
     pool = client.connection_pool
-    conn = await pool.get_connection()
-    try:
-        await conn.send_packed_command(b"".join([hiredis.pack_command(c) for c in cmds]),
-                                       check_health=False)
+    for attempt in (0, 1):
+        conn = await pool.get_connection()
         out: list[Any] = []
-        for _ in cmds:
-            try:
-                out.append(await conn.read_response())
-            except ResponseError as exc:
-                out.append(exc)
-        return out
-    except BaseException:
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            for _ in cmds:
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as exc:
+                    out.append(exc)
+            return out
+        except (RedisConnectionError, OSError):
+            await conn.disconnect()
+            if attempt or out:
+                raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+    raise AssertionError("unreachable")

@@ -8,6 +8,7 @@ partition's hash tag (below)::
     {<tag>}:b:<bucket hex>  ZSET, scores 0, members "<16 hex digits of the block hash><epoch id>"
     {<tag>}:log             STREAM: every change of the partition's buckets, in order
     {ns:kv}:ids, :names, :next, :ver, :retired, :log   the epoch metadata and its change log
+    {ns:kv}:layout          STRING: bucket_bits and partitions, as the first writer set them
     ns:kv:n:{<worker id>}   STRING: blocks held by the worker's current epoch
 
 **Partition tags.** Partition ``p``'s tag is ``ns:kv:<p>.<s>``, with the smallest ``s`` whose
@@ -15,7 +16,9 @@ hash slot lies near the middle of the ``p``-th of ``partitions`` equal slot rang
 made by ``redis-cli --cluster create`` gives each primary one contiguous range, so with
 ``partitions`` a multiple of the number of primaries every primary serves as many partitions.
 
-Every writer and reader of one index must use the same ``bucket_bits`` and ``partitions``.
+Every writer and reader of one index must use the same ``bucket_bits`` and ``partitions``:
+a writer records them in ``{ns:kv}:layout`` when it allocates an epoch and refuses to write
+under another layout; a replica refuses to follow one.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class IndexLayout:
 
     namespace: str
     bucket_bits: int = 16
-    partitions: int = 6
+    partitions: int = 3
     tags: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +140,16 @@ class IndexLayout:
     def retired_key(self) -> str:
         """ZSET epoch id -> unix time it was retired (the sweep removes its members)."""
         return f"{self.meta}:retired"
+
+    @property
+    def layout_key(self) -> str:
+        """STRING: the layout the index's first writer used (:attr:`signature`)."""
+        return f"{self.meta}:layout"
+
+    @property
+    def signature(self) -> str:
+        """What every writer and reader of one index must agree on."""
+        return f"bucket_bits={self.bucket_bits} partitions={self.partitions}"
 
     @property
     def meta_log_key(self) -> str:

@@ -144,9 +144,14 @@ class IndexReplica:
     async def start(self) -> None:
         """Warm up from Redis (every partition and the epoch map), then follow the logs."""
         t0 = time.perf_counter()
-        await self.nodes.initialize()
-        await self._warm_meta()
-        await asyncio.gather(*[self._warm_partition(p) for p in range(self.layout.partitions)])
+        try:
+            await self.nodes.initialize()
+            await self._warm_meta()
+            await asyncio.gather(*[self._warm_partition(p)
+                                   for p in range(self.layout.partitions)])
+        except BaseException:
+            await self.nodes.aclose()
+            raise
         self.stats.warm_s = time.perf_counter() - t0
         groups = ([[i] for i in range(self.layout.partitions + 1)] if self.nodes.clustered
                   else [list(range(self.layout.partitions + 1))])
@@ -169,6 +174,11 @@ class IndexReplica:
 
     async def _warm_meta(self) -> None:
         i = self._meta
+        layout = self.layout
+        written = await self.nodes.client_for(layout.layout_key).get(layout.layout_key)
+        if written is not None and written.decode() != layout.signature:
+            raise ValueError(f"the prefix index is written with {written.decode()}; this "
+                             f"replica uses {layout.signature}")
         end = await self._log_end(i)
         raw = await self.nodes.client_for(self.layout.ids_key).hgetall(self.layout.ids_key)
         self._cid_of = {k.decode(): int(v) for k, v in raw.items()}

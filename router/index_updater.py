@@ -19,8 +19,6 @@ import logging
 from dataclasses import dataclass
 
 import zmq.asyncio
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.block_hash import BlockHasher
 from router.kv_events import (
@@ -33,7 +31,7 @@ from router.kv_events import (
     SubscriberConfig,
 )
 from router.prefix_index import PrefixIndex
-from router.redis_client import stop_task
+from router.redis_client import UNAVAILABLE_ERRORS, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +59,10 @@ class IndexUpdaterConfig:
     retry_backoff_max_s: float = 5.0
     """... up to this."""
     audit_interval_s: float = 2.0
-    """How often the worker's entry count in Redis is compared with the local mirror; on a
-    difference (Redis restarted empty, entries deleted) the entries are written again."""
+    """How often the worker's entry count in Redis is compared with the local mirror, and its
+    last writes checked (router/prefix_index.py, ``writes_intact``); on a difference (Redis
+    restarted empty, entries deleted, a failover that lost acknowledged writes) the entries
+    are written again."""
 
 
 @dataclass
@@ -138,7 +138,7 @@ class IndexUpdater:
                 async with self._lock:
                     try:
                         await self.handle(item)
-                    except (RedisConnectionError, RedisTimeoutError) as exc:
+                    except UNAVAILABLE_ERRORS as exc:
                         self.stats.redis_errors += 1
                         logger.warning("worker %s: Redis unavailable (%s); rebuilding its index "
                                        "entries when it is back", self.config.worker_id, exc)
@@ -164,11 +164,14 @@ class IndexUpdater:
                 try:
                     held = await self.index.worker_block_count(self.config.worker_id)
                     current = await self.index.epoch_is_current(self.config.worker_id)
-                    if held != len(self.blocks) or not current:
-                        logger.warning("worker %s: index holds %d of its %d blocks; rebuilding",
-                                       self.config.worker_id, held, len(self.blocks))
+                    intact = current and await self.index.writes_intact(self.config.worker_id)
+                    if held != len(self.blocks) or not intact:
+                        logger.warning("worker %s: index holds %d of its %d blocks%s; "
+                                       "rebuilding", self.config.worker_id, held,
+                                       len(self.blocks), "" if intact else
+                                       " and lost writes (or its epoch)")
                         await self.rebuild()
-                except (RedisConnectionError, RedisTimeoutError):
+                except UNAVAILABLE_ERRORS:
                     self.stats.redis_errors += 1  # still away: the next audit tries again
 
     async def _rebuild_with_retry(self) -> None:
@@ -187,7 +190,7 @@ class IndexUpdater:
                 else:
                     await self.index.clear_worker(self.config.worker_id)
                 return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except UNAVAILABLE_ERRORS as exc:
                 self.stats.redis_errors += 1
                 logger.warning("worker %s: cannot clear index entries (%s); retrying in %.1fs",
                                self.config.worker_id, exc, delay)

@@ -16,9 +16,11 @@ epochs' members out of the buckets later.
 final state per block and sent as plain ZADD/ZREM per bucket touched plus, for each partition
 touched, one ``XADD`` of the change to the partition's log (``c`` epoch id, ``a`` hashes added,
 ``r`` hashes removed, as concatenated 16-hex-digit strings), after that partition's bucket
-writes: one pipeline per shard, all shards in parallel, then one INCRBY of the worker's block
-count. Every change of a bucket, sweeps included, goes through the log, so a gateway can keep
-a replica (router/index_replica.py). Epoch allocations and retirements are logged in
+writes: one burst of commands per shard, all shards in parallel. The worker's block count
+(an INCRBY by what the ZADD/ZREM replies say changed) rides with the next batch's burst
+(:meth:`PrefixIndex.flush_counts` sends it at once; the count readers call it). Every change
+of a bucket, sweeps included, goes through the log, so a gateway can keep a replica
+(router/index_replica.py). Epoch allocations and retirements are logged in
 ``{ns:kv}:log`` by the scripts that make them.
 
 **Lookups** (:meth:`PrefixIndex.longest_prefixes`) take the prompt's block hashes in order:
@@ -57,9 +59,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_NAMESPACE", "PrefixIndex", "hash_hex"]
 
-# KEYS: ids, names, next, ver, meta log. ARGV: worker, log maxlen. Returns the worker's epoch
-# id, allocating (and logging) one.
+# KEYS: ids, names, next, ver, meta log, layout. ARGV: worker, log maxlen, layout signature.
+# Returns the worker's epoch id, allocating (and logging) one; an error if the index was
+# written under another layout.
 _EPOCH_LUA: Final = """
+local layout = redis.call('GET', KEYS[6])
+if not layout then
+  redis.call('SET', KEYS[6], ARGV[3])
+elseif layout ~= ARGV[3] then
+  return redis.error_reply('LAYOUT this prefix index is written with ' .. layout ..
+    ', this client uses ' .. ARGV[3])
+end
 local cid = redis.call('HGET', KEYS[1], ARGV[1])
 if cid then return cid end
 cid = tostring(redis.call('INCR', KEYS[3]))
@@ -146,6 +156,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def _entry_id(raw: Any) -> tuple[int, int]:
+    ms, _, seq = _text(raw).partition("-")
+    return int(ms), int(seq or 0)
+
+
 class PrefixIndex:
     """Per-worker block membership in Redis (or a Redis Cluster) with longest-prefix lookups."""
 
@@ -157,7 +172,7 @@ class PrefixIndex:
         max_ops_per_call: int = 4096,
         clear_chunk: int = 2048,
         bucket_bits: int = 16,
-        partitions: int = 6,
+        partitions: int = 3,
         log_maxlen: int = 100_000,
         liveness_cache_s: float = 0.0,
     ) -> None:
@@ -190,6 +205,9 @@ class PrefixIndex:
         self._retire_script = redis.register_script(_RETIRE_LUA)
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
         self._own: dict[str, str] = {}  # writer side: worker -> epoch id it writes under
+        self._pending_counts: dict[str, int] = {}  # writer side: count key -> delta not sent
+        # writer side: worker -> partition -> id of the last log entry written for its epoch
+        self._last_entries: dict[str, dict[int, Any]] = {}
         self._epochs: dict[str, str] | None = None  # reader side (cluster): worker -> epoch id
         self._epochs_ver: bytes | str | None = None
         self._lease: dict[str, float] = {}  # reader side (cluster): worker -> alive until
@@ -225,7 +243,8 @@ class PrefixIndex:
         if cid is None:
             cid = _text(await self._epoch_script(
                 keys=[self.ids_key, self.names_key, self.next_key, self.ver_key,
-                      self.meta_log_key], args=[worker_id, self.log_maxlen]))
+                      self.meta_log_key, self.layout.layout_key],
+                args=[worker_id, self.log_maxlen, self.layout.signature]))
             self._own[worker_id] = cid
         return cid
 
@@ -250,6 +269,7 @@ class PrefixIndex:
             args=[int(time.time()), self.log_maxlen, *worker_ids])
         for w in worker_ids:
             self._own.pop(w, None)
+            self._last_entries.pop(w, None)
         return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     # -- writes ----------------------------------------------------------------------------------
@@ -266,26 +286,43 @@ class PrefixIndex:
             elif isinstance(event, AllBlocksCleared):
                 final.clear()  # everything before the clear is moot
                 await self.clear_worker(worker_id)
-        await self._write(worker_id, final)
+        await self._write(worker_id, final, defer_count=True)
 
     async def add_blocks(self, worker_id: str, block_hashes: Iterable[int]) -> None:
         """Record that ``worker_id`` holds ``block_hashes`` (as a BlockStored would)."""
         _check_worker_id(worker_id)
         await self._write(worker_id, dict.fromkeys(block_hashes, True))
 
-    async def _write(self, worker_id: str, final: dict[int, bool]) -> None:
+    async def _write(self, worker_id: str, final: dict[int, bool], defer_count: bool = False
+                     ) -> None:
+        """Write a batch's final states; the worker's block count follows in the same
+        round trip as the next batch (``defer_count``) or at once."""
         if not final:
             return
         cid = await self.epoch(worker_id)
         adds = [h for h, stored in final.items() if stored]
         rems = [h for h, stored in final.items() if not stored]
-        delta = await self._mutate(cid, adds, rems)
+        delta = await self._mutate(cid, adds, rems, self._pending_counts,
+                                   self._last_entries.setdefault(worker_id, {}))
         if delta:
-            await self.redis.incrby(self.count_key(worker_id), delta)
+            key = self.count_key(worker_id)
+            self._pending_counts[key] = self._pending_counts.get(key, 0) + delta
+        if not defer_count:
+            await self.flush_counts()
 
-    async def _mutate(self, cid: str, adds: Iterable[int], rems: Iterable[int]) -> int:
+    async def flush_counts(self) -> None:
+        """Send the block-count changes still held back (see :meth:`apply`)."""
+        if self._pending_counts:
+            pending, self._pending_counts = self._pending_counts, {}
+            await self.nodes.run([("INCRBY", k, d) for k, d in pending.items()], writes=True)
+
+    async def _mutate(self, cid: str, adds: Iterable[int], rems: Iterable[int],
+                      counts: dict[str, int] | None = None,
+                      entries: dict[int, Any] | None = None) -> int:
         """Add and remove members of epoch ``cid`` (each block once) and log the change per
-        partition; returns members added less members removed."""
+        partition, in one burst per shard; returns members added less members removed.
+        ``counts`` (count key -> delta) go out in the same burst, and are then cleared;
+        ``entries`` gets each partition's log entry id."""
         layout = self.layout
         shift, nparts, tags = layout.shift, layout.partitions, layout.tags
         # partition -> ({bucket key: [member]} added, the same removed, [hex] added, [hex] removed)
@@ -305,6 +342,7 @@ class PrefixIndex:
         step = self.max_ops_per_call
         cmds: list[tuple] = []
         signs: list[int] = []
+        logged: list[tuple[int, int]] = []  # (partition, index of its XADD)
         for p, (add_by_key, rem_by_key, add_hex, rem_hex) in parts.items():
             for key, members in add_by_key.items():
                 for i in range(0, len(members), step):
@@ -319,8 +357,40 @@ class PrefixIndex:
             cmds.append(("XADD", layout.log_key(p), "MAXLEN", "~", self.log_maxlen, "*",
                          "c", cid, "a", "".join(add_hex), "r", "".join(rem_hex)))
             signs.append(0)
-        counts = await self.nodes.run(cmds, writes=True)  # ZADD/ZREM: idempotent
-        return sum(s * int(c) for s, c in zip(signs, counts) if s)
+            logged.append((p, len(cmds) - 1))
+        if counts:
+            for key, d in counts.items():
+                cmds.append(("INCRBY", key, d))
+                signs.append(0)
+            counts.clear()
+        results = await self.nodes.run(cmds, writes=True)  # ZADD/ZREM: idempotent
+        if entries is not None:
+            for p, i in logged:
+                entries[p] = results[i]
+        return sum(s * int(c) for s, c in zip(signs, results) if s)
+
+    async def writes_intact(self, worker_id: str) -> bool:
+        """Whether every write this client made for ``worker_id``'s current epoch is still in
+        Redis. False after a shard's primary died and its promoted replica lacks writes the
+        primary had acknowledged (replication is asynchronous): the caller must write the
+        worker's blocks again (under a new epoch). Checked by the last change-log entry this
+        client wrote to each partition: replication keeps a prefix of a shard's writes, so
+        if that entry survived, every write before it did (an entry trimmed away as old
+        counts as kept)."""
+        last = self._last_entries.get(worker_id)
+        if not last or worker_id not in self._own:
+            return True
+        items = list(last.items())
+        cmds: list[tuple] = []
+        for p, eid in items:
+            key = self.layout.log_key(p)
+            cmds += [("XRANGE", key, eid, eid), ("XRANGE", key, "-", "+", "COUNT", 1)]
+        res = await self.nodes.run(cmds)
+        for k, (p, eid) in enumerate(items):
+            found, first = res[2 * k], res[2 * k + 1]
+            if not found and not (first and _entry_id(first[0][0]) > _entry_id(eid)):
+                return False
+        return True
 
     async def clear_worker(self, worker_id: str, blocks: Iterable[int] | None = None) -> None:
         """Drop every index entry of ``worker_id`` at once (its epoch is retired).
@@ -331,6 +401,8 @@ class PrefixIndex:
         """
         _check_worker_id(worker_id)
         retired = await self._retire([worker_id])
+        self._pending_counts.pop(self.count_key(worker_id), None)
+        self._last_entries.pop(worker_id, None)
         await self.redis.delete(self.count_key(worker_id))
         cid = retired.get(worker_id)
         if cid is None or blocks is None:
@@ -476,7 +548,9 @@ class PrefixIndex:
         await self.nodes.aclose()
 
     async def worker_block_count(self, worker_id: str) -> int:
-        """How many blocks the index attributes to ``worker_id``'s current epoch."""
+        """How many blocks the index attributes to ``worker_id``'s current epoch (this
+        client's held-back count changes sent first)."""
+        await self.flush_counts()
         return int(await self.redis.get(self.count_key(worker_id)) or 0)
 
     async def workers_holding(self, block_hash: int) -> set[str]:

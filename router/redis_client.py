@@ -20,18 +20,27 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, MovedError, ReadOnlyError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
 from router.redis_config import RedisClientConfig
 
-__all__ = ["RedisClientConfig", "RedisHealth", "RedisUnavailable", "redis_client",
-           "redis_env", "stop_task", "sync_redis_client"]
+__all__ = ["RedisClientConfig", "RedisHealth", "RedisUnavailable", "UNAVAILABLE_ERRORS",
+           "redis_client", "redis_env", "stop_task", "sync_redis_client"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: What a call gets while Redis (or a Redis Cluster's shard) is away or failing over: lost or
+#: refused connections, timeouts, CLUSTERDOWN, a slot not served yet, TRYAGAIN, a write that
+#: reached a primary just demoted, redirections that did not settle. Worth a retry later.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException, TryAgainError,
+    ReadOnlyError, MovedError)
 
 
 def _kwargs(url: str, cfg: RedisClientConfig) -> dict:

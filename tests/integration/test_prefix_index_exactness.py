@@ -8,6 +8,11 @@ and on the cluster a primary failover (a replica promoted with CLUSTER FAILOVER)
 through the real :class:`~router.index_updater.IndexUpdater` logic. After every step, lookups
 of random prompts from a separate reader must equal the oracle's longest cached prefix of
 every live candidate: in particular they never over-report.
+
+The gateway's replica (router/index_replica.py) is driven the same way by hypothesis, on both,
+with gateway restarts and (cluster) graceful failovers: it never reports more than a state of
+the last staleness bound did, and converges to the oracle within it. Last, a primary is killed
+outright while engines write and the replica serves lookups.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ReadOnlyError
 
+from router.index_replica import IndexReplica, IndexReplicaConfig
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Resync, SubscriberConfig
 from router.prefix_index import PrefixIndex
+from router.redis_client import UNAVAILABLE_ERRORS
 from tests.support.redis import RedisServer, redis_server
 from tests.support.redis_cluster import RedisClusterServer, redis_cluster
 
@@ -50,7 +60,14 @@ async def client(kind: str, single: RedisServer, cluster: RedisClusterServer
                  ) -> AsyncIterator[aioredis.Redis | RedisCluster]:
     if kind == "cluster":
         c: aioredis.Redis | RedisCluster = RedisCluster.from_url(cluster.url)
-        await c.flushall(target_nodes=RedisCluster.PRIMARIES)
+        for attempt in range(50):  # right after a failover, a node's view may lag a moment
+            try:
+                await c.flushall(target_nodes=RedisCluster.PRIMARIES)
+                break
+            except ReadOnlyError:
+                assert attempt < 49
+                await asyncio.sleep(0.1)
+                await c.nodes_manager.initialize()
     else:
         c = aioredis.Redis.from_url(single.url)
         await c.flushall()
@@ -186,7 +203,9 @@ async def test_lookups_match_a_brute_force_oracle(kind: str, single: RedisServer
             if oracle.alive[w]:
                 assert await writer.worker_block_count(w) == len(oracle.held[w])
         await readers[-1].purge_dead()
-        keys = [k async for k in r.scan_iter(match=writer.bucket_pattern(), count=1000)]
+        # a set: right after a failover the client may still list the old primary with the new
+        # one, and scan both
+        keys = {k async for k in r.scan_iter(match=writer.bucket_pattern(), count=1000)}
         total = 0
         for k in keys:
             total += await r.zcard(k)
@@ -214,3 +233,272 @@ async def test_liveness_cache_drops_an_expired_worker_on_time(cluster: RedisClus
         assert await reader.longest_prefixes([1, 2, 3], ["a"]) == {"a": 0}
         await reader.aclose()
         await writer.aclose()
+
+
+# -- the gateway replica against the oracle (hypothesis) -----------------------------------------
+
+REPLICA_BOUND_S = 1.0  # IndexReplicaConfig.max_staleness_s in these tests
+DOCS = 6
+DOC_LEN = 10
+
+_store = st.tuples(st.just("store"), st.sampled_from(WORKERS), st.integers(0, DOCS - 1),
+                   st.integers(1, DOC_LEN))
+_evict = st.tuples(st.just("evict"), st.integers(0, 2**16), st.integers(1, 6))
+ops_strategy = st.lists(st.one_of(
+    _store, _store, _store, _evict, _evict,
+    st.tuples(st.just("clear"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("gap"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("die"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("restart"), st.sampled_from(WORKERS)),
+    st.just(("purge",)),
+    st.just(("gateway_restart",)),
+    st.just(("failover",)),
+), min_size=4, max_size=30)
+
+
+class History:
+    """The oracle's states over time: a replica may lag behind, but only within the bound."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[float, dict[str, set[int]], set[str]]] = []
+
+    def record(self, oracle: Oracle) -> None:
+        self.states.append((time.monotonic(), {w: set(h) for w, h in oracle.held.items()},
+                            {w for w, a in oracle.alive.items() if a}))
+
+    def most(self, prompt: list[int], at: float) -> dict[str, int]:
+        """Per worker, the longest prefix any state of the last REPLICA_BOUND_S reported."""
+        out: dict[str, int] = {}
+        for i, (start, held, alive) in enumerate(self.states):
+            end = self.states[i + 1][0] if i + 1 < len(self.states) else at
+            if end < at - REPLICA_BOUND_S:
+                continue
+            for w in alive:
+                n = 0
+                while n < len(prompt) and prompt[n] in held[w]:
+                    n += 1
+                out[w] = max(out.get(w, 0), n)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_replica_never_over_reports_and_converges(kind: str, single: RedisServer,
+                                                  cluster: RedisClusterServer) -> None:
+    """Random BlockStored/BlockRemoved/AllBlocksCleared, event gaps, worker deaths and
+    restarts, purges, gateway restarts (a new replica warms from Redis) and, on the cluster,
+    primary failovers: after every step a replica's lookup never reports more than some state
+    of the last REPLICA_BOUND_S did, and within that bound it equals the oracle exactly."""
+    failovers = [0]
+    rng0 = random.Random(5)
+    docs = [[rng0.getrandbits(64) for _ in range(DOC_LEN)] for _ in range(DOCS)]
+    for d in docs[3:]:  # half the documents share a 3-block "system prompt"
+        d[:3] = docs[0][:3]
+
+    @settings(max_examples=12 if kind == "cluster" else 20, deadline=None, database=None,
+              derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(ops=ops_strategy, seed=st.integers(0, 2**16))
+    def run(ops: list[tuple], seed: int) -> None:
+        asyncio.run(_replica_program(kind, single, cluster, docs, ops, seed, failovers))
+
+    run()
+    if kind == "cluster":
+        assert failovers[0] >= 1
+
+
+async def _replica_program(kind: str, single: RedisServer, cluster: RedisClusterServer,
+                           docs: list[list[int]], ops: list[tuple], seed: int,
+                           failovers: list[int]) -> None:
+    rng = random.Random(seed)
+    oracle = Oracle()
+    history = History()
+    cfg = IndexReplicaConfig(max_staleness_s=REPLICA_BOUND_S, retry_s=0.05)
+    async with client(kind, single, cluster) as r:
+        writer = PrefixIndex(r, NS, bucket_bits=6, partitions=3)
+        updaters = {w: _updater(writer, w) for w in WORKERS}
+        for w in WORKERS:
+            await r.set(f"{NS}:worker:{w}:alive", "1", px=60_000)
+            oracle.alive[w] = True
+        await writer.add_blocks(WORKERS[0], docs[0][:2])
+        oracle.held[WORKERS[0]].update(docs[0][:2])
+        rep = IndexReplica(PrefixIndex(r, NS, bucket_bits=6, partitions=3), cfg)
+        await rep.start()
+        history.record(oracle)
+        try:
+            for op in ops:
+                rep = await _step(op, r, writer, updaters, oracle, rep, cfg, rng, kind,
+                                  cluster, failovers, docs)
+                history.record(oracle)
+                prompts = [d[: rng.randint(1, DOC_LEN)] for d in docs]
+                alive = {w for w, a in oracle.alive.items() if a}
+                now = time.monotonic()
+                for p in prompts:  # at once: never more than a state of the last bound
+                    got = rep.longest_prefixes(p, alive)
+                    most = history.most(p, now)
+                    assert all(v <= most.get(w, 0) for w, v in got.items()), (op, got, most)
+                deadline = time.monotonic() + REPLICA_BOUND_S + (8.0 if kind == "cluster" else 0)
+                while True:  # and soon exactly what the engines hold
+                    want = [{w: n for w, n in oracle.longest(p, sorted(alive)).items() if n}
+                            for p in prompts]
+                    got_all = [rep.longest_prefixes(p, alive) for p in prompts]
+                    if got_all == want:
+                        break
+                    assert time.monotonic() < deadline, (op, got_all, want)
+                    await asyncio.sleep(0.01)
+        finally:
+            await rep.stop()
+            await rep.index.aclose()
+            await writer.aclose()
+
+
+async def _step(op: tuple, r, writer: PrefixIndex, updaters: dict, oracle: Oracle,
+                rep: IndexReplica, cfg: IndexReplicaConfig, rng: random.Random, kind: str,
+                cluster: RedisClusterServer, failovers: list[int], docs: list[list[int]]
+                ) -> IndexReplica:
+    name, *a = op
+    if name == "evict":  # blocks of a worker that holds some (the first int picks which)
+        holding = [w for w in WORKERS if oracle.held[w] and oracle.alive[w]]
+        if not holding:
+            return rep
+        a[0] = holding[a[0] % len(holding)]
+    if name in ("store", "clear", "gap") and not oracle.alive[a[0]]:
+        name = "restart"  # a dead worker publishes nothing: restart it instead
+    if name == "store":
+        w, d, n = a
+        doc = docs[d]
+        await updaters[w].handle(EventBatch(0, 0.0, [BlockStored(block_hashes=doc[:n])]))
+        oracle.held[w].update(doc[:n])
+    elif name == "evict":
+        w, k = a
+        held = sorted(oracle.held[w])
+        if held:
+            gone = rng.sample(held, min(k, len(held)))
+            await updaters[w].handle(EventBatch(0, 0.0, [BlockRemoved(block_hashes=gone)]))
+            oracle.held[w].difference_update(gone)
+    elif name == "clear":
+        w = a[0]
+        await updaters[w].handle(EventBatch(0, 0.0, [AllBlocksCleared()]))
+        oracle.held[w].clear()
+    elif name == "gap":
+        w = a[0]
+        await updaters[w].handle(Resync("gap", 1, 3))
+        oracle.held[w].clear()
+    elif name == "die":
+        w = a[0]
+        await r.delete(f"{NS}:worker:{w}:alive")
+        oracle.alive[w] = False
+    elif name == "restart":
+        w = a[0]
+        updaters[w] = _updater(writer, w)
+        await writer.clear_worker(w)
+        await r.set(f"{NS}:worker:{w}:alive", "1", px=60_000)
+        oracle.held[w].clear()
+        oracle.alive[w] = True
+    elif name == "purge":
+        await writer.purge_dead()
+    elif name == "gateway_restart":
+        await rep.stop()
+        await rep.index.aclose()
+        rep = IndexReplica(PrefixIndex(r, NS, bucket_bits=6, partitions=3), cfg)
+        await rep.start()
+    elif name == "failover" and kind == "cluster" and failovers[0] < 3:
+        await _failover(cluster)
+        failovers[0] += 1
+    return rep
+
+
+async def test_a_crashed_primary_is_survived(cluster: RedisClusterServer) -> None:
+    """A shard's primary is killed (SIGKILL) while engines publish and gateways route: its
+    replica is promoted; the gateway replica never fails a lookup nor reports more than some
+    state of the last bound did (it reports less, or nothing: routing on load, for a moment);
+    writers rebuild their entries; afterwards the replica and Redis lookups are exact again."""
+    rng = random.Random(4)
+    docs = [[rng.getrandbits(64) for _ in range(DOC_LEN)] for _ in range(DOCS)]
+    oracle = Oracle()
+    history = History()
+    async with client("cluster", None, cluster) as r:  # type: ignore[arg-type]
+        writer = PrefixIndex(r, NS, bucket_bits=6, partitions=3)
+        reader = PrefixIndex(r, NS, bucket_bits=6, partitions=3)
+        updaters = {w: _updater(writer, w) for w in WORKERS}
+        for w in WORKERS:
+            await r.set(f"{NS}:worker:{w}:alive", "1", px=120_000)
+            oracle.alive[w] = True
+            await updaters[w].handle(EventBatch(0, 0.0, [BlockStored(block_hashes=docs[0][:4])]))
+            oracle.held[w].update(docs[0][:4])
+        rep = IndexReplica(PrefixIndex(r, NS, bucket_bits=6, partitions=3),
+                           IndexReplicaConfig(max_staleness_s=REPLICA_BOUND_S, retry_s=0.1))
+        await rep.start()
+        history.record(oracle)
+        victim = _port_of(cluster, writer.layout.log_key(0))
+        cluster.wait_replicated()  # a replica that never synced would not take over
+        cluster.kill(victim)
+        alive = set(WORKERS)
+        redis_failures = lookups = rebuilds = 0
+        outage_end = time.monotonic() + 60
+        recovered_at: float | None = None
+        try:
+            while recovered_at is None or time.monotonic() < recovered_at + 1.0:
+                assert time.monotonic() < outage_end, "the cluster did not recover"
+                w = rng.choice(WORKERS)
+                u = updaters[w]
+                if rng.random() < 0.6:
+                    d = rng.choice(docs)
+                    batch = [BlockStored(block_hashes=d[: rng.randint(1, DOC_LEN)])]
+                    oracle.held[w].update(batch[0].block_hashes)  # type: ignore[arg-type]
+                else:
+                    gone = rng.sample(sorted(oracle.held[w]), min(2, len(oracle.held[w])))
+                    batch = [BlockRemoved(block_hashes=gone)]
+                    oracle.held[w].difference_update(gone)
+                history.record(oracle)
+                try:  # what IndexUpdater.run does: a failed write rebuilds from the mirror
+                    await u.handle(EventBatch(0, 0.0, batch))
+                except UNAVAILABLE_ERRORS:
+                    await u._rebuild_with_retry()
+                    rebuilds += 1
+                now = time.monotonic()
+                for d in docs:
+                    got = rep.longest_prefixes(d, alive)  # never raises
+                    most = history.most(d, now)
+                    assert all(v <= most.get(x, 0) for x, v in got.items()), (got, most)
+                    lookups += 1
+                try:
+                    await reader.longest_prefixes(docs[0], WORKERS)
+                except UNAVAILABLE_ERRORS:
+                    redis_failures += 1  # the gateway routes on load only meanwhile
+                if recovered_at is None and rebuilds and _promoted(cluster, victim):
+                    recovered_at = time.monotonic()
+                await asyncio.sleep(0.02)
+            assert rebuilds > 0 and lookups > 0
+            deadline = time.monotonic() + REPLICA_BOUND_S + 10
+            while True:  # exact again: the replica, and the index itself
+                want = [{w: n for w, n in oracle.longest(d, WORKERS).items() if n} for d in docs]
+                got_all = [rep.longest_prefixes(d, alive) for d in docs]
+                if got_all == want:
+                    break
+                assert time.monotonic() < deadline, (got_all, want)
+                await asyncio.sleep(0.05)
+            for d in docs:
+                assert await reader.longest_prefixes(d, WORKERS) == oracle.longest(d, WORKERS)
+            assert rep.stats.errors > 0
+        finally:
+            await rep.stop()
+            await rep.index.aclose()
+            for x in (writer, reader):
+                await x.aclose()
+            cluster.restart(victim)  # rejoins as a replica of the promoted node
+            cluster.wait_ok()
+
+
+def _port_of(cluster: RedisClusterServer, key: str) -> int:
+    import redis as sync_redis
+
+    with contextlib.closing(sync_redis.RedisCluster(host=cluster.host, port=cluster.ports[0])) as c:
+        return c.get_node_from_key(key).port
+
+
+def _promoted(cluster: RedisClusterServer, victim: int) -> bool:
+    """Whether every running node reports the cluster ok without the victim."""
+    try:
+        cluster.wait_ok(timeout_s=0.01)
+        return True
+    except RuntimeError:
+        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
@@ -202,3 +203,15 @@ async def test_namespaces_are_isolated_and_decode_responses(redis_srv: RedisServ
         assert await two.longest_prefixes([1, 2]) == {"w": 0}
     finally:
         await client.aclose()
+
+
+async def test_writers_and_replicas_of_another_layout_are_refused(r: aioredis.Redis) -> None:
+    from redis.exceptions import ResponseError
+
+    from router.index_replica import IndexReplica
+
+    await PrefixIndex(r, bucket_bits=8, partitions=2).add_blocks("w1", [1])
+    with pytest.raises(ResponseError, match="LAYOUT"):
+        await PrefixIndex(r, bucket_bits=8, partitions=3).add_blocks("w2", [1])
+    with pytest.raises(ValueError, match="partitions=2"):
+        await IndexReplica(PrefixIndex(r, bucket_bits=9, partitions=2)).start()
