@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO))
 from pydantic import BaseModel  # noqa: E402
 
 from router.redis_config import RedisClientConfig  # noqa: E402
+from router.replica_config import IndexReplicaConfig  # noqa: E402
 from services.controller.config import ClusterConfig, PoolConfig  # noqa: E402
 from services.gateway.config import GatewayConfig  # noqa: E402
 from services.logs import LogConfig  # noqa: E402
@@ -30,6 +31,8 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (EngineConfig, "The vLLM engine of every worker."),
     (WorkerConfig, "One worker (set by the controller; listed for reference)."),
     (GatewayConfig, "One gateway process (`splitserve gateway`)."),
+    (IndexReplicaConfig, "The gateway's local replica of the prefix index (gateway "
+     "`index_replica`; docs/routing.md)."),
     (PlannerConfig, "The SLA planner (`splitserve planner`, docs/planner.md)."),
     (PoolLimits, "Bounds of one pool (planner `prefill`, `decode`)."),
     (CapacityConfig, "The planner's capacity model figures (planner `capacity`)."),

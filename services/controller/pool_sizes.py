@@ -22,7 +22,9 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 POOLS = ("prefill", "decode", "both")
-MAX_REPLICAS = 256
+#: The largest pool `splitserve scale`, the planner and the controller accept (a fleet of
+#: 1,000 engines and ten times that; the router scores no pool as a whole: router/shortlist.py).
+MAX_REPLICAS = 10_000
 
 
 class PoolObservation(BaseModel):

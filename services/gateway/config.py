@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
+from router.replica_config import IndexReplicaConfig
 
 
 class MigrationConfig(BaseModel):
@@ -79,6 +80,10 @@ class GatewayConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description=(
         "upper bound on one request's duration: a request still generating after this long "
         "ends with an error and is aborted on its workers"))
+    index_replica: IndexReplicaConfig | None = Field(None, description=(
+        "keep a local replica of the prefix index, followed from Redis, and look prompts up "
+        "in it (no Redis round trip) while it is synced; null: every lookup asks Redis "
+        "(docs/routing.md, \"The gateway's replica\")"))
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
 from router.redis_client import RedisClientConfig, RedisHealth, redis_client, stop_task
+from router.replicated_index import open_prefix_index
 from services.cluster_secret import ClusterSecret
 from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys
@@ -57,7 +58,8 @@ class Gateway:
             log.warning("registry not reachable at start; will keep trying", exc_info=True)
         await self.directory.start()
         policy = make_policy(self.cfg.policy, self.cfg.kv_policy)
-        index = PrefixIndex(self.redis, self.cfg.namespace) if policy.uses_prefix_index else None
+        index = (await open_prefix_index(self.redis, self.cfg.namespace, self.cfg.index_replica)
+                 if policy.uses_prefix_index else None)
         self.route_stage = RouteStage(self.directory, policy, index, self.metrics,
                                       self.cfg.migration)
         if index is not None:
@@ -103,6 +105,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._purge_task is not None:
             await stop_task(self._purge_task)
+        if self.route_stage is not None and self.route_stage.index is not None:
+            await self.route_stage.index.aclose()  # a replica's follower and connections
         if self.directory:
             await self.directory.stop()
         if self.redis:

@@ -7,13 +7,14 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from router.registry import DEFAULT_NAMESPACE
+from services.controller.pool_sizes import MAX_REPLICAS
 
 
 class PoolLimits(BaseModel):
     """Bounds on one pool's size."""
 
-    min_replicas: int = Field(1, ge=0, le=256, description="never fewer workers than this")
-    max_replicas: int = Field(8, ge=0, le=256, description="never more workers than this")
+    min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="never fewer workers than this")
+    max_replicas: int = Field(8, ge=0, le=MAX_REPLICAS, description="never more workers than this")
 
     @model_validator(mode="after")
     def _ordered(self) -> "PoolLimits":

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from router.index_replica import IndexReplica, IndexReplicaConfig
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from router.prefix_index import PrefixIndex
+from router.replicated_index import ReplicatedPrefixIndex, open_prefix_index
 from tests.support.redis import redis_server
 
 NS = "splitserve"
@@ -137,3 +138,38 @@ def test_read_count_above_the_log_length_is_refused() -> None:
     idx = PrefixIndex(aioredis.Redis(), NS, log_maxlen=100)
     with pytest.raises(ValueError):
         IndexReplica(idx, IndexReplicaConfig(read_count=101))
+
+
+async def test_a_replicated_index_reads_the_replica_while_it_is_synced(r: aioredis.Redis) -> None:
+    idx = ReplicatedPrefixIndex(r, NS, replica=IndexReplicaConfig(), bucket_bits=4, partitions=2)
+    for w in ("a", "b"):
+        await r.sadd(f"{NS}:workers", w)
+        await r.set(f"{NS}:worker:{w}:alive", "1")
+    await idx.add_blocks("a", [1, 2, 3])
+    try:
+        # not started: Redis answers (every live candidate, 0 for those holding nothing)
+        assert await idx.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3, "b": 0}
+        await idx.start()
+        assert await idx.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 3}
+        assert await idx.longest_prefixes(iter([1, 2]), ["b"]) == {}
+        assert (idx.reads.replica, idx.reads.redis) == (2, 1)
+        assert await idx.longest_prefixes([1, 2, 3]) == {"a": 3, "b": 0}  # None: Redis's liveness
+    finally:
+        await idx.aclose()
+
+
+async def test_a_gateway_starts_with_redis_away_and_its_replica_warms_later() -> None:
+    with redis_server() as srv:
+        client = aioredis.Redis.from_url(srv.url)
+        srv.stop()
+        idx = await open_prefix_index(client, NS, IndexReplicaConfig(retry_s=0.05))
+        try:
+            assert isinstance(idx, ReplicatedPrefixIndex) and not idx.replica.synced()
+            srv.start()
+            await PrefixIndex(client, NS).add_blocks("a", [7])
+            await eventually(idx.replica.synced)
+            await eventually(visible(idx.replica, [7], {"a": 1}))
+        finally:
+            await idx.aclose()
+            await client.aclose()
+    assert isinstance(await open_prefix_index(client, NS), PrefixIndex)

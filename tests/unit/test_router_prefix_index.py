@@ -215,3 +215,20 @@ async def test_writers_and_replicas_of_another_layout_are_refused(r: aioredis.Re
         await PrefixIndex(r, bucket_bits=8, partitions=3).add_blocks("w2", [1])
     with pytest.raises(ValueError, match="partitions=2"):
         await IndexReplica(PrefixIndex(r, bucket_bits=9, partitions=2)).start()
+
+
+async def test_writes_intact_tells_lost_writes_from_old_trimmed_ones(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r, bucket_bits=4, partitions=1)
+    await idx.add_blocks("w1", [1, 2])
+    assert await idx.writes_intact("w1") and await idx.writes_intact("never-written")
+    log = idx.layout.log_key(0)
+    last = (await r.xrevrange(log, count=1))[0][0]
+    await r.xdel(log, last)  # a failover's promoted replica lacks the last write
+    assert not await idx.writes_intact("w1")
+    await idx.add_blocks("w1", [3])  # written again: intact
+    assert await idx.writes_intact("w1")
+    await idx.add_blocks("w2", [4])  # newer entries, then the old ones trimmed away
+    await r.xtrim(log, maxlen=1, approximate=False)
+    assert await idx.writes_intact("w1")
+    await idx.clear_worker("w1")
+    assert await idx.writes_intact("w1")  # a new epoch: nothing written under it yet
