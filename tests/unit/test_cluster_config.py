@@ -51,11 +51,15 @@ def test_shrinking_removes_starting_workers_first_then_the_newest() -> None:
     assert WorkerPools._victims([old, new, starting], 2) == [starting, new]
 
 
-@pytest.mark.parametrize("pool,n", [("gpu", 1), ("decode", -1), ("decode", 10_000),
+@pytest.mark.parametrize("pool,n", [("gpu", 1), ("decode", -1), ("decode", 10_001),
                                     ("decode", 1.5), ("decode", True)])
 def test_impossible_sizes_are_refused(pool: str, n: object) -> None:
     with pytest.raises(ValueError):
         PoolSizes.check(pool, n)  # type: ignore[arg-type]
+
+
+def test_a_pool_may_have_ten_thousand_workers() -> None:
+    PoolSizes.check("decode", 10_000)  # issue 18: no fixed pool cap below 10,000
 
 
 async def test_desired_and_observed_round_trip(r: Redis) -> None:
