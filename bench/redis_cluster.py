@@ -188,6 +188,7 @@ def _start_node(run_dir: Path, host: str, port: int, extra: list[str]) -> subpro
     proc = subprocess.Popen(
         [binary, "--bind", host, "--port", str(port), "--cluster-enabled", "yes",
          "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "2000",
+         # (a later --cluster-node-timeout in `extra` overrides it)
          "--save", "", "--appendonly", "no", "--dir", str(d), "--protected-mode", "yes", *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()

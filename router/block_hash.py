@@ -208,16 +208,26 @@ def _make_hash_fn(algorithm: str) -> Callable[[Any], bytes]:
 class BlockHasher:
     """Computes the block hashes a vLLM engine publishes for a prompt's full blocks."""
 
-    __slots__ = ("algorithm", "block_size", "hash_seed", "seed_source", "none_hash", "_hash_fn")
+    __slots__ = ("algorithm", "block_size", "hash_seed", "seed_source", "none_hash", "_hash_fn",
+                 "_cache", "_cache_size")
 
-    def __init__(self, block_size: int, algorithm: str = "sha256", hash_seed: str | None = None) -> None:
+    def __init__(self, block_size: int, algorithm: str = "sha256", hash_seed: str | None = None,
+                 cache_size: int = 0) -> None:
         """Configure for an engine's ``block_size``, ``prefix_caching_hash_algo`` and PYTHONHASHSEED.
 
         ``hash_seed=None`` reads PYTHONHASHSEED from this process's environment, falling back to
         vLLM's default seed for the SHA-256 algorithms and raising :class:`HashSeedError` for xxhash.
+        ``cache_size`` > 0 (sha256, no extra keys): remember that many (parent digest, block
+        tokens) -> digest, oldest forgotten first, so that prefixes seen again (a system
+        prompt, a conversation's history) cost a dictionary lookup per block, not a hash.
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self._cache_size = cache_size
+        self._cache: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] | None = (
+            {} if cache_size and algorithm == "sha256" else None)
         self.block_size: int = block_size
         self.algorithm: str = algorithm
         self._hash_fn: Callable[[Any], bytes] = _make_hash_fn(algorithm)
@@ -266,6 +276,8 @@ class BlockHasher:
         if lora is None and not cache_salt:
             # Fast path (no extra keys): specialise the serialisation to avoid per-call dispatch.
             if self.algorithm == "sha256":
+                if parent is None and self._cache is not None:
+                    return [d for d, _ in self._sha256_chain(tokens, n_full)]
                 dumps, sha = pickle.dumps, hashlib.sha256
                 proto = _PICKLE_PROTOCOL
                 for start in range(0, n_full * bs, bs):
@@ -316,12 +328,33 @@ class BlockHasher:
                         else self._next(prev, block, lora))
                 yield int.from_bytes(prev[-8:], "big")
             return
+        for _, h in self._sha256_chain(tokens, n_full):
+            yield h
+
+    def _sha256_chain(self, tokens: Sequence[int], n_full: int) -> Iterator[tuple[bytes, int]]:
+        """(digest, published hash) of each full block of a prompt without extra keys,
+        sha256, computed lazily, through the cache when there is one."""
         dumps, sha = pickle.dumps, hashlib.sha256
         proto = _PICKLE_PROTOCOL
+        bs = self.block_size
+        cache = self._cache
         prev = self.none_hash
         for start in range(0, n_full * bs, bs):
-            prev = sha(dumps((prev, tuple(tokens[start:start + bs]), None), protocol=proto)).digest()
-            yield int.from_bytes(prev[-8:], "big")
+            block = tuple(tokens[start:start + bs])
+            if cache is None:
+                prev = sha(dumps((prev, block, None), protocol=proto)).digest()
+                yield prev, int.from_bytes(prev[-8:], "big")
+                continue
+            key = (prev, block)
+            hit = cache.get(key)
+            if hit is None:
+                d = sha(dumps((prev, block, None), protocol=proto)).digest()
+                hit = (d, int.from_bytes(d[-8:], "big"))
+                if len(cache) >= self._cache_size:
+                    del cache[next(iter(cache))]
+                cache[key] = hit
+            prev = hit[0]
+            yield hit
 
     def _next(self, prev: bytes, block: Sequence[int], lora: tuple[str, str] | None) -> bytes:
         """The digest of a block that is not the prompt's first, after ``prev``."""

@@ -10,7 +10,9 @@ gateway's replica"):
   applied. The epoch map (which worker an epoch id belongs to) warms the same way from
   ``{ns:kv}:ids`` and its log.
 - **Following.** One blocking ``XREAD`` per change log (on a single Redis, one for all of
-  them), on plain connections of the replica's own; each entry is applied in log order.
+  them), on plain connections of the replica's own; each entry is applied in log order. After
+  a read that returned changes the next waits until ``read_interval_ms`` after it, so that
+  reads carry many changes each.
 - **Staleness.** A partition counts as *synced* at the send time of the last read that
   returned the log's end. A lookup trusts a partition only while that time is within
   ``max_staleness_s``: the walk down the prompt's blocks stops at the first block of a
@@ -39,7 +41,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.cluster_nodes import NodeClients
+from router.cluster_nodes import NodeClients, burst
 from router.prefix_index import PrefixIndex
 from router.redis_client import stop_task
 from router.replica_config import IndexReplicaConfig
@@ -142,7 +144,9 @@ class IndexReplica:
         return self.layout.meta_log_key if i == self._meta else self.layout.log_key(i)
 
     async def start(self) -> None:
-        """Warm up from Redis (every partition and the epoch map), then follow the logs."""
+        """Warm up from Redis (every partition and the epoch map), then follow the logs;
+        returns once caught up with what was logged meanwhile (or after 10 x
+        ``max_staleness_s``: not synced yet, lookups under-report until it is)."""
         t0 = time.perf_counter()
         try:
             await self.nodes.initialize()
@@ -157,6 +161,10 @@ class IndexReplica:
                   else [list(range(self.layout.partitions + 1))])
         self._tasks = [asyncio.create_task(self._follow(g), name=f"index-replica:{g[0]}")
                        for g in groups]
+        # caught up once (what was logged during the warm-up applied): synced from here on
+        deadline = time.monotonic() + 10 * self.config.max_staleness_s
+        while not self.synced() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
         """Stop following and close the replica's connections."""
@@ -227,6 +235,7 @@ class IndexReplica:
     async def _follow(self, streams: list[int]) -> None:
         keys = [self._stream_key(i) for i in streams]
         count, block = self.config.read_count, self._block_ms
+        interval = self.config.read_interval_ms / 1000
         broken = False
         while True:
             name = self.nodes.node_name(keys[0])
@@ -236,11 +245,17 @@ class IndexReplica:
                     broken = False
                 client = self.nodes.client(name)
                 sent = time.monotonic()
-                resp = await client.xread({k: self._last_id[i] for k, i in zip(keys, streams)},
-                                          count=count, block=block)
-                got = {(k.decode() if isinstance(k, bytes) else k): entries
-                       for k, entries in (resp or [])}
+                # the raw reply, parsed by hiredis, no per-entry dict: {key: [[id, [k, v,
+                # ...]], ...]} (RESP3), [[key, entries], ...] (RESP2), or None
+                resp = (await burst(client, [("XREAD", "COUNT", count, "BLOCK", block,
+                                              "STREAMS", *keys,
+                                              *[self._last_id[i] for i in streams])]))[0]
+                if isinstance(resp, Exception):
+                    raise resp
+                pairs = resp.items() if isinstance(resp, dict) else (resp or [])
+                got = {k.decode(): entries for k, entries in pairs}
                 now_ms = time.time() * 1000
+                behind = False
                 for i, key in zip(streams, keys):
                     entries = got.get(key, ())
                     if len(entries) >= count and not await self._kept_since(i, client):
@@ -249,6 +264,12 @@ class IndexReplica:
                         self._apply(i, entries, now_ms)
                     if len(entries) < count:
                         self._synced_at[i] = sent
+                    else:
+                        behind = True
+                if got and not behind:  # let changes gather: fewer, fuller reads
+                    pause = sent + interval - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -305,10 +326,10 @@ class IndexReplica:
     def _apply(self, i: int, entries: list, now_ms: float) -> None:
         lag = self.lag_ms
         if i == self._meta:
-            for eid, f in entries:
-                w = f[b"w"].decode()
-                cid = int(f[b"c"])
-                if f[b"o"] == b"n":
+            for eid, f in entries:  # fields o, w, c (as the scripts write them)
+                w = f[3].decode()
+                cid = int(f[5])
+                if f[1] == b"n":
                     old = self._cid_of.get(w)
                     if old is not None:
                         self._names.pop(old, None)
@@ -322,12 +343,12 @@ class IndexReplica:
             d = self._parts[i]
             changes = 0
             ints = self._ints
-            for eid, f in entries:
-                raw = f[b"c"]
+            for eid, f in entries:  # fields c, a, r (as PrefixIndex._mutate writes them)
+                raw = f[1]
                 cid = ints.get(raw)
                 if cid is None:
                     cid = ints[raw] = int(raw)
-                a, r = f[b"a"], f[b"r"]
+                a, r = f[3], f[5]
                 if a:
                     hs = _unpack(a)
                     changes += len(hs)

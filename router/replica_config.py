@@ -16,6 +16,10 @@ class IndexReplicaConfig(BaseModel):
     block_ms: int = Field(100, ge=1, description=(
         "longest wait of one blocking read of a change log (XREAD BLOCK); kept below the "
         "client's socket timeout"))
+    read_interval_ms: int = Field(10, ge=0, description=(
+        "after a read that returned changes, wait until this long after it was sent before "
+        "the next one: each read then carries many changes (much less CPU here and on the "
+        "shards per change), for at most this much more lag"))
     read_count: int = Field(2000, ge=1, description=(
         "log entries one read returns at most; at most the index's log_maxlen"))
     warm_chunk: int = Field(1000, ge=1, description=(

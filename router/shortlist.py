@@ -56,8 +56,8 @@ class LoadOrder:
         return len(self._load)
 
 
-def shortlist(cached: Mapping[str, int], order: LoadOrder, *, holders: int = 8,
-              least_loaded: int = 4) -> list[str]:
+def shortlist(cached: Mapping[str, int], order: LoadOrder, *, holders: int = 4,
+              least_loaded: int = 2) -> list[str]:
     """The workers worth scoring, at most ``holders + least_loaded``.
 
     ``cached``: worker id -> longest cached prefix (blocks), for workers holding one (others

@@ -171,3 +171,23 @@ def test_rejects_bad_configuration() -> None:
         BlockHasher(0)
     with pytest.raises(ValueError, match="unsupported"):
         BlockHasher(16, "md5")
+
+
+def test_lazy_and_cached_hashes_are_the_same_hashes() -> None:
+    import random as _random
+
+    rng = _random.Random(18)
+    for algo in ("sha256", "sha256_cbor"):
+        plain = BlockHasher(16, algo, hash_seed="0")
+        cached = BlockHasher(16, algo, hash_seed="0", cache_size=8)
+        for _ in range(30):
+            toks = [rng.randrange(150_000) for _ in range(rng.randrange(0, 200))]
+            for kw in ({}, {"cache_salt": "s"}, {"lora": ("a", "/p")}):
+                want = plain.block_hashes(toks, **kw)
+                assert list(plain.iter_block_hashes(toks, **kw)) == want
+                assert cached.block_hashes(toks, **kw) == want
+                assert list(cached.iter_block_hashes(toks, **kw)) == want  # now from the cache
+        if cached._cache is not None:
+            assert len(cached._cache) <= 8  # bounded: oldest forgotten first
+    hashes = BlockHasher(16, "sha256", hash_seed="0").iter_block_hashes(list(range(64)))
+    assert next(hashes) == BlockHasher(16, "sha256", hash_seed="0").block_hashes(list(range(16)))[0]
