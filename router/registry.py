@@ -5,14 +5,21 @@ Keyspace (``ns`` is the cluster's namespace, default ``splitserve``):
 - ``{ns}:workers``                  set of every worker id ever registered (pruned lazily)
 - ``{ns}:worker:{id}``              hash: the worker's static info and its latest load figures
 - ``{ns}:worker:{id}:alive``        liveness key with a TTL, refreshed by the worker's heartbeat
+- ``{ns}:workers:log``              stream of changes, written in the same transaction as the
+  keys: ``o=r`` registered (``i``: the info as JSON), ``o=h`` heartbeat (``l``: the load as
+  JSON, ``s``: state), ``o=s`` state (``s``), ``o=d`` deregistered; ``w`` the worker id and
+  ``t`` the liveness TTL (ms) in each. A heartbeat is logged when the worker's load or state
+  changed since the one this process logged last, and at least every ``ttl_s / 3``
 
 A worker counts only while its liveness key exists: when a worker dies its key expires within
 ``ttl_s`` and every reader stops seeing it, with no clean-up needed first. Readers get all live
-workers in one round trip (a server-side Lua script), which also prunes ids whose info is gone.
+workers in one round trip (a server-side Lua script), which also prunes ids whose info is gone;
+or follow the log (router/registry_feed.py): changes pushed, no snapshot polled.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from enum import Enum
 from typing import Any, Sequence
@@ -130,11 +137,24 @@ def _text(value: Any) -> str:
 class WorkerRegistry:
     """Registers workers, refreshes their liveness and load, and lists the live ones."""
 
-    def __init__(self, redis: Redis, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = 5.0):
+    def __init__(self, redis: Redis, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = 5.0,
+                 log_maxlen: int = 20_000):
         self.redis = redis
         self.ns = namespace
         self.ttl_ms = int(ttl_s * 1000)
+        self.log_maxlen = log_maxlen
         self._live_script = redis.register_script(_LIVE_WORKERS_LUA)
+        # worker -> (load and state as last logged, less the snapshot time; when)
+        self._logged: dict[str, tuple[str, float]] = {}
+
+    @property
+    def log_key(self) -> str:
+        """The stream of registry changes."""
+        return f"{self.ns}:workers:log"
+
+    def _log(self, pipe: Any, worker_id: str, op: str, **fields: str) -> None:
+        pipe.xadd(self.log_key, {"o": op, "w": worker_id, "t": str(self.ttl_ms), **fields},
+                  maxlen=self.log_maxlen, approximate=True)
 
     def _key(self, worker_id: str) -> str:
         return f"{self.ns}:worker:{worker_id}"
@@ -142,12 +162,19 @@ class WorkerRegistry:
     async def register(self, info: WorkerInfo) -> None:
         """Publish a worker's info and mark it alive."""
         key = self._key(info.worker_id)
+        flat = info.to_redis()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping=info.to_redis())
+            pipe.hset(key, mapping=flat)
             pipe.sadd(f"{self.ns}:workers", info.worker_id)
             pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
+            self._log(pipe, info.worker_id, "r", i=json.dumps(flat))
             await pipe.execute()
+        self._logged[info.worker_id] = (self._signature(info), time.monotonic())
+
+    @staticmethod
+    def _signature(info: WorkerInfo) -> str:
+        return info.load.model_dump_json(exclude={"updated_at"}) + info.state.value
 
     async def heartbeat(self, info: WorkerInfo) -> bool:
         """Refresh a worker's liveness and publish its load (``info.load``) and state.
@@ -158,18 +185,31 @@ class WorkerRegistry:
         key = self._key(info.worker_id)
         mapping = {f"load.{k}": str(v) for k, v in info.load.model_dump(mode="json").items()}
         mapping["state"] = info.state.value
+        sig = self._signature(info)
+        now_m = time.monotonic()
+        last = self._logged.get(info.worker_id)
+        log = last is None or last[0] != sig or now_m - last[1] >= self.ttl_ms / 3000
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hexists(key, "worker_id")
             pipe.hset(key, mapping=mapping)
             pipe.set(f"{key}:alive", "1", px=self.ttl_ms)
+            if log:
+                self._log(pipe, info.worker_id, "h", l=info.load.model_dump_json(),
+                          s=info.state.value)
             known, *_ = await pipe.execute()
         if not known:
             await self.register(info)
+        elif log:
+            self._logged[info.worker_id] = (sig, now_m)
         return bool(known)
 
     async def set_state(self, worker_id: str, state: WorkerState) -> None:
-        """Publish a state change at once (readers see it on their next refresh)."""
-        await self.redis.hset(self._key(worker_id), "state", state.value)
+        """Publish a state change at once."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(worker_id), "state", state.value)
+            self._log(pipe, worker_id, "s", s=state.value)
+            await pipe.execute()
+        self._logged.pop(worker_id, None)  # the next heartbeat is logged
 
     async def deregister(self, worker_id: str) -> None:
         """Remove a worker at once (clean shutdown or drain)."""
@@ -177,7 +217,9 @@ class WorkerRegistry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(f"{key}:alive", key)
             pipe.srem(f"{self.ns}:workers", worker_id)
+            self._log(pipe, worker_id, "d")
             await pipe.execute()
+        self._logged.pop(worker_id, None)
 
     async def live_workers(self, roles: Sequence[WorkerRole] | None = None) -> list[WorkerInfo]:
         """Every live worker (optionally of the given roles), in one round trip."""

@@ -29,3 +29,16 @@ class IndexReplicaConfig(BaseModel):
     lag_samples: int = Field(20_000, ge=1, description=(
         "how many recent replica lag samples (a change's write to its application here) "
         "are kept for percentiles"))
+
+
+class RegistryFeedConfig(BaseModel):
+    """How a gateway follows the worker registry's change log (router/registry_feed.py)."""
+
+    max_staleness_s: float = Field(2.0, gt=0, description=(
+        "the feed counts as synced while its last complete read of the log was sent at most "
+        "this long ago; a gateway polls the registry instead while it is not"))
+    block_ms: int = Field(200, ge=1, description=(
+        "longest wait of one blocking read of the log (XREAD BLOCK); kept below the client's "
+        "socket timeout"))
+    read_count: int = Field(1000, ge=1, description="log entries one read returns at most")
+    retry_s: float = Field(0.2, gt=0, description="wait before reading again after an error")
