@@ -113,6 +113,8 @@ class NodeClients:
         promoted replica may lack acknowledged writes).
         """
         rc = self.redis
+        if not cmds:
+            return []
         if not self.clustered:
             out = await burst(self.client(""), cmds)
             for v in out:

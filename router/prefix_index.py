@@ -42,6 +42,7 @@ can be seen up to ``liveness_cache_s`` late.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -99,9 +100,15 @@ return out
 """
 
 # KEYS: ids, alive_1..alive_n, bucket_1..bucket_m. ARGV: n, worker_1..worker_n, hex hashes.
-# Returns {worker, prefix_blocks, ...} for every live candidate.
+# Returns {worker, prefix_blocks, ...} for every live candidate. n < 0: -n candidates, taken
+# as live, no alive keys in KEYS (liveness is read from the registry's own Redis).
 _LOOKUP_LUA: Final = """
 local nw = tonumber(ARGV[1])
+local nalive = nw
+if nw < 0 then
+  nw = -nw
+  nalive = 0
+end
 local depth, order, active, nactive = {}, {}, {}, 0
 if nw > 0 then
   local names = {}
@@ -109,7 +116,7 @@ if nw > 0 then
   local cids = redis.call('HMGET', KEYS[1], unpack(names))
   for i = 1, nw do
     local w = names[i]
-    if depth[w] == nil and redis.call('EXISTS', KEYS[1 + i]) == 1 then
+    if depth[w] == nil and (nalive == 0 or redis.call('EXISTS', KEYS[1 + i]) == 1) then
       depth[w] = 0
       order[#order + 1] = w
       if cids[i] then
@@ -125,7 +132,7 @@ local n = 0
 while nactive > 0 and n < nblocks do
   n = n + 1
   local h = string.sub(hexes, n * 16 - 15, n * 16)
-  local members = redis.call('ZRANGEBYLEX', KEYS[1 + nw + n], '(' .. h, '(' .. h .. ':')
+  local members = redis.call('ZRANGEBYLEX', KEYS[1 + nalive + n], '(' .. h, '(' .. h .. ':')
   local still, cnt = {}, 0
   for _, m in ipairs(members) do
     local cid = string.sub(m, 17)
@@ -175,6 +182,8 @@ class PrefixIndex:
         partitions: int = 3,
         log_maxlen: int = 100_000,
         liveness_cache_s: float = 0.0,
+        close_client: bool = False,
+        registry: aioredis.Redis | None = None,
     ) -> None:
         """Use ``redis`` (a ``Redis`` or a ``RedisCluster``, any ``decode_responses``).
 
@@ -183,7 +192,10 @@ class PrefixIndex:
         ``partitions``: see router/index_layout.py (every writer and reader of one index must
         use the same values). ``log_maxlen``: entries each change log keeps (at least: Redis
         trims whole nodes of a stream; a replica that falls further behind warms again). ``liveness_cache_s`` (cluster only): see the
-        module doc.
+        module doc. ``close_client``: :meth:`aclose` closes ``redis`` too (a client made for
+        the index alone, router.redis_client.index_redis_client). ``registry``: the Redis of
+        the worker registry, where the workers' liveness keys are, when the index has a Redis
+        of its own (None: ``redis`` holds both).
         """
         self.layout = layout = IndexLayout(namespace, bucket_bits, partitions)
         self.redis = redis
@@ -193,8 +205,11 @@ class PrefixIndex:
         self.bucket_bits = bucket_bits
         self.log_maxlen = log_maxlen
         self.liveness_cache_s = liveness_cache_s
+        self._close_client = close_client
         self.clustered = isinstance(redis, RedisCluster)
         self.nodes = NodeClients(redis)
+        self.registry = registry if registry is not None else redis
+        self.registry_nodes = NodeClients(registry) if registry is not None else self.nodes
         self.ids_key = layout.ids_key
         self.names_key = layout.names_key
         self.next_key = layout.next_key
@@ -418,7 +433,8 @@ class PrefixIndex:
         indexed = [_text(w) for w in await self.redis.hkeys(self.ids_key)]
         dead: list[str] = []
         if indexed:
-            alive = await self.nodes.run([("EXISTS", self.alive_key(w)) for w in indexed])
+            alive = await self.registry_nodes.run([("EXISTS", self.alive_key(w))
+                                                   for w in indexed])
             dead = [w for w, a in zip(indexed, alive) if not a]
         if dead:
             await self._retire(dead)
@@ -481,16 +497,23 @@ class PrefixIndex:
         out; live workers with no match map to 0.
         """
         if worker_ids is None:
-            worker_ids = sorted(_text(w) for w in await self.redis.smembers(self.workers_key))
+            worker_ids = sorted(_text(w) for w in await self.registry.smembers(self.workers_key))
         if self.clustered:
             return await self._lookup_cluster(block_hashes, worker_ids)
         names = list(dict.fromkeys(worker_ids))
         bucket_key = self.layout.bucket_key
-        keys = [self.ids_key, *[self.alive_key(w) for w in names],
-                *[bucket_key(h) for h in block_hashes]]
         hexes = "".join([f"{h:016x}" for h in block_hashes])
-        flat = await self._lookup_script(keys=keys, args=[len(names), *names, hexes])
-        return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        buckets = [bucket_key(h) for h in block_hashes]
+        if self.registry_nodes is self.nodes:
+            keys = [self.ids_key, *[self.alive_key(w) for w in names], *buckets]
+            flat = await self._lookup_script(keys=keys, args=[len(names), *names, hexes])
+            return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        flat, alive = await asyncio.gather(  # liveness from the registry's Redis meanwhile
+            self._lookup_script(keys=[self.ids_key, *buckets], args=[-len(names), *names, hexes]),
+            self.registry_nodes.run([("EXISTS", self.alive_key(w)) for w in names]))
+        live = {w for w, a in zip(names, alive) if a}
+        out = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {w: d for w, d in out.items() if w in live}
 
     async def _lookup_cluster(self, block_hashes: Sequence[int], worker_ids: Sequence[str]
                               ) -> dict[str, int]:
@@ -499,14 +522,19 @@ class PrefixIndex:
         cache_s = self.liveness_cache_s
         check = [w for w in names if self._lease.get(w, 0.0) <= sent] if cache_s > 0 else names
         bucket_key = self.layout.bucket_key
-        cmds: list[tuple] = [("GET", self.ver_key)]
         op = "PTTL" if cache_s > 0 else "EXISTS"
-        cmds.extend((op, self.alive_key(w)) for w in check)
+        alive_cmds = [(op, self.alive_key(w)) for w in check]
+        cmds: list[tuple] = [("GET", self.ver_key)]
         for h in block_hashes:
             hx = f"{h:016x}"
             cmds.append(("ZRANGEBYLEX", bucket_key(h), "(" + hx, "(" + hx + ":"))
-        res = await self.nodes.run(cmds)
-        ver, states, holders = res[0], res[1:1 + len(check)], res[1 + len(check):]
+        if self.registry_nodes is self.nodes:
+            res = await self.nodes.run([cmds[0], *alive_cmds, *cmds[1:]])
+            ver, states, holders = res[0], res[1:1 + len(check)], res[1 + len(check):]
+        else:  # liveness from the registry's Redis, in parallel
+            res, states = await asyncio.gather(self.nodes.run(cmds),
+                                               self.registry_nodes.run(alive_cmds))
+            ver, holders = res[0], res[1:]
         if cache_s > 0:
             for w, ttl_ms in zip(check, states):
                 ttl_ms = int(ttl_ms)
@@ -544,8 +572,13 @@ class PrefixIndex:
         return depth
 
     async def aclose(self) -> None:
-        """Close the per-node connections a cluster lookup opened (the client is the caller's)."""
+        """Close the per-node connections a cluster lookup opened (and the client, if
+        ``close_client``)."""
         await self.nodes.aclose()
+        if self.registry_nodes is not self.nodes:
+            await self.registry_nodes.aclose()
+        if self._close_client:
+            await self.redis.aclose()
 
     async def worker_block_count(self, worker_id: str) -> int:
         """How many blocks the index attributes to ``worker_id``'s current epoch (this

@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterError, MovedError, ReadOnlyError, RedisClusterException
@@ -29,7 +30,7 @@ from redis.retry import Retry as SyncRetry
 from router.redis_config import RedisClientConfig
 
 __all__ = ["RedisClientConfig", "RedisHealth", "RedisUnavailable", "UNAVAILABLE_ERRORS",
-           "redis_client", "redis_env", "stop_task", "sync_redis_client"]
+           "index_redis_client", "redis_client", "redis_env", "stop_task", "sync_redis_client"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,22 @@ def sync_redis_client(url: str, config: RedisClientConfig | None = None, *,
         retry=SyncRetry(NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)),
         **_kwargs(url, cfg))
     return redis.Redis.from_pool(pool)
+
+
+def index_redis_client(default: aioredis.Redis, config: RedisClientConfig | None = None
+                       ) -> aioredis.Redis | RedisCluster:
+    """The client of the prefix index: ``default`` (the cluster's Redis), or a new client of
+    ``index_url`` (a Redis Cluster with ``index_cluster``) with the same settings; the caller
+    closes a client it did not pass in."""
+    cfg = config or RedisClientConfig()
+    if not cfg.index_url:
+        return default
+    if not cfg.index_cluster:
+        return redis_client(cfg.index_url, cfg)
+    kw = _kwargs(cfg.index_url, cfg)
+    kw.pop("timeout", None)  # a blocking-pool setting; the cluster client's pools do not block
+    return RedisCluster.from_url(cfg.index_url, retry=AsyncRetry(
+        NoBackoff(), cfg.retries, supported_errors=(RedisConnectionError,)), **kw)
 
 
 def redis_env(environ: dict[str, str] | None = None) -> dict[str, str]:

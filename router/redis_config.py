@@ -40,6 +40,11 @@ class RedisClientConfig(BaseSettings):
         "certificates (tls-auth-clients yes); set with tls_key_file"))
     tls_key_file: str = Field("", description=(
         "rediss:// URLs: the private key (PEM) of tls_cert_file"))
+    index_url: str = Field("", description=(
+        "the prefix index's own Redis, e.g. a Redis Cluster for a large fleet (docs/routing.md); "
+        "empty: the cluster's Redis. The registry and the rest stay on the cluster's Redis"))
+    index_cluster: bool = Field(False, description=(
+        "index_url is a Redis Cluster (any of its nodes; the client follows the slot map)"))
     tool_timeout_s: float = Field(5.0, gt=0, description=(
         "connect and reply timeout of the command-line tools (status, scale, bench), which "
         "would rather wait on a busy Redis than fail"))

@@ -17,7 +17,7 @@ from typing import Any
 
 from router.index_replica import IndexReplica
 from router.prefix_index import PrefixIndex
-from router.redis_client import UNAVAILABLE_ERRORS, stop_task
+from router.redis_client import UNAVAILABLE_ERRORS, index_redis_client, stop_task
 from router.replica_config import IndexReplicaConfig
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,14 @@ class ReplicatedPrefixIndex(PrefixIndex):
 
 async def open_prefix_index(redis: Any, namespace: str,
                             replica: IndexReplicaConfig | None = None) -> PrefixIndex:
-    """A gateway's prefix index: with a started local replica when ``replica`` is given."""
+    """A gateway's prefix index, on the index's own Redis (Cluster) when one is configured
+    (``SPLITSERVE_REDIS_INDEX_URL``), else on ``redis``; with a started local replica when
+    ``replica`` is given. ``aclose()`` it when done."""
+    client = index_redis_client(redis)
+    own = client is not redis
+    kw: dict[str, Any] = {"close_client": own, "registry": redis if own else None}
     if replica is None:
-        return PrefixIndex(redis, namespace)
-    index = ReplicatedPrefixIndex(redis, namespace, replica=replica)
+        return PrefixIndex(client, namespace, **kw)
+    index = ReplicatedPrefixIndex(client, namespace, replica=replica, **kw)
     await index.start()
     return index

@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from redis.asyncio import Redis
 
 from router.prefix_index import PrefixIndex
-from router.redis_client import redis_client, redis_env
+from router.redis_client import index_redis_client, redis_client, redis_env
 from services.cluster_secret import ClusterSecret
 from router.registry import WorkerRegistry, WorkerRole
 from services.controller.adoption import (FoundWorker, actor_name, find_workers,
@@ -520,7 +520,7 @@ class WorkerPools:
         if redis is not None:
             try:
                 await WorkerRegistry(redis, self.cfg.namespace).deregister(w.cfg.worker_id)
-                await PrefixIndex(redis, self.cfg.namespace).clear_worker(w.cfg.worker_id)
+                await _clear_index_entries(redis, self.cfg.namespace, [w.cfg.worker_id])
             except Exception:
                 log.warning("could not remove %s from Redis (its entries expire)",
                             w.cfg.worker_id, exc_info=True)
@@ -584,9 +584,20 @@ class WorkerPools:
         try:
             for worker_id in worker_ids:
                 await WorkerRegistry(redis, self.cfg.namespace).deregister(worker_id)
-                await PrefixIndex(redis, self.cfg.namespace).clear_worker(worker_id)
+            await _clear_index_entries(redis, self.cfg.namespace, worker_ids)
         except Exception:
             log.warning("could not remove %s from Redis (their entries expire)", worker_ids,
                         exc_info=True)
         finally:
             await redis.aclose()
+
+
+async def _clear_index_entries(redis: Any, namespace: str, worker_ids: list[str]) -> None:
+    """Retire workers' prefix-index epochs, on the index's own Redis when one is configured."""
+    client = index_redis_client(redis)
+    index = PrefixIndex(client, namespace, close_client=client is not redis)
+    try:
+        for worker_id in worker_ids:
+            await index.clear_worker(worker_id)
+    finally:
+        await index.aclose()

@@ -21,7 +21,7 @@ from router.block_hash import BlockHasher
 from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import SubscriberConfig
 from router.prefix_index import PrefixIndex
-from router.redis_client import redis_client, stop_task
+from router.redis_client import index_redis_client, redis_client, stop_task
 from router.registry import WorkerInfo, WorkerRegistry, WorkerState
 from services.ports import port_outside_ephemeral_range
 from services.proto.v1 import worker_pb2_grpc as pb_grpc
@@ -185,8 +185,10 @@ class WorkerProcess:
         self._registry = WorkerRegistry(self._redis, cfg.namespace, ttl_s=cfg.registry_ttl_s)
         # Follow this engine's own KV events into the shared prefix index (cleared first:
         # entries of an earlier incarnation of this worker id would be stale).
+        index_redis = index_redis_client(self._redis)  # the index's own Redis (Cluster), if any
         self._index_updater = IndexUpdater(
-            PrefixIndex(self._redis, cfg.namespace),
+            PrefixIndex(index_redis, cfg.namespace, close_client=index_redis is not self._redis,
+                        registry=self._redis if index_redis is not self._redis else None),
             IndexUpdaterConfig(worker_id=cfg.worker_id, subscriber=SubscriberConfig(
                 endpoint=kv_events, replay_endpoint=kv_replay, topic=KV_EVENTS_TOPIC)),
             hasher=BlockHasher(cfg.engine.block_size, cfg.engine.prefix_caching_hash_algo,
@@ -308,6 +310,7 @@ class WorkerProcess:
                 except Exception:
                     log.warning("could not clear index entries of %s", self.cfg.worker_id,
                                 exc_info=True)
+                await self._index_updater.index.aclose()
             if self._link_server is not None:
                 await self._link_server.stop()
             if self._server is not None:

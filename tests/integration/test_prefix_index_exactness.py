@@ -35,6 +35,7 @@ from router.index_updater import IndexUpdater, IndexUpdaterConfig
 from router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Resync, SubscriberConfig
 from router.prefix_index import PrefixIndex
 from router.redis_client import UNAVAILABLE_ERRORS
+from router.replicated_index import open_prefix_index
 from tests.support.redis import RedisServer, redis_server
 from tests.support.redis_cluster import RedisClusterServer, redis_cluster
 
@@ -502,3 +503,27 @@ def _promoted(cluster: RedisClusterServer, victim: int) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+async def test_the_index_on_a_redis_cluster_beside_a_single_redis_registry(
+        single: RedisServer, cluster: RedisClusterServer, monkeypatch) -> None:
+    """What the chart's redis.index.url sets up: SPLITSERVE_REDIS_INDEX_URL (+ _CLUSTER) puts
+    the index (and a gateway's replica) on a Redis Cluster; the registry stays put."""
+    monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_URL", cluster.url)
+    monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_CLUSTER", "true")
+    async with client("cluster", single, cluster) as rc, client("single", single, cluster) as r:
+        await r.set(f"{NS}:worker:w0:alive", "1", px=60_000)
+        idx = await open_prefix_index(r, NS, IndexReplicaConfig())
+        try:
+            assert isinstance(idx.redis, RedisCluster) and idx.registry is r
+            await idx.add_blocks("w0", [1, 2, 3])
+            deadline = time.monotonic() + 5
+            while await idx.longest_prefixes([1, 2, 3, 4], ["w0", "w1"]) != {"w0": 3}:
+                assert time.monotonic() < deadline  # the replica has it soon
+                await asyncio.sleep(0.01)
+            assert await PrefixIndex(rc, NS, registry=r).longest_prefixes(
+                [1, 2, 3], ["w0", "w1"]) == {"w0": 3}  # from Redis: w1 has no alive key
+            assert await PrefixIndex(rc, NS).workers_holding(2) == {"w0"}
+            assert await r.keys(f"*{NS}:kv*") == []  # nothing of the index on the registry's
+        finally:
+            await idx.aclose()

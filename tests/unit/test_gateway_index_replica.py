@@ -1,8 +1,11 @@
 """The gateway's prefix index as services/gateway/gateway.py opens it (open_prefix_index):
-with `index_replica` on, prefixes come from the local replica with no Redis lookup."""
+with `index_replica` on, prefixes come from the local replica with no Redis lookup; with
+SPLITSERVE_REDIS_INDEX_URL the index is on a Redis of its own and the gateway still routes by
+prefix (the registry and the workers' liveness keys stay on the cluster's Redis)."""
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
 from router.block_hash import BlockHasher
@@ -11,10 +14,14 @@ from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
 from router.replica_config import IndexReplicaConfig
 from router.replicated_index import ReplicatedPrefixIndex, open_prefix_index
+from services import cluster_secret
+from services.gateway.config import GatewayConfig
+from services.gateway.gateway import Gateway
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.route_stage import RouteStage
 from services.gateway.worker_directory import WorkerDirectory
 from tests.support.cluster import TEST_SECRET
+from tests.support.redis import RedisServer, redis_server
 
 NS = "gw-replica"
 PROMPT = list(range(1, 97))  # 6 blocks of 16
@@ -47,3 +54,49 @@ async def test_routes_by_the_replica(r: aioredis.Redis) -> None:
     finally:
         await directory.stop()
         await index.aclose()
+
+
+@pytest.fixture(scope="module")
+def index_srv() -> RedisServer:
+    """The index's own Redis (the registry's is the module's `redis_srv`)."""
+    with redis_server() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("replica", [False, True])
+async def test_a_gateway_routes_by_prefix_with_the_index_on_its_own_redis(
+        r: aioredis.Redis, redis_srv: RedisServer, index_srv: RedisServer, replica: bool,
+        monkeypatch) -> None:
+    monkeypatch.setenv(cluster_secret.ENV, TEST_SECRET.text)
+    monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_URL", index_srv.url)
+    index_client = aioredis.Redis.from_url(index_srv.url)
+    await index_client.flushdb()
+    await _register(r)
+    await PrefixIndex(index_client, NS).add_blocks(  # as w-b's updater writes them
+        "w-b", BlockHasher(16, "sha256", "0").block_hashes(PROMPT))
+    gateway = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS,
+                                    worker_refresh_s=60,
+                                    index_replica=IndexReplicaConfig() if replica else None))
+    try:
+        await gateway.start()
+        stage = gateway.route_stage
+        assert stage is not None and stage.index is not None
+        assert stage.index.registry is gateway.redis and stage.index.redis is not gateway.redis
+        decision = await stage.route(PROMPT)
+        assert (decision.decode.worker_id, decision.predicted_cached_blocks) == ("w-b", 6)
+        if replica:
+            assert (stage.index.reads.replica, stage.index.reads.redis) == (1, 0)
+        # w-b dies: its liveness key (on the registry's Redis) goes. A lookup from Redis reads
+        # it there, before the directory (re-read every 60 s here) knows; the replica counts
+        # the directory's live workers
+        await r.delete(f"{NS}:worker:w-b:alive")
+        if replica:
+            await gateway.directory.refresh()
+        decision = await stage.route(PROMPT)
+        assert not decision.predicted_cached_blocks  # w-b's 6 blocks no longer count
+        if replica:
+            assert decision.decode.worker_id != "w-b"
+        assert await r.keys(f"*{NS}:kv*") == []  # nothing of the index on the registry's Redis
+    finally:
+        await gateway.stop()
+        await index_client.aclose()

@@ -173,3 +173,33 @@ async def test_a_gateway_starts_with_redis_away_and_its_replica_warms_later() ->
             await idx.aclose()
             await client.aclose()
     assert isinstance(await open_prefix_index(client, NS), PrefixIndex)
+
+
+async def test_an_index_on_its_own_redis_reads_liveness_from_the_registry(
+        r: aioredis.Redis, monkeypatch) -> None:
+    """SPLITSERVE_REDIS_INDEX_URL: the index on another Redis (here a second server; a Redis
+    Cluster in tests/integration), the registry's liveness keys where they are."""
+    with redis_server() as other:
+        monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_URL", other.url)
+        for w in ("a", "b"):
+            await r.sadd(f"{NS}:workers", w)
+        await r.set(f"{NS}:worker:a:alive", "1")  # b is dead
+        for replica in (None, IndexReplicaConfig()):
+            idx = await open_prefix_index(r, NS, replica)
+            try:
+                assert idx.redis is not r and idx.registry is r
+                for w in ("a", "b"):
+                    await idx.add_blocks(w, [1, 2])
+                assert await r.exists(idx.block_key(1)) == 0  # not on the registry's Redis
+                idx_only = PrefixIndex(idx.redis, NS)
+                assert await idx_only.workers_holding(1) == {"a", "b"}
+                if replica is not None:
+                    await eventually(lambda: idx.replica.holders(2) == {"a", "b"})
+                # the gateway passes its live workers; None: the registry's set and alive keys
+                assert await idx.longest_prefixes([1, 2]) == {"a": 2}
+                assert await idx.purge_dead() == ["b"]
+            finally:
+                await idx.aclose()
+            flush = aioredis.Redis.from_url(other.url)
+            await flush.flushall()
+            await flush.aclose()

@@ -620,6 +620,45 @@ def test_redis_tls_needs_a_rediss_url_for_an_external_redis() -> None:
     assert env["SPLITSERVE_REDIS_URL"] == "rediss://:$(REDIS_PASSWORD)@redis.data.svc:6380/0"
 
 
+def test_the_index_can_have_a_redis_cluster_of_its_own(monkeypatch) -> None:
+    """redis.index.url: every container that has the cluster's Redis URL (gateway, controller,
+    which passes it on to the workers, planner) also gets the index's, with the same password,
+    parsed by router/redis_config.py; the registry's URL stays put."""
+    from router.redis_config import RedisClientConfig
+    from tests.support.chart import helm, template_args
+
+    sets = ("redis.index.url=redis://index.data.svc:7000", "redis.index.cluster=true",
+            "planner.enabled=true")
+    m = render(VALUES_FILES["external-redis"], sets)
+    owners = set()
+    for owner, tpl in m.pod_templates():
+        for ctr in tpl["spec"]["containers"]:
+            env = env_of(ctr)
+            if "SPLITSERVE_REDIS_URL" not in env:
+                assert "SPLITSERVE_REDIS_INDEX_URL" not in env, owner
+                continue
+            owners.add(ctr["name"])
+            assert env["SPLITSERVE_REDIS_URL"] == \
+                "redis://:$(REDIS_PASSWORD)@redis-master.data.svc:6379/0", owner
+            assert env["SPLITSERVE_REDIS_INDEX_URL"] == \
+                "redis://:$(REDIS_PASSWORD)@index.data.svc:7000", owner
+            for k in list(__import__("os").environ):
+                if k.startswith("SPLITSERVE_REDIS_"):
+                    monkeypatch.delenv(k)
+            monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_URL", env["SPLITSERVE_REDIS_INDEX_URL"])
+            monkeypatch.setenv("SPLITSERVE_REDIS_INDEX_CLUSTER",
+                               env["SPLITSERVE_REDIS_INDEX_CLUSTER"])
+            cfg = RedisClientConfig()
+            assert cfg.index_cluster is True and cfg.index_url.endswith("@index.data.svc:7000")
+    assert {"gateway", "controller", "planner"} <= owners, owners
+    _, _, env = gateway_config(render_named("external-redis"))
+    assert "SPLITSERVE_REDIS_INDEX_URL" not in env  # default: the index on the cluster's Redis
+    out = helm(*template_args(VALUES_FILES["external-redis"], (
+        "redis.tls.secretName=redis-tls", "redis.external.url=rediss://redis.data.svc:6380/0",
+        "redis.index.url=redis://index.data.svc:7000")), check=False)
+    assert out.returncode != 0 and "redis.index.url must be a rediss:// URL" in out.stderr
+
+
 def test_hub_model_reads_its_token_from_a_file() -> None:
     m = render_named("external-redis")
     for owner, tpl in m.pod_templates():

@@ -113,6 +113,15 @@ URL and Kubernetes expands it from the container's environment. */}}
 {{- end }}
 - name: SPLITSERVE_REDIS_URL
   value: {{ include "splitserve.redisUrl" . | quote }}
+{{- with .Values.redis.index.url }}
+{{- if and $.Values.redis.tls.secretName (not (hasPrefix "rediss://" .)) }}
+{{- fail "redis.tls.secretName is set: redis.index.url must be a rediss:// URL" }}
+{{- end }}
+- name: SPLITSERVE_REDIS_INDEX_URL
+  value: {{ ternary (regexReplaceAll "^(rediss?://)" . "${1}:$(REDIS_PASSWORD)@") . (not (empty $.Values.redis.passwordSecret.name)) | quote }}
+- name: SPLITSERVE_REDIS_INDEX_CLUSTER
+  value: {{ $.Values.redis.index.cluster | quote }}
+{{- end }}
 {{- include "splitserve.redisTlsEnv" . }}
 {{- end }}
 
