@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 from pydantic import BaseModel  # noqa: E402
 
 from router.redis_config import RedisClientConfig  # noqa: E402
-from router.replica_config import IndexReplicaConfig  # noqa: E402
+from router.replica_config import IndexReplicaConfig, RegistryFeedConfig  # noqa: E402
 from services.controller.config import ClusterConfig, PoolConfig  # noqa: E402
 from services.gateway.config import GatewayConfig  # noqa: E402
 from services.logs import LogConfig  # noqa: E402
@@ -33,6 +33,8 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (GatewayConfig, "One gateway process (`splitserve gateway`)."),
     (IndexReplicaConfig, "The gateway's local replica of the prefix index (gateway "
      "`index_replica`; docs/routing.md)."),
+    (RegistryFeedConfig, "How a gateway follows the registry's change log (gateway "
+     "`registry_feed`; docs/routing.md)."),
     (PlannerConfig, "The SLA planner (`splitserve planner`, docs/planner.md)."),
     (PoolLimits, "Bounds of one pool (planner `prefill`, `decode`)."),
     (CapacityConfig, "The planner's capacity model figures (planner `capacity`)."),

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
-from router.replica_config import IndexReplicaConfig
+from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 
 
 class MigrationConfig(BaseModel):
@@ -86,7 +86,13 @@ class GatewayConfig(BaseModel):
         "(docs/routing.md, \"The gateway's replica\")"))
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
-    worker_refresh_s: float = Field(0.5, description="how often the registry is re-read")
+    worker_refresh_s: float = Field(0.5, description=(
+        "how often the registry is re-read (with registry_feed: only while the feed is not "
+        "synced)"))
+    registry_feed: RegistryFeedConfig | None = Field(None, description=(
+        "follow the registry's change log (workers' registrations, load and state pushed on "
+        "change) instead of re-reading every worker's entry every worker_refresh_s; null: "
+        "re-read (docs/routing.md, \"Registry changes, pushed\")"))
     migration: MigrationConfig = Field(default_factory=MigrationConfig, description=(
         "moving requests off failed workers (docs/operations.md)"))
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(

@@ -51,7 +51,8 @@ class Gateway:
         self.redis = redis_client(self.cfg.redis_url, redis_cfg)
         self.directory = WorkerDirectory(self.redis, self.cfg.namespace, self.cfg.name,
                                          self.secret, self.cfg.worker_refresh_s,
-                                         health=RedisHealth.from_config(redis_cfg))
+                                         health=RedisHealth.from_config(redis_cfg),
+                                         feed=self.cfg.registry_feed)
         try:
             await self.directory.refresh()
         except Exception:

@@ -1,5 +1,6 @@
-"""The gateway's view of the live workers: a registry snapshot refreshed in the background,
-and the gateway's own in-flight count and dispatches per worker.
+"""The gateway's view of the live workers: a registry snapshot refreshed in the background
+(or, with a registry feed, the registry's change log followed: router/registry_feed.py), and
+the gateway's own in-flight count and dispatches per worker.
 
 With Redis away (down, or silent) the snapshot stays as it was and routing goes on with it;
 each refresh is bounded by `health.deadline_s` and its outcome tells `health` (shared with the
@@ -19,17 +20,26 @@ from redis.asyncio import Redis
 from router.dispatch_ledger import DispatchLedger
 from router.redis_client import RedisHealth, stop_task
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole, WorkerState
+from router.registry_feed import RegistryFeed
+from router.replica_config import RegistryFeedConfig
 from services.cluster_secret import ClusterSecret
 from services.controller.pool_sizes import PoolSizes
 
 log = logging.getLogger(__name__)
+
+#: with a registry feed, how often the directory looks at the feed's view (a local read)
+FEED_VIEW_S = 0.05
 
 
 class WorkerDirectory:
     """Live workers by role."""
 
     def __init__(self, redis: Redis, namespace: str, model: str, secret: ClusterSecret,
-                 refresh_s: float = 0.5, health: RedisHealth | None = None) -> None:
+                 refresh_s: float = 0.5, health: RedisHealth | None = None,
+                 feed: RegistryFeedConfig | None = None) -> None:
+        """``feed``: follow the registry's change log, and re-read the whole registry (every
+        ``refresh_s``) only while the feed is not synced; None: re-read it every
+        ``refresh_s``."""
         #: the cluster secret: the engine links' keys derive from it (services/link.py)
         self.secret = secret
         self.registry = WorkerRegistry(redis, namespace)
@@ -44,6 +54,10 @@ class WorkerDirectory:
         self._task: asyncio.Task | None = None
         self._refreshed = asyncio.Event()
         self._serving_seen_at = float("-inf")  # when a snapshot last had a serving worker
+        #: the registry's change log followed, or None (polled)
+        self.feed = RegistryFeed(redis, namespace, feed) if feed is not None else None
+        self._feed_started = False
+        self._feed_seen = (-1, float("-inf"))  # the feed's version taken last, and when
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -51,18 +65,48 @@ class WorkerDirectory:
     async def stop(self) -> None:
         if self._task:
             await stop_task(self._task)
+        if self.feed is not None:
+            await self.feed.stop()
 
     async def refresh(self) -> None:
         """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
-        workers = await self.health.call(self.registry.live_workers, probe=True)
+        self._take(await self.health.call(self.registry.live_workers, probe=True))
+
+    def _take(self, workers: list[WorkerInfo]) -> None:
         self.workers = [w for w in workers if w.model == self.model]
         if any(w.state == WorkerState.SERVING for w in self.workers):
             self._serving_seen_at = time.monotonic()
         self._refreshed.set()
 
+    async def _from_feed(self) -> bool:
+        """With a synced feed, take its view when it changed (or every ``refresh_s``, for the
+        workers whose TTL ran out); False when there is no feed or it is not synced (it is
+        started here, again after a failed start)."""
+        feed = self.feed
+        if feed is None:
+            return False
+        if not self._feed_started:
+            try:
+                await feed.start()
+            except Exception as exc:
+                log.warning("registry feed could not start (%s: %s); polling the registry",
+                            type(exc).__name__, exc)
+                return False
+            self._feed_started = True
+        if not feed.synced():
+            return False
+        now = time.monotonic()
+        if feed.version != self._feed_seen[0] or now - self._feed_seen[1] >= self.refresh_s:
+            self._feed_seen = (feed.version, now)
+            self._take(feed.live(now))
+        return True
+
     async def _loop(self) -> None:
         while True:
             try:
+                if await self._from_feed():
+                    await asyncio.sleep(FEED_VIEW_S)
+                    continue
                 await self.refresh()
             except asyncio.CancelledError:
                 raise

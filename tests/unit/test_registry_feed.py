@@ -86,3 +86,87 @@ async def test_the_feed_warms_again_after_redis_restarts() -> None:
         finally:
             await feed.stop()
             await client.aclose()
+
+
+async def test_the_gateway_directory_takes_its_view_from_the_feed(r: aioredis.Redis) -> None:
+    """services/gateway/worker_directory.py with `registry_feed`: changes reach the gateway's
+    view pushed (its registry polls every 60 s here, and is never polled while the feed is
+    synced)."""
+    from services.gateway.worker_directory import WorkerDirectory
+    from tests.support.cluster import TEST_SECRET
+
+    reg = WorkerRegistry(r, NS, ttl_s=60)
+    await reg.register(_info("a"))
+    directory = WorkerDirectory(r, NS, "m", TEST_SECRET, refresh_s=60,
+                                feed=RegistryFeedConfig(max_staleness_s=0.5))
+    polls = 0
+    poll = directory.registry.live_workers
+
+    async def counted() -> list[WorkerInfo]:
+        nonlocal polls
+        polls += 1
+        return await poll()
+
+    directory.registry.live_workers = counted  # type: ignore[method-assign]
+
+    def ids() -> list[str]:
+        return [w.worker_id for w in directory.workers]
+
+    await directory.start()
+    try:
+        await eventually(lambda: ids() == ["a"])
+        await reg.register(_info("b"))
+        await eventually(lambda: ids() == ["a", "b"])
+        await reg.heartbeat(_info("b", running=2))
+        await eventually(lambda: directory.by_role(WorkerRole.BOTH)[1].load.num_running_reqs
+                         == 2)
+        await reg.deregister("a")
+        await eventually(lambda: ids() == ["b"])
+        assert polls == 0 and directory.feed is not None and directory.feed.synced()
+    finally:
+        await directory.stop()
+    # no feed (the default): the directory polls
+    directory = WorkerDirectory(r, NS, "m", TEST_SECRET, refresh_s=60)
+    directory.registry.live_workers = counted  # type: ignore[method-assign]
+    await directory.start()
+    try:
+        await eventually(lambda: ids() == ["b"] and polls == 1)
+    finally:
+        await directory.stop()
+
+
+async def test_the_directory_polls_while_its_feed_is_out_of_sync() -> None:
+    """Redis away: the feed goes out of sync and the directory polls (and keeps its last
+    view); back, the feed warms again and the directory follows it."""
+    from services.gateway.worker_directory import WorkerDirectory
+    from tests.support.cluster import TEST_SECRET
+
+    with redis_server() as srv:
+        client = aioredis.Redis.from_url(srv.url)
+        reg = WorkerRegistry(client, NS, ttl_s=60)
+        await reg.register(_info("a"))
+        directory = WorkerDirectory(client, NS, "m", TEST_SECRET, refresh_s=0.1, feed=(
+            RegistryFeedConfig(max_staleness_s=0.3, retry_s=0.05)))
+        polls = 0
+        poll = directory.registry.live_workers
+
+        async def counted() -> list[WorkerInfo]:
+            nonlocal polls
+            polls += 1
+            return await poll()
+
+        directory.registry.live_workers = counted  # type: ignore[method-assign]
+        await directory.start()
+        try:
+            await eventually(lambda: [w.worker_id for w in directory.workers] == ["a"])
+            assert polls == 0
+            srv.stop()
+            await eventually(lambda: polls >= 2)  # out of sync: polling (failing) again
+            assert [w.worker_id for w in directory.workers] == ["a"]  # the last view kept
+            srv.start()
+            await reg.register(_info("b"))  # Redis came back empty; workers register again
+            await eventually(lambda: [w.worker_id for w in directory.workers] == ["b"]
+                             and directory.feed.synced())
+        finally:
+            await directory.stop()
+            await client.aclose()
