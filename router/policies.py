@@ -199,6 +199,13 @@ class KVPolicyConfig(BaseModel):
     affinity_half_life_s: float = Field(5.0, gt=0, description=(
         "cold_spread scorer: half-life of the rate of requests routed to a worker for its "
         "cache"))
+    shortlist_holders: int = Field(12, ge=0, description=(
+        "the gateway scores, per pool, only the workers holding the prompt's longest cached "
+        "prefixes (at most this many) plus shortlist_least_loaded more; pools of at most "
+        "shortlist_holders + shortlist_least_loaded workers are scored whole"))
+    shortlist_least_loaded: int = Field(4, ge=1, description=(
+        "the least-loaded workers of a pool (requests ahead) added to the holders the gateway "
+        "scores (see shortlist_holders)"))
 
     @field_validator("scorer_weights")
     @classmethod

@@ -1,6 +1,7 @@
 """The route stage of the gateway's pipeline: which workers serve a request.
 
     prompt token ids -> prefix index lookup (every candidate's longest cached prefix)
+                     -> shortlist per pool (services/gateway/route_shortlist.py)
                      -> routing policy (router/policies.py) -> RouteDecision (prefill, decode)
 
 It also keeps this gateway's dispatch ledger (router/dispatch_ledger.py: the load it sent
@@ -19,14 +20,15 @@ from typing import Any, Sequence
 
 from router.block_hash import BlockHasher
 from router.dispatch_ledger import DispatchLedger
-from router.policies import (NoWorkersError, RouteDecision, RouteRequest, RoutingPolicy,
-                             decision_is_forced)
+from router.policies import (KVPolicy, NoWorkersError, RouteDecision, RouteRequest,
+                             RoutingPolicy, decision_is_forced)
 from router.prefix_index import PrefixIndex
 from router.route_audit import predicted_tokens
 from router.registry import WorkerInfo, WorkerRole
 from services.gateway.audit_ticket import AuditTicket
 from services.gateway.config import MigrationConfig
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.route_shortlist import PoolShortlist
 from services.gateway.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ class RouteStage:
         self.index = index
         self.metrics = metrics
         self._hashers: dict[tuple[int, str, str], BlockHasher] = {}
+        kv = policy.config if isinstance(policy, KVPolicy) else None
+        #: the workers the kv policy scores in a large pool (None: every worker)
+        self.shortlist = (PoolShortlist(directory, kv.shortlist_holders,
+                                        kv.shortlist_least_loaded) if kv is not None else None)
 
     def _hasher(self, scheme: tuple[int, str, str]) -> BlockHasher:
         """The hasher of a (block size, algorithm, seed) scheme, made once."""
@@ -126,6 +132,9 @@ class RouteStage:
         hashes: dict[str, list[int]] = {}
         cached = (await self._cached_blocks(token_ids, prefill + decode, cache_salt, hashes)
                   if lookup else None)
+        if lookup and self.shortlist is not None:  # score the holders and the least loaded
+            prefill = self.shortlist.candidates(prefill, cached or {}, exclude)
+            decode = self.shortlist.candidates(decode, cached or {}, exclude)
         req = RouteRequest(num_tokens=len(token_ids), cached_blocks=cached or {},
                            in_flight=dict(d.in_flight), own=d.ledger.view(
                                {w.worker_id: w.load.updated_at for w in prefill + decode})
