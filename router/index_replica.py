@@ -352,7 +352,7 @@ class IndexReplica:
                 if a:
                     hs = _unpack(a)
                     changes += len(hs)
-                    for h in hs:
+                    for h in hs:  # _add, inlined: one call per change in the fleet
                         v = d.get(h)
                         if v is None:
                             d[h] = cid
