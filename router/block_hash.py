@@ -41,6 +41,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, Final
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ SUPPORTED_ALGORITHMS: Final = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 _NON_CRYPTO: Final = frozenset({"xxhash", "xxhash_cbor"})
 _MASK64: Final = (1 << 64) - 1
 _PICKLE_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+_SECOND: Final = itemgetter(1)
 
 
 class HashSeedError(ValueError):
@@ -318,18 +320,20 @@ class BlockHasher:
         """The same hashes as :meth:`block_hashes`, each computed only when asked for: a
         prefix lookup that stops at the first block nobody holds hashes no further."""
         tokens = _as_int_list(token_ids)
-        bs = self.block_size
-        n_full = len(tokens) // bs
+        n_full = len(tokens) // self.block_size
         if lora is not None or cache_salt or self.algorithm != "sha256":
-            prev = b""
-            for i in range(n_full):
-                block = tokens[i * bs:(i + 1) * bs]
-                prev = (self.block_digests(block, lora=lora, cache_salt=cache_salt)[0] if i == 0
-                        else self._next(prev, block, lora))
-                yield int.from_bytes(prev[-8:], "big")
-            return
-        for _, h in self._sha256_chain(tokens, n_full):
-            yield h
+            return self._iter_with_keys(tokens, n_full, lora, cache_salt)
+        return map(_SECOND, self._sha256_chain(tokens, n_full))
+
+    def _iter_with_keys(self, tokens: Sequence[int], n_full: int,
+                        lora: tuple[str, str] | None, cache_salt: str | None) -> Iterator[int]:
+        bs = self.block_size
+        prev = b""
+        for i in range(n_full):
+            block = tokens[i * bs:(i + 1) * bs]
+            prev = (self.block_digests(block, lora=lora, cache_salt=cache_salt)[0] if i == 0
+                    else self._next(prev, block, lora))
+            yield int.from_bytes(prev[-8:], "big")
 
     def _sha256_chain(self, tokens: Sequence[int], n_full: int) -> Iterator[tuple[bytes, int]]:
         """(digest, published hash) of each full block of a prompt without extra keys,

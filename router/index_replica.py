@@ -37,11 +37,12 @@ import math
 import struct
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from router.cluster_nodes import NodeClients, burst
+from router.prefix_depths import PrefixDepths
 from router.prefix_index import PrefixIndex
 from router.redis_client import stop_task
 from router.replica_config import IndexReplicaConfig
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["IndexReplica", "IndexReplicaConfig", "ReplicaStats"]
 
 _NO_ENTRY = b"0-0"
+_NOTHING: dict[int, Any] = {}  # what a partition that is not synced holds for a lookup
 
 
 @dataclass
@@ -378,63 +380,84 @@ class IndexReplica:
         limit = (time.monotonic() if now is None else now) - self.config.max_staleness_s
         return min(self._synced_at) >= limit
 
-    def longest_prefixes(self, block_hashes: Sequence[int],
+    def longest_prefixes(self, block_hashes: Iterable[int],
                          eligible: Collection[str] | None = None,
-                         now: float | None = None) -> dict[str, int]:
+                         now: float | None = None) -> PrefixDepths:
         """Longest cached prefix (in blocks, from the first) of each worker holding at least
-        the prompt's first block: only those (a worker left out holds none of it).
+        the prompt's first block: only those (a worker left out holds none of it), also
+        listed per prefix length (:class:`~router.prefix_depths.PrefixDepths`).
 
-        ``eligible``: count only these worker ids (a set: only holders are looked up in it);
-        None: every worker with a current epoch. The walk stops at the first block of a
-        partition that is not synced (see the module doc); with the epoch map not synced,
-        nothing is reported.
+        ``block_hashes`` may be lazy (router/block_hash.py ``iter_block_hashes``): the walk
+        takes blocks only while some worker holds them. ``eligible``: count only these
+        worker ids (a set); None: every worker with a current epoch. The walk stops at the
+        first block of a partition that is not synced (see the module doc); with the epoch
+        map not synced, nothing is reported.
         """
+        out = PrefixDepths()
         limit = (time.monotonic() if now is None else now) - self.config.max_staleness_s
         synced = self._synced_at
-        if synced[self._meta] < limit or not block_hashes:
-            return {}
+        if synced[self._meta] < limit:
+            return out
         names = self._names
-        parts = self._parts
+        # a partition that is not synced answers nothing: the walk ends at its first block
+        gets = [d.get if synced[p] >= limit else _NOTHING.get for p, d in enumerate(self._parts)]
         shift, nparts = self.layout.shift, self.layout.partitions
-        depth: dict[int, int] = {}
-        active: set[int] | None = None
+        # the walk follows the workers (current epochs, eligible or not: the answer is
+        # filtered at the end) holding every block so far: ``one`` while a single epoch
+        # does, else the set ``active``; ``dropped`` gets (blocks, epochs) as they fall off
+        dropped: list[tuple[int, Any]] = []
+        one = -1
+        active: set[int] = set()
         n = 0
         for h in block_hashes:
-            p = (h >> shift) % nparts
-            if synced[p] < limit:
-                break
-            v = parts[p].get(h)
+            v = gets[(h >> shift) % nparts](h)
             if v is None:
                 break
-            if active is None:
-                active = set()
-                for c in ((v,) if v.__class__ is int else v):
-                    w = names.get(c)
-                    if w is not None and (eligible is None or w in eligible):
-                        active.add(c)
-                if not active:
+            if one >= 0:  # the common case past a shared prefix: one holder left
+                if v.__class__ is int:
+                    if v != one:
+                        break
+                elif one not in v:
                     break
+            elif n == 0:
+                if v.__class__ is int:
+                    if v not in names:
+                        break
+                    one = v
+                else:
+                    active = set(filter(names.__contains__, v))
+                    if len(active) < 2:
+                        if not active:
+                            break
+                        one = active.pop()
             elif v.__class__ is int:
                 if v not in active:
                     break
-                if len(active) > 1:
-                    for c in active:
-                        if c != v:
-                            depth[c] = n
-                    active = {v}
+                active.discard(v)
+                dropped.append((n, active))
+                one, active = v, set()
             else:
                 still = active.intersection(v)
                 if not still:
                     break
                 if len(still) < len(active):
-                    for c in active - still:
-                        depth[c] = n
+                    dropped.append((n, active - still))
+                    if len(still) == 1:
+                        one = still.pop()
                     active = still
             n += 1
-        if active:
-            for c in active:
-                depth[c] = n
-        return {names[c]: d for c, d in depth.items() if d > 0}
+        if n == 0:
+            return out
+        dropped.append((n, one if one >= 0 else active))
+        keep = None if eligible is None else eligible.__contains__
+        for d, cids in reversed(dropped):
+            if cids.__class__ is int:
+                w = names.get(cids)
+                if w is not None and (keep is None or keep(w)):
+                    out.add_level(d, [w])
+            else:
+                out.add_level(d, list(filter(keep, map(names.get, cids))))
+        return out
 
     def holders(self, block_hash: int) -> set[str]:
         """Workers (current epochs) the replica says hold ``block_hash``."""

@@ -124,6 +124,17 @@ class Pipeline:
         """Each scorer's weighted cost of `c` (for logs and tests)."""
         return {s.name: weight * s.cost(c, ctx) for s, weight in self.scorers}
 
+    def priced(self, c: Candidate, ctx: RouteContext) -> tuple[float, dict[str, float]]:
+        """`cost` and `breakdown` of `c` together, each scorer asked once (the cost is the
+        same sum as `cost`'s, in the same order)."""
+        parts: dict[str, float] = {}
+        counted: list[float] = []
+        for s, weight in self.scorers:
+            v = parts[s.name] = weight * s.cost(c, ctx)
+            if weight:
+                counted.append(v)
+        return sum(counted), parts
+
     def pick(self, cands: Sequence[Candidate], costs: Sequence[float],
              ctx: RouteContext) -> int:
         return self.picker.pick(cands, costs, ctx)

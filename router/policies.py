@@ -268,11 +268,12 @@ class KVPolicy:
     def _blocks(self, c: Candidate, req: RouteRequest) -> int:
         return req.cached_blocks.get(c.worker_id, 0)
 
-    def _explain(self, cands: Sequence[Candidate], ctx: RouteContext
+    def _explain(self, cands: Sequence[Candidate], ctx: RouteContext,
+                 priced: dict[int, tuple[float, dict[str, float]]]
                  ) -> tuple[dict[str, Any], ...]:
         out = []
         for c in cands:
-            parts = self.pipeline.breakdown(c, ctx)
+            parts = priced[id(c)][1] if id(c) in priced else self.pipeline.breakdown(c, ctx)
             e = c.estimate
             out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
                         "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
@@ -286,31 +287,41 @@ class KVPolicy:
         pool = PoolSpeed.of([*prefill, *decode])
         ctx = self._context(req, [*prefill, *decode])
         pipe = self.pipeline
+        # each candidate's cost and its breakdown (for the decision's explanation), priced once
+        priced: dict[int, tuple[float, dict[str, float]]] = {}
+
+        def cost(x: Candidate) -> float:
+            got = priced.get(id(x))
+            if got is None:
+                got = priced[id(x)] = pipe.priced(x, ctx)
+            return got[0]
+
         if decode[0].role == WorkerRole.BOTH:
             cands = pipe.filter(self.candidates(decode, req, pool, True), ctx)
-            costs = [pipe.cost(x, ctx) for x in cands]
-            d = cands[pipe.pick(cands, costs, ctx)]
+            costs = [cost(x) for x in cands]
+            i = pipe.pick(cands, costs, ctx)
+            d = cands[i]
             self._note_affinity(d, cands)
             return RouteDecision(decode=d.estimate.worker, reason="aggregated",
                                  predicted_cached_blocks=self._blocks(d, req),
-                                 cost=costs[cands.index(d)], ttft_s=_TTFT.cost(d, ctx),
-                                 candidates=self._explain(cands, ctx))
+                                 cost=costs[i], ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=self._explain(cands, ctx, priced))
         p: Candidate | None = None
         p_cost = math.inf
         pcands: list[Candidate] = []
         if prefill:
             pcands = pipe.filter(self.candidates(prefill, req, pool, True), ctx)
-            pcosts = [pipe.cost(x, ctx) for x in pcands]
+            pcosts = [cost(x) for x in pcands]
             i = pipe.pick(pcands, pcosts, ctx)
             p, p_cost = pcands[i], pcosts[i]
         local = pipe.filter(self.candidates(decode, req, pool, True), ctx)
         remote = {x.worker_id: x for x in self.candidates(decode, req, pool, False)}
         routes: list[tuple[float, bool]] = []  # (cost, prefill locally)
         for x in local:
-            via_p = p_cost + pipe.cost(remote[x.worker_id], ctx) if p is not None else math.inf
+            via_p = p_cost + cost(remote[x.worker_id]) if p is not None else math.inf
             here = math.inf
             if p is None or ctx.uncached(x) <= self.config.local_prefill_tokens:
-                here = pipe.cost(x, ctx)
+                here = cost(x)
             routes.append((here, True) if here <= via_p else (via_p, False))
         j = pipe.pick(local, [r[0] for r in routes], ctx)
         d, (cost, is_local) = local[j], routes[j]
@@ -320,13 +331,13 @@ class KVPolicy:
             return RouteDecision(decode=d.estimate.worker, reason=reason,
                                  predicted_cached_blocks=self._blocks(d, req), cost=cost,
                                  ttft_s=_TTFT.cost(d, ctx),
-                                 candidates=self._explain([*pcands, *local], ctx))
+                                 candidates=self._explain([*pcands, *local], ctx, priced))
         assert p is not None
         self._note_affinity(p, [*pcands, *local])
         return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
                              predicted_cached_blocks=self._blocks(p, req), cost=cost,
                              ttft_s=_TTFT.cost(p, ctx),
-                             candidates=self._explain([*pcands, *local], ctx))
+                             candidates=self._explain([*pcands, *local], ctx, priced))
 
 
 _TTFT = TTFTScorer()

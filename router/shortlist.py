@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
+
+from router.prefix_depths import PrefixDepths
 
 __all__ = ["LoadOrder", "shortlist"]
 
@@ -44,6 +46,22 @@ class LoadOrder:
         """A worker's load (None: not in the pool)."""
         return self._load.get(worker_id)
 
+    def least_loaded_of(self, workers: Collection[str], k: int) -> list[str]:
+        """The ``k`` least loaded of ``workers`` (all in this order), least loaded first."""
+        if k <= 0:
+            return []
+        if len(workers) * 16 < len(self._load):  # few: sort them
+            load = self._load
+            return sorted(workers, key=lambda w: (load[w], w))[:k]
+        want = workers if isinstance(workers, (set, frozenset, dict)) else set(workers)
+        out = []
+        for _, w in self._sorted:  # many: about k x len(self) / len(workers) steps
+            if w in want:
+                out.append(w)
+                if len(out) == k:
+                    break
+        return out
+
     def ascending(self) -> Iterator[str]:
         """Worker ids, least loaded first."""
         for _, w in self._sorted:
@@ -64,23 +82,35 @@ def shortlist(cached: Mapping[str, int], order: LoadOrder, *, holders: int = 4,
     may be left out). Taken: the ``holders`` workers with the longest prefixes (among those
     tied at the cut, the least loaded), then the ``least_loaded`` least-loaded workers of
     ``order`` not taken yet. Workers not in ``order`` (not in the pool) are never taken.
+    A lookup's :class:`~router.prefix_depths.PrefixDepths` is read level by level, longest
+    first, so that only the levels taken are visited.
     """
+    load = order._load
     out: dict[str, None] = {}
-    held = {w: d for w, d in cached.items() if d > 0 and w in order} if cached else {}
-    if len(held) <= holders:
-        out = dict.fromkeys(sorted(held, key=held.__getitem__, reverse=True))
-    else:
-        cut = heapq.nlargest(holders, held.values())[-1]
-        out = dict.fromkeys(w for w, d in held.items() if d > cut)
-        need = holders - len(out)
-        for w in order.ascending():  # ties at the cut: the least loaded of them
+    if isinstance(cached, PrefixDepths) and cached.levels_valid:
+        need = holders
+        for _, ws in cached.levels:
             if need <= 0:
                 break
-            if held.get(w) == cut:
-                out[w] = None
-                need -= 1
+            inside = list(filter(load.__contains__, ws))
+            if len(inside) <= need:
+                inside.sort(key=lambda w: (load[w], w))
+                out.update(dict.fromkeys(inside))
+                need -= len(inside)
+            else:  # the cut falls in this level: its least loaded
+                out.update(dict.fromkeys(order.least_loaded_of(inside, need)))
+                need = 0
+    else:
+        held = {w: d for w, d in cached.items() if d > 0 and w in load} if cached else {}
+        if len(held) <= holders:
+            out = dict.fromkeys(sorted(held, key=held.__getitem__, reverse=True))
+        elif holders > 0:
+            cut = heapq.nlargest(holders, held.values())[-1]
+            out = dict.fromkeys(w for w, d in held.items() if d > cut)
+            tied = [w for w, d in held.items() if d == cut]
+            out.update(dict.fromkeys(order.least_loaded_of(tied, holders - len(out))))
     extra = least_loaded
-    for w in order.ascending():
+    for _, w in order._sorted:
         if extra <= 0:
             break
         if w not in out:

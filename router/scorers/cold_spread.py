@@ -43,7 +43,10 @@ class AffinityRate:
 
     def rate(self, worker_id: str) -> float:
         """Decayed count x decay rate: requests per second at a steady rate."""
-        v, at = self._v.get(worker_id, (0.0, self._clock()))
+        got = self._v.get(worker_id)
+        if got is None:  # none recorded: no clock read
+            return 0.0
+        v, at = got
         return v * math.exp(-self._k * (self._clock() - at)) * self._k
 
 

@@ -30,6 +30,28 @@ def visible(rep: IndexReplica, prompt: list[int], want: dict[str, int]):
     return lambda: rep.longest_prefixes(prompt) == want
 
 
+async def test_lookup_lists_the_holders_per_prefix_length(r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r, NS, bucket_bits=4, partitions=3)
+    prompt = [0x1000_0000_0000_0000 * i + 7 for i in range(1, 9)]
+    depths = {"a": 8, "b": 2, "c": 2, "d": 5, "e": 1, "f": 5}
+    for w, n in depths.items():
+        await idx.add_blocks(w, prompt[:n])
+    await idx.add_blocks("g", prompt[1:])  # not the first block: holds no prefix
+    rep = IndexReplica(idx)
+    await rep.start()
+    try:
+        got = rep.longest_prefixes(prompt)
+        assert got == depths
+        assert [(n, sorted(ws)) for n, ws in got.levels] == [
+            (8, ["a"]), (5, ["d", "f"]), (2, ["b", "c"]), (1, ["e"])]
+        lazy = rep.longest_prefixes(iter(prompt), eligible={"b", "d", "g"})
+        assert lazy == {"b": 2, "d": 5} and lazy.levels == [(5, ["d"]), (2, ["b"])]
+        assert rep.longest_prefixes(prompt[:3]) == {w: min(n, 3) for w, n in depths.items()}
+        assert rep.longest_prefixes(iter([])) == {}
+    finally:
+        await rep.stop()
+
+
 async def test_warms_from_redis_then_follows_every_change(r: aioredis.Redis) -> None:
     idx = PrefixIndex(r, NS, bucket_bits=4, partitions=3)
     prompt = [0x1000_0000_0000_0000 * i + 7 for i in range(1, 9)]  # spread over partitions

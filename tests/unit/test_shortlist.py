@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+from router.prefix_depths import PrefixDepths
 from router.shortlist import LoadOrder, shortlist
 
 
@@ -45,3 +48,29 @@ def test_many_holders_keep_the_longest_and_among_ties_the_least_loaded() -> None
     assert set(got[2:5]) == {"w59", "w58", "w57"}  # tied at 4: the least loaded of them
     assert got[5:] == ["w99", "w98"]
     assert len(shortlist(cached, o, holders=8, least_loaded=4)) == 12
+
+
+def _depths(cached: dict[str, int]) -> PrefixDepths:
+    out = PrefixDepths()
+    for n in sorted(set(cached.values()), reverse=True):
+        out.add_level(n, [w for w, d in cached.items() if d == n])
+    return out
+
+
+def test_a_lookups_levels_give_what_the_plain_mapping_gives() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        pool = rng.randrange(1, 200)
+        o = _order({f"w{i}": float(rng.randrange(6)) for i in range(pool)})
+        held = rng.sample(range(pool + 20), rng.randrange(0, pool + 1))  # some not in the pool
+        cached = {f"w{i}": rng.choice([1, 2, 2, 4, 4, 4, 9]) for i in held}
+        holders, least = rng.randrange(0, 8), rng.randrange(0, 4)
+        plain = shortlist(cached, o, holders=holders, least_loaded=least)
+        levels = shortlist(_depths(cached), o, holders=holders, least_loaded=least)
+        assert set(levels) == set(plain), (cached, holders, least)
+        depth = [cached.get(w, 0) for w in levels]
+        assert depth[:len(depth) - least] == sorted(depth[:len(depth) - least], reverse=True)
+    changed = _depths({"a": 3, "b": 1})
+    changed["c"] = 5  # changed after the lookup: read as a plain mapping
+    assert not changed.levels_valid
+    assert shortlist(changed, _order({"a": 0, "b": 0, "c": 0}), holders=1, least_loaded=0) == ["c"]
