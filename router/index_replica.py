@@ -41,7 +41,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from router.cluster_nodes import NodeClients, burst
+import hiredis
+
+from router.cluster_nodes import NodeClients
 from router.prefix_depths import PrefixDepths
 from router.prefix_index import PrefixIndex
 from router.redis_client import stop_task
@@ -108,6 +110,38 @@ def _remove(d: dict[int, Any], h: int, cid: int) -> None:
     elif cid in v:
         rest = tuple(c for c in v if c != cid)
         d[h] = rest[0] if len(rest) == 1 else rest
+
+
+class _Reader:
+    """One connection of a node's pool held by a follow loop for its blocking reads (taking
+    one from the pool per read costs more client CPU than the read itself); given back on an
+    error, when the node changes, or when the loop ends."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._conn: Any = None
+
+    async def read(self, client: Any, cmd: tuple) -> Any:
+        """Send ``cmd`` to ``client``'s node and return its raw reply (an error reply
+        raises)."""
+        if self._client is not client:
+            await self.drop()
+        if self._conn is None:
+            self._conn = await client.connection_pool.get_connection()
+            self._client = client
+        conn = self._conn
+        await conn.send_packed_command(hiredis.pack_command(cmd), check_health=False)
+        return await conn.read_response()
+
+    async def drop(self) -> None:
+        """Close the held connection (a reply may be half read) and give it back."""
+        conn, client = self._conn, self._client
+        self._conn = self._client = None
+        if conn is not None:
+            try:
+                await conn.disconnect()
+            finally:
+                await client.connection_pool.release(conn)
 
 
 class IndexReplica:
@@ -239,54 +273,57 @@ class IndexReplica:
         count, block = self.config.read_count, self._block_ms
         interval = self.config.read_interval_ms / 1000
         broken = False
-        while True:
-            name = self.nodes.node_name(keys[0])
-            try:
-                if broken:
-                    await self._resume(streams)
-                    broken = False
-                client = self.nodes.client(name)
-                sent = time.monotonic()
-                # the raw reply, parsed by hiredis, no per-entry dict: {key: [[id, [k, v,
-                # ...]], ...]} (RESP3), [[key, entries], ...] (RESP2), or None
-                resp = (await burst(client, [("XREAD", "COUNT", count, "BLOCK", block,
-                                              "STREAMS", *keys,
-                                              *[self._last_id[i] for i in streams])]))[0]
-                if isinstance(resp, Exception):
-                    raise resp
-                pairs = resp.items() if isinstance(resp, dict) else (resp or [])
-                got = {k.decode(): entries for k, entries in pairs}
-                now_ms = time.time() * 1000
-                behind = False
-                for i, key in zip(streams, keys):
-                    entries = got.get(key, ())
-                    if len(entries) >= count and not await self._kept_since(i, client):
-                        continue  # trimmed past this replica's position: warmed again
-                    if entries:
-                        self._apply(i, entries, now_ms)
-                    if len(entries) < count:
-                        self._synced_at[i] = sent
-                    else:
-                        behind = True
-                if got and not behind:  # let changes gather: fewer, fuller reads
-                    pause = sent + interval - time.monotonic()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.stats.errors += 1
-                if not broken:
-                    logger.warning("index replica: reading %s failed (%s: %s); resuming",
-                                   keys[0] if len(keys) == 1 else "the change logs",
-                                   type(exc).__name__, exc)
-                broken = True
-                await self.nodes.forget(name)
-                await asyncio.sleep(self.config.retry_s)
+        reader = _Reader()
+        try:
+            while True:
+                name = self.nodes.node_name(keys[0])
                 try:
-                    await self.nodes.refresh_slots()
-                except Exception:
-                    logger.debug("slot map refresh failed", exc_info=True)
+                    if broken:
+                        await self._resume(streams)
+                        broken = False
+                    client = self.nodes.client(name)
+                    sent = time.monotonic()
+                    # the raw reply, parsed by hiredis, no per-entry dict: {key: [[id, [k, v,
+                    # ...]], ...]} (RESP3), [[key, entries], ...] (RESP2), or None
+                    resp = await reader.read(client, ("XREAD", "COUNT", count, "BLOCK", block,
+                                                      "STREAMS", *keys,
+                                                      *[self._last_id[i] for i in streams]))
+                    pairs = resp.items() if isinstance(resp, dict) else (resp or [])
+                    got = {k.decode(): entries for k, entries in pairs}
+                    now_ms = time.time() * 1000
+                    behind = False
+                    for i, key in zip(streams, keys):
+                        entries = got.get(key, ())
+                        if len(entries) >= count and not await self._kept_since(i, client):
+                            continue  # trimmed past this replica's position: warmed again
+                        if entries:
+                            self._apply(i, entries, now_ms)
+                        if len(entries) < count:
+                            self._synced_at[i] = sent
+                        else:
+                            behind = True
+                    if got and not behind:  # let changes gather: fewer, fuller reads
+                        pause = sent + interval - time.monotonic()
+                        if pause > 0:
+                            await asyncio.sleep(pause)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.stats.errors += 1
+                    if not broken:
+                        logger.warning("index replica: reading %s failed (%s: %s); resuming",
+                                       keys[0] if len(keys) == 1 else "the change logs",
+                                       type(exc).__name__, exc)
+                    broken = True
+                    await reader.drop()
+                    await self.nodes.forget(name)
+                    await asyncio.sleep(self.config.retry_s)
+                    try:
+                        await self.nodes.refresh_slots()
+                    except Exception:
+                        logger.debug("slot map refresh failed", exc_info=True)
+        finally:
+            await reader.drop()
 
     async def _kept_since(self, i: int, client: Any) -> bool:
         """After a full read (this replica is behind): whether the log still holds every entry
