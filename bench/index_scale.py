@@ -23,8 +23,12 @@ bytes per pair). Then, for each:
     * `replica`: each gateway warms a local replica from the cluster (router/index_replica.py)
       and follows its change logs; lookups need no round trip and hash a prompt's blocks only
       as far as some worker holds them; the policy scores the shortlist; the same cache.
-  Reported: decisions per CPU-second of the gateway process (its replica's upkeep included),
-  decision and lookup p50/p99, the replica's lag p50/p99, warm-up time and memory;
+  Reported: decisions per CPU-second of the gateway process (its replica's upkeep included;
+  the workload's own prompt generation left out), decision and lookup p50/p99, the replica's
+  lag p50/p99, warm-up time and memory;
+- following alone (cluster): one replica follows while one writer publishes at
+  `--background-rate` and nothing else runs: its lag without the other phases' contention
+  for this machine's cores;
 - memory: bytes per (block, worker) pair from INFO used_memory (primaries only), change logs
   trimmed (their fixed size is reported apart).
 
@@ -511,6 +515,33 @@ def _writes(kind: str, url: str, ports: list[int], args: argparse.Namespace, bit
     return out
 
 
+def _follow_only(url: str, args: argparse.Namespace, bits: int) -> dict[str, Any]:
+    """One replica following while one writer publishes at `--background-rate` and nothing
+    else runs: the lag the protocol itself gives, apart from the CPU contention of the
+    saturated phases on this machine."""
+    ctx = mp.get_context("spawn")
+    aargs = _plain(args)
+    q = ctx.Queue()
+    go = ctx.Event()
+    follower = ctx.Process(target=_follower_proc, args=(url, aargs, bits, args.seconds, go, q))
+    follower.start()
+    while not go.wait(1.0):
+        if follower.exitcode is not None:
+            raise RuntimeError("the replica follower failed (see its traceback above)")
+    bg = ctx.Process(target=_writer_proc, args=("cluster", url, aargs, 998, args.seconds + 1,
+                                                args.background_rate, _workers(args.workers),
+                                                bits, None, q))
+    bg.start()
+    res = _collect(q, [follower, bg], 2)
+    for p in (follower, bg):
+        p.join()
+    f = next(r for r in res if "changes" in r)
+    w = next(r for r in res if "events" in r)
+    return {"events_per_s": round(w["events"] / w["elapsed"]), "changes_applied": f["changes"],
+            "changes_per_cpu_s": round(f["changes"] / max(f["cpu_s"], 1e-9)),
+            "lag_p50_ms": _pct(f["lag"], 0.5, 1), "lag_p99_ms": _pct(f["lag"], 0.99, 1)}
+
+
 def _routing(mode: str, url: str, ports: list[int], args: argparse.Namespace, bits: int
              ) -> dict[str, Any]:
     """Gateways routing while one writer publishes at `--background-rate`."""
@@ -596,6 +627,9 @@ def _measure(kind: str, url: str, ports: list[int], args: argparse.Namespace, bl
     print(f"{kind}: writes {result['writes']}", file=sys.stderr, flush=True)
     if kind != "baseline":
         result["log_bytes_after_writes"] = _log_bytes(url, args, bits)
+        result["replica_follow_background_rate"] = _follow_only(url, args, bits)
+        print(f"{kind}: following alone {result['replica_follow_background_rate']}",
+              file=sys.stderr, flush=True)
     for mode in modes:
         result[f"routing_{mode}"] = _routing(mode, url, ports, args, bits)
         print(f"{kind}: routing {mode} {result[f'routing_{mode}']}", file=sys.stderr, flush=True)
@@ -703,6 +737,8 @@ def main() -> None:
                "bytes_for_100M_pairs_GiB": round(new["bytes_per_pair"] * 100e6 / 2**30, 2),
                "replica_lag_p99_ms": rep["replica"]["lag_p99_ms"],
                "replica_lag_p99_ms_saturated_writes": follow.get("lag_p99_ms"),
+               "replica_lag_p99_ms_following_alone": new["replica_follow_background_rate"][
+                   "lag_p99_ms"],
                "gateway_cores_to_follow_gpu_fleet": round(
                    fleet_rate / follow["changes_per_cpu_s"], 3) if follow else None,
            }}
