@@ -72,6 +72,9 @@ class Scorer(Protocol):
     def cost(self, c: Candidate, ctx: RouteContext) -> float: ...
 
 
+_MAX_TIE_SETS = 4096  # candidate sets whose tie rotation a GreedyPicker remembers
+
+
 class GreedyPicker:
     """The cheapest candidate; ties: the one holding more of the prompt, then round robin."""
 
@@ -82,8 +85,17 @@ class GreedyPicker:
              ctx: RouteContext) -> int:
         best = min(zip(costs, (-c.cached_tokens for c in cands)))
         ties = [i for i, c in enumerate(cands) if (costs[i], -c.cached_tokens) == best]
+        if len(ties) == 1:
+            return ties[0]
+        # a rotation per candidate set, kept only for sets that tied (a gateway's shortlists
+        # vary from decision to decision: one per set ever seen would grow without bound)
         key = tuple(c.worker_id for c in cands)
-        return ties[next(self._ties.setdefault(key, itertools.count())) % len(ties)]
+        turn = self._ties.get(key)
+        if turn is None:
+            if len(self._ties) >= _MAX_TIE_SETS:
+                self._ties.clear()
+            turn = self._ties[key] = itertools.count()
+        return ties[next(turn) % len(ties)]
 
 
 class SoftmaxPicker:

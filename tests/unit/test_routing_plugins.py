@@ -64,3 +64,18 @@ def test_greedy_ties_prefer_cache_then_rotate() -> None:
         "a", "b", "a", "b"]
     held = cand("held", cached=64)
     assert picker.pick([a, held], [1.0, 1.0], ctx) == 1
+
+
+def test_greedy_remembers_tie_rotations_only_for_a_bounded_number_of_sets() -> None:
+    from router.plugins import _MAX_TIE_SETS
+
+    ctx = RouteContext(prompt_tokens=100)
+    picker = GreedyPicker()
+    for i in range(_MAX_TIE_SETS + 50):  # a gateway's shortlists: a new set per decision
+        cands = [cand(f"w{i}"), cand(f"x{i}")]
+        picker.pick(cands, [1.0, 2.0], ctx)  # no tie: nothing remembered
+        picker.pick(cands, [1.0, 1.0], ctx)  # a tie: its rotation
+        assert len(picker._ties) <= _MAX_TIE_SETS
+    tied = [cand("p"), cand("q")]
+    assert [tied[picker.pick(tied, [1.0, 1.0], ctx)].worker_id for _ in range(4)] == [
+        "p", "q", "p", "q"]
