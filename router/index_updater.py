@@ -58,6 +58,11 @@ class IndexUpdaterConfig:
     """First wait before retrying Redis after a connection error (doubles each time) ..."""
     retry_backoff_max_s: float = 5.0
     """... up to this."""
+    coalesce_s: float = 0.02
+    """After a batch arrives, wait this long and apply it together with every batch that came
+    meanwhile: one index write for several engine steps (an engine decoding a full batch
+    fills a block nearly every step). The index learns of a block up to this much later; the
+    gateways' dispatch ledgers cover what they have just sent. 0: one write per batch."""
     audit_interval_s: float = 2.0
     """How often the worker's entry count in Redis is compared with the local mirror, and its
     last writes checked (router/prefix_index.py, ``writes_intact``); on a difference (Redis
@@ -77,6 +82,7 @@ class UpdaterStats:
     hash_mismatches: int = 0
     redis_errors: int = 0
     rebuilds: int = 0
+    coalesced_writes: int = 0
 
 
 class IndexUpdater:
@@ -134,15 +140,24 @@ class IndexUpdater:
                 await self._clear_with_retry()
             self.ready.set()
             while True:
-                item = await self.subscriber.next()
-                async with self._lock:
-                    try:
-                        await self.handle(item)
-                    except UNAVAILABLE_ERRORS as exc:
-                        self.stats.redis_errors += 1
-                        logger.warning("worker %s: Redis unavailable (%s); rebuilding its index "
-                                       "entries when it is back", self.config.worker_id, exc)
-                        await self._rebuild_with_retry()
+                items = [await self.subscriber.next()]
+                if self.config.coalesce_s > 0 and isinstance(items[0], EventBatch):
+                    await asyncio.sleep(self.config.coalesce_s)
+                    items += await self.subscriber.ready_now()
+                merged = coalesced(items)
+                # `batches` counts the engine's batches, however many went into one write
+                self.stats.batches += len(items) - len(merged)
+                self.stats.coalesced_writes += len(items) > len(merged)
+                for item in merged:
+                    async with self._lock:
+                        try:
+                            await self.handle(item)
+                        except UNAVAILABLE_ERRORS as exc:
+                            self.stats.redis_errors += 1
+                            logger.warning("worker %s: Redis unavailable (%s); rebuilding its "
+                                           "index entries when it is back",
+                                           self.config.worker_id, exc)
+                            await self._rebuild_with_retry()
         finally:
             self.ready.clear()
             self.subscriber.close()
@@ -259,3 +274,17 @@ class IndexUpdater:
             )
         return ok
 
+
+def coalesced(items: list[EventBatch | Resync]) -> list[EventBatch | Resync]:
+    """Consecutive batches merged into one (events in order, the last one's sequence number
+    and time); a Resync stays where it is, between the batches before and after it."""
+    out: list[EventBatch | Resync] = []
+    for item in items:
+        last = out[-1] if out else None
+        if isinstance(item, EventBatch) and isinstance(last, EventBatch) \
+                and item.data_parallel_rank == last.data_parallel_rank:
+            out[-1] = EventBatch(item.seq, item.ts, [*last.events, *item.events],
+                                 item.data_parallel_rank)
+        else:
+            out.append(item)
+    return out

@@ -269,6 +269,20 @@ class KVEventSubscriber:
             await self._handle(frames)
         return self._pending.popleft()
 
+    async def ready_now(self) -> list[SubscriberItem]:
+        """The batches (or Resyncs) that have arrived, in order, without waiting for more."""
+        self.connect()
+        assert self._sub is not None
+        while True:
+            try:
+                frames = await self._sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            await self._handle(frames)
+        items = list(self._pending)
+        self._pending.clear()
+        return items
+
     # -- internals ---------------------------------------------------------------------------
 
     async def _handle(self, frames: list[bytes]) -> None:

@@ -64,6 +64,10 @@ class EngineConfig(BaseModel):
     niceness: int = Field(0, ge=0, le=19, description=(
         "CPU niceness of worker actors and their engine processes (Ray's own default, 15, "
         "runs engines below every other process on the host)"))
+    actor_niceness: int = Field(10, ge=0, le=19, description=(
+        "CPU niceness of a worker actor's own threads (engine link, KV-event follower, Stats "
+        "RPC) once its engine has started, at least `niceness`: where they share cores with the "
+        "engine processes, an engine step does not wait behind them"))
 
     @property
     def name(self) -> str:

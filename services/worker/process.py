@@ -34,6 +34,7 @@ from services.grpc_context import ServerContextInterceptor
 from services.grpc_options import server_options
 from services.worker.environment import engine_environment
 from services.worker.observability import setup_observability
+from services.worker.thread_niceness import set_process_niceness
 from services.worker.shm import segments_mapped_by_children, unlink_segments
 from services.worker.link_server import LinkServer
 
@@ -213,6 +214,11 @@ class WorkerProcess:
         )
         await self._registry.register(self._info)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        # The engine processes keep the worker's starting niceness; its own threads (and any it
+        # starts later) step back behind them.
+        nice = max(cfg.engine.actor_niceness, cfg.engine.niceness)
+        log.info("worker threads at niceness %d (%d changed), engine at %d", nice,
+                 set_process_niceness(nice), cfg.engine.niceness)
         log.info("worker %s (%s) serving on %s", cfg.worker_id, cfg.role.value,
                  self.endpoints.address)
         return self.endpoints

@@ -51,18 +51,21 @@ def _cores(spec: str) -> set[int]:
 def test_engines_run_on_their_own_cores_at_the_configured_niceness(disagg: RunningCluster
                                                                    ) -> None:
     """Each engine's model runs on the core its worker was bound to (vLLM's NIXL connector
-    moves the model thread to the host's last core unless we restore it), and the actor and
-    engine processes run at the configured niceness 0, not Ray's default 15."""
+    moves the model thread to the host's last core unless we restore it); the engine
+    processes run at the configured niceness 0, not Ray's default 15, and every thread of
+    the worker actor steps back to `actor_niceness` (10) once its engine runs."""
     ws = status(disagg)
     assert {w["role"] for w in ws} == {"prefill", "decode"}, ws
     runner_cores: list[set[int]] = []
     for w in ws:
         actor = psutil.Process(w["pid"])
-        assert actor.nice() == 0, (w["worker_id"], actor.nice())
+        threads = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in actor.threads()}
+        assert len(threads) > 5 and set(threads.values()) == {10}, (w["worker_id"], threads)
         engine = [p for p in actor.children(recursive=True) if p.name().startswith("VLLM::")]
         assert {p.name() for p in engine} >= {"VLLM::EngineCore", "VLLM::Worker"}, engine
         for p in engine:
-            assert p.nice() == 0, (w["worker_id"], p.name(), p.nice())
+            nice = {os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()}
+            assert nice == {0}, (w["worker_id"], p.name(), nice)
         runner = next(p for p in engine if p.name() == "VLLM::Worker")
         bound = _cores(runner.environ()["VLLM_CPU_OMP_THREADS_BIND"])
         # The runner's main thread is OpenMP's master thread: it runs the model.

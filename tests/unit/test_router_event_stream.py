@@ -16,7 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from router.block_hash import BlockHasher
-from router.index_updater import IndexUpdater, IndexUpdaterConfig
+from router.index_updater import IndexUpdater, IndexUpdaterConfig, coalesced
 from router.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -301,6 +301,62 @@ async def test_updater_applies_and_resyncs(tmp_path: Path, r: aioredis.Redis) ->
         assert await idx.longest_prefixes([1, 2]) == {"w1": 0}
         assert await idx.workers_holding(12) == {"w1"}
         assert await idx.worker_block_count("w1") == 1
+    finally:
+        await upd.stop()
+        p.close()
+
+
+def test_coalesced_merges_consecutive_batches_and_keeps_resyncs_in_place() -> None:
+    b = [EventBatch(i, float(i), [BlockStored(block_hashes=[i])]) for i in range(5)]
+    gap = Resync("gap", 2, 3)
+    out = coalesced([b[0], b[1], gap, b[3], b[4]])
+    assert [type(i).__name__ for i in out] == ["EventBatch", "Resync", "EventBatch"]
+    first, _, last = out
+    assert isinstance(first, EventBatch) and isinstance(last, EventBatch)
+    assert (first.seq, first.ts) == (1, 1.0)  # the last merged batch's
+    assert [e.block_hashes for e in first.events] == [[0], [1]]  # type: ignore[union-attr]
+    assert [e.block_hashes for e in last.events] == [[3], [4]]  # type: ignore[union-attr]
+    assert coalesced([b[2]]) == [b[2]] and coalesced([]) == []
+    other_rank = EventBatch(5, 5.0, [], data_parallel_rank=1)
+    assert len(coalesced([b[0], other_rank])) == 2  # one rank's batches only
+
+
+async def test_ready_now_returns_what_arrived_without_waiting(tmp_path: Path) -> None:
+    p = Publisher(tmp_path, replay=False)
+    try:
+        async with subscriber(p, replay=False) as sub:
+            await asyncio.sleep(JOIN_S)
+            assert await sub.ready_now() == []
+            for i in range(4):
+                p.publish(100 + i)
+            first = await asyncio.wait_for(sub.next(), 10)
+            await asyncio.sleep(0.3)
+            rest = await sub.ready_now()
+            assert seqs([first, *rest]) == [0, 1, 2, 3]
+            assert await sub.ready_now() == []
+    finally:
+        p.close()
+
+
+async def test_updater_applies_several_engine_steps_in_one_write(tmp_path: Path,
+                                                                 r: aioredis.Redis) -> None:
+    idx = PrefixIndex(r)
+    await r.sadd("splitserve:workers", "w1")
+    await r.set("splitserve:worker:w1:alive", "1")
+    p = Publisher(tmp_path, replay=False)
+    upd = IndexUpdater(idx, IndexUpdaterConfig(
+        worker_id="w1", coalesce_s=0.5, subscriber=SubscriberConfig(endpoint=p.endpoint, topic="kv")))
+    upd.start()
+    try:
+        await asyncio.wait_for(upd.ready.wait(), 10)
+        await asyncio.sleep(JOIN_S)
+        for h in (1, 2, 3, 4):
+            p.publish(h)
+        p.publish()  # removes block 0 (never stored): applied in order, changes nothing
+        await _wait_for(lambda: _eq(idx.longest_prefixes([1, 2, 3, 4]), {"w1": 4}))
+        await _wait_for(lambda: _true(upd.stats.batches == 5))
+        assert upd.stats.coalesced_writes >= 1 and upd.stats.events == 5, upd.stats
+        assert upd.blocks == {1, 2, 3, 4}
     finally:
         await upd.stop()
         p.close()
