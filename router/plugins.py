@@ -134,7 +134,7 @@ class Pipeline:
 
     def breakdown(self, c: Candidate, ctx: RouteContext) -> dict[str, float]:
         """Each scorer's weighted cost of `c` (for logs and tests)."""
-        return {s.name: weight * s.cost(c, ctx) for s, weight in self.scorers}
+        return self.priced(c, ctx)[1]
 
     def priced(self, c: Candidate, ctx: RouteContext) -> tuple[float, dict[str, float]]:
         """`cost` and `breakdown` of `c` together, each scorer asked once (the cost is the
