@@ -7,7 +7,9 @@ encoding. Each refusal is OpenAI error JSON, decided before any parsing or token
     generation request while no live worker can take   503 no_workers, `Retry-After`
       it, nor will within route_wait_s (`routable`)
     body over max_body_bytes (by Content-Length, or    413, the connection is closed
-      counted while reading a chunked body)
+      counted while reading a chunked body)              (after reading what the client
+                                                         still sends, within LINGER_S and
+                                                         LINGER_BYTES: see _linger)
     API body that is not valid UTF-8, or JSON nested   400 invalid_json
       too deeply for a parser (MAX_JSON_DEPTH)
     generation body `check_body` refuses (fields       400 naming the field
@@ -55,6 +57,13 @@ NO_WORKERS = APIError(503, "no live worker can serve the request now (the gatewa
                       code="no_workers")
 
 
+LINGER_S = 2.0
+"""Longest a refused oversized body is read on (and dropped) before its 413 is sent."""
+
+LINGER_BYTES = 64 << 20
+"""Most bytes of a refused oversized body read on (and dropped) before its 413 is sent."""
+
+
 MAX_JSON_DEPTH = 256
 """Deepest JSON nesting an API body may have: deeper ones exhaust Python's recursion limit in
 the request parser, which FastAPI then answers outside OpenAI's error shape."""
@@ -93,6 +102,30 @@ def needs_key(path: str) -> bool:
     """With API keys on, every path of vLLM's server but the probes and metrics needs one
     (/tokenize and /detokenize too: they are not under /v1 there)."""
     return path not in OPEN_PATHS and not is_metrics_path(path)
+
+
+async def _linger(receive: Any) -> None:
+    """Read and drop the rest of a request body, within LINGER_S and LINGER_BYTES.
+
+    A server that answers and closes while the client is still sending leaves unread bytes in
+    its socket: the kernel then resets the connection, and a client that has not read the
+    answer yet sees `Connection reset by peer` instead of the 413 (nginx's lingering close
+    exists for this). The ASGI server gives no body after the response, so this runs before
+    it; past either bound the 413 goes out anyway."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_S
+    read = 0
+    while read <= LINGER_BYTES:
+        left = deadline - loop.time()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        read += len(message.get("body", b""))
 
 
 async def _refuse(err: APIError, scope: Any, receive: Any, send: Any,
@@ -218,6 +251,7 @@ class GuardMiddleware:
                               close)
                 return
             if int(declared) > limit:
+                await _linger(receive)
                 await _refuse(self._too_large(), scope, receive, send, close)
                 return
         parts: list[bytes] = []
@@ -229,6 +263,8 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if message.get("more_body", False):
+                    await _linger(receive)
                 await _refuse(self._too_large(), scope, receive, send, close)
                 return
             parts.append(chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -19,9 +20,11 @@ import pytest
 import splitserve_sdk as sdk
 from services import cluster_secret
 from services.controller.builtin_model import ensure_builtin_model
+from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeyError, ApiKeys
 from services.gateway.errors import APIError
 from services.gateway.grpc_api import peer_address
+from services.gateway.http_guard import LINGER_S, GuardMiddleware
 from services.ports import free_port
 from splitserve_sdk.proto.v1 import inference_pb2 as ipb
 from splitserve_sdk.proto.v1 import inference_pb2_grpc as ipb_grpc
@@ -204,6 +207,60 @@ async def test_body_size_limit(model_dir, redis_srv, env) -> None:
             r = await h.post("/v1/completions", content=chunked(ok),
                              headers={"content-type": "application/json"})
             assert r.status_code == 200, r.text
+
+
+def _post_raw(port: int, headers: bytes, body_parts: list[bytes]) -> bytes:
+    """Send a request over a plain socket, all of its body, then read the answer to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n"
+                  b"Content-Type: application/json\r\n" + headers + b"\r\n")
+        for part in body_parts:
+            s.sendall(part)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_an_oversized_body_gets_its_413_not_a_reset() -> None:
+    # Answering 413 and closing while the client still sends leaves unread bytes in the
+    # server's socket, and the kernel resets the connection: a client that has not read the
+    # answer yet sees `Connection reset by peer` (seen in CI on a 2 MiB body). The guard reads
+    # on (and drops) what is sent within its linger bounds, so the client gets its 413.
+    import uvicorn
+
+    async def app(scope, receive, send):  # never reached: every request here is refused
+        raise AssertionError("the app ran")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(GuardMiddleware(app, Admission(4), None, 4096),
+                                           host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        body = b"x" * (16 << 20)
+        pieces = [body[i:i + (64 << 10)] for i in range(0, len(body), 64 << 10)]
+        for headers, parts in [
+                (b"Content-Length: %d\r\n" % len(body), pieces),
+                (b"Transfer-Encoding: chunked\r\n",
+                 [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"])]:
+            answer = await asyncio.to_thread(_post_raw, port, headers, parts)
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413"), head
+            assert b"connection: close" in head.lower()
+            assert json.loads(payload)["error"]["code"] == "request_too_large"
+        # a client that stops sending gets its 413 once the linger time is up
+        stalled = b"Content-Length: %d\r\n" % len(body)
+        started_at = asyncio.get_running_loop().time()
+        answer = await asyncio.to_thread(_post_raw, port, stalled, pieces[:2])
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        waited = asyncio.get_running_loop().time() - started_at
+        assert LINGER_S - 0.1 <= waited < LINGER_S + 10, waited
+    finally:
+        server.should_exit = True
+        await task
 
 
 BAD = [
