@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Mapping, Protocol, Sequence
 
 from pydantic import BaseModel, Field, field_validator
@@ -21,6 +22,7 @@ from router.dispatch_ledger import OwnLoad
 from router.filters import KVHeadroomFilter
 from router.plugins import Candidate, GreedyPicker, Pipeline, RouteContext, SoftmaxPicker
 from router.registry import WorkerInfo, WorkerRole
+from router.route_explanation import CandidateRows
 from router.scorers import SCORERS
 from router.scorers.cold_spread import AffinityRate
 from router.scorers.ttft import TTFTScorer
@@ -66,10 +68,12 @@ class RouteDecision:
     (the `ttft` scorer alone: the time to first token, or with the KV moving the prefill's
     end), in seconds once the workers have measured their speed; the routing audit logs it
     beside the measured one."""
-    candidates: tuple[dict[str, Any], ...] = ()
+    candidates: Sequence[dict[str, Any]] = ()
     """kv policy: what the cost model saw of each worker that could compute the prompt (its
     cached tokens, queued prefill tokens, waiting and decoding requests, each scorer's cost
-    and the total, seconds): the route's work, for its log line"""
+    and the total, seconds): the route's work, for its log line. The policy's rows are
+    formatted when first read (router/route_explanation.py: the decision does not pay for
+    them); as a sequence they equal the tuple of those rows."""
     prompt_blocks: tuple[int, ...] = ()
     """The prompt's block hashes as the computing worker hashes them (set by the gateway when
     it looked the prompt up): the dispatch ledger remembers them there until the request
@@ -269,18 +273,13 @@ class KVPolicy:
         return req.cached_blocks.get(c.worker_id, 0)
 
     def _explain(self, cands: Sequence[Candidate], ctx: RouteContext,
-                 priced: dict[int, tuple[float, dict[str, float]]]
-                 ) -> tuple[dict[str, Any], ...]:
-        out = []
-        for c in cands:
-            parts = priced[id(c)][1] if id(c) in priced else self.pipeline.breakdown(c, ctx)
-            e = c.estimate
-            out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
-                        "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
-                        "decoding": e.decoding_reqs,
-                        **{k: round(v, 4) for k, v in parts.items()},
-                        "cost": round(sum(parts.values()), 4)})
-        return tuple(out)
+                 priced: dict[int, tuple[float, dict[str, float]]]) -> CandidateRows:
+        """The decision's explanation: each candidate's breakdown taken now (a candidate
+        not priced while deciding is priced here, as of the decision), its rows formatted
+        only when read."""
+        parts = [priced[id(c)][1] if id(c) in priced else self.pipeline.breakdown(c, ctx)
+                 for c in cands]
+        return CandidateRows(partial(_explanation_rows, list(cands), parts))
 
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
@@ -341,6 +340,20 @@ class KVPolicy:
 
 
 _TTFT = TTFTScorer()
+
+
+def _explanation_rows(cands: Sequence[Candidate], parts: Sequence[dict[str, float]]
+                      ) -> list[dict[str, Any]]:
+    """One row per candidate: its figures, each scorer's weighted cost and their sum."""
+    out = []
+    for c, p in zip(cands, parts):
+        e = c.estimate
+        out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
+                    "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
+                    "decoding": e.decoding_reqs,
+                    **{k: round(v, 4) for k, v in p.items()},
+                    "cost": round(sum(p.values()), 4)})
+    return out
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (KVPolicy, RoundRobinPolicy, RandomPolicy,

@@ -87,15 +87,16 @@ class AuditTicket:
                  "prefill_worker": r.prefill.worker_id if r.prefill else "local",
                  "route_reason": r.reason}
         fields = self.fields()
-        timing = (f"; estimated {fields['estimated_ttft_ms']:.0f} ms to its first output, "
-                  f"took {fields['measured_ttft_ms']:.0f} ms"
-                  if "estimated_ttft_ms" in fields else "")
-        log.info("request %s routed to %s (prefill %s, %s): predicted %d cached tokens, "
-                 "engine reported %d (%s)%s", self._request_id, where["decode_worker"],
-                 where["prefill_worker"], where["route_reason"],
-                 fields["predicted_cached_tokens"], fields["reported_cached_tokens"],
-                 fields["route_audit"], timing,
-                 extra={**where, **fields, "route_candidates": list(r.candidates)})
+        if log.isEnabledFor(logging.INFO):  # the candidates' rows are formatted only for it
+            timing = (f"; estimated {fields['estimated_ttft_ms']:.0f} ms to its first output, "
+                      f"took {fields['measured_ttft_ms']:.0f} ms"
+                      if "estimated_ttft_ms" in fields else "")
+            log.info("request %s routed to %s (prefill %s, %s): predicted %d cached tokens, "
+                     "engine reported %d (%s)%s", self._request_id, where["decode_worker"],
+                     where["prefill_worker"], where["route_reason"],
+                     fields["predicted_cached_tokens"], fields["reported_cached_tokens"],
+                     fields["route_audit"], timing,
+                     extra={**where, **fields, "route_candidates": list(r.candidates)})
         if tracing.enabled():
             ctx = tracing.extract(dict(self._trace_headers)) if self._trace_headers else None
             span = tracing.tracer().start_span(
