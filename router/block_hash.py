@@ -41,7 +41,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from operator import itemgetter
+from itertools import islice
 from typing import Any, Final
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ SUPPORTED_ALGORITHMS: Final = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 _NON_CRYPTO: Final = frozenset({"xxhash", "xxhash_cbor"})
 _MASK64: Final = (1 << 64) - 1
 _PICKLE_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
-_SECOND: Final = itemgetter(1)
 
 
 class HashSeedError(ValueError):
@@ -211,7 +210,7 @@ class BlockHasher:
     """Computes the block hashes a vLLM engine publishes for a prompt's full blocks."""
 
     __slots__ = ("algorithm", "block_size", "hash_seed", "seed_source", "none_hash", "_hash_fn",
-                 "_cache", "_cache_size")
+                 "_cache", "_cache_size", "_evict")
 
     def __init__(self, block_size: int, algorithm: str = "sha256", hash_seed: str | None = None,
                  cache_size: int = 0) -> None:
@@ -219,15 +218,19 @@ class BlockHasher:
 
         ``hash_seed=None`` reads PYTHONHASHSEED from this process's environment, falling back to
         vLLM's default seed for the SHA-256 algorithms and raising :class:`HashSeedError` for xxhash.
-        ``cache_size`` > 0 (sha256, no extra keys): remember that many (parent digest, block
-        tokens) -> digest, oldest forgotten first, so that prefixes seen again (a system
-        prompt, a conversation's history) cost a dictionary lookup per block, not a hash.
+        ``cache_size`` > 0 (sha256, no extra keys): remember up to that many (parent digest,
+        block tokens) -> digest, oldest forgotten first (a sixteenth of them at a time, once
+        full), so that prefixes seen again (a system prompt, a conversation's history) cost a
+        dictionary lookup per block, not a hash.
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self._cache_size = cache_size
+        # forgetting one entry at a time (del cache[next(iter(cache))]) costs a scan over
+        # every slot deleted since the dict last resized: ~0.6 ms per miss at 100k entries
+        self._evict = max(1, cache_size // 16)
         self._cache: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] | None = (
             {} if cache_size and algorithm == "sha256" else None)
         self.block_size: int = block_size
@@ -279,7 +282,7 @@ class BlockHasher:
             # Fast path (no extra keys): specialise the serialisation to avoid per-call dispatch.
             if self.algorithm == "sha256":
                 if parent is None and self._cache is not None:
-                    return [d for d, _ in self._sha256_chain(tokens, n_full)]
+                    return list(self._sha256_digests(tokens))
                 dumps, sha = pickle.dumps, hashlib.sha256
                 proto = _PICKLE_PROTOCOL
                 for start in range(0, n_full * bs, bs):
@@ -320,10 +323,9 @@ class BlockHasher:
         """The same hashes as :meth:`block_hashes`, each computed only when asked for: a
         prefix lookup that stops at the first block nobody holds hashes no further."""
         tokens = _as_int_list(token_ids)
-        n_full = len(tokens) // self.block_size
         if lora is not None or cache_salt or self.algorithm != "sha256":
-            return self._iter_with_keys(tokens, n_full, lora, cache_salt)
-        return map(_SECOND, self._sha256_chain(tokens, n_full))
+            return self._iter_with_keys(tokens, len(tokens) // self.block_size, lora, cache_salt)
+        return self._sha256_hashes(tokens)
 
     def _iter_with_keys(self, tokens: Sequence[int], n_full: int,
                         lora: tuple[str, str] | None, cache_salt: str | None) -> Iterator[int]:
@@ -335,30 +337,47 @@ class BlockHasher:
                     else self._next(prev, block, lora))
             yield int.from_bytes(prev[-8:], "big")
 
-    def _sha256_chain(self, tokens: Sequence[int], n_full: int) -> Iterator[tuple[bytes, int]]:
-        """(digest, published hash) of each full block of a prompt without extra keys,
-        sha256, computed lazily, through the cache when there is one."""
-        dumps, sha = pickle.dumps, hashlib.sha256
-        proto = _PICKLE_PROTOCOL
-        bs = self.block_size
+    def _blocks(self, tokens: Sequence[int]) -> Iterator[tuple[int, ...]]:
+        """The prompt's full blocks as tuples of token ids (made in C, a partial last block
+        left out)."""
+        return zip(*[iter(tokens)] * self.block_size)
+
+    def _sha256_hashes(self, tokens: Sequence[int]) -> Iterator[int]:
+        """The published hash of each full block of a prompt without extra keys, sha256,
+        computed lazily, through the cache when there is one."""
         cache = self._cache
         prev = self.none_hash
-        for start in range(0, n_full * bs, bs):
-            block = tuple(tokens[start:start + bs])
-            if cache is None:
+        if cache is None:
+            dumps, sha, proto = pickle.dumps, hashlib.sha256, _PICKLE_PROTOCOL
+            for block in self._blocks(tokens):
                 prev = sha(dumps((prev, block, None), protocol=proto)).digest()
-                yield prev, int.from_bytes(prev[-8:], "big")
-                continue
-            key = (prev, block)
-            hit = cache.get(key)
-            if hit is None:
-                d = sha(dumps((prev, block, None), protocol=proto)).digest()
-                hit = (d, int.from_bytes(d[-8:], "big"))
-                if len(cache) >= self._cache_size:
-                    del cache[next(iter(cache))]
-                cache[key] = hit
-            prev = hit[0]
-            yield hit
+                yield int.from_bytes(prev[-8:], "big")
+            return
+        get, miss = cache.get, self._miss
+        for block in self._blocks(tokens):
+            prev, h = get((prev, block)) or miss(prev, block)
+            yield h
+
+    def _sha256_digests(self, tokens: Sequence[int]) -> Iterator[bytes]:
+        """The digest of each full block (as :meth:`_sha256_hashes`, through the cache)."""
+        get, miss = self._cache.get, self._miss  # type: ignore[union-attr]
+        prev = self.none_hash
+        for block in self._blocks(tokens):
+            prev = (get((prev, block)) or miss(prev, block))[0]
+            yield prev
+
+    def _miss(self, prev: bytes, block: tuple[int, ...]) -> tuple[bytes, int]:
+        """Hash a block not in the cache (sha256, no extra keys) and remember it, forgetting
+        the oldest entries first when the cache is full."""
+        cache = self._cache
+        assert cache is not None
+        d = hashlib.sha256(pickle.dumps((prev, block, None), protocol=_PICKLE_PROTOCOL)).digest()
+        hit = (d, int.from_bytes(d[-8:], "big"))
+        if len(cache) >= self._cache_size:
+            for old in list(islice(cache, self._evict)):
+                del cache[old]
+        cache[(prev, block)] = hit
+        return hit
 
     def _next(self, prev: bytes, block: Sequence[int], lora: tuple[str, str] | None) -> bytes:
         """The digest of a block that is not the prompt's first, after ``prev``."""

@@ -191,3 +191,21 @@ def test_lazy_and_cached_hashes_are_the_same_hashes() -> None:
             assert len(cached._cache) <= 8  # bounded: oldest forgotten first
     hashes = BlockHasher(16, "sha256", hash_seed="0").iter_block_hashes(list(range(64)))
     assert next(hashes) == BlockHasher(16, "sha256", hash_seed="0").block_hashes(list(range(16)))[0]
+
+
+def test_a_full_cache_forgets_its_oldest_entries_a_sixteenth_at_a_time() -> None:
+    import random as _random
+
+    rng = _random.Random(3)
+    plain = BlockHasher(16, "sha256", hash_seed="0")
+    cached = BlockHasher(16, "sha256", hash_seed="0", cache_size=64)
+    prompts = [[rng.randrange(150_000) for _ in range(16 * 8)] for _ in range(20)]
+    for toks in prompts:  # 160 blocks through a cache of 64
+        assert list(cached.iter_block_hashes(toks)) == plain.block_hashes(toks)
+        assert cached._cache is not None and len(cached._cache) <= 64
+    assert len(cached._cache) >= 64 - 64 // 16
+    first = (cached.none_hash, tuple(prompts[0][:16]))
+    assert first not in cached._cache  # the oldest went first
+    assert cached.block_digests(prompts[-1]) == plain.block_digests(prompts[-1])
+    last = plain.block_digests(prompts[-1])
+    assert (last[-2], tuple(prompts[-1][-16:])) in cached._cache  # the newest stayed
