@@ -92,10 +92,9 @@ def shortlist(cached: Mapping[str, int], order: LoadOrder, *, holders: int = 4,
         for _, ws in cached.levels:
             if need <= 0:
                 break
-            inside = list(filter(load.__contains__, ws))
+            inside = load.keys() & ws  # those in the pool (a set)
             if len(inside) <= need:
-                inside.sort(key=lambda w: (load[w], w))
-                out.update(dict.fromkeys(inside))
+                out.update(dict.fromkeys(sorted(inside, key=lambda w: (load[w], w))))
                 need -= len(inside)
             else:  # the cut falls in this level: its least loaded
                 out.update(dict.fromkeys(order.least_loaded_of(inside, need)))
