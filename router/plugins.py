@@ -15,14 +15,14 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from router.cost_model import WorkerEstimate
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One worker considered for one part of a route."""
+class Candidate(NamedTuple):
+    """One worker considered for one part of a route (immutable; a named tuple, made for
+    every candidate of every decision)."""
 
     estimate: WorkerEstimate
     cached_tokens: int
@@ -126,6 +126,8 @@ class Pipeline:
 
     def filter(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[Candidate]:
         """Candidates every filter keeps; all of them if that would leave none."""
+        if not self.filters:
+            return list(cands)
         kept = [c for c in cands if all(f.keep(c, ctx) for f in self.filters)]
         return kept or list(cands)
 

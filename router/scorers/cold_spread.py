@@ -60,5 +60,8 @@ class ColdSpreadScorer:
     def cost(self, c: Candidate, ctx: RouteContext) -> float:
         if not c.computes or not c.estimate.measured:
             return 0.0
+        rate = ctx.affinity_rate(c.worker_id)
+        if not rate:  # no affinity traffic (most workers): 0 whatever p
+            return 0.0
         p = ctx.cold(c) / c.estimate.prefill_tokens_per_s
-        return ctx.affinity_rate(c.worker_id) * p * p / 2
+        return rate * p * p / 2
