@@ -909,6 +909,19 @@ def _gateway_metric_names() -> set[str]:
     from services.worker.metrics import WorkerMetrics
 
     ClusterGauges(gm).pools.update({"decode": 1}, {"decode": PoolObservation()}, 1.0)
+    # a gateway's replica and registry feed families (gateway.indexReplica / registryFeed)
+    from redis.asyncio import Redis
+
+    from router.registry_feed import RegistryFeed
+    from router.replica_config import IndexReplicaConfig
+    from router.replicated_index import ReplicatedPrefixIndex
+    from services.gateway.replica_metrics import ReplicaCollector
+
+    unconnected = Redis(port=1)
+    index = ReplicatedPrefixIndex(unconnected, "ns", replica=IndexReplicaConfig())
+    index.replica.lag_ms.append(5.0)
+    feed = RegistryFeed(unconnected, "ns")
+    gm.registry.register(ReplicaCollector(lambda: index, lambda: feed))
     worker = CollectorRegistry()
     WorkerMetrics("w", "decode", "m", registry=worker)
     text = generate_latest(gm.registry).decode() + generate_latest(worker).decode()
@@ -946,7 +959,7 @@ def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
     assert set(alerts) == {"SplitserveTTFTHigh", "SplitserveITLHigh", "SplitserveErrorRateHigh",
                            "SplitserveNoLiveWorkers", "SplitserveWorkerDown",
                            "SplitserveGatewayDown", "SplitserveRoutingPrecisionLow",
-                           "SplitserveRoutingRecallLow"}
+                           "SplitserveRoutingRecallLow", "SplitserveIndexReplicaUnsynced"}
     assert re.search(r"> 1(\.0)?$", alerts["SplitserveTTFTHigh"]["expr"].strip())
     assert "> 0.05" in alerts["SplitserveITLHigh"]["expr"]
     assert "> 0.01" in alerts["SplitserveErrorRateHigh"]["expr"]
