@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import json_text
 from bench.client import ClientConfig, RequestResult, RunResult, run_workload, warm_up
 from bench.stats import Percentiles, summarize
 from bench.workload import SyntheticConfig
@@ -114,7 +115,7 @@ def main() -> int:
             cluster.stop()
     print(table(res))
     if ns.json:
-        ns.json.write_text(json.dumps(res, indent=2) + "\n")
+        ns.json.write_text(json_text.dumps(res))
     return 0
 
 

@@ -56,6 +56,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from bench import json_text
 from bench.index_baseline import LegacyPrefixIndex
 from bench.redis_cluster import redis_cluster
 from router.block_hash import BlockHasher
@@ -759,7 +760,7 @@ def main() -> None:
     print("new/baseline", json.dumps(ratios))
     print("derived", json.dumps(out["derived"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
+    args.json.write_text(json_text.dumps(out))
     print(f"wrote {args.json}")
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from bench import json_text
 from bench.client import ClientConfig, run_workload, warm_up
 from bench.stats import summarize
 from bench.workload import SyntheticConfig
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {k: [f.model_dump() for f in v] for k, v in rounds.items()}}
     if ns.json:
         ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps(res, indent=2) + "\n")
+        ns.json.write_text(json_text.dumps(res))
     table = markdown(res)
     if ns.markdown:
         ns.markdown.write_text(table)

@@ -55,6 +55,8 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from bench import json_text
+
 PATTERN_MOD = 251  # byte i of the prefill buffer is i % 251 (a prime: no alignment aliasing)
 
 
@@ -440,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(cfg, lambda line: print(line, file=sys.stderr, flush=True))
     if ns.json:
         ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps(res.model_dump(mode="json"), indent=2) + "\n")
+        ns.json.write_text(json_text.dumps(res.model_dump(mode="json")))
     if ns.markdown:
         ns.markdown.write_text(markdown(res))
     if ns.plot:

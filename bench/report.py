@@ -15,7 +15,6 @@ A ratio is value(run) / value(baseline), None where either is missing or the bas
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
+from bench import json_text
 from bench.client import RequestResult
 from bench.engine_metrics import KvTransferReport, PrefixCacheReport
 from bench.queue_timeline import QueueSample, WorkerRequests
@@ -367,7 +367,7 @@ def make_report(runs: list[RunReport], baseline: str | None = None) -> BenchRepo
 
 def write_json(report: BenchReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    path.write_text(json_text.dumps(report.model_dump(mode="json")))
 
 
 def _f(v: float | None, fmt: str = "{:.1f}") -> str:

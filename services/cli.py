@@ -109,6 +109,7 @@ def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
     from services.gateway.config import MigrationConfig
     from router.policies import KVPolicyConfig
+    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
     shared, pool_args = engine_args_maps(ns)
@@ -125,6 +126,8 @@ def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         tenant_isolation=ns.tenant_isolation, slow_client_timeout_s=ns.slow_client_timeout,
         route_headers=ns.route_headers,
+        index_replica=IndexReplicaConfig() if ns.index_replica else None,
+        registry_feed=RegistryFeedConfig() if ns.registry_feed else None,
         cluster_secret_file=(Path(ns.cluster_secret_file).resolve()
                              if ns.cluster_secret_file else None),
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
@@ -378,6 +381,7 @@ def _make_model(ns: argparse.Namespace) -> int:
 def _gateway(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
     from services.gateway.config import GatewayConfig
 
     try:
@@ -400,7 +404,9 @@ def _gateway(ns: argparse.Namespace) -> int:
                                 api_keys_file=ns.api_keys_file,
                                 tenant_isolation=ns.tenant_isolation,
                                 slow_client_timeout_s=ns.slow_client_timeout,
-                                route_headers=ns.route_headers)
+                                route_headers=ns.route_headers,
+                                index_replica=IndexReplicaConfig() if ns.index_replica else None,
+                                registry_feed=RegistryFeedConfig() if ns.registry_feed else None)
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -439,6 +445,12 @@ def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
                    "response is cut and the request aborted (0: never)")
     p.add_argument("--route-headers", action="store_true",
                    help="gateway: answer with x-splitserve-* route headers (which workers, why)")
+    p.add_argument("--index-replica", action="store_true",
+                   help="gateway: keep a local replica of the prefix index, followed from Redis, "
+                   "and route from it (no Redis round trip per request; docs/routing.md)")
+    p.add_argument("--registry-feed", action="store_true",
+                   help="gateway: follow the worker registry's change log instead of re-reading "
+                   "every worker's entry twice a second (docs/routing.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,7 @@ def gateway_config(cfg: ClusterConfig, redis_url: str, port: int, grpc_port: int
         max_body_bytes=cfg.max_body_bytes, api_keys_file=cfg.api_keys_file,
         tenant_isolation=cfg.tenant_isolation,
         slow_client_timeout_s=cfg.slow_client_timeout_s, route_headers=cfg.route_headers,
+        index_replica=cfg.index_replica, registry_feed=cfg.registry_feed,
         migration=cfg.migration,
         engine_args=cfg.engine.engine_args, frontend_args=cfg.frontend_args)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from router.policies import KVPolicyConfig
 from router.registry import DEFAULT_NAMESPACE
+from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 from services.controller.healing import HealingConfig
 from services.gateway.config import MigrationConfig
 from services.worker.config import EngineConfig
@@ -71,6 +72,12 @@ class ClusterConfig(BaseModel):
         "gateway: a stream whose client took no data this long is cut and aborted; 0: never"))
     route_headers: bool = Field(False, description=(
         "gateway: answer with x-splitserve-* route headers (which workers served, why)"))
+    index_replica: IndexReplicaConfig | None = Field(None, description=(
+        "gateway: keep a local replica of the prefix index and route from it (docs/routing.md, "
+        "\"The gateway's replica\"); None: every lookup asks Redis"))
+    registry_feed: RegistryFeedConfig | None = Field(None, description=(
+        "gateway: follow the registry's change log (docs/routing.md, \"Registry changes, "
+        "pushed\"); None: re-read every worker's entry every worker_refresh_s"))
     worker_host: str | None = Field(None, description=(
         "address workers bind and advertise; 'auto': each worker's node IP; None: 127.0.0.1 "
         "with a local Ray, 'auto' when joining one (ray_address: workers on other nodes)"))

@@ -20,6 +20,7 @@ from services.gateway.auth import ApiKeys
 from services.gateway.cluster_metrics import ClusterGauges
 from services.gateway.config import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.replica_metrics import ReplicaCollector
 from services.gateway.route_stage import RouteStage
 from services.gateway.worker_directory import WorkerDirectory
 
@@ -40,6 +41,9 @@ class Gateway:
         self.secret = ClusterSecret.required("the gateway")  # its credential with workers
         self.metrics = GatewayMetrics(cfg.route_audit_window)
         self.cluster_gauges = ClusterGauges(self.metrics)
+        self.metrics.registry.register(ReplicaCollector(
+            lambda: self.route_stage.index if self.route_stage is not None else None,
+            lambda: self.directory.feed if self.directory is not None else None))
         self.admission = Admission(cfg.max_in_flight, cfg.max_in_flight_per_client)
         self.redis: Redis | None = None
         self.directory: WorkerDirectory | None = None

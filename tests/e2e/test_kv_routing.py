@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.block_hash import BlockHasher
 from router.prefix_index import PrefixIndex, hash_hex
@@ -22,6 +23,7 @@ from router.registry import WorkerInfo, WorkerRegistry
 from services.cluster_secret import FILE_ENV, FILE_NAME
 from services.ports import free_port
 from tests.e2e.conftest import PROMPT_TOKENS_DETAILS
+from tests.e2e.test_observability import documented_metrics
 from tests.support.cluster import RunningCluster
 
 pytestmark = pytest.mark.e2e
@@ -37,13 +39,16 @@ def post(base: str, prompt: str | list[int], max_tokens: int = 4) -> httpx.Respo
 
 @pytest.fixture
 def second_gateway(aggregated: RunningCluster, model_dir: Path) -> Iterator[str]:
-    """Another gateway process on the same cluster: shares nothing with the first but Redis."""
+    """Another gateway process on the same cluster: shares nothing with the first but Redis.
+    It routes from a local replica of the index and follows the registry's change log (the
+    first one asks Redis), so both ways of reading the index and registry serve a cluster."""
     port = free_port()
     log = open(aggregated.run_dir / "gateway-2.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "gateway", "--model", str(model_dir),
          "--served-model-name", MODEL, "--redis-url", aggregated.redis_url, "--port", str(port),
-         "--policy", "kv", "--route-headers", f"--frontend-arg={PROMPT_TOKENS_DETAILS}"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+         "--policy", "kv", "--route-headers", f"--frontend-arg={PROMPT_TOKENS_DETAILS}",
+         "--index-replica", "--registry-feed"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, FILE_ENV: str(aggregated.run_dir / FILE_NAME)})
     log.close()
     base = f"http://127.0.0.1:{port}"
@@ -78,6 +83,23 @@ def test_second_gateway_routes_to_the_cache_the_first_created(
         assert r.headers["x-splitserve-decode-worker"] == owner, "did not follow the cache"
         cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert cached >= (n // 32 - 1) * 32, f"engine reports only {cached} cached tokens"
+    # ... and it routed from its replica, not by Redis lookups
+    # (a lookup while the replica is not synced, e.g. the machine stalled it for over a
+    # second, asks Redis instead)
+    metrics = httpx.get(f"{second_gateway}/metrics", timeout=10).text
+    lookups = {src: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               for src in ("replica", "redis")
+               if line.startswith(f'splitserve_gateway_index_lookups_total{{source="{src}"}}')}
+    assert lookups["replica"] >= 1 and lookups["replica"] + lookups["redis"] == 4, lookups
+    assert "splitserve_gateway_registry_feed_synced 1.0" in metrics
+    # every metric docs/metrics.md lists for a gateway with its replicas on is there
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    documented = documented_metrics()["Gateway, with its local replicas on"]
+    assert len(documented) >= 8
+    for name, mtype, labels in documented:
+        fam = families.get(name)
+        assert fam is not None and fam.type == mtype, (name, mtype)
+        assert fam.samples and all(set(labels) <= set(s.labels) for s in fam.samples), name
     text = httpx.get(f"{second_gateway}/metrics", timeout=10).text
     line = next(x for x in text.splitlines()
                 if x.startswith("splitserve_gateway_predicted_cached_blocks_sum"))

@@ -43,6 +43,20 @@ def test_json_schema(tmp_path: Path) -> None:
     assert set(doc["ratios"]["round_robin/kv"]) == set(RATIO_METRICS)
 
 
+def test_results_json_keeps_outer_levels_indented_and_deeper_ones_on_a_line() -> None:
+    from bench.json_text import dumps
+
+    sample = {"ttft_ms": 12.5, "itl_ms": [1.0, 2.0], "worker": "both-0", "cached": None}
+    doc = {"runs": [{"label": "kv", "samples": [sample, sample], "extra": {}}], "n": 3}
+    text = dumps(doc)
+    assert json.loads(text) == doc
+    lines = text.splitlines()
+    assert lines[:4] == ['{', '  "runs": [', "    {", '      "label": "kv",']
+    one = "        " + json.dumps(sample, separators=(", ", ": "))
+    assert lines[5:7] == [one + ",", one]  # one line per sample
+    assert text.endswith("}\n") and dumps(7) == "7\n" and dumps({}) == "{}\n"
+
+
 def test_ratios_against_first_or_named_baseline() -> None:
     runs = [run("kv", 1.0, 0.6), run("round_robin", 2.0, 0.3), run("random", 4.0, None)]
     report = make_report(runs)

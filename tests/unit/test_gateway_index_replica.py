@@ -5,6 +5,8 @@ prefix (the registry and the workers' liveness keys stay on the cluster's Redis)
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -12,7 +14,7 @@ from router.block_hash import BlockHasher
 from router.policies import make_policy
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerRegistry, WorkerRole
-from router.replica_config import IndexReplicaConfig
+from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 from router.replicated_index import ReplicatedPrefixIndex, open_prefix_index
 from services import cluster_secret
 from services.gateway.config import GatewayConfig
@@ -100,3 +102,58 @@ async def test_a_gateway_routes_by_prefix_with_the_index_on_its_own_redis(
     finally:
         await gateway.stop()
         await index_client.aclose()
+
+
+def _samples(gateway: Gateway) -> dict[tuple[str, tuple], float]:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(gateway.metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_the_replica_and_the_feed_in_the_gateway_metrics(
+        r: aioredis.Redis, redis_srv: RedisServer, monkeypatch) -> None:
+    monkeypatch.setenv(cluster_secret.ENV, TEST_SECRET.text)
+    monkeypatch.delenv("SPLITSERVE_REDIS_INDEX_URL", raising=False)
+    await r.flushdb()
+    await _register(r)
+    hashes = BlockHasher(16, "sha256", "0").block_hashes(PROMPT)
+    plain = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS))
+    gateway = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS,
+                                    index_replica=IndexReplicaConfig(),
+                                    registry_feed=RegistryFeedConfig()))
+    try:
+        await plain.start()
+        assert not any(name.startswith(("splitserve_gateway_index_replica",
+                                        "splitserve_gateway_registry_feed"))
+                       for name, _ in _samples(plain)), "families of parts it does not run"
+        await gateway.start()
+        # the blocks are written after the replica warmed: they reach it by its change log
+        await PrefixIndex(r, NS).add_blocks("w-b", hashes)
+        stage = gateway.route_stage
+        assert stage is not None
+        for _ in range(200):
+            if stage.index.replica.holders(hashes[-1]) == {"w-b"}:
+                break
+            await asyncio.sleep(0.01)
+        decision = await stage.route(PROMPT)
+        assert (decision.decode.worker_id, decision.predicted_cached_blocks) == ("w-b", 6)
+        got = _samples(gateway)
+        assert got[("splitserve_gateway_index_replica_synced", ())] == 1.0
+        assert got[("splitserve_gateway_registry_feed_synced", ())] == 1.0
+        assert got[("splitserve_gateway_index_replica_changes_total", ())] >= len(hashes)
+        assert got[("splitserve_gateway_index_lookups_total", (("source", "replica"),))] == 1
+        assert got[("splitserve_gateway_index_lookups_total", (("source", "redis"),))] == 0
+        p50 = got[("splitserve_gateway_index_replica_lag_seconds", (("quantile", "0.5"),))]
+        p99 = got[("splitserve_gateway_index_replica_lag_seconds", (("quantile", "0.99"),))]
+        assert 0 <= p50 <= p99 < 5, (p50, p99)
+        assert got[("splitserve_gateway_registry_feed_warms_total", ())] >= 1
+        # the feed stops being read: it is no longer synced once max_staleness_s has passed
+        await gateway.directory.feed.stop()
+        await asyncio.sleep(gateway.cfg.registry_feed.max_staleness_s + 0.1)
+        assert _samples(gateway)[("splitserve_gateway_registry_feed_synced", ())] == 0.0
+    finally:
+        await gateway.stop()
+        await plain.stop()

@@ -43,7 +43,7 @@ def test_rules_are_valid_promql(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump(rules()))
     proc = subprocess.run([promtool(), "check", "rules", str(f)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 8 rules found" in proc.stdout + proc.stderr
+    assert "SUCCESS: 9 rules found" in proc.stdout + proc.stderr
 
 
 def test_alerts_fire_on_dead_workers_and_errors(tmp_path: Path) -> None:
@@ -173,5 +173,26 @@ def test_routing_alerts_need_traffic_and_recall_catches_an_index_that_misses(
             {"eval_time": "25m", "alertname": "SplitserveRoutingRecallLow", "exp_alerts": [{
                 "exp_labels": {"severity": "warning"},
                 "exp_annotations": annotations("SplitserveRoutingRecallLow", value="0%")}]},
+        ],
+    })
+
+
+def test_index_replica_alert_fires_on_a_replica_unsynced_for_5m(tmp_path: Path) -> None:
+    """Gateway 0's replica loses sync at minute 2 for good; gateway 1's for 3 minutes only
+    (a failover it recovers from): only gateway 0's alert fires, 5m later."""
+    _promtool_test(tmp_path, {
+        "interval": "1m",
+        "input_series": [
+            {"series": f'splitserve_gateway_index_replica_synced{{{GATEWAY}, pod="gw-0"}}',
+             "values": "1 1 0 0 0 0 0 0 0 0 0"},
+            {"series": f'splitserve_gateway_index_replica_synced{{{GATEWAY}, pod="gw-1"}}',
+             "values": "1 1 0 0 0 1 1 1 1 1 1"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "6m", "alertname": "SplitserveIndexReplicaUnsynced", "exp_alerts": []},
+            {"eval_time": "8m", "alertname": "SplitserveIndexReplicaUnsynced", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "namespace": NAMESPACE,
+                               "service": f"{RELEASE}-splitserve-gateway", "pod": "gw-0"},
+                "exp_annotations": annotations("SplitserveIndexReplicaUnsynced", pod="gw-0")}]},
         ],
     })

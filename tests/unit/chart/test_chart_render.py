@@ -352,6 +352,22 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
     assert cfg.slow_client_timeout_s == 5 and cfg.route_headers is True
 
 
+def test_gateway_replica_and_registry_feed() -> None:
+    """gateway.indexReplica / gateway.registryFeed: off by default (lookups ask Redis, the
+    registry is re-read); on, the gateway's config carries them with their staleness bounds."""
+    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
+
+    cfg, _, _ = gateway_config(render_named("default"))
+    assert cfg.index_replica is None and cfg.registry_feed is None
+    cfg, _, _ = gateway_config(render([], ("gateway.indexReplica.enabled=true",
+                                           "gateway.indexReplica.maxStalenessSeconds=3",
+                                           "gateway.registryFeed.enabled=true")))
+    assert cfg.index_replica == IndexReplicaConfig(max_staleness_s=3)
+    assert cfg.registry_feed == RegistryFeedConfig()
+    bad = helm(*template_args([], ("gateway.indexReplica.maxStalenessSeconds=0",)), check=False)
+    assert bad.returncode != 0 and "maxStalenessSeconds" in bad.stderr
+
+
 def test_gateway_kv_policy_scorer_weights() -> None:
     """serving.kvPolicy.scorerWeights: empty keeps the kv policy's default scorers; set, the
     gateway's config names exactly those (checked by KVPolicyConfig); unknown names are
@@ -893,6 +909,19 @@ def _gateway_metric_names() -> set[str]:
     from services.worker.metrics import WorkerMetrics
 
     ClusterGauges(gm).pools.update({"decode": 1}, {"decode": PoolObservation()}, 1.0)
+    # a gateway's replica and registry feed families (gateway.indexReplica / registryFeed)
+    from redis.asyncio import Redis
+
+    from router.registry_feed import RegistryFeed
+    from router.replica_config import IndexReplicaConfig
+    from router.replicated_index import ReplicatedPrefixIndex
+    from services.gateway.replica_metrics import ReplicaCollector
+
+    unconnected = Redis(port=1)
+    index = ReplicatedPrefixIndex(unconnected, "ns", replica=IndexReplicaConfig())
+    index.replica.lag_ms.append(5.0)
+    feed = RegistryFeed(unconnected, "ns")
+    gm.registry.register(ReplicaCollector(lambda: index, lambda: feed))
     worker = CollectorRegistry()
     WorkerMetrics("w", "decode", "m", registry=worker)
     text = generate_latest(gm.registry).decode() + generate_latest(worker).decode()
@@ -930,7 +959,7 @@ def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
     assert set(alerts) == {"SplitserveTTFTHigh", "SplitserveITLHigh", "SplitserveErrorRateHigh",
                            "SplitserveNoLiveWorkers", "SplitserveWorkerDown",
                            "SplitserveGatewayDown", "SplitserveRoutingPrecisionLow",
-                           "SplitserveRoutingRecallLow"}
+                           "SplitserveRoutingRecallLow", "SplitserveIndexReplicaUnsynced"}
     assert re.search(r"> 1(\.0)?$", alerts["SplitserveTTFTHigh"]["expr"].strip())
     assert "> 0.05" in alerts["SplitserveITLHigh"]["expr"]
     assert "> 0.01" in alerts["SplitserveErrorRateHigh"]["expr"]
