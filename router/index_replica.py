@@ -37,7 +37,7 @@ import math
 import struct
 import time
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -509,7 +509,12 @@ class IndexReplica:
 
     def lag_percentile(self, q: float) -> float | None:
         """The ``q`` quantile (0..1) of the recent lag samples, in ms (None: no sample)."""
+        return self.lag_percentiles((q,))[0]
+
+    def lag_percentiles(self, qs: Sequence[float]) -> list[float | None]:
+        """The quantiles ``qs`` of the recent lag samples, in ms, sorted once (None: no
+        sample)."""
         if not self.lag_ms:
-            return None
+            return [None] * len(qs)
         xs = sorted(self.lag_ms)
-        return xs[min(int(len(xs) * q), len(xs) - 1)]
+        return [xs[min(int(len(xs) * q), len(xs) - 1)] for q in qs]

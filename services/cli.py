@@ -69,6 +69,14 @@ def frontend_args_map(ns: argparse.Namespace) -> dict[str, Any]:
     return args
 
 
+def gateway_replicas(ns: argparse.Namespace) -> dict[str, Any]:
+    """The gateway's local replicas (`--index-replica`, `--registry-feed`) as its settings."""
+    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
+
+    return {"index_replica": IndexReplicaConfig() if ns.index_replica else None,
+            "registry_feed": RegistryFeedConfig() if ns.registry_feed else None}
+
+
 def engine_config(ns: argparse.Namespace, cache_dir: Path,
                   shared: dict[str, Any] | None = None) -> "EngineConfig":
     """The engine settings `splitserve up` gives its workers, from its parsed flags (the
@@ -109,7 +117,6 @@ def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
     from services.controller.config import ClusterConfig, PoolConfig, default_cache_dir
     from services.gateway.config import MigrationConfig
     from router.policies import KVPolicyConfig
-    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
     shared, pool_args = engine_args_maps(ns)
@@ -125,9 +132,7 @@ def cluster_config(ns: argparse.Namespace) -> "ClusterConfig":
         max_body_bytes=ns.max_body_bytes,
         api_keys_file=Path(ns.api_keys_file).resolve() if ns.api_keys_file else None,
         tenant_isolation=ns.tenant_isolation, slow_client_timeout_s=ns.slow_client_timeout,
-        route_headers=ns.route_headers,
-        index_replica=IndexReplicaConfig() if ns.index_replica else None,
-        registry_feed=RegistryFeedConfig() if ns.registry_feed else None,
+        route_headers=ns.route_headers, **gateway_replicas(ns),
         cluster_secret_file=(Path(ns.cluster_secret_file).resolve()
                              if ns.cluster_secret_file else None),
         prefill=PoolConfig(replicas=ns.prefill, num_cpus=cpus, num_gpus=gpus,
@@ -381,7 +386,6 @@ def _make_model(ns: argparse.Namespace) -> int:
 def _gateway(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
     from services.gateway.config import GatewayConfig
 
     try:
@@ -404,9 +408,7 @@ def _gateway(ns: argparse.Namespace) -> int:
                                 api_keys_file=ns.api_keys_file,
                                 tenant_isolation=ns.tenant_isolation,
                                 slow_client_timeout_s=ns.slow_client_timeout,
-                                route_headers=ns.route_headers,
-                                index_replica=IndexReplicaConfig() if ns.index_replica else None,
-                                registry_feed=RegistryFeedConfig() if ns.registry_feed else None)
+                                route_headers=ns.route_headers, **gateway_replicas(ns))
     except ValidationError as exc:
         print(f"splitserve gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

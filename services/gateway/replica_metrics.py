@@ -37,8 +37,7 @@ class ReplicaCollector:
                 "splitserve_gateway_index_replica_lag_seconds",
                 "Recent index changes: written in Redis to applied in this gateway's replica, "
                 "by quantile over the last lag_samples changes", labels=["quantile"])
-            for q in LAG_QUANTILES:
-                v = rep.lag_percentile(q)
+            for q, v in zip(LAG_QUANTILES, rep.lag_percentiles(LAG_QUANTILES)):
                 if v is not None:
                     lag.add_metric([str(q)], v / 1000)
             yield lag
