@@ -465,32 +465,40 @@ def test_planner_desired_sizes_reach_the_controller(healing: Healing) -> None:
 
 def test_chaos_kill_engines_and_actors_of_both_pools(healing: Healing) -> None:
     """Steady streaming load while engine processes and actor processes of both pools are
-    SIGKILLed in turn: every request completes with the reference output, no 5xx, and the
-    pools return to their desired sizes after every kill."""
+    SIGKILLed, one of each pool at the same moment, twice: every request completes with the
+    reference output, no 5xx, and the pools return to their desired sizes after every kill."""
     want = {"prefill": 1, "decode": 2}
     wait_pools(healing, want)
     migrations = gateway_metric(healing, "splitserve_gateway_request_migrations_total")
-    kills = [("decode", "engine"), ("prefill", "actor"), ("decode", "actor"),
-             ("prefill", "engine")]
+    # each pool loses its engine once and its actor once; the two pools heal at once
+    kills = [[("decode", "engine"), ("prefill", "actor")],
+             [("decode", "actor"), ("prefill", "engine")]]
     killed: list[str] = []
     with Traffic(healing, clients=3) as traffic:
-        for role, what in kills:
+        for pair in kills:
             time.sleep(4)  # requests in flight on every worker
             ws = wait_pools(healing, want)
-            victim = max((w for w in ws if w["role"] == role),
-                         key=lambda w: w["load"]["in_flight"])
-            target = engine_process(victim) if what == "engine" else psutil.Process(victim["pid"])
-            mapped = segments_mapped_by_children(victim["pid"])  # its engine's /dev/shm files
-            assert any(p.name.startswith("psm_") for p in mapped), mapped
-            os.kill(target.pid, signal.SIGKILL)
-            killed.append(victim["worker_id"])
+            victims = []
+            for role, what in pair:
+                victim = max((w for w in ws if w["role"] == role),
+                             key=lambda w: w["load"]["in_flight"])
+                target = (engine_process(victim) if what == "engine"
+                          else psutil.Process(victim["pid"]))
+                mapped = segments_mapped_by_children(victim["pid"])  # its engine's /dev/shm
+                assert any(p.name.startswith("psm_") for p in mapped), mapped
+                victims.append((victim, what, target, mapped))
+            for victim, _, target, _ in victims:
+                os.kill(target.pid, signal.SIGKILL)
+                killed.append(victim["worker_id"])
             deadline = time.monotonic() + 60
-            while victim["worker_id"] in {w["worker_id"] for w in live(healing)}:
-                assert time.monotonic() < deadline, f"{victim['worker_id']} never left"
+            gone = {v["worker_id"] for v, _, _, _ in victims}
+            while gone & {w["worker_id"] for w in live(healing)}:
+                assert time.monotonic() < deadline, f"{gone} never left"
                 time.sleep(0.5)
             wait_pools(healing, want)
-            left = [p for p in mapped if p.exists()]
-            assert not left, f"{victim['worker_id']} ({what} killed) left {left}"
+            for victim, what, _, mapped in victims:
+                left = [p for p in mapped if p.exists()]
+                assert not left, f"{victim['worker_id']} ({what} killed) left {left}"
         time.sleep(3)
     traffic.check(minimum=8)
     final = wait_pools(healing, want)
