@@ -165,9 +165,11 @@ def _up_file_tokens(up: argparse.ArgumentParser, flags: dict[str, Any]) -> list[
     for key, value in flags.items():
         action = by_dest[key]
         option = action.option_strings[0]
-        if action.nargs == 0:  # store_true
+        if action.nargs == 0:  # store_true, or --x/--no-x
             if value is True:
                 tokens.append(option)
+            elif value is False and isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(action.option_strings[1])
             elif value is not False:
                 raise UpArgsError(f"--config: `{key}` takes true or false, not {value!r}")
         elif isinstance(value, (dict, list)):
@@ -447,10 +449,11 @@ def _add_gateway_guard_flags(p: argparse.ArgumentParser) -> None:
                    "response is cut and the request aborted (0: never)")
     p.add_argument("--route-headers", action="store_true",
                    help="gateway: answer with x-splitserve-* route headers (which workers, why)")
-    p.add_argument("--index-replica", action="store_true",
+    p.add_argument("--index-replica", action=argparse.BooleanOptionalAction, default=True,
                    help="gateway: keep a local replica of the prefix index, followed from Redis, "
-                   "and route from it (no Redis round trip per request; docs/routing.md)")
-    p.add_argument("--registry-feed", action="store_true",
+                   "and route from it (no Redis round trip per request; about 100 bytes of "
+                   "gateway memory per cached (block, worker) pair; docs/routing.md)")
+    p.add_argument("--registry-feed", action=argparse.BooleanOptionalAction, default=True,
                    help="gateway: follow the worker registry's change log instead of re-reading "
                    "every worker's entry twice a second (docs/routing.md)")
 

@@ -72,10 +72,12 @@ class ClusterConfig(BaseModel):
         "gateway: a stream whose client took no data this long is cut and aborted; 0: never"))
     route_headers: bool = Field(False, description=(
         "gateway: answer with x-splitserve-* route headers (which workers served, why)"))
-    index_replica: IndexReplicaConfig | None = Field(None, description=(
+    index_replica: IndexReplicaConfig | None = Field(
+        default_factory=IndexReplicaConfig, description=(
         "gateway: keep a local replica of the prefix index and route from it (docs/routing.md, "
         "\"The gateway's replica\"); None: every lookup asks Redis"))
-    registry_feed: RegistryFeedConfig | None = Field(None, description=(
+    registry_feed: RegistryFeedConfig | None = Field(
+        default_factory=RegistryFeedConfig, description=(
         "gateway: follow the registry's change log (docs/routing.md, \"Registry changes, "
         "pushed\"); None: re-read every worker's entry every worker_refresh_s"))
     worker_host: str | None = Field(None, description=(

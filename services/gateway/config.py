@@ -80,7 +80,8 @@ class GatewayConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description=(
         "upper bound on one request's duration: a request still generating after this long "
         "ends with an error and is aborted on its workers"))
-    index_replica: IndexReplicaConfig | None = Field(None, description=(
+    index_replica: IndexReplicaConfig | None = Field(
+        default_factory=IndexReplicaConfig, description=(
         "keep a local replica of the prefix index, followed from Redis, and look prompts up "
         "in it (no Redis round trip) while it is synced; null: every lookup asks Redis "
         "(docs/routing.md, \"The gateway's replica\")"))
@@ -89,7 +90,8 @@ class GatewayConfig(BaseModel):
     worker_refresh_s: float = Field(0.5, description=(
         "how often the registry is re-read (with registry_feed: only while the feed is not "
         "synced)"))
-    registry_feed: RegistryFeedConfig | None = Field(None, description=(
+    registry_feed: RegistryFeedConfig | None = Field(
+        default_factory=RegistryFeedConfig, description=(
         "follow the registry's change log (workers' registrations, load and state pushed on "
         "change) instead of re-reading every worker's entry every worker_refresh_s; null: "
         "re-read (docs/routing.md, \"Registry changes, pushed\")"))

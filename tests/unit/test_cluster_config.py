@@ -121,20 +121,24 @@ def test_kv_scorer_weights_from_up_flags() -> None:
 
 
 def test_gateway_replica_and_feed_from_up_flags_and_file(tmp_path) -> None:
-    """`up --index-replica --registry-feed` (or the same in its --config file) reach the
-    gateway `up` starts and the gateways `bench --compare` starts beside it."""
+    """The gateway's replica and registry feed are on by default; `up --no-index-replica
+    --no-registry-feed` (or false in its --config file) turn them off, in the gateway `up`
+    starts and the gateways `bench --compare` starts beside it."""
     from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
     from services.cli import cluster_config, parse_args
     from services.controller.cluster import gateway_config
 
     up = ["--mode", "aggregated", "--workers", "2", "--model", "/nonexistent/m",
           "--served-model-name", "m"]
-    plain = gateway_config(cluster_config(parse_args(["up", *up])), "redis://x", 1, 2)
-    assert plain.index_replica is None and plain.registry_feed is None
-    on = gateway_config(cluster_config(parse_args(["up", *up, "--index-replica",
-                                                   "--registry-feed"])), "redis://x", 1, 2)
+    on = gateway_config(cluster_config(parse_args(["up", *up])), "redis://x", 1, 2)
     assert on.index_replica == IndexReplicaConfig() and on.registry_feed == RegistryFeedConfig()
+    off = gateway_config(cluster_config(parse_args(["up", *up, "--no-index-replica",
+                                                    "--no-registry-feed"])), "redis://x", 1, 2)
+    assert off.index_replica is None and off.registry_feed is None
     f = tmp_path / "up.yaml"
-    f.write_text("index_replica: true\nregistry_feed: true\n")
+    f.write_text("index_replica: false\nregistry_feed: false\n")
     cc = cluster_config(parse_args(["up", *up, "--config", str(f)]))
-    assert cc.index_replica == IndexReplicaConfig() and cc.registry_feed == RegistryFeedConfig()
+    assert cc.index_replica is None and cc.registry_feed is None
+    f.write_text("index_replica: true\n")  # and a typed flag after the file wins
+    cc = cluster_config(parse_args(["up", *up, "--config", str(f), "--no-index-replica"]))
+    assert cc.index_replica is None and cc.registry_feed == RegistryFeedConfig()

@@ -120,10 +120,12 @@ async def test_the_replica_and_the_feed_in_the_gateway_metrics(
     await r.flushdb()
     await _register(r)
     hashes = BlockHasher(16, "sha256", "0").block_hashes(PROMPT)
-    plain = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS))
-    gateway = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS,
-                                    index_replica=IndexReplicaConfig(),
-                                    registry_feed=RegistryFeedConfig()))
+    plain = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS,
+                                  index_replica=None, registry_feed=None))
+    gateway = Gateway(GatewayConfig(model="m", redis_url=redis_srv.url, namespace=NS))
+    # on by default
+    assert gateway.cfg.index_replica == IndexReplicaConfig()
+    assert gateway.cfg.registry_feed == RegistryFeedConfig()
     try:
         await plain.start()
         assert not any(name.startswith(("splitserve_gateway_index_replica",

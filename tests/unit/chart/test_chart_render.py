@@ -353,17 +353,18 @@ def test_gateway_cuts_slow_clients_and_keeps_route_headers_to_itself() -> None:
 
 
 def test_gateway_replica_and_registry_feed() -> None:
-    """gateway.indexReplica / gateway.registryFeed: off by default (lookups ask Redis, the
-    registry is re-read); on, the gateway's config carries them with their staleness bounds."""
+    """gateway.indexReplica / gateway.registryFeed: on by default, the gateway's config
+    carrying them with their staleness bounds; off, lookups ask Redis and the registry is
+    re-read."""
     from router.replica_config import IndexReplicaConfig, RegistryFeedConfig
 
     cfg, _, _ = gateway_config(render_named("default"))
-    assert cfg.index_replica is None and cfg.registry_feed is None
-    cfg, _, _ = gateway_config(render([], ("gateway.indexReplica.enabled=true",
-                                           "gateway.indexReplica.maxStalenessSeconds=3",
-                                           "gateway.registryFeed.enabled=true")))
+    assert cfg.index_replica == IndexReplicaConfig() and cfg.registry_feed == RegistryFeedConfig()
+    cfg, _, _ = gateway_config(render([], ("gateway.indexReplica.maxStalenessSeconds=3",)))
     assert cfg.index_replica == IndexReplicaConfig(max_staleness_s=3)
-    assert cfg.registry_feed == RegistryFeedConfig()
+    cfg, _, _ = gateway_config(render([], ("gateway.indexReplica.enabled=false",
+                                           "gateway.registryFeed.enabled=false")))
+    assert cfg.index_replica is None and cfg.registry_feed is None
     bad = helm(*template_args([], ("gateway.indexReplica.maxStalenessSeconds=0",)), check=False)
     assert bad.returncode != 0 and "maxStalenessSeconds" in bad.stderr
 
