@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.block_hash import BlockHasher
-from router.prefix_index import PrefixIndex, hash_hex
+from router.kv_events import BlockRemoved, BlockStored
+from router.prefix_index import PrefixIndex
 from router.redis_client import redis_client
 from router.registry import WorkerInfo, WorkerRegistry
 from services.cluster_secret import FILE_ENV, FILE_NAME
@@ -147,9 +148,11 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
     worker whose engine does not (what an eviction whose BlockRemoved never reached Redis
     leaves, e.g. after a Redis failover) is an `over` misprediction; blocks the index lost
     while the engine kept them, an `under` one. The index's members are edited in Redis
-    directly, behind the workers' backs: the engines' KV events report real evictions (a small
-    KV cache alone would not fool the index), and an edit through the index's write path would
-    move the worker's block count, which its updater audits every 2 s and repairs."""
+    behind the workers' backs, as events the engines never sent (the engines' own KV events
+    report real evictions: a small KV cache alone would not fool the index); they reach the
+    gateway's replica by the index's change log, as the engines' do. The edits leave the
+    worker's block count alone (the count of a batch goes out with the writer's next one),
+    so the worker's updater, which audits it every 2 s, does not repair them."""
     async def redis_call(fn: Any) -> Any:
         client = redis_client(aggregated.redis_url)
         try:
@@ -168,14 +171,22 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
         return [rng.randrange(5, 8192) for _ in range(blocks * bs + 5)]
 
     def edit(worker_id: str, hashes: list[int], add: bool) -> None:
-        async def run(c: Any) -> None:
-            index = PrefixIndex(c)
-            cid = await index.epoch(worker_id)
-            for h in hashes:
-                member = hash_hex(h) + cid
-                await (c.zadd(index.block_key(h), {member: 0}) if add
-                       else c.zrem(index.block_key(h), member))
-        asyncio.run(redis_call(run))
+        event = BlockStored(block_hashes=hashes) if add else BlockRemoved(block_hashes=hashes)
+        asyncio.run(redis_call(lambda c: PrefixIndex(c).apply(worker_id, [event])))
+
+    def replica_changes() -> float:
+        """Index changes the gateway's replica has applied so far."""
+        text = httpx.get(f"{aggregated.http}/metrics", timeout=10).text
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("splitserve_gateway_index_replica_changes_total "))
+
+    def replica_follows(since: float, changes: int) -> None:
+        """Until the gateway's replica has applied `changes` more index changes (the cluster
+        is otherwise idle: they are the ones the test caused)."""
+        deadline = time.monotonic() + 15
+        while replica_changes() < since + changes:
+            assert time.monotonic() < deadline, "the gateway's replica did not follow"
+            time.sleep(0.05)
 
     def index_holds(worker_id: str, ids: list[int]) -> int:
         return asyncio.run(redis_call(lambda c: PrefixIndex(c).longest_prefixes(
@@ -196,8 +207,10 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
 
     # 1. The index knows the prefix: the prediction is the engine's hit, to the token.
     known = fresh(8)
+    since = replica_changes()
     owner = post(aggregated.http, known, max_tokens=2).headers["x-splitserve-decode-worker"]
     wait_indexed(owner, known, 8)
+    replica_follows(since, 8)
     before = audit_metrics(aggregated.http)
     r = post(aggregated.http, known + [7, 8, 9, 10, 11, 12, 13], max_tokens=2)
     assert r.headers["x-splitserve-decode-worker"] == owner, "did not follow the cache"
@@ -213,8 +226,10 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
     # 2. Blocks the index holds for a worker whose engine does not: over-predicted.
     other = next(w.worker_id for w in workers if w.worker_id != owner)
     ghost = fresh(6)
+    since = replica_changes()
     edit(other, hasher.block_hashes(ghost), add=True)
     assert index_holds(other, ghost) == 6
+    replica_follows(since, 6)
     counted = block_count(other)
     r = post(aggregated.http, ghost, max_tokens=2)
     assert r.headers["x-splitserve-decode-worker"] == other, "did not follow the (false) cache"
@@ -237,10 +252,12 @@ def test_routing_audit_compares_the_prediction_with_the_engines_hit(
 
     # 3. The engine holds blocks the index lost: under-predicted.
     lost = fresh(8)
+    since = replica_changes()
     holder = post(aggregated.http, lost, max_tokens=2).headers["x-splitserve-decode-worker"]
     wait_indexed(holder, lost, 8)
     edit(holder, hasher.block_hashes(lost)[3:], add=False)
     assert index_holds(holder, lost) == 3
+    replica_follows(since, 8 + 5)
     under_before = audit_metrics(aggregated.http)
     r = post(aggregated.http, lost + [7, 8, 9], max_tokens=2)
     assert r.headers["x-splitserve-decode-worker"] == holder
