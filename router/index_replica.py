@@ -469,37 +469,32 @@ class IndexReplica:
         active: set[int] = set()
         n = 0
         for h in block_hashes:
-            p = (h >> shift) % nparts
-            v = gets[p](h)
+            v = gets[(h >> shift) % nparts](h)
             if v is None:
                 break
-            if v < 0:  # _MULTI: several holders
-                v = multis[p][h]
             if one >= 0:  # the common case past a shared prefix: one holder left
-                if v.__class__ is int:
-                    if v != one:
-                        break
-                elif one not in v:
+                # v: that holder's epoch, another one, or _MULTI (the holders in multis)
+                if v != one and (v > 0 or one not in multis[(h >> shift) % nparts][h]):
                     break
-            elif n == 0:
-                if v.__class__ is int:
+            elif v > 0:  # one holder
+                if n == 0:
                     if v not in names:
                         break
                     one = v
                 else:
-                    active = set(filter(names.__contains__, v))
-                    if len(active) < 2:
-                        if not active:
-                            break
-                        one = active.pop()
-            elif v.__class__ is int:
-                if v not in active:
-                    break
-                active.discard(v)
-                dropped.append((n, active))
-                one, active = v, set()
+                    if v not in active:
+                        break
+                    active.discard(v)
+                    dropped.append((n, active))
+                    one, active = v, set()
+            elif n == 0:
+                active = set(filter(names.__contains__, multis[(h >> shift) % nparts][h]))
+                if len(active) < 2:
+                    if not active:
+                        break
+                    one = active.pop()
             else:
-                still = active.intersection(v)
+                still = active.intersection(multis[(h >> shift) % nparts][h])
                 if not still:
                     break
                 if len(still) < len(active):
