@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -22,6 +25,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # redis-py's own dependency there
+    from async_timeout import timeout as _deadline
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +113,15 @@ class NodeClients:
         if c is not None:
             await c.aclose()
 
-    async def run(self, cmds: list[tuple], writes: bool = False) -> list[Any]:
+    async def run(self, cmds: list[tuple], writes: bool = False,
+                  route: Sequence[str] | None = None) -> list[Any]:
         """Run single-key commands (key at position 1) in one round trip per node, in parallel.
 
         Results come back in order. For ``writes``, a lost connection is raised rather than
         retried through the cluster pipeline (the caller decides: after a primary's crash its
-        promoted replica may lack acknowledged writes).
+        promoted replica may lack acknowledged writes). ``route``: for each command, a key of
+        its hash slot to route it by (commands sharing one are routed once; default: their
+        own keys).
         """
         rc = self.redis
         if not cmds:
@@ -123,8 +134,16 @@ class NodeClients:
             return out
         try:
             groups: dict[str, list[int]] = {}
-            for i, c in enumerate(cmds):
-                groups.setdefault(self.node_name(c[1]), []).append(i)
+            if route is None:
+                for i, c in enumerate(cmds):
+                    groups.setdefault(self.node_name(c[1]), []).append(i)
+            else:
+                names: dict[str, str] = {}
+                for i, k in enumerate(route):
+                    name = names.get(k)
+                    if name is None:
+                        name = names[k] = self.node_name(k)
+                    groups.setdefault(name, []).append(i)
             out = [None] * len(cmds)
 
             async def run_on(name: str, idxs: list[int]) -> None:
@@ -133,7 +152,10 @@ class NodeClients:
                         raise v
                     out[i] = v
 
-            await asyncio.gather(*[run_on(n, ix) for n, ix in groups.items()])
+            if len(groups) == 1:
+                await run_on(*next(iter(groups.items())))
+            else:
+                await asyncio.gather(*[run_on(n, ix) for n, ix in groups.items()])
             return out
         except Exception as exc:
             logger.debug("per-node pipeline failed; using the cluster pipeline", exc_info=True)
@@ -155,9 +177,11 @@ class NodeClients:
 
 async def burst(client: aioredis.Redis, cmds: list[tuple]) -> list[Any]:
     """Send ``cmds`` on one pooled connection of ``client`` in one write (packed by hiredis),
-    then read their replies in order; an error reply comes back as its ResponseError. A
-    connection that fails before any reply (a pooled one the server closed when it restarted)
-    is replaced once; a failure after that drops the connection and raises."""
+    then read their replies in order, under one deadline of the connection's socket timeout
+    for them all (one per reply cost more client CPU than the rest of a write); an error
+    reply comes back as its ResponseError. A connection that fails before any reply (a
+    pooled one the server closed when it restarted) is replaced once; a failure after that
+    drops the connection and raises."""
     if not cmds:
         return []
     packed = b"".join([hiredis.pack_command(c) for c in cmds])
@@ -167,11 +191,16 @@ async def burst(client: aioredis.Redis, cmds: list[tuple]) -> list[Any]:
         out: list[Any] = []
         try:
             await conn.send_packed_command(packed, check_health=False)
-            for _ in cmds:
-                try:
-                    out.append(await conn.read_response())
-                except ResponseError as exc:
-                    out.append(exc)
+            try:
+                async with _deadline(conn.socket_timeout):
+                    for _ in cmds:
+                        try:
+                            out.append(await conn.read_response(timeout=math.inf))
+                        except ResponseError as exc:
+                            out.append(exc)
+            except asyncio.TimeoutError as exc:  # (an OSError on 3.11: not retried below)
+                where = getattr(conn, "path", "") or f"{conn.host}:{conn.port}"
+                raise RedisTimeoutError(f"Timeout reading from {where}") from exc
             return out
         except (RedisConnectionError, OSError):
             await conn.disconnect()

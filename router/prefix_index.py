@@ -216,6 +216,8 @@ class PrefixIndex:
         self.ver_key = layout.ver_key
         self.retired_key = layout.retired_key
         self.meta_log_key = layout.meta_log_key
+        self._bucket_prefixes = [f"{{{t}}}:b:" for t in layout.tags]
+        self._log_keys = [layout.log_key(p) for p in range(partitions)]
         self._epoch_script = redis.register_script(_EPOCH_LUA)
         self._retire_script = redis.register_script(_RETIRE_LUA)
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
@@ -339,7 +341,7 @@ class PrefixIndex:
         ``counts`` (count key -> delta) go out in the same burst, and are then cleared;
         ``entries`` gets each partition's log entry id."""
         layout = self.layout
-        shift, nparts, tags = layout.shift, layout.partitions, layout.tags
+        shift, nparts, prefixes = layout.shift, layout.partitions, self._bucket_prefixes
         # partition -> ({bucket key: [member]} added, the same removed, [hex] added, [hex] removed)
         parts: dict[int, tuple[dict[str, list[str]], dict[str, list[str]], list[str], list[str]]] = {}
         for which, hashes in ((0, adds), (1, rems)):
@@ -350,35 +352,49 @@ class PrefixIndex:
                 if part is None:
                     part = parts[p] = ({}, {}, [], [])
                 hx = f"{h:016x}"
-                part[which].setdefault(f"{{{tags[p]}}}:b:{b:x}", []).append(hx + cid)
+                key = f"{prefixes[p]}{b:x}"
+                members = part[which].get(key)
+                if members is None:
+                    part[which][key] = [hx + cid]
+                else:
+                    members.append(hx + cid)
                 part[2 + which].append(hx)
         if not parts:
             return 0
         step = self.max_ops_per_call
         cmds: list[tuple] = []
+        route: list[str] = []  # a key of each command's slot: one routing per partition
         signs: list[int] = []
         logged: list[tuple[int, int]] = []  # (partition, index of its XADD)
         for p, (add_by_key, rem_by_key, add_hex, rem_hex) in parts.items():
+            n = len(cmds)
             for key, members in add_by_key.items():
+                if len(members) == 1:
+                    cmds.append(("ZADD", key, 0, members[0]))
+                    continue
                 for i in range(0, len(members), step):
                     cmds.append(("ZADD", key, *[x for m in members[i:i + step] for x in (0, m)]))
-                    signs.append(1)
+            signs += [1] * (len(cmds) - n)
+            n = len(cmds)
             for key, members in rem_by_key.items():
                 for i in range(0, len(members), step):
                     cmds.append(("ZREM", key, *members[i:i + step]))
-                    signs.append(-1)
+            signs += [-1] * (len(cmds) - n)
             # after the partition's bucket writes, on the same connection: a reader that sees
             # the entry sees the writes
-            cmds.append(("XADD", layout.log_key(p), "MAXLEN", "~", self.log_maxlen, "*",
+            log = self._log_keys[p]
+            cmds.append(("XADD", log, "MAXLEN", "~", self.log_maxlen, "*",
                          "c", cid, "a", "".join(add_hex), "r", "".join(rem_hex)))
             signs.append(0)
             logged.append((p, len(cmds) - 1))
+            route += [log] * (len(cmds) - len(route))
         if counts:
             for key, d in counts.items():
                 cmds.append(("INCRBY", key, d))
                 signs.append(0)
+                route.append(key)
             counts.clear()
-        results = await self.nodes.run(cmds, writes=True)  # ZADD/ZREM: idempotent
+        results = await self.nodes.run(cmds, writes=True, route=route)  # ZADD/ZREM: idempotent
         if entries is not None:
             for p, i in logged:
                 entries[p] = results[i]

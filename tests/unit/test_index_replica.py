@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 
@@ -80,6 +81,37 @@ async def test_warms_from_redis_then_follows_every_change(r: aioredis.Redis) -> 
         await eventually(lambda: rep.pairs == 0)
         assert rep.stats.entries > 0 and rep.lag_percentile(0.99) is not None
     finally:
+        await rep.stop()
+
+
+async def test_blocks_of_several_holders_keep_the_replica_out_of_the_collector(
+        r: aioredis.Redis) -> None:
+    """The replica's per-block dicts hold ints only (several holders are listed apart), so
+    the cyclic garbage collector never walks them: warmed, then followed, as holders come
+    and go (a block going from one holder to several and back)."""
+    idx = PrefixIndex(r, NS, bucket_bits=4, partitions=3)
+    prompt = [0x1000_0000_0000_0000 * i + 7 for i in range(1, 9)]
+    await idx.add_blocks("a", prompt)
+    await idx.add_blocks("b", prompt[:4])
+    rep = IndexReplica(idx)
+    collecting = gc.isenabled()
+    gc.disable()  # no collection meanwhile: one would untrack a dict until its next tuple
+    await rep.start()
+    try:
+        assert rep.longest_prefixes(prompt) == {"a": 8, "b": 4} and rep.pairs == 12
+        await idx.apply("c", [BlockStored(block_hashes=prompt[:6])])
+        await eventually(visible(rep, prompt, {"a": 8, "b": 4, "c": 6}))
+        assert rep.pairs == 18 and rep.holders(prompt[0]) == {"a", "b", "c"}
+        assert not any(gc.is_tracked(d) for d in rep._parts)
+        await idx.apply("b", [BlockRemoved(block_hashes=prompt[:4])])
+        await idx.apply("a", [BlockRemoved(block_hashes=prompt[2:])])
+        await eventually(visible(rep, prompt, {"a": 2, "c": 6}))
+        assert rep.pairs == 8 and rep.holders(prompt[5]) == {"c"}
+        assert rep.holders(prompt[1]) == {"a", "c"} and rep.holders(prompt[7]) == set()
+        assert not any(gc.is_tracked(d) for d in rep._parts)
+    finally:
+        if collecting:
+            gc.enable()
         await rep.stop()
 
 
