@@ -22,9 +22,9 @@ is other gateways' work (see router/cost_model.py).
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Container, Sequence
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class OwnLoad:
     """requests that were decoding at the worker's snapshot"""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed as itself (a member of its worker's entries)
 class _Entry:
     worker_id: str
     prompt_tokens: int
@@ -66,7 +66,11 @@ class DispatchLedger:
         self._history_s = history_s
         self._open: dict[str, list[_Entry]] = {}
         self._closed: deque[_Entry] = deque()
-        self._blocks: dict[str, Counter[int]] = {}  # worker -> block hash -> prompts holding it
+        # worker -> its entries, open and closed (until pruned): what `view` reads of a worker
+        self._of: dict[str, dict[_Entry, None]] = {}
+        # block hash -> worker -> that worker's prompts holding it (those not ended): a
+        # prompt's lookup visits only the workers holding its first block
+        self._held: dict[int, dict[str, int]] = {}
 
     def sent(self, request_id: str, worker_id: str, prompt_tokens: int, uncached_tokens: int,
              prefills: bool, blocks: Sequence[int] = ()) -> None:
@@ -77,38 +81,52 @@ class DispatchLedger:
         e = _Entry(worker_id, prompt_tokens, uncached_tokens if prefills else 0, prefills,
                    self._clock(), blocks=blocks if prefills else ())
         self._open.setdefault(request_id, []).append(e)
-        if e.blocks:
-            self._blocks.setdefault(worker_id, Counter()).update(e.blocks)
+        self._of.setdefault(worker_id, {})[e] = None
+        held = self._held
+        for h in e.blocks:
+            on = held.get(h)
+            if on is None:
+                held[h] = {worker_id: 1}
+            else:
+                on[worker_id] = on.get(worker_id, 0) + 1
 
-    def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Iterable[str]
+    def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Container[str]
                          ) -> dict[str, int]:
         """Worker id -> the longest prefix of a prompt (its block hashes, in order), in
-        blocks, that a prompt this gateway sent there and that has not ended holds; workers
-        with none are left out."""
+        blocks, that a prompt this gateway sent there and that has not ended holds, for the
+        workers in `worker_ids` (only the workers with such a prompt holding the prompt's
+        first block are visited); workers with none are left out."""
+        if not block_hashes:
+            return {}
+        held = self._held
+        on = held.get(block_hashes[0])
+        if not on:
+            return {}
         out = {}
-        for w in worker_ids:
-            held = self._blocks.get(w)
-            if not held:
+        for w in on:
+            if w not in worker_ids:
                 continue
-            n = 0
-            for h in block_hashes:
-                if held[h] <= 0:
+            n = 1
+            for h in block_hashes[1:]:
+                at = held.get(h)
+                if at is None or w not in at:
                     break
                 n += 1
-            if n:
-                out[w] = n
+            out[w] = n
         return out
 
     def _release_blocks(self, e: _Entry) -> None:
-        held = self._blocks.get(e.worker_id)
-        if held is None or not e.blocks:
-            return
-        held.subtract(e.blocks)
+        held, w = self._held, e.worker_id
         for h in e.blocks:
-            if held[h] <= 0:
+            on = held.get(h)
+            if on is None or w not in on:  # (not held: nothing to release)
+                continue
+            if on[w] > 1:
+                on[w] -= 1
+            elif len(on) > 1:
+                del on[w]
+            else:
                 del held[h]
-        if not held:
-            del self._blocks[e.worker_id]
         e.blocks = ()
 
     def first_token(self, request_id: str, worker_id: str) -> None:
@@ -140,7 +158,15 @@ class DispatchLedger:
     def _prune(self, now: float) -> None:
         while self._closed and self._closed[0].done_at is not None and \
                 now - self._closed[0].done_at > self._history_s:
-            self._closed.popleft()
+            self._forget(self._closed.popleft())
+
+    def _forget(self, e: _Entry) -> None:
+        """A closed entry no snapshot can count any more: gone from its worker's entries."""
+        of = self._of.get(e.worker_id)
+        if of is not None:
+            of.pop(e, None)
+            if not of:
+                del self._of[e.worker_id]
 
     def view(self, snapshots: dict[str, float]) -> dict[str, OwnLoad]:
         """Worker id -> this gateway's load there; `snapshots`: worker id -> the time of its
@@ -148,13 +174,11 @@ class DispatchLedger:
         if snapshots:  # ended before every snapshot: no snapshot can count them any more
             oldest = min(snapshots.values())
             while self._closed and (self._closed[0].done_at or 0.0) < oldest:
-                self._closed.popleft()
+                self._forget(self._closed.popleft())
         acc: dict[str, list[int]] = {w: [0] * 6 for w in snapshots}
-        entries: Iterable[_Entry] = (e for es in self._open.values() for e in es)
-        for e in [*entries, *self._closed]:
-            a = acc.get(e.worker_id)
-            if a is None:
-                continue
+        of = self._of
+        for e in [e for w in acc if w in of for e in of[w]]:  # the workers asked about only
+            a = acc[e.worker_id]
             if e.done_at is None:
                 if e.first_at is None:
                     a[0] += 1

@@ -5,18 +5,21 @@ pool, once the pool is larger than that.
 The least loaded come from one :class:`~router.shortlist.LoadOrder` per role, kept here from
 the gateway's worker directory: on a new registry snapshot every serving worker's load is set
 again (a no-op where it did not move) and the workers gone are dropped; between snapshots only
-the workers whose in-flight count this gateway may have changed (those with requests in flight
-now or at the previous decision) are set again. A worker's load is its requests ahead
-(router/cost_model.py `queue_depth`).
+the workers whose in-flight count this gateway changed since the previous decision are set
+again (the directory's counts tell who moved: services/gateway/in_flight.py). A worker's load
+is its requests ahead (router/cost_model.py `queue_depth`). Nothing a decision does here
+visits the whole pool: the kept workers are put back in the pool's order by their positions
+(services/gateway/serving_pools.py).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Collection, Mapping
 
 from router.cost_model import queue_depth
 from router.registry import WorkerInfo, WorkerRole, WorkerState
 from router.shortlist import LoadOrder, shortlist
+from services.gateway.serving_pools import ServingPool
 from services.gateway.worker_directory import WorkerDirectory
 
 
@@ -30,7 +33,8 @@ class PoolShortlist:
         self._orders: dict[WorkerRole, LoadOrder] = {}
         self._info: dict[str, WorkerInfo] = {}
         self._snapshot: list[WorkerInfo] | None = None
-        self._flying: set[str] = set()
+        #: workers whose in-flight count moved since the last sync
+        self._moved = directory.in_flight.watch()
 
     @property
     def size(self) -> int:
@@ -43,8 +47,11 @@ class PoolShortlist:
 
     def _sync(self) -> None:
         d = self.directory
-        if d.workers is not self._snapshot:  # a new registry snapshot
+        moved = self._moved
+        if d.workers is not self._snapshot or moved.all_moved:  # a new registry snapshot
             self._snapshot = d.workers
+            moved.clear()
+            moved.all_moved = False
             info = {w.worker_id: w for w in d.workers if w.state == WorkerState.SERVING}
             for wid, old in self._info.items():
                 new = info.get(wid)
@@ -53,26 +60,28 @@ class PoolShortlist:
             self._info = info
             for w in info.values():
                 self._set(w)
-        flying = set(d.in_flight)
-        for wid in flying | self._flying:
-            if (w := self._info.get(wid)) is not None:
-                self._set(w)
-        self._flying = flying
+            return
+        if moved:  # between snapshots only this gateway's in-flight counts move
+            for wid in moved:
+                if (w := self._info.get(wid)) is not None:
+                    self._set(w)
+            moved.clear()
 
-    def candidates(self, workers: Sequence[WorkerInfo], cached: Mapping[str, int],
-                   exclude: frozenset[str] = frozenset()) -> list[WorkerInfo]:
-        """The workers of one pool (`workers`: one role, the serving ones not in `exclude`)
-        the policy scores: all of them when they are at most `size`; otherwise those holding
-        the longest prefixes (`cached`: worker id -> blocks, the index's and the dispatch
-        ledger's) and the least loaded (as many more as excluded workers sit in the pool)."""
-        if len(workers) <= self.size:
-            return list(workers)
+    def candidates(self, pool: ServingPool, cached: Mapping[str, int],
+                   exclude: Collection[str] = frozenset()) -> list[WorkerInfo]:
+        """The workers of one pool (its serving workers, those in `exclude` left out) the
+        policy scores, in the pool's order: all of them when they are at most `size`;
+        otherwise those holding the longest prefixes (`cached`: worker id -> blocks, the
+        index's and the dispatch ledger's, excluded workers left out) and the least loaded
+        (as many more as excluded workers sit in the pool)."""
+        if len(pool) - pool.excluded(exclude) <= self.size:
+            return list(pool.without(exclude))
         self._sync()
-        order = self._orders.get(workers[0].role)
+        order = self._orders.get(pool.role) if pool.role is not None else None
         if order is None:
-            return list(workers)
-        gone = sum(1 for wid in exclude if wid in order)
-        keep = set(shortlist(cached, order, holders=self.holders,
-                             least_loaded=self.least_loaded + gone))
-        out = [w for w in workers if w.worker_id in keep]
-        return out or list(workers)
+            return list(pool.without(exclude))
+        gone = sum(1 for wid in exclude if wid in order) if exclude else 0
+        keep = shortlist(cached, order, holders=self.holders,
+                         least_loaded=self.least_loaded + gone)
+        out = pool.in_order([wid for wid in keep if wid not in exclude] if exclude else keep)
+        return out or list(pool.without(exclude))

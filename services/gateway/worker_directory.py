@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -24,6 +23,8 @@ from router.registry_feed import RegistryFeed
 from router.replica_config import RegistryFeedConfig
 from services.cluster_secret import ClusterSecret
 from services.controller.pool_sizes import PoolSizes
+from services.gateway.in_flight import InFlightCounts
+from services.gateway.serving_pools import ServingPools
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class WorkerDirectory:
         self.model = model
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
-        self.in_flight: Counter[str] = Counter()
+        #: requests this gateway has in flight per worker (and which counts moved)
+        self.in_flight = InFlightCounts()
+        self._pools = ServingPools([])
         #: this gateway's dispatches since the workers' last heartbeats (the kv cost model)
         self.ledger = DispatchLedger()
         self._task: asyncio.Task | None = None
@@ -133,6 +136,13 @@ class WorkerDirectory:
             return True
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
                    for pool, o in observed.items())
+
+    def pools(self) -> ServingPools:
+        """The serving pools of the current snapshot (services/gateway/serving_pools.py),
+        arranged once per snapshot."""
+        if self._pools.snapshot is not self.workers:
+            self._pools = ServingPools(self.workers)
+        return self._pools
 
     def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:
         """Serving workers of these roles (draining ones take no new requests)."""
