@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping
 from router.cost_model import queue_depth
 from router.registry import WorkerInfo, WorkerRole, WorkerState
 from router.shortlist import LoadOrder, shortlist
-from services.gateway.serving_pools import ServingPool
+from services.gateway.serving_pools import ServingPool, load_changes
 from services.gateway.worker_directory import WorkerDirectory
 
 
@@ -42,30 +42,54 @@ class PoolShortlist:
         return self.holders + self.least_loaded
 
     def _set(self, w: WorkerInfo) -> None:
-        self._orders.setdefault(w.role, LoadOrder()).set(
-            w.worker_id, queue_depth(w, self.directory.in_flight))
+        order = self._orders.get(w.role)
+        if order is None:
+            order = self._orders[w.role] = LoadOrder()
+        order.set(w.worker_id, queue_depth(w, self.directory.in_flight))
 
     def _sync(self) -> None:
         d = self.directory
         moved = self._moved
         if d.workers is not self._snapshot or moved.all_moved:  # a new registry snapshot
-            self._snapshot = d.workers
-            moved.clear()
-            moved.all_moved = False
-            info = {w.worker_id: w for w in d.workers if w.state == WorkerState.SERVING}
-            for wid, old in self._info.items():
-                new = info.get(wid)
-                if new is None or new.role != old.role:
-                    self._orders[old.role].discard(wid)
-            self._info = info
-            for w in info.values():
-                self._set(w)
-            return
-        if moved:  # between snapshots only this gateway's in-flight counts move
+            pools = d.pools()
+            if moved.all_moved or self._snapshot is None:
+                changes = None
+            elif pools.after is self._snapshot:  # the pools know what changed since
+                changes = pools.changes
+            else:
+                changes = load_changes(self._snapshot, pools.snapshot)
+            self._snapshot = pools.snapshot
+            if changes is None:
+                self._arrange(every=moved.all_moved)
+                moved.all_moved = False
+            else:  # the same workers, some loads changed: those are set again
+                info = self._info
+                for wid, w in changes.items():
+                    if wid in info:
+                        info[wid] = w
+                        self._set(w)
+        if moved:  # this gateway's in-flight counts that moved
+            info = self._info
             for wid in moved:
-                if (w := self._info.get(wid)) is not None:
+                if (w := info.get(wid)) is not None:
                     self._set(w)
             moved.clear()
+
+    def _arrange(self, every: bool) -> None:
+        """Every serving worker of a new snapshot whose pool may have changed: those gone
+        dropped, those whose info is not the same object as before set again (all of them
+        when ``every``)."""
+        old = self._info
+        info = {w.worker_id: w for w in self.directory.workers
+                if w.state == WorkerState.SERVING}
+        for wid, was in old.items():
+            now = info.get(wid)
+            if now is None or now.role != was.role:
+                self._orders[was.role].discard(wid)
+        self._info = info
+        for wid, w in info.items():
+            if every or old.get(wid) is not w:
+                self._set(w)
 
     def candidates(self, pool: ServingPool, cached: Mapping[str, int],
                    exclude: Collection[str] = frozenset()) -> list[WorkerInfo]:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from router.registry import WorkerInfo, WorkerRole, WorkerState
 
-__all__ = ["Scheme", "ServingPool", "ServingPools", "Without", "scheme_of"]
+__all__ = ["Scheme", "ServingPool", "ServingPools", "Without", "load_changes", "scheme_of"]
 
 #: a worker's hashing scheme: (block size, algorithm, seed), as its engine hashes blocks
 Scheme = tuple[int, str, str]
@@ -24,6 +24,25 @@ Scheme = tuple[int, str, str]
 def scheme_of(w: WorkerInfo) -> Scheme:
     """The hashing scheme of a worker's engine."""
     return (w.block_size, w.hash_algo, w.hash_seed)
+
+
+def load_changes(old: Sequence[WorkerInfo], new: Sequence[WorkerInfo]
+                 ) -> dict[str, WorkerInfo] | None:
+    """The workers of snapshot ``new`` whose info is not the same object as in ``old`` (a
+    registry feed keeps the unchanged ones), by id, when they changed nothing but their
+    load (the same workers in the same order, with the same role, state and hashing
+    scheme); None when the pools themselves changed."""
+    if len(old) != len(new):
+        return None
+    out = {}
+    for o, n in zip(old, new):
+        if o is not n:
+            if (o.worker_id != n.worker_id or o.role != n.role or o.state != n.state
+                    or o.block_size != n.block_size or o.hash_algo != n.hash_algo
+                    or o.hash_seed != n.hash_seed):
+                return None
+            out[n.worker_id] = n
+    return out
 
 
 class Without:
@@ -87,15 +106,48 @@ class ServingPool:
     def __iter__(self) -> Iterator[WorkerInfo]:
         return iter(self.workers)
 
+    def with_infos(self, infos: dict[str, WorkerInfo]) -> "ServingPool":
+        """The same pool with some of its workers' infos replaced (load changes only)."""
+        position = self.position
+        at = [(position[wid], w) for wid, w in infos.items() if wid in position]
+        if not at:
+            return self
+        workers = list(self.workers)
+        for i, w in at:
+            workers[i] = w
+        out = ServingPool.__new__(ServingPool)
+        out.workers, out.position, out.role = tuple(workers), position, self.role
+        return out
+
 
 class ServingPools:
     """One snapshot's serving workers as a routing decision reads them."""
 
-    __slots__ = ("prefill", "decode", "schemes", "eligible", "snapshot")
+    __slots__ = ("prefill", "decode", "schemes", "eligible", "snapshot", "after", "changes")
+
+    @classmethod
+    def of(cls, workers: list[WorkerInfo], previous: "ServingPools | None" = None
+           ) -> "ServingPools":
+        """The pools of snapshot ``workers``; from ``previous`` (the pools of the snapshot
+        before) by replacing the infos that changed when only loads changed (one pass over
+        the snapshot, comparing identities), else arranged anew."""
+        changes = load_changes(previous.snapshot, workers) if previous is not None else None
+        if changes is None or previous is None:
+            return cls(workers)
+        out = cls.__new__(cls)
+        out.snapshot, out.after, out.changes = workers, previous.snapshot, changes
+        out.prefill = previous.prefill.with_infos(changes)
+        out.decode = previous.decode.with_infos(changes)
+        out.schemes, out.eligible = previous.schemes, previous.eligible
+        return out
 
     def __init__(self, workers: list[WorkerInfo]) -> None:
         #: the registry snapshot these pools were made from (the directory's list itself)
         self.snapshot = workers
+        #: the snapshot before, when only loads changed since (else None), and the workers
+        #: whose info changed (by id)
+        self.after: list[WorkerInfo] | None = None
+        self.changes: dict[str, WorkerInfo] | None = None
         serving = [w for w in workers if w.state == WorkerState.SERVING]
         decode = [w for w in serving if w.role == WorkerRole.DECODE]
         #: serving prefill workers

@@ -141,7 +141,7 @@ class WorkerDirectory:
         """The serving pools of the current snapshot (services/gateway/serving_pools.py),
         arranged once per snapshot."""
         if self._pools.snapshot is not self.workers:
-            self._pools = ServingPools(self.workers)
+            self._pools = ServingPools.of(self.workers, self._pools)
         return self._pools
 
     def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:

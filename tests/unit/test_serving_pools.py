@@ -70,3 +70,20 @@ def test_in_flight_counts_tell_each_watcher_who_moved() -> None:
     gc.collect()
     counts["w3"] += 1  # the dropped watcher is forgotten
     assert a == {"w1", "w2", "w3"} and len([r for r in counts._watchers if r()]) == 1
+
+
+def test_a_snapshot_that_changed_only_loads_reuses_the_arrangement() -> None:
+    ws = [info(f"d{i}", WorkerRole.DECODE) for i in range(5)]
+    first = ServingPools.of(ws)
+    busy = ws[2].model_copy(update={"load": ws[2].load.model_copy(update={"in_flight": 3})})
+    after = [*ws[:2], busy, *ws[3:]]
+    pools = ServingPools.of(after, first)
+    assert pools.changes == {"d2": busy} and pools.after is ws
+    assert pools.decode.workers[2] is busy and pools.decode.position is first.decode.position
+    assert pools.schemes is first.schemes
+    # a worker draining (or gone, or new) changes the pools: arranged anew
+    draining = ws[1].model_copy(update={"state": WorkerState.DRAINING})
+    again = ServingPools.of([ws[0], draining, *ws[2:]], pools)
+    assert again.changes is None and [w.worker_id for w in again.decode] == ["d0", "d2", "d3",
+                                                                             "d4"]
+    assert ServingPools.of(ws[:4], pools).changes is None
