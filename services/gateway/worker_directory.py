@@ -73,9 +73,11 @@ class WorkerDirectory:
 
     async def refresh(self) -> None:
         """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
-        self._take(await self.health.call(self.registry.live_workers, probe=True))
+        self.take(await self.health.call(self.registry.live_workers, probe=True))
 
-    def _take(self, workers: list[WorkerInfo]) -> None:
+    def take(self, workers: list[WorkerInfo]) -> None:
+        """Take a registry snapshot (the live workers), as a refresh or the registry feed
+        gives it; the gateway's other readers see it at once."""
         self.workers = [w for w in workers if w.model == self.model]
         if any(w.state == WorkerState.SERVING for w in self.workers):
             self._serving_seen_at = time.monotonic()
@@ -101,7 +103,7 @@ class WorkerDirectory:
         now = time.monotonic()
         if feed.version != self._feed_seen[0] or now - self._feed_seen[1] >= self.refresh_s:
             self._feed_seen = (feed.version, now)
-            self._take(feed.live(now))
+            self.take(feed.live(now))
         return True
 
     async def _loop(self) -> None:

@@ -23,7 +23,7 @@ def info(wid: str, role: WorkerRole, *, seed: str = "0",
 
 def test_pools_are_arranged_once_per_snapshot() -> None:
     d = WorkerDirectory(Redis(port=1), "ns", "m", TEST_SECRET)  # never connects
-    d._take([info("p0", WorkerRole.PREFILL), info("d0", WorkerRole.DECODE),
+    d.take([info("p0", WorkerRole.PREFILL), info("d0", WorkerRole.DECODE),
              info("p1", WorkerRole.PREFILL, seed="1"), info("b0", WorkerRole.BOTH),
              info("d1", WorkerRole.DECODE, state=WorkerState.DRAINING),
              info("d2", WorkerRole.DECODE)])
@@ -36,7 +36,7 @@ def test_pools_are_arranged_once_per_snapshot() -> None:
                              (16, "sha256", "1"): ("p1",)}
     assert pools.eligible[(16, "sha256", "0")] == {"p0", "d0", "d2"}
     assert pools.decode.role == WorkerRole.DECODE
-    d._take([info("b0", WorkerRole.BOTH), info("b1", WorkerRole.BOTH)])
+    d.take([info("b0", WorkerRole.BOTH), info("b1", WorkerRole.BOTH)])
     assert d.pools() is not pools
     assert [w.worker_id for w in d.pools().decode] == ["b0", "b1"] and not d.pools().prefill
 
