@@ -59,6 +59,7 @@ class RouteStage:
         self.metrics = metrics
         self.hash_cache_blocks = hash_cache_blocks
         self._hashers: dict[Scheme, BlockHasher] = {}
+        self._routed: dict[str, Any] = {}  # outcome -> its routes counter (labels looked up once)
         #: the replica's lookup, answered with no await (None: no replica)
         self._local = index.local_prefixes if isinstance(index, ReplicatedPrefixIndex) else None
         kv = policy.config if isinstance(policy, KVPolicy) else None
@@ -136,13 +137,6 @@ class RouteStage:
                 return pools  # served, waited long enough, or nothing is coming
             await asyncio.sleep(0.25)
 
-    async def _candidates(self, exclude: frozenset[str] = frozenset()
-                          ) -> tuple[Sequence[WorkerInfo], Sequence[WorkerInfo]]:
-        """Serving (prefill, decode-or-both) workers not in `exclude`; with no decode-capable
-        one, wait up to `route_wait_s` while the pools heal or grow."""
-        pools = await self._pools(exclude)
-        return pools.prefill.without(exclude), pools.decode.without(exclude)
-
     async def can_route(self) -> bool:
         """Whether a request can be routed: a decode-capable worker serves (without a prefill
         worker the decode worker computes the prompt), now or once the healing pools bring one
@@ -161,7 +155,9 @@ class RouteStage:
         prompt's first block, the shortlist comes from the load order kept between snapshots,
         and `exclude` (a retry's failed workers) is taken out where it matters."""
         d = self.directory
-        pools = await self._pools(exclude)
+        pools = d.pools()
+        if len(pools.decode) <= pools.decode.excluded(exclude):  # none to decode: wait a while
+            pools = await self._pools(exclude)
         pp, dp = pools.prefill, pools.decode
         n_prefill, n_decode = len(pp) - pp.excluded(exclude), len(dp) - dp.excluded(exclude)
         forced = n_decode == 1 and decision_is_forced(pp.workers if n_prefill else (),
@@ -190,7 +186,11 @@ class RouteStage:
             decision = self.policy.choose(prefill, decode, req)
         except NoWorkersError as exc:
             raise WorkerUnavailable(str(exc)) from None
-        self.metrics.routes.labels(self.policy.name, decision.outcome).inc()
+        routed = self._routed.get(decision.outcome)
+        if routed is None:
+            routed = self._routed[decision.outcome] = self.metrics.routes.labels(
+                self.policy.name, decision.outcome)
+        routed.inc()
         if lookup:
             self.metrics.predicted_cached_blocks.observe(decision.predicted_cached_blocks)
         if cached is not None:  # chosen with the index: the prediction can be audited
