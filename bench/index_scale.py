@@ -836,7 +836,8 @@ def main() -> None:
     for name, f in runs.items():
         for key in [k for k in f if k.startswith("routing_")]:
             rt = f[key]
-            lag = rt.get("replica", {}).get("lag_p99_ms", "")
+            lag = rt.get("replica", {}).get("lag_p99_ms")
+            lag = "" if lag is None else lag  # no sample: the replica applied no change
             print(f"{name + '/' + key[8:]:18} {rt['decisions_per_gateway_cpu_s']:>10} "
                   f"{rt['decision_p50_ms']:>8} {rt['decision_p99_ms']:>8} {rt['lookup_p50_ms']:>9} "
                   f"{rt['lookup_p99_ms']:>9} {lag:>8}")
