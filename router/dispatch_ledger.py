@@ -24,7 +24,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Container, Sequence
+from itertools import chain, islice
+from typing import Callable, Container, Iterable, Sequence
+
+
+_LATER_MIN = 1 << 16  # blocks the superset of later blocks may hold before it is remade
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class _Entry:
     first_at: float | None = None
     done_at: float | None = None
     blocks: Sequence[int] = ()
+    held: frozenset[int] = frozenset()  # the blocks as a set, while pending
 
 
 class DispatchLedger:
@@ -68,9 +73,18 @@ class DispatchLedger:
         self._closed: deque[_Entry] = deque()
         # worker -> its entries, open and closed (until pruned): what `view` reads of a worker
         self._of: dict[str, dict[_Entry, None]] = {}
-        # block hash -> worker -> that worker's prompts holding it (those not ended): a
-        # prompt's lookup visits only the workers holding its first block
-        self._held: dict[int, dict[str, int]] = {}
+        # The pending prompts (sent, not ended) with their block hashes, kept so that a
+        # prompt's lookup visits only the workers holding its first block, and a dispatch and
+        # its end cost set operations in C, not a step per block:
+        self._pending: dict[str, list[frozenset[int]]] = {}  # worker -> its prompts' blocks
+        self._union: dict[str, frozenset[int]] = {}  # worker -> all of them (made when asked)
+        self._first: dict[int, dict[str, int]] = {}  # first block -> worker -> prompts
+        # every block seen after a prompt's first (a superset of the pending ones; remade
+        # from the pending prompts when it grows large): a prompt whose first block is not
+        # in it can be held only as some pending prompt's first block (block hashes chain:
+        # a first block equals a later one only by a collision, and then all are visited)
+        self._later: set[int] = set()
+        self._later_limit = _LATER_MIN
 
     def sent(self, request_id: str, worker_id: str, prompt_tokens: int, uncached_tokens: int,
              prefills: bool, blocks: Sequence[int] = ()) -> None:
@@ -82,13 +96,18 @@ class DispatchLedger:
                    self._clock(), blocks=blocks if prefills else ())
         self._open.setdefault(request_id, []).append(e)
         self._of.setdefault(worker_id, {})[e] = None
-        held = self._held
-        for h in e.blocks:
-            on = held.get(h)
-            if on is None:
-                held[h] = {worker_id: 1}
-            else:
-                on[worker_id] = on.get(worker_id, 0) + 1
+        if e.blocks:
+            e.held = frozenset(e.blocks)
+            self._pending.setdefault(worker_id, []).append(e.held)
+            self._union.pop(worker_id, None)
+            first = self._first.setdefault(e.blocks[0], {})
+            first[worker_id] = first.get(worker_id, 0) + 1
+            later = self._later
+            later.update(islice(e.blocks, 1, None))
+            if len(later) > self._later_limit:  # forget the blocks of ended prompts
+                self._later = set(chain.from_iterable(
+                    islice(x.blocks, 1, None) for es in self._open.values() for x in es))
+                self._later_limit = max(_LATER_MIN, 4 * len(self._later))
 
     def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Container[str]
                          ) -> dict[str, int]:
@@ -98,36 +117,49 @@ class DispatchLedger:
         first block are visited); workers with none are left out."""
         if not block_hashes:
             return {}
-        held = self._held
-        on = held.get(block_hashes[0])
-        if not on:
-            return {}
+        first = block_hashes[0]
+        if first in self._later:  # held after some prompt's first block: look at every worker
+            on: Iterable[str] = [w for w in self._pending if first in self._union_of(w)]
+        else:
+            on = self._first.get(first, ())
         out = {}
         for w in on:
             if w not in worker_ids:
                 continue
-            n = 1
-            for h in block_hashes[1:]:
-                at = held.get(h)
-                if at is None or w not in at:
+            held = self._union_of(w)
+            n = 0
+            for h in block_hashes:
+                if h not in held:
                     break
                 n += 1
             out[w] = n
         return out
 
+    def _union_of(self, worker_id: str) -> frozenset[int]:
+        u = self._union.get(worker_id)
+        if u is None:
+            prompts = self._pending[worker_id]
+            u = self._union[worker_id] = (prompts[0] if len(prompts) == 1
+                                          else frozenset().union(*prompts))
+        return u
+
     def _release_blocks(self, e: _Entry) -> None:
-        held, w = self._held, e.worker_id
-        for h in e.blocks:
-            on = held.get(h)
-            if on is None or w not in on:  # (not held: nothing to release)
-                continue
-            if on[w] > 1:
-                on[w] -= 1
-            elif len(on) > 1:
-                del on[w]
-            else:
-                del held[h]
-        e.blocks = ()
+        if not e.blocks:
+            return
+        w = e.worker_id
+        prompts = self._pending[w]
+        prompts.remove(e.held)
+        if not prompts:
+            del self._pending[w]
+        self._union.pop(w, None)
+        first = self._first[e.blocks[0]]
+        if first[w] > 1:
+            first[w] -= 1
+        elif len(first) > 1:
+            del first[w]
+        else:
+            del self._first[e.blocks[0]]
+        e.blocks, e.held = (), frozenset()
 
     def first_token(self, request_id: str, worker_id: str) -> None:
         """The request's first token (or, on a prefill worker, its prefill) is done there."""
