@@ -13,19 +13,25 @@ bytes per pair). Then, for each:
   cluster one gateway replica follows the change logs meanwhile: its CPU per change applied
   and its lag (a change's write to its application) under saturated writes;
 - routing: `--router-procs` gateway processes make routing decisions while one writer keeps
-  publishing at `--background-rate` block events/s. A decision: hash a `--prompt-blocks`-block
-  prompt with vLLM's algorithm, look up the cached prefixes, score with the kv policy
-  (router/policies.py), note the dispatch. Paths:
-    * `baseline`: today's gateway: the Lua lookup of every worker, the policy scores all of them;
-    * `redis`: the new index on the cluster (one pipeline per shard), the policy scores the
-      shortlist (router/shortlist.py: the holders of the longest prefixes + the least loaded),
-      block digests of prefixes seen before come from a cache (`--hash-cache`);
-    * `replica`: each gateway warms a local replica from the cluster (router/index_replica.py)
-      and follows its change logs; lookups need no round trip and hash a prompt's blocks only
-      as far as some worker holds them; the policy scores the shortlist; the same cache.
-  Reported: decisions per CPU-second of the gateway process (its replica's upkeep included;
-  the workload's own prompt generation left out), decision and lookup p50/p99, the replica's
-  lag p50/p99, warm-up time and memory;
+  publishing at `--background-rate` block events/s. Paths:
+    * `baseline`: today's gateway before the fleet-scale work: hash every block of a
+      `--prompt-blocks`-block prompt with vLLM's algorithm, the Lua lookup of every worker,
+      the kv policy (router/policies.py) scores all of them, the dispatch noted;
+    * `redis` and `replica`: the gateway's own route stage (services/gateway/route_stage.py
+      `RouteStage.route`, then `sent` and the decode worker's in-flight count: its worker
+      directory, serving pools, prefix lookup, dispatch ledger, shortlist and kv policy, with
+      a digest cache of `--hash-cache` blocks); `redis` asks the new index on the cluster
+      (one pipeline per shard); `replica` warms a local replica from the cluster
+      (router/replicated_index.py) that follows the change logs: no round trip. Each gateway
+      has 256 requests in flight (first token 16 decisions after their dispatch, end 256
+      after: ledger and counts updated), and its directory takes a registry snapshot every
+      50 ms with the workers whose heartbeat (once a second) is due carrying a new load, as a
+      registry feed hands them over.
+  Reported: decisions per CPU-second of the gateway process (its replica's upkeep and the
+  registry changes included; the workload's own prompt generation left out), decision p50/p99
+  (route + dispatch noted), lookup p50/p99 (baseline: the Lua call; new paths: the route
+  stage's hash + lookup + pending prefixes), the replica's lag p50/p99, warm-up time and
+  memory;
 - following alone (cluster): one replica follows while one writer publishes at
   `--background-rate` and nothing else runs: its lag without the other phases' contention
   for this machine's cores;
@@ -60,13 +66,16 @@ from bench import json_text
 from bench.index_baseline import LegacyPrefixIndex
 from bench.redis_cluster import redis_cluster
 from router.block_hash import BlockHasher
-from router.cost_model import queue_depth
 from router.index_replica import IndexReplica, IndexReplicaConfig
 from router.kv_events import BlockRemoved, BlockStored
 from router.policies import KVPolicy, RouteRequest
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerInfo, WorkerLoad, WorkerRole
-from router.shortlist import LoadOrder, shortlist
+from router.replicated_index import ReplicatedPrefixIndex
+from services.cluster_secret import ClusterSecret
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.route_stage import RouteStage
+from services.gateway.worker_directory import FEED_VIEW_S, WorkerDirectory
 
 NS = "bench"
 BLOCK_SIZE = 16
@@ -319,6 +328,30 @@ def _follower_proc(url: str, args: dict, bits: int, seconds: float, ready: Any, 
     out.put(asyncio.run(main()))
 
 
+def _heartbeats(directory: Any, rng: random.Random, every_s: float) -> Any:
+    """Registry changes as a gateway's registry feed hands them to its directory: every
+    `every_s`, the workers whose heartbeat (once a second) is due publish a new load (new
+    infos for those, the others kept as the same objects) and the directory takes the
+    snapshot."""
+
+    async def loop() -> None:
+        i = 0
+        while True:
+            await asyncio.sleep(every_s)
+            ws = list(directory.workers)
+            due = max(1, round(len(ws) * every_s))
+            for _ in range(due):
+                k = i % len(ws)
+                i += 1
+                w = ws[k]
+                ws[k] = w.model_copy(update={"load": w.load.model_copy(update={
+                    "num_running_reqs": rng.randrange(8), "decoding_reqs": rng.randrange(8),
+                    "updated_at": time.time()})})
+            directory.take(ws)
+
+    return loop()
+
+
 def _router_proc(mode: str, url: str, args: dict, seed: int, seconds: float, bits: int,
                  ready: Any, go: Any, out: Any) -> None:
     """A gateway: decide routes for `seconds`, one at a time (see the module doc)."""
@@ -326,21 +359,10 @@ def _router_proc(mode: str, url: str, args: dict, seed: int, seconds: float, bit
     async def main() -> dict[str, Any]:
         kind = "baseline" if mode == "baseline" else "cluster"
         client = _client(kind, url, max_connections=16)
-        idx = _make_index(kind, client, args, bits)
         ns = argparse.Namespace(**args)
         docs = _hot_docs(ns)
         workers = _workers(ns.workers)
         infos = _infos(workers, seed)
-        pool = set(workers)
-        in_flight: dict[str, int] = {}
-        order = LoadOrder()
-        for w, info in infos.items():
-            order.set(w, queue_depth(info, in_flight))
-        policy = KVPolicy()
-        # the new paths remember digests of prefixes seen (a system prompt, a conversation's
-        # history); today's gateway hashes every block of every prompt
-        hasher = BlockHasher(BLOCK_SIZE, "sha256", hash_seed="0",
-                             cache_size=0 if mode == "baseline" else ns.hash_cache)
         rng = random.Random(seed)
         cold_rng = random.Random(seed + 1)
 
@@ -351,41 +373,30 @@ def _router_proc(mode: str, url: str, args: dict, seed: int, seconds: float, bit
             return docs[rng.randrange(len(docs))]
         rep: IndexReplica | None = None
         warm: dict[str, Any] = {}
-        if mode == "replica":
-            rss0 = _rss()
-            rep = IndexReplica(idx, IndexReplicaConfig(lag_samples=1_000_000))
-            await rep.start()
-            pairs = rep.pairs
-            warm = {"warm_s": round(rep.stats.warm_s, 2), "pairs": pairs,
-                    "bytes_per_pair": round((_rss() - rss0) / max(pairs, 1), 1)}
-
-        dispatched: list[str] = []
-
-        async def decide(tokens: list[int]) -> tuple[float, float, bool]:
-            t0 = time.perf_counter()
-            if rep is not None:  # blocks hashed as the walk needs them: hash + lookup
-                t1 = t0
-                cached = rep.longest_prefixes(hasher.iter_block_hashes(tokens), pool)
+        background: list[asyncio.Task[None]] = []
+        if mode == "baseline":
+            idx: Any = _make_index(kind, client, args, bits)
+            decide = _legacy_decider(idx, workers, infos)
+        else:
+            if mode == "replica":
+                rss0 = _rss()
+                idx = ReplicatedPrefixIndex(client, NS, bucket_bits=bits,
+                                            partitions=args["partitions"], liveness_cache_s=1.0,
+                                            replica=IndexReplicaConfig(lag_samples=1_000_000))
+                await idx.start()
+                rep = idx.replica
+                pairs = rep.pairs
+                warm = {"warm_s": round(rep.stats.warm_s, 2), "pairs": pairs,
+                        "bytes_per_pair": round((_rss() - rss0) / max(pairs, 1), 1)}
             else:
-                hashes = hasher.block_hashes(tokens)
-                t1 = time.perf_counter()
-                cached = await idx.longest_prefixes(hashes, workers)
-            t2 = time.perf_counter()
-            if mode == "baseline":
-                cands = list(infos.values())
-            else:
-                cands = [infos[w] for w in shortlist(cached, order)]
-            d = policy.choose([], cands, RouteRequest(num_tokens=len(tokens), cached_blocks=cached,
-                                                      in_flight=in_flight))
-            w = d.decode.worker_id
-            in_flight[w] = in_flight.get(w, 0) + 1  # the dispatch; the oldest one completes
-            dispatched.append(w)
-            order.set(w, queue_depth(infos[w], in_flight))
-            if len(dispatched) > 256:
-                done = dispatched.pop(0)
-                in_flight[done] -= 1
-                order.set(done, queue_depth(infos[done], in_flight))
-            return time.perf_counter() - t0, t2 - t1, d.predicted_cached_blocks > 0
+                idx = _make_index(kind, client, args, bits)
+            directory = WorkerDirectory(client, NS, "bench", ClusterSecret.generate())
+            directory.take(list(infos.values()))
+            stage = RouteStage(directory, KVPolicy(), idx, GatewayMetrics(),
+                               hash_cache_blocks=ns.hash_cache)
+            decide = _gateway_decider(stage, directory)
+            background.append(asyncio.create_task(_heartbeats(directory, random.Random(seed + 2),
+                                                              FEED_VIEW_S)))
 
         for _ in range(50):  # warm up: scripts loaded, slots and epoch map cached
             await decide(prompt())
@@ -414,22 +425,99 @@ def _router_proc(mode: str, url: str, args: dict, seed: int, seconds: float, bit
             lat.append(t)
             lookups.append(tl)
             hits += hit
-            if rep is not None:
-                await asyncio.sleep(0)  # the replica's follower runs between decisions
+            await asyncio.sleep(0)  # the replica's follower, the registry changes run meanwhile
         cpu = time.process_time() - cpu0 - gen_cpu
         res = {"decisions": len(lat), "cpu_s": cpu, "decide_cpu_s": decide_cpu, "lat": lat,
                "lookup": lookups, "hits": hits, "unsynced": unsynced, **warm}
+        for task in background:
+            task.cancel()
         if rep is not None:
             res["lag"] = list(rep.lag_ms)
             res["synced"] = rep.synced()
             res["replica_stats"] = vars(rep.stats)
-            await rep.stop()
         if kind != "baseline":
             await idx.aclose()
         await client.aclose()
         return res
 
     out.put(asyncio.run(main()))
+
+
+#: requests a gateway has in flight in the routing phase: each gets its first token this many
+#: decisions after its dispatch, and ends after `_IN_FLIGHT`
+_IN_FLIGHT, _FIRST_TOKEN_AFTER = 256, 16
+
+
+def _gateway_decider(stage: RouteStage, directory: WorkerDirectory) -> Any:
+    """A decision as the gateway makes it: RouteStage.route (hash, lookup in the replica or
+    Redis, the dispatch ledger's pending prefixes, shortlist, kv policy) and the dispatch
+    noted (RouteStage.sent, the decode worker's in-flight count); the requests dispatched
+    earlier get their first token and end meanwhile (ledger and counts, not timed)."""
+    lookup_s = [0.0]
+    cached_blocks = stage._cached_blocks
+
+    async def timed_lookup(*a: Any) -> Any:  # hash + lookup + pending prefixes
+        t = time.perf_counter()
+        try:
+            return await cached_blocks(*a)
+        finally:
+            lookup_s[0] = time.perf_counter() - t
+
+    stage._cached_blocks = timed_lookup  # type: ignore[method-assign]
+    flying: list[tuple[str, str]] = []
+    n = [0]
+
+    async def decide(tokens: list[int]) -> tuple[float, float, bool]:
+        t0 = time.perf_counter()
+        lookup_s[0] = 0.0
+        d = await stage.route(tokens)
+        n[0] += 1
+        rid = f"r{n[0]}"
+        stage.sent(d, rid, len(tokens))
+        w = d.decode.worker_id
+        directory.in_flight[w] += 1
+        elapsed = time.perf_counter() - t0
+        flying.append((rid, w))
+        if len(flying) > _FIRST_TOKEN_AFTER:
+            early = flying[-_FIRST_TOKEN_AFTER - 1]
+            stage.ledger.first_token(early[0], early[1])
+        if len(flying) > _IN_FLIGHT:
+            done, dw = flying.pop(0)
+            stage.ledger.finished(done)
+            directory.in_flight[dw] -= 1
+            if directory.in_flight[dw] <= 0:
+                del directory.in_flight[dw]
+        return elapsed, lookup_s[0], d.predicted_cached_blocks > 0
+
+    return decide
+
+
+def _legacy_decider(idx: Any, workers: list[str], infos: dict[str, WorkerInfo]) -> Any:
+    """Today's gateway before issue 18, as the baseline: every block hashed, the Lua lookup
+    of every worker, the policy scoring all of them; the dispatch noted."""
+    in_flight: dict[str, int] = {}
+    policy = KVPolicy()
+    hasher = BlockHasher(BLOCK_SIZE, "sha256", hash_seed="0")
+    cands = list(infos.values())
+    dispatched: list[str] = []
+
+    async def decide(tokens: list[int]) -> tuple[float, float, bool]:
+        t0 = time.perf_counter()
+        hashes = hasher.block_hashes(tokens)
+        t1 = time.perf_counter()
+        cached = await idx.longest_prefixes(hashes, workers)
+        t2 = time.perf_counter()
+        d = policy.choose([], cands, RouteRequest(num_tokens=len(tokens), cached_blocks=cached,
+                                                  in_flight=in_flight))
+        w = d.decode.worker_id
+        in_flight[w] = in_flight.get(w, 0) + 1  # the dispatch; the oldest one completes
+        dispatched.append(w)
+        if len(dispatched) > _IN_FLIGHT:
+            done = dispatched.pop(0)
+            in_flight[done] -= 1
+        return time.perf_counter() - t0, t2 - t1, d.predicted_cached_blocks > 0
+
+    return decide
 
 
 def _collect(q: Any, procs: list[Any], n: int) -> list[dict]:
@@ -748,7 +836,8 @@ def main() -> None:
     for name, f in runs.items():
         for key in [k for k in f if k.startswith("routing_")]:
             rt = f[key]
-            lag = rt.get("replica", {}).get("lag_p99_ms", "")
+            lag = rt.get("replica", {}).get("lag_p99_ms")
+            lag = "" if lag is None else lag  # no sample: the replica applied no change
             print(f"{name + '/' + key[8:]:18} {rt['decisions_per_gateway_cpu_s']:>10} "
                   f"{rt['decision_p50_ms']:>8} {rt['decision_p99_ms']:>8} {rt['lookup_p50_ms']:>9} "
                   f"{rt['lookup_p99_ms']:>9} {lag:>8}")

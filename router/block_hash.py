@@ -311,6 +311,8 @@ class BlockHasher:
         cache_salt: str | None = None,
     ) -> list[int]:
         """Hashes of the prompt's full blocks in the form the engine publishes (low 64 bits, int)."""
+        if self._cache is not None and lora is None and not cache_salt:  # one cache probe a block
+            return list(self._sha256_hashes(_as_int_list(token_ids)))
         return [int.from_bytes(d[-8:], "big") for d in self.block_digests(token_ids, lora=lora, cache_salt=cache_salt)]
 
     def iter_block_hashes(

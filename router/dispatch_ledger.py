@@ -22,9 +22,13 @@ is other gateways' work (see router/cost_model.py).
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from itertools import chain, islice
+from typing import Callable, Container, Iterable, Sequence
+
+
+_LATER_MIN = 1 << 16  # blocks the superset of later blocks may hold before it is remade
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class OwnLoad:
     """requests that were decoding at the worker's snapshot"""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed as itself (a member of its worker's entries)
 class _Entry:
     worker_id: str
     prompt_tokens: int
@@ -55,6 +59,7 @@ class _Entry:
     first_at: float | None = None
     done_at: float | None = None
     blocks: Sequence[int] = ()
+    held: frozenset[int] = frozenset()  # the blocks as a set, while pending
 
 
 class DispatchLedger:
@@ -66,7 +71,20 @@ class DispatchLedger:
         self._history_s = history_s
         self._open: dict[str, list[_Entry]] = {}
         self._closed: deque[_Entry] = deque()
-        self._blocks: dict[str, Counter[int]] = {}  # worker -> block hash -> prompts holding it
+        # worker -> its entries, open and closed (until pruned): what `view` reads of a worker
+        self._of: dict[str, dict[_Entry, None]] = {}
+        # The pending prompts (sent, not ended) with their block hashes, kept so that a
+        # prompt's lookup visits only the workers holding its first block, and a dispatch and
+        # its end cost set operations in C, not a step per block:
+        self._pending: dict[str, list[frozenset[int]]] = {}  # worker -> its prompts' blocks
+        self._union: dict[str, frozenset[int]] = {}  # worker -> all of them (made when asked)
+        self._first: dict[int, dict[str, int]] = {}  # first block -> worker -> prompts
+        # every block seen after a prompt's first (a superset of the pending ones; remade
+        # from the pending prompts when it grows large): a prompt whose first block is not
+        # in it can be held only as some pending prompt's first block (block hashes chain:
+        # a first block equals a later one only by a collision, and then all are visited)
+        self._later: set[int] = set()
+        self._later_limit = _LATER_MIN
 
     def sent(self, request_id: str, worker_id: str, prompt_tokens: int, uncached_tokens: int,
              prefills: bool, blocks: Sequence[int] = ()) -> None:
@@ -77,39 +95,71 @@ class DispatchLedger:
         e = _Entry(worker_id, prompt_tokens, uncached_tokens if prefills else 0, prefills,
                    self._clock(), blocks=blocks if prefills else ())
         self._open.setdefault(request_id, []).append(e)
+        self._of.setdefault(worker_id, {})[e] = None
         if e.blocks:
-            self._blocks.setdefault(worker_id, Counter()).update(e.blocks)
+            e.held = frozenset(e.blocks)
+            self._pending.setdefault(worker_id, []).append(e.held)
+            self._union.pop(worker_id, None)
+            first = self._first.setdefault(e.blocks[0], {})
+            first[worker_id] = first.get(worker_id, 0) + 1
+            later = self._later
+            later.update(islice(e.blocks, 1, None))
+            if len(later) > self._later_limit:  # forget the blocks of ended prompts
+                self._later = set(chain.from_iterable(
+                    islice(x.blocks, 1, None) for es in self._open.values() for x in es))
+                self._later_limit = max(_LATER_MIN, 4 * len(self._later))
 
-    def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Iterable[str]
+    def pending_prefixes(self, block_hashes: Sequence[int], worker_ids: Container[str]
                          ) -> dict[str, int]:
         """Worker id -> the longest prefix of a prompt (its block hashes, in order), in
-        blocks, that a prompt this gateway sent there and that has not ended holds; workers
-        with none are left out."""
+        blocks, that a prompt this gateway sent there and that has not ended holds, for the
+        workers in `worker_ids` (only the workers with such a prompt holding the prompt's
+        first block are visited); workers with none are left out."""
+        if not block_hashes:
+            return {}
+        first = block_hashes[0]
+        if first in self._later:  # held after some prompt's first block: look at every worker
+            on: Iterable[str] = [w for w in self._pending if first in self._union_of(w)]
+        else:
+            on = self._first.get(first, ())
         out = {}
-        for w in worker_ids:
-            held = self._blocks.get(w)
-            if not held:
+        for w in on:
+            if w not in worker_ids:
                 continue
+            held = self._union_of(w)
             n = 0
             for h in block_hashes:
-                if held[h] <= 0:
+                if h not in held:
                     break
                 n += 1
-            if n:
-                out[w] = n
+            out[w] = n
         return out
 
+    def _union_of(self, worker_id: str) -> frozenset[int]:
+        u = self._union.get(worker_id)
+        if u is None:
+            prompts = self._pending[worker_id]
+            u = self._union[worker_id] = (prompts[0] if len(prompts) == 1
+                                          else frozenset().union(*prompts))
+        return u
+
     def _release_blocks(self, e: _Entry) -> None:
-        held = self._blocks.get(e.worker_id)
-        if held is None or not e.blocks:
+        if not e.blocks:
             return
-        held.subtract(e.blocks)
-        for h in e.blocks:
-            if held[h] <= 0:
-                del held[h]
-        if not held:
-            del self._blocks[e.worker_id]
-        e.blocks = ()
+        w = e.worker_id
+        prompts = self._pending[w]
+        prompts.remove(e.held)
+        if not prompts:
+            del self._pending[w]
+        self._union.pop(w, None)
+        first = self._first[e.blocks[0]]
+        if first[w] > 1:
+            first[w] -= 1
+        elif len(first) > 1:
+            del first[w]
+        else:
+            del self._first[e.blocks[0]]
+        e.blocks, e.held = (), frozenset()
 
     def first_token(self, request_id: str, worker_id: str) -> None:
         """The request's first token (or, on a prefill worker, its prefill) is done there."""
@@ -140,7 +190,15 @@ class DispatchLedger:
     def _prune(self, now: float) -> None:
         while self._closed and self._closed[0].done_at is not None and \
                 now - self._closed[0].done_at > self._history_s:
-            self._closed.popleft()
+            self._forget(self._closed.popleft())
+
+    def _forget(self, e: _Entry) -> None:
+        """A closed entry no snapshot can count any more: gone from its worker's entries."""
+        of = self._of.get(e.worker_id)
+        if of is not None:
+            of.pop(e, None)
+            if not of:
+                del self._of[e.worker_id]
 
     def view(self, snapshots: dict[str, float]) -> dict[str, OwnLoad]:
         """Worker id -> this gateway's load there; `snapshots`: worker id -> the time of its
@@ -148,13 +206,11 @@ class DispatchLedger:
         if snapshots:  # ended before every snapshot: no snapshot can count them any more
             oldest = min(snapshots.values())
             while self._closed and (self._closed[0].done_at or 0.0) < oldest:
-                self._closed.popleft()
+                self._forget(self._closed.popleft())
         acc: dict[str, list[int]] = {w: [0] * 6 for w in snapshots}
-        entries: Iterable[_Entry] = (e for es in self._open.values() for e in es)
-        for e in [*entries, *self._closed]:
-            a = acc.get(e.worker_id)
-            if a is None:
-                continue
+        of = self._of
+        for e in [e for w in acc if w in of for e in of[w]]:  # the workers asked about only
+            a = acc[e.worker_id]
             if e.done_at is None:
                 if e.first_at is None:
                     a[0] += 1

@@ -33,6 +33,33 @@ class PrefixDepths(dict[str, int]):
             self.update(dict.fromkeys(workers, blocks))
             self._size = len(self)
 
+    def raise_to(self, worker: str, blocks: int) -> None:
+        """Make ``worker``'s prefix at least ``blocks`` (> 0) long, keeping ``levels``
+        valid: the worker moves to (or joins) that level when it held less."""
+        old = self.get(worker, 0)
+        if blocks <= old:
+            return
+        levels = self.levels
+        valid = self.levels_valid
+        self[worker] = blocks
+        if not valid:  # already a plain mapping to its readers
+            return
+        if old:
+            for i, (b, ws) in enumerate(levels):
+                if b == old:
+                    ws.remove(worker)
+                    if not ws:
+                        del levels[i]
+                    break
+        i = 0
+        while i < len(levels) and levels[i][0] > blocks:
+            i += 1
+        if i < len(levels) and levels[i][0] == blocks:
+            levels[i][1].append(worker)
+        else:
+            levels.insert(i, (blocks, [worker]))
+        self._size = len(self)
+
     @property
     def levels_valid(self) -> bool:
         """Whether ``levels`` still lists exactly the mapping (no entry added or removed

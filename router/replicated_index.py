@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from router.index_replica import IndexReplica
+from router.prefix_depths import PrefixDepths
 from router.prefix_index import PrefixIndex
 from router.redis_client import UNAVAILABLE_ERRORS, index_redis_client, stop_task
 from router.replica_config import IndexReplicaConfig
@@ -75,6 +76,16 @@ class ReplicatedPrefixIndex(PrefixIndex):
                 block_hashes, None if worker_ids is None else set(worker_ids))
         self.reads.redis += 1
         return await super().longest_prefixes(list(block_hashes), worker_ids)
+
+    def local_prefixes(self, block_hashes: Sequence[int] | Iterable[int],
+                       eligible: Container[str]) -> PrefixDepths | None:
+        """The replica's answer to :meth:`longest_prefixes` for the workers in ``eligible``
+        (any container: only membership is asked), with no await; None while the replica is
+        not synced (then ask :meth:`longest_prefixes`, i.e. Redis)."""
+        if not self.replica.synced():
+            return None
+        self.reads.replica += 1
+        return self.replica.longest_prefixes(block_hashes, eligible)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         """Stop the replica and close the index's per-node connections."""

@@ -66,7 +66,7 @@ class Gateway:
         index = (await open_prefix_index(self.redis, self.cfg.namespace, self.cfg.index_replica)
                  if policy.uses_prefix_index else None)
         self.route_stage = RouteStage(self.directory, policy, index, self.metrics,
-                                      self.cfg.migration)
+                                      self.cfg.migration, self.cfg.hash_cache_blocks)
         if index is not None:
             self._purge_task = asyncio.create_task(self._purge_dead_workers(index))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -24,6 +23,8 @@ from router.registry_feed import RegistryFeed
 from router.replica_config import RegistryFeedConfig
 from services.cluster_secret import ClusterSecret
 from services.controller.pool_sizes import PoolSizes
+from services.gateway.in_flight import InFlightCounts
+from services.gateway.serving_pools import ServingPools
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class WorkerDirectory:
         self.model = model
         self.refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
-        self.in_flight: Counter[str] = Counter()
+        #: requests this gateway has in flight per worker (and which counts moved)
+        self.in_flight = InFlightCounts()
+        self._pools = ServingPools([])
         #: this gateway's dispatches since the workers' last heartbeats (the kv cost model)
         self.ledger = DispatchLedger()
         self._task: asyncio.Task | None = None
@@ -70,9 +73,11 @@ class WorkerDirectory:
 
     async def refresh(self) -> None:
         """Re-read the registry now (a probe of Redis: tried even while `health` pauses)."""
-        self._take(await self.health.call(self.registry.live_workers, probe=True))
+        self.take(await self.health.call(self.registry.live_workers, probe=True))
 
-    def _take(self, workers: list[WorkerInfo]) -> None:
+    def take(self, workers: list[WorkerInfo]) -> None:
+        """Take a registry snapshot (the live workers), as a refresh or the registry feed
+        gives it; the gateway's other readers see it at once."""
         self.workers = [w for w in workers if w.model == self.model]
         if any(w.state == WorkerState.SERVING for w in self.workers):
             self._serving_seen_at = time.monotonic()
@@ -98,7 +103,7 @@ class WorkerDirectory:
         now = time.monotonic()
         if feed.version != self._feed_seen[0] or now - self._feed_seen[1] >= self.refresh_s:
             self._feed_seen = (feed.version, now)
-            self._take(feed.live(now))
+            self.take(feed.live(now))
         return True
 
     async def _loop(self) -> None:
@@ -133,6 +138,13 @@ class WorkerDirectory:
             return True
         return any(o.starting > 0 or o.serving < desired.get(pool, 0)
                    for pool, o in observed.items())
+
+    def pools(self) -> ServingPools:
+        """The serving pools of the current snapshot (services/gateway/serving_pools.py),
+        arranged once per snapshot."""
+        if self._pools.snapshot is not self.workers:
+            self._pools = ServingPools.of(self.workers, self._pools)
+        return self._pools
 
     def by_role(self, *roles: WorkerRole) -> list[WorkerInfo]:
         """Serving workers of these roles (draining ones take no new requests)."""

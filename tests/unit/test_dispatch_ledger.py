@@ -84,3 +84,18 @@ def test_pending_prefixes_are_the_prompts_being_computed_until_they_end() -> Non
     ledger.finished("b")
     assert ledger.pending_prefixes([*system, 14], ["p0", "p1"]) == {}
     assert ledger.pending_prefixes([21, 22], ["p1"]) == {}
+
+
+def test_a_prompt_starting_with_a_block_another_holds_later_is_told() -> None:
+    """Block hashes chain, so a prompt's first block is some other prompt's later block only
+    by a collision; the ledger still answers as the union of each worker's pending blocks."""
+    ledger = DispatchLedger(clock=Clock())
+    ledger.sent("a", "p0", 64, 64, True, blocks=[1, 2, 3, 4])
+    ledger.sent("b", "p1", 64, 64, True, blocks=[3, 7])
+    assert ledger.pending_prefixes([3, 4, 9], {"p0", "p1"}) == {"p0": 2, "p1": 1}
+    assert ledger.pending_prefixes([2, 3, 7], ["p0"]) == {"p0": 2}
+    ledger.finished("a")
+    assert ledger.pending_prefixes([3, 4], {"p0", "p1"}) == {"p1": 1}
+    ledger.finished("b")
+    assert ledger.pending_prefixes([3, 7], {"p0", "p1"}) == {}
+    assert not ledger._pending and not ledger._first and not ledger._union

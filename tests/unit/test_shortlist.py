@@ -74,3 +74,27 @@ def test_a_lookups_levels_give_what_the_plain_mapping_gives() -> None:
     changed["c"] = 5  # changed after the lookup: read as a plain mapping
     assert not changed.levels_valid
     assert shortlist(changed, _order({"a": 0, "b": 0, "c": 0}), holders=1, least_loaded=0) == ["c"]
+
+
+def test_a_prefix_raised_in_place_keeps_the_levels_a_fresh_lookup_would_have() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        depths = {f"w{i}": rng.randint(1, 8) for i in rng.sample(range(30), rng.randint(0, 12))}
+        raised = {f"w{rng.randrange(30)}": rng.randint(1, 10) for _ in range(rng.randint(1, 6))}
+        got = _depths(depths)
+        for w, n in raised.items():
+            got.raise_to(w, n)
+        want = {**depths, **{w: max(depths.get(w, 0), n) for w, n in raised.items()}}
+        assert dict(got) == want and got.levels_valid
+        fresh = _depths(want)
+        assert [(b, sorted(ws)) for b, ws in got.levels] == \
+            [(b, sorted(ws)) for b, ws in fresh.levels]
+        o = _order({f"w{i}": float(rng.randrange(4)) for i in range(30)})
+        assert set(shortlist(got, o, holders=4)) == set(shortlist(want, o, holders=4))
+
+
+def _depths(depths: dict[str, int]) -> PrefixDepths:
+    out = PrefixDepths()
+    for b in sorted(set(depths.values()), reverse=True):
+        out.add_level(b, sorted(w for w, d in depths.items() if d == b))
+    return out
