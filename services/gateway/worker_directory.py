@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: with a registry feed, how often the directory looks at the feed's view (a local read)
 FEED_VIEW_S = 0.05
+#: how long a snapshot without any worker is not believed, after one with serving workers:
+#: every worker gone at once is what a Redis that restarted empty shows until the workers'
+#: next heartbeats register them again (about a second), not a dead pool
+EMPTIED_GRACE_S = 10.0
 
 
 class WorkerDirectory:
@@ -57,6 +61,7 @@ class WorkerDirectory:
         self._task: asyncio.Task | None = None
         self._refreshed = asyncio.Event()
         self._serving_seen_at = float("-inf")  # when a snapshot last had a serving worker
+        self._emptied = False  # an empty snapshot is being held off (see take)
         #: the registry's change log followed, or None (polled)
         self.feed = RegistryFeed(redis, namespace, feed) if feed is not None else None
         self._feed_started = False
@@ -77,8 +82,22 @@ class WorkerDirectory:
 
     def take(self, workers: list[WorkerInfo]) -> None:
         """Take a registry snapshot (the live workers), as a refresh or the registry feed
-        gives it; the gateway's other readers see it at once."""
-        self.workers = [w for w in workers if w.model == self.model]
+        gives it; the gateway's other readers see it at once. A snapshot with no worker at
+        all, within EMPTIED_GRACE_S of one with serving workers, is not taken: the registry
+        lost them all at once (its Redis restarted empty), and requests in flight on them
+        must not be moved, nor new ones refused, before they register again."""
+        mine = [w for w in workers if w.model == self.model]
+        if not mine and self.workers and (
+                time.monotonic() - self._serving_seen_at < EMPTIED_GRACE_S):
+            if not self._emptied:
+                log.warning("the registry lists no worker at all; keeping the last snapshot "
+                            "for up to %g s (a Redis that restarted empty: the workers "
+                            "register again on their next heartbeat)", EMPTIED_GRACE_S)
+                self._emptied = True
+            self._refreshed.set()
+            return
+        self._emptied = False
+        self.workers = mine
         if any(w.state == WorkerState.SERVING for w in self.workers):
             self._serving_seen_at = time.monotonic()
         self._refreshed.set()

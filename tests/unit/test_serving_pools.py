@@ -87,3 +87,24 @@ def test_a_snapshot_that_changed_only_loads_reuses_the_arrangement() -> None:
     assert again.changes is None and [w.worker_id for w in again.decode] == ["d0", "d2", "d3",
                                                                              "d4"]
     assert ServingPools.of(ws[:4], pools).changes is None
+
+
+def test_a_snapshot_without_any_worker_is_held_off_for_a_while(monkeypatch) -> None:
+    """Every worker gone at once (a Redis that restarted empty, until the workers' next
+    heartbeats): the last snapshot stays for EMPTIED_GRACE_S, so nothing in flight is moved
+    off live workers; past it, or after a snapshot with no serving worker, it is taken."""
+    from services.gateway import worker_directory as wd
+
+    d = WorkerDirectory(Redis(port=1), "ns", "m", TEST_SECRET)  # never connects
+    d.take([info("d0", WorkerRole.DECODE), info("p0", WorkerRole.PREFILL)])
+    d.take([])
+    assert [w.worker_id for w in d.workers] == ["d0", "p0"]
+    d.take([info("d0", WorkerRole.DECODE)])  # one of them left: taken
+    assert [w.worker_id for w in d.workers] == ["d0"]
+    now = wd.time.monotonic()
+    monkeypatch.setattr(wd.time, "monotonic", lambda: now + wd.EMPTIED_GRACE_S + 1)
+    d.take([])
+    assert d.workers == []
+    d.take([info("d1", WorkerRole.DECODE, state=WorkerState.DRAINING)])
+    d.take([])  # none served: nothing to hold on to
+    assert d.workers == []
