@@ -6,7 +6,9 @@ A candidate is one worker in one part of a request's route: it either `computes`
 its KV from a prefill worker. Every scorer returns a cost in **seconds** (of time to first
 token, or time it makes other requests wait), so the pipeline can add them with plain
 weights; the picker takes the cheapest. A new scorer is a class with a `name` and a `cost`
-method, registered in `router.scorers.SCORERS`.
+method, registered in `router.scorers.SCORERS`; it may also have a `costs` method pricing a
+decision's candidates at once (the same figures as `cost` for each: one call per decision, not
+one per candidate).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 from router.cost_model import WorkerEstimate
@@ -65,11 +68,25 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
-    """Prices a candidate, in seconds."""
+    """Prices a candidate, in seconds. (Optional: ``costs(cands, ctx) -> list[float]``, each
+    candidate's ``cost`` in one call.)"""
 
     name: str
 
     def cost(self, c: Candidate, ctx: RouteContext) -> float: ...
+
+
+class Priced(NamedTuple):
+    """A decision's candidates priced by the pipeline (in the candidates' order)."""
+
+    costs: list[float]
+    """each candidate's cost: its scorers' weighted costs summed"""
+    parts: list[tuple[str, list[float]]]
+    """each scorer's name and weighted cost of every candidate"""
+
+    def breakdown(self, i: int) -> dict[str, float]:
+        """Each scorer's weighted cost of the ``i``-th candidate."""
+        return {name: col[i] for name, col in self.parts}
 
 
 _MAX_TIE_SETS = 4096  # candidate sets whose tie rotation a GreedyPicker remembers
@@ -123,6 +140,11 @@ class Pipeline:
         self.scorers = list(scorers)
         self.filters = list(filters)
         self.picker = picker or GreedyPicker()
+        # each scorer's pricing of a list of candidates: its own `costs`, else `cost` each
+        self._batch: list[tuple[str, float, Callable[[Sequence[Candidate], RouteContext],
+                                                      list[float]]]] = [
+            (s.name, w, getattr(s, "costs", None) or partial(_one_by_one, s))
+            for s, w in self.scorers]
 
     def filter(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[Candidate]:
         """Candidates every filter keeps; all of them if that would leave none."""
@@ -149,6 +171,23 @@ class Pipeline:
                 counted.append(v)
         return sum(counted), parts
 
+    def price(self, cands: Sequence[Candidate], ctx: RouteContext) -> Priced:
+        """`priced` of every candidate, each scorer asked once for all of them (the same
+        figures, summed in the same order)."""
+        parts: list[tuple[str, list[float]]] = []
+        counted: list[list[float]] = []
+        for name, weight, batch in self._batch:
+            col = [weight * v for v in batch(cands, ctx)]
+            parts.append((name, col))
+            if weight:
+                counted.append(col)
+        costs = [sum(t) for t in zip(*counted)] if counted else [0] * len(cands)
+        return Priced(costs, parts)
+
     def pick(self, cands: Sequence[Candidate], costs: Sequence[float],
              ctx: RouteContext) -> int:
         return self.picker.pick(cands, costs, ctx)
+
+
+def _one_by_one(scorer: Scorer, cands: Sequence[Candidate], ctx: RouteContext) -> list[float]:
+    return [scorer.cost(c, ctx) for c in cands]

@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field, field_validator
 from router.cost_model import PoolSpeed, estimate, queue_depth
 from router.dispatch_ledger import OwnLoad
 from router.filters import KVHeadroomFilter
-from router.plugins import Candidate, GreedyPicker, Pipeline, RouteContext, SoftmaxPicker
+from router.plugins import (Candidate, GreedyPicker, Pipeline, Priced, RouteContext,
+                            SoftmaxPicker)
 from router.registry import WorkerInfo, WorkerRole
 from router.route_explanation import CandidateRows
 from router.scorers import SCORERS
@@ -247,21 +248,21 @@ class KVPolicy:
         self.pipeline = Pipeline(scorers, filters, picker)
         self.affinity = AffinityRate(c.affinity_half_life_s)
 
-    def _context(self, req: RouteRequest, workers: Sequence[WorkerInfo]) -> RouteContext:
+    def _context(self, req: RouteRequest, best: int) -> RouteContext:
+        """The plugins' context; ``best``: the most prompt tokens a worker of either pool
+        holds."""
         c = self.config
-        best = max((min(req.cached_blocks.get(w.worker_id, 0) * w.block_size, req.num_tokens)
-                    for w in workers), default=0)
         return RouteContext(req.num_tokens, c.load_weight, c.step_tokens, self.affinity.rate,
                             best)
 
     def candidates(self, workers: Sequence[WorkerInfo], req: RouteRequest, pool: PoolSpeed,
                    computes: bool) -> list[Candidate]:
         """The workers as candidates of one part of the route, with fresh estimates."""
-        own = req.own or {}
-        return [Candidate(estimate(w, own.get(w.worker_id) if req.own is not None else None,
-                                   req.in_flight, pool),
-                          min(req.cached_blocks.get(w.worker_id, 0) * w.block_size,
-                              req.num_tokens), computes)
+        own = req.own
+        get_own = own.get if own is not None else _no_ledger
+        cached, n, in_flight = req.cached_blocks.get, req.num_tokens, req.in_flight
+        return [Candidate(estimate(w, get_own(w.worker_id), in_flight, pool),
+                          min(cached(w.worker_id, 0) * w.block_size, n), computes)
                 for w in workers]
 
     def _note_affinity(self, chosen: Candidate, others: Sequence[Candidate]) -> None:
@@ -272,87 +273,101 @@ class KVPolicy:
     def _blocks(self, c: Candidate, req: RouteRequest) -> int:
         return req.cached_blocks.get(c.worker_id, 0)
 
-    def _explain(self, cands: Sequence[Candidate], ctx: RouteContext,
-                 priced: dict[int, tuple[float, dict[str, float]]]) -> CandidateRows:
-        """The decision's explanation: each candidate's breakdown taken now (a candidate
-        not priced while deciding is priced here, as of the decision), its rows formatted
-        only when read."""
-        parts = [priced[id(c)][1] if id(c) in priced else self.pipeline.breakdown(c, ctx)
-                 for c in cands]
-        return CandidateRows(partial(_explanation_rows, list(cands), parts))
-
     def choose(self, prefill, decode, req) -> RouteDecision:
         _require(decode, "decode")
-        pool = PoolSpeed.of([*prefill, *decode])
-        ctx = self._context(req, [*prefill, *decode])
+        # the pool's mean speed prices the workers that have not measured theirs (if any)
+        pool = (PoolSpeed.of([*prefill, *decode])
+                if any(w.load.prefill_tokens_per_s <= 0 for w in (*prefill, *decode))
+                else _UNUSED_POOL)
         pipe = self.pipeline
-        # each candidate's cost and its breakdown (for the decision's explanation), priced once
-        priced: dict[int, tuple[float, dict[str, float]]] = {}
-
-        def cost(x: Candidate) -> float:
-            got = priced.get(id(x))
-            if got is None:
-                got = priced[id(x)] = pipe.priced(x, ctx)
-            return got[0]
-
         if decode[0].role == WorkerRole.BOTH:
-            cands = pipe.filter(self.candidates(decode, req, pool, True), ctx)
-            costs = [cost(x) for x in cands]
-            i = pipe.pick(cands, costs, ctx)
+            every = self.candidates(decode, req, pool, True)
+            best = max(c.cached_tokens for c in every)
+            if prefill:
+                n = req.num_tokens
+                best = max(best, *(min(req.cached_blocks.get(w.worker_id, 0) * w.block_size,
+                                       n) for w in prefill))
+            ctx = self._context(req, best)
+            cands = pipe.filter(every, ctx)
+            priced = pipe.price(cands, ctx)
+            i = pipe.pick(cands, priced.costs, ctx)
             d = cands[i]
             self._note_affinity(d, cands)
             return RouteDecision(decode=d.estimate.worker, reason="aggregated",
                                  predicted_cached_blocks=self._blocks(d, req),
-                                 cost=costs[i], ttft_s=_TTFT.cost(d, ctx),
-                                 candidates=self._explain(cands, ctx, priced))
+                                 cost=priced.costs[i], ttft_s=_TTFT.cost(d, ctx),
+                                 candidates=_explain((cands, priced)))
+        pevery = self.candidates(prefill, req, pool, True) if prefill else []
+        devery = self.candidates(decode, req, pool, True)
+        ctx = self._context(req, max(c.cached_tokens for c in (*pevery, *devery)))
         p: Candidate | None = None
         p_cost = math.inf
         pcands: list[Candidate] = []
+        ppriced = _NONE_PRICED
         if prefill:
-            pcands = pipe.filter(self.candidates(prefill, req, pool, True), ctx)
-            pcosts = [cost(x) for x in pcands]
-            i = pipe.pick(pcands, pcosts, ctx)
-            p, p_cost = pcands[i], pcosts[i]
-        local = pipe.filter(self.candidates(decode, req, pool, True), ctx)
-        remote = {x.worker_id: x for x in self.candidates(decode, req, pool, False)}
+            pcands = pipe.filter(pevery, ctx)
+            ppriced = pipe.price(pcands, ctx)
+            i = pipe.pick(pcands, ppriced.costs, ctx)
+            p, p_cost = pcands[i], ppriced.costs[i]
+        local = pipe.filter(devery, ctx)
+        lpriced = pipe.price(local, ctx)
+        # each decode worker receiving the KV: its estimate as when it prefills locally
+        remote = (pipe.price([Candidate(x.estimate, x.cached_tokens, False) for x in local],
+                             ctx).costs if p is not None else ())
         routes: list[tuple[float, bool]] = []  # (cost, prefill locally)
-        for x in local:
-            via_p = p_cost + cost(remote[x.worker_id]) if p is not None else math.inf
+        limit = self.config.local_prefill_tokens
+        for k, x in enumerate(local):
+            via_p = p_cost + remote[k] if p is not None else math.inf
             here = math.inf
-            if p is None or ctx.uncached(x) <= self.config.local_prefill_tokens:
-                here = cost(x)
+            if p is None or ctx.uncached(x) <= limit:
+                here = lpriced.costs[k]
             routes.append((here, True) if here <= via_p else (via_p, False))
         j = pipe.pick(local, [r[0] for r in routes], ctx)
         d, (cost, is_local) = local[j], routes[j]
+        rows = _explain((pcands, ppriced), (local, lpriced))
         if is_local:
             self._note_affinity(d, [*local, *pcands])
             reason = "short_uncached_remainder" if prefill else "no_prefill_worker"
             return RouteDecision(decode=d.estimate.worker, reason=reason,
                                  predicted_cached_blocks=self._blocks(d, req), cost=cost,
-                                 ttft_s=_TTFT.cost(d, ctx),
-                                 candidates=self._explain([*pcands, *local], ctx, priced))
+                                 ttft_s=_TTFT.cost(d, ctx), candidates=rows)
         assert p is not None
         self._note_affinity(p, [*pcands, *local])
         return RouteDecision(decode=d.estimate.worker, prefill=p.estimate.worker, reason="kv",
                              predicted_cached_blocks=self._blocks(p, req), cost=cost,
-                             ttft_s=_TTFT.cost(p, ctx),
-                             candidates=self._explain([*pcands, *local], ctx, priced))
+                             ttft_s=_TTFT.cost(p, ctx), candidates=rows)
+
+
+def _no_ledger(worker_id: str) -> None:
+    return None
+
+
+_UNUSED_POOL = PoolSpeed()  # every candidate measured its speed: the pool's is not read
+_NONE_PRICED = Priced([], [])
+
+
+def _explain(*groups: tuple[Sequence[Candidate], Priced]) -> CandidateRows:
+    """A decision's explanation: its candidates (groups of candidates with their prices, as
+    priced at the decision), formatted only when read."""
+    return CandidateRows(partial(_explanation_rows, groups))
 
 
 _TTFT = TTFTScorer()
 
 
-def _explanation_rows(cands: Sequence[Candidate], parts: Sequence[dict[str, float]]
+def _explanation_rows(groups: Sequence[tuple[Sequence[Candidate], Priced]]
                       ) -> list[dict[str, Any]]:
     """One row per candidate: its figures, each scorer's weighted cost and their sum."""
     out = []
-    for c, p in zip(cands, parts):
-        e = c.estimate
-        out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
-                    "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
-                    "decoding": e.decoding_reqs,
-                    **{k: round(v, 4) for k, v in p.items()},
-                    "cost": round(sum(p.values()), 4)})
+    for cands, priced in groups:
+        for i, c in enumerate(cands):
+            e = c.estimate
+            p = priced.breakdown(i)
+            out.append({"worker": c.worker_id, "cached_tokens": c.cached_tokens,
+                        "queued_tokens": round(e.queued_tokens), "waiting": e.pending_reqs,
+                        "decoding": e.decoding_reqs,
+                        **{k: round(v, 4) for k, v in p.items()},
+                        "cost": round(sum(p.values()), 4)})
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Callable
 
 from router.plugins import Candidate, RouteContext
@@ -60,8 +61,16 @@ class ColdSpreadScorer:
     def cost(self, c: Candidate, ctx: RouteContext) -> float:
         if not c.computes or not c.estimate.measured:
             return 0.0
-        rate = ctx.affinity_rate(c.worker_id)
-        if not rate:  # no affinity traffic (most workers): 0 whatever p
-            return 0.0
-        p = ctx.cold(c) / c.estimate.prefill_tokens_per_s
-        return rate * p * p / 2
+        return _priced(c, ctx, ctx.affinity_rate(c.worker_id))
+
+    def costs(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[float]:
+        rate = ctx.affinity_rate
+        return [_priced(c, ctx, r) if c.computes and c.estimate.measured
+                and (r := rate(c.estimate.worker.worker_id)) else 0.0 for c in cands]
+
+
+def _priced(c: Candidate, ctx: RouteContext, rate: float) -> float:
+    if not rate:  # no affinity traffic (most workers): 0 whatever p
+        return 0.0
+    p = ctx.cold(c) / c.estimate.prefill_tokens_per_s
+    return rate * p * p / 2

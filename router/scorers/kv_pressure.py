@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from router.plugins import Candidate, RouteContext
 
 
@@ -17,3 +19,8 @@ class KVPressureScorer:
     def cost(self, c: Candidate, ctx: RouteContext) -> float:
         usage = min(max(c.estimate.worker.load.kv_cache_usage, 0.0), 1.0)
         return self.kv_usage_weight * usage * ctx.prompt_tokens / c.estimate.prefill_tokens_per_s
+
+    def costs(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[float]:
+        k, n = self.kv_usage_weight, ctx.prompt_tokens
+        return [k * min(max(e.worker.load.kv_cache_usage, 0.0), 1.0) * n / e.prefill_tokens_per_s
+                for e in [c.estimate for c in cands]]

@@ -11,6 +11,8 @@ delayed; counting every waiting request is the upper bound.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from router.plugins import Candidate, RouteContext
 
 
@@ -25,3 +27,8 @@ class SharedStepScorer:
         if not c.computes or not c.estimate.measured:
             return 0.0
         return c.estimate.pending_reqs * ctx.uncached(c) / c.estimate.prefill_tokens_per_s
+
+    def costs(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[float]:
+        n = ctx.prompt_tokens  # max(n - cached, 0): ctx.uncached(c) of a computing c
+        return [e.pending_reqs * max(n - c.cached_tokens, 0) / e.prefill_tokens_per_s
+                if c.computes and (e := c.estimate).measured else 0.0 for c in cands]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from router.cost_model import prefill_ttft, receive_tail
 from router.plugins import Candidate, RouteContext
 
@@ -18,3 +20,8 @@ class TTFTScorer:
             return prefill_ttft(c.estimate, ctx.uncached(c), ctx.prompt_tokens,
                                 ctx.load_weight, ctx.step_tokens)
         return receive_tail(c.estimate, ctx.prompt_tokens, ctx.load_weight)
+
+    def costs(self, cands: Sequence[Candidate], ctx: RouteContext) -> list[float]:
+        n, lw, st = ctx.prompt_tokens, ctx.load_weight, ctx.step_tokens
+        return [prefill_ttft(c.estimate, max(n - c.cached_tokens, 0), n, lw, st) if c.computes
+                else receive_tail(c.estimate, n, lw) for c in cands]
