@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, islice, takewhile
 from typing import Callable, Container, Iterable, Sequence
 
 
@@ -73,6 +73,11 @@ class DispatchLedger:
         self._closed: deque[_Entry] = deque()
         # worker -> its entries, open and closed (until pruned): what `view` reads of a worker
         self._of: dict[str, dict[_Entry, None]] = {}
+        # worker -> a count of the changes to its entries (never reset), and its last view
+        # (that count, the snapshot time it was made for, the load): a worker whose entries
+        # did not change is viewed again at the same snapshot time without visiting them
+        self._changes: dict[str, int] = {}
+        self._views: dict[str, tuple[int, float, OwnLoad]] = {}
         # The pending prompts (sent, not ended) with their block hashes, kept so that a
         # prompt's lookup visits only the workers holding its first block, and a dispatch and
         # its end cost set operations in C, not a step per block:
@@ -96,6 +101,7 @@ class DispatchLedger:
                    self._clock(), blocks=blocks if prefills else ())
         self._open.setdefault(request_id, []).append(e)
         self._of.setdefault(worker_id, {})[e] = None
+        self._changed(worker_id)
         if e.blocks:
             e.held = frozenset(e.blocks)
             self._pending.setdefault(worker_id, []).append(e.held)
@@ -124,16 +130,12 @@ class DispatchLedger:
             on = self._first.get(first, ())
         out = {}
         for w in on:
-            if w not in worker_ids:
-                continue
-            held = self._union_of(w)
-            n = 0
-            for h in block_hashes:
-                if h not in held:
-                    break
-                n += 1
-            out[w] = n
+            if w in worker_ids:  # its prefix: the blocks its union holds, from the first (in C)
+                out[w] = len(list(takewhile(self._union_of(w).__contains__, block_hashes)))
         return out
+
+    def _changed(self, worker_id: str) -> None:
+        self._changes[worker_id] = self._changes.get(worker_id, 0) + 1
 
     def _union_of(self, worker_id: str) -> frozenset[int]:
         u = self._union.get(worker_id)
@@ -166,6 +168,7 @@ class DispatchLedger:
         for e in self._open.get(request_id, ()):
             if e.worker_id == worker_id and e.first_at is None:
                 e.first_at = self._clock()
+                self._changed(worker_id)
 
     def finished(self, request_id: str, worker_id: str | None = None) -> None:
         """The request ended on `worker_id` (None: on every worker it was sent to)."""
@@ -175,6 +178,7 @@ class DispatchLedger:
         for e in entries:
             if worker_id is None or e.worker_id == worker_id:
                 e.done_at = now
+                self._changed(e.worker_id)
                 if e.first_at is None:
                     e.first_at = now
                 self._release_blocks(e)
@@ -197,6 +201,7 @@ class DispatchLedger:
         of = self._of.get(e.worker_id)
         if of is not None:
             of.pop(e, None)
+            self._changed(e.worker_id)
             if not of:
                 del self._of[e.worker_id]
 
@@ -207,22 +212,29 @@ class DispatchLedger:
             oldest = min(snapshots.values())
             while self._closed and (self._closed[0].done_at or 0.0) < oldest:
                 self._forget(self._closed.popleft())
-        acc: dict[str, list[int]] = {w: [0] * 6 for w in snapshots}
-        of = self._of
-        for e in [e for w in acc if w in of for e in of[w]]:  # the workers asked about only
-            a = acc[e.worker_id]
-            if e.done_at is None:
-                if e.first_at is None:
-                    a[0] += 1
-                    a[1] += e.uncached_tokens
-                else:
-                    a[2] += 1
-            t = snapshots[e.worker_id]
-            if e.sent_at <= t and (e.done_at is None or e.done_at > t):
-                if e.first_at is None or e.first_at > t:
-                    if e.prefills:
-                        a[3] += 1
-                        a[4] += e.prompt_tokens
-                else:
-                    a[5] += 1
-        return {w: OwnLoad(*a) for w, a in acc.items()}
+        out: dict[str, OwnLoad] = {}
+        of, changes, views = self._of, self._changes, self._views
+        for w, t in snapshots.items():  # the workers asked about only
+            n = changes.get(w, 0)
+            last = views.get(w)
+            if last is not None and last[0] == n and last[1] == t:
+                out[w] = last[2]
+                continue
+            a = [0] * 6
+            for e in of.get(w, ()):
+                if e.done_at is None:
+                    if e.first_at is None:
+                        a[0] += 1
+                        a[1] += e.uncached_tokens
+                    else:
+                        a[2] += 1
+                if e.sent_at <= t and (e.done_at is None or e.done_at > t):
+                    if e.first_at is None or e.first_at > t:
+                        if e.prefills:
+                            a[3] += 1
+                            a[4] += e.prompt_tokens
+                    else:
+                        a[5] += 1
+            own = out[w] = OwnLoad(*a)
+            views[w] = (n, t, own)
+        return out

@@ -99,3 +99,41 @@ def test_a_prompt_starting_with_a_block_another_holds_later_is_told() -> None:
     ledger.finished("b")
     assert ledger.pending_prefixes([3, 7], {"p0", "p1"}) == {}
     assert not ledger._pending and not ledger._first and not ledger._union
+
+
+def test_a_worker_viewed_again_unchanged_is_its_last_view_and_any_change_is_seen() -> None:
+    """`view` keeps each worker's last answer while its entries and snapshot time stay: a
+    twin ledger whose kept views are dropped before every view answers the same through a
+    seeded run of dispatches, first tokens, ends and heartbeats."""
+    import random
+
+    rng = random.Random(21)
+    clocks = [Clock(), Clock()]
+    kept, fresh = (DispatchLedger(history_s=0.5, clock=c) for c in clocks)
+    workers = [f"w{i}" for i in range(6)]
+    snaps = {w: 100.0 for w in workers}
+    open_: list[tuple[str, str]] = []
+    for i in range(3000):
+        step = rng.choice([0.0, 0.0, 0.01])
+        for c in clocks:
+            c.t += step
+        op = rng.random()
+        if op < 0.3:
+            w, uncached = rng.choice(workers), rng.randrange(100)
+            for ledger in (kept, fresh):
+                ledger.sent(f"r{i}", w, 100, uncached, True)
+            open_.append((f"r{i}", w))
+        elif op < 0.45 and open_:
+            rid, w = rng.choice(open_)
+            for ledger in (kept, fresh):
+                ledger.first_token(rid, w)
+        elif op < 0.6 and open_:
+            rid, _ = open_.pop(rng.randrange(len(open_)))
+            for ledger in (kept, fresh):
+                ledger.finished(rid)
+        elif op < 0.7:  # a heartbeat: a worker's snapshot moves
+            snaps[rng.choice(workers)] = clocks[0].t - rng.random() * 0.2
+        asked = {w: snaps[w] for w in rng.sample(workers, rng.randint(1, 6))}
+        fresh._views.clear()
+        assert kept.view(asked) == fresh.view(asked)
+    assert kept._views and any(v.pending_reqs for v in kept.view(snaps).values())
