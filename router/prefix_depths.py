@@ -33,31 +33,31 @@ class PrefixDepths(dict[str, int]):
             self.update(dict.fromkeys(workers, blocks))
             self._size = len(self)
 
-    def raise_to(self, worker: str, blocks: int) -> None:
-        """Make ``worker``'s prefix at least ``blocks`` (> 0) long, keeping ``levels``
-        valid: the worker moves to (or joins) that level when it held less."""
-        old = self.get(worker, 0)
-        if blocks <= old:
-            return
-        levels = self.levels
+    def raise_all(self, depths: dict[str, int]) -> None:
+        """Make each worker's prefix at least its ``blocks`` in ``depths`` (> 0) long,
+        keeping ``levels`` valid: a worker that held less moves to (or joins) that level.
+        The levels are rearranged once (each level workers leave is filtered once)."""
         valid = self.levels_valid
-        self[worker] = blocks
-        if not valid:  # already a plain mapping to its readers
+        gone: dict[int, set[str]] = {}  # level -> workers leaving it
+        joining: dict[int, list[str]] = {}  # level -> workers joining it
+        get = self.get
+        for w, blocks in depths.items():
+            old = get(w, 0)
+            if blocks <= old:
+                continue
+            self[w] = blocks
+            if old:
+                gone.setdefault(old, set()).add(w)
+            joining.setdefault(blocks, []).append(w)
+        if not joining or not valid:  # nothing moved, or already a plain mapping
             return
-        if old:
-            for i, (b, ws) in enumerate(levels):
-                if b == old:
-                    ws.remove(worker)
-                    if not ws:
-                        del levels[i]
-                    break
-        i = 0
-        while i < len(levels) and levels[i][0] > blocks:
-            i += 1
-        if i < len(levels) and levels[i][0] == blocks:
-            levels[i][1].append(worker)
-        else:
-            levels.insert(i, (blocks, [worker]))
+        by_blocks = dict(self.levels)
+        for b, ws in gone.items():
+            by_blocks[b] = [w for w in by_blocks[b] if w not in ws]
+        for b, ws in joining.items():
+            by_blocks[b] = by_blocks[b] + ws if b in by_blocks else ws
+        self.levels = [(b, by_blocks[b]) for b in sorted(by_blocks, reverse=True)
+                       if by_blocks[b]]
         self._size = len(self)
 
     @property

@@ -107,10 +107,13 @@ class RouteStage:
                 if found is None:
                     found = dict(await health.call(
                         lambda h=blocks, i=ids: index.longest_prefixes(h, i)))
-                for w, n in ledger.pending_prefixes(blocks, eligible).items():
-                    if isinstance(found, PrefixDepths):
-                        found.raise_to(w, n)  # its levels stay valid for the shortlist
-                    else:
+                pending = ledger.pending_prefixes(blocks, eligible)
+                if not pending:
+                    pass
+                elif isinstance(found, PrefixDepths):
+                    found.raise_all(pending)  # its levels stay valid for the shortlist
+                else:
+                    for w, n in pending.items():
                         found[w] = max(found.get(w, 0), n)
                 cached = found if cached is None else {**cached, **found}
         except Exception as exc:  # Redis away: route on load alone (last registry snapshot)

@@ -82,8 +82,7 @@ def test_a_prefix_raised_in_place_keeps_the_levels_a_fresh_lookup_would_have() -
         depths = {f"w{i}": rng.randint(1, 8) for i in rng.sample(range(30), rng.randint(0, 12))}
         raised = {f"w{rng.randrange(30)}": rng.randint(1, 10) for _ in range(rng.randint(1, 6))}
         got = _depths(depths)
-        for w, n in raised.items():
-            got.raise_to(w, n)
+        got.raise_all(raised)
         want = {**depths, **{w: max(depths.get(w, 0), n) for w, n in raised.items()}}
         assert dict(got) == want and got.levels_valid
         fresh = _depths(want)
