@@ -467,6 +467,7 @@ class IndexReplica:
         dropped: list[tuple[int, Any]] = []
         one = -1
         active: set[int] = set()
+        last: tuple[int, ...] = ()  # the holders of the block before, in the set phase
         n = 0
         for h in block_hashes:
             v = gets[(h >> shift) % nparts](h)
@@ -488,13 +489,21 @@ class IndexReplica:
                     dropped.append((n, active))
                     one, active = v, set()
             elif n == 0:
-                active = set(filter(names.__contains__, multis[(h >> shift) % nparts][h]))
+                last = multis[(h >> shift) % nparts][h]
+                active = set(filter(names.__contains__, last))
                 if len(active) < 2:
                     if not active:
                         break
                     one = active.pop()
             else:
-                still = active.intersection(multis[(h >> shift) % nparts][h])
+                held = multis[(h >> shift) % nparts][h]
+                # the same holders as the block before (a shared prefix's blocks): active
+                # (a subset of them) stays as it is
+                if held == last:
+                    n += 1
+                    continue
+                last = held
+                still = active.intersection(held)
                 if not still:
                     break
                 if len(still) < len(active):
