@@ -210,7 +210,7 @@ class BlockHasher:
     """Computes the block hashes a vLLM engine publishes for a prompt's full blocks."""
 
     __slots__ = ("algorithm", "block_size", "hash_seed", "seed_source", "none_hash", "_hash_fn",
-                 "_cache", "_cache_size", "_evict")
+                 "_cache", "_cache_size", "_evict", "_prompts", "_prompt_blocks")
 
     def __init__(self, block_size: int, algorithm: str = "sha256", hash_seed: str | None = None,
                  cache_size: int = 0) -> None:
@@ -221,7 +221,10 @@ class BlockHasher:
         ``cache_size`` > 0 (sha256, no extra keys): remember up to that many (parent digest,
         block tokens) -> digest, oldest forgotten first (a sixteenth of them at a time, once
         full), so that prefixes seen again (a system prompt, a conversation's history) cost a
-        dictionary lookup per block, not a hash.
+        dictionary lookup per block, not a hash. The prompts hashed through it are also
+        remembered whole (their full blocks' token ids, 8 bytes each, -> their hashes; at
+        most ``cache_size`` blocks of them, oldest forgotten first), so that a prompt seen
+        again costs one lookup.
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -233,6 +236,10 @@ class BlockHasher:
         self._evict = max(1, cache_size // 16)
         self._cache: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] | None = (
             {} if cache_size and algorithm == "sha256" else None)
+        # a prompt's full blocks' token ids (as int64 bytes) -> its hashes, with the number
+        # of blocks they hold in all
+        self._prompts: dict[bytes, tuple[int, ...]] = {}
+        self._prompt_blocks = 0
         self.block_size: int = block_size
         self.algorithm: str = algorithm
         self._hash_fn: Callable[[Any], bytes] = _make_hash_fn(algorithm)
@@ -311,8 +318,8 @@ class BlockHasher:
         cache_salt: str | None = None,
     ) -> list[int]:
         """Hashes of the prompt's full blocks in the form the engine publishes (low 64 bits, int)."""
-        if self._cache is not None and lora is None and not cache_salt:  # one cache probe a block
-            return list(self._sha256_hashes(_as_int_list(token_ids)))
+        if self._cache is not None and lora is None and not cache_salt:
+            return self._cached_hashes(_as_int_list(token_ids))
         return [int.from_bytes(d[-8:], "big") for d in self.block_digests(token_ids, lora=lora, cache_salt=cache_salt)]
 
     def iter_block_hashes(
@@ -359,6 +366,30 @@ class BlockHasher:
         for block in self._blocks(tokens):
             prev, h = get((prev, block)) or miss(prev, block)
             yield h
+
+    def _cached_hashes(self, tokens: Sequence[int]) -> list[int]:
+        """The published hashes of a prompt without extra keys (sha256, a cache): the prompt
+        remembered whole, else one cache probe a block (and the prompt remembered)."""
+        n = len(tokens) // self.block_size
+        if n == 0:
+            return []
+        full = n * self.block_size
+        try:
+            key = struct.pack(f"{full}q", *(tokens if len(tokens) == full else tokens[:full]))
+        except struct.error:  # a token id beyond int64: not remembered whole
+            return list(self._sha256_hashes(tokens))
+        got = self._prompts.get(key)
+        if got is not None:
+            return list(got)
+        hashes = list(self._sha256_hashes(tokens))
+        if n <= self._cache_size:
+            prompts = self._prompts
+            while self._prompt_blocks + n > self._cache_size:  # the oldest sixteenth goes
+                for old in list(islice(prompts, max(1, len(prompts) // 16))):
+                    self._prompt_blocks -= len(prompts.pop(old))
+            prompts[key] = tuple(hashes)
+            self._prompt_blocks += n
+        return hashes
 
     def _sha256_digests(self, tokens: Sequence[int]) -> Iterator[bytes]:
         """The digest of each full block (as :meth:`_sha256_hashes`, through the cache)."""

@@ -92,8 +92,10 @@ class GatewayConfig(BaseModel):
         "block digests the router remembers (per hashing scheme, oldest forgotten first) so "
         "that a prefix seen again (a system prompt, a conversation's history) is hashed by "
         "dictionary lookups instead of sha256; about 880 bytes each with the block's token "
-        "ids (~84 MiB at 100,000); without extra keys only (a cache_salt or LoRA prompt is "
-        "hashed in full); 0: hash every block"))
+        "ids (~84 MiB at 100,000), plus the prompts hashed through it remembered whole (as "
+        "many of their blocks, ~170 bytes each: a prompt seen again is one lookup); without "
+        "extra keys only (a cache_salt or LoRA prompt is hashed in full); 0: hash every "
+        "block"))
     index_purge_interval_s: float = Field(30.0, description=(
         "how often dead workers' prefix-index entries are deleted (lookups ignore them anyway)"))
     worker_refresh_s: float = Field(0.5, description=(

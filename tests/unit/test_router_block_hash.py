@@ -7,6 +7,7 @@ real ``Request`` objects and its ``maybe_convert_block_hash`` gives the publishe
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,3 +210,21 @@ def test_a_full_cache_forgets_its_oldest_entries_a_sixteenth_at_a_time() -> None
     assert cached.block_digests(prompts[-1]) == plain.block_digests(prompts[-1])
     last = plain.block_digests(prompts[-1])
     assert (last[-2], tuple(prompts[-1][-16:])) in cached._cache  # the newest stayed
+
+
+def test_a_prompt_seen_again_is_remembered_whole_within_the_cache_size() -> None:
+    rng = random.Random(4)
+    plain = BlockHasher(16, "sha256", hash_seed="0")
+    cached = BlockHasher(16, "sha256", hash_seed="0", cache_size=40)
+    prompts = [[rng.randrange(150_000) for _ in range(16 * rng.randrange(0, 12) + rng.randrange(16))]
+               for _ in range(30)]
+    for toks in prompts * 2 + [prompts[3] + [7]]:  # again; with another partial last block
+        got = cached.block_hashes(toks)
+        assert got == plain.block_hashes(toks)
+        got.append(0)  # the caller's own list
+        assert sum(map(len, cached._prompts.values())) <= 40  # bounded, oldest forgotten first
+    last = list(range(40))  # two full blocks and a partial one: remembered by the full ones
+    want = plain.block_hashes(last)
+    assert cached.block_hashes(last) == want and len(want) == 2
+    assert cached._prompts[struct.pack("32q", *last[:32])] == tuple(want)
+    assert cached.block_hashes(last[:32] + [9]) == want  # one lookup
